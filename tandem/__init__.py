@@ -1,0 +1,8 @@
+"""tandem: LLM serving with a paged KV cache, continuous batching, chunked prefill and prefix caching."""
+
+from tandem.entrypoints.llm import LLM
+from tandem.outputs import CompletionOutput, Logprob, RequestOutput
+from tandem.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

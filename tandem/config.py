@@ -1,0 +1,72 @@
+"""Engine configuration: plain dataclasses, validated on construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
+          "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """'4GiB', '512M', '1e9' or an int -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ValueError(f"kv_cache_memory: cannot parse size {value!r} (try '2GiB' or '512MiB')")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    # CPU: bytes of KV cache (default 2 GiB). GPU: fraction of device memory for weights + cache.
+    kv_cache_memory: int | str | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None  # exact block count, mostly for tests
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # one token budget per step, shared by decodes and prefill chunks
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, as in vLLM)
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, the config's half type (else bfloat16) on GPU
+    max_model_len: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,266 @@
+"""LLMEngine: tokenize -> scheduler -> model runner -> scheduler update -> detokenize -> outputs.
+
+One ``step()`` is one model forward over a mixed batch of decodes and prefill chunks. Stop strings
+are found by the detokenizer after the update and end the request before the next schedule.
+NOTE: every accepted request ends exactly once (finished, aborted or failed); its blocks are free
+from that moment.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from tandem.config import EngineConfig
+from tandem.engine.detokenizer import IncrementalDetokenizer, decode_token
+from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.request import Request, RequestStatus
+from tandem.engine.scheduler import Scheduler
+from tandem.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from tandem.runner.model_runner import ModelRunner, RunnerOutput
+from tandem.runner.sampler import TopLogprobs
+from tandem.sampling_params import ParamError, SamplingParams
+from tandem.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict
+
+
+@dataclass
+class _Child:
+    index: int
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[_Child]
+    prompt_logprobs: PromptLogprobs | None
+    arrival_time: float
+    first_token_time: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+        self.config = config
+        mc = config.model
+        self.runner = ModelRunner(mc, config.cache, attention_backend)
+        self.hf_config = self.runner.hf_config
+        self.tokenizer = load_tokenizer(mc.tokenizer or mc.model)
+        self.eos_token_ids = eos_token_ids(mc.model, self.tokenizer, self.hf_config)
+        self.vocab_size = self.runner.args.vocab_size
+        self.max_model_len = self._resolve_max_model_len(mc.max_model_len)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self._parents: dict[str, _Parent] = {}
+        self._children: dict[str, tuple[_Parent, _Child]] = {}
+        self._ids = itertools.count()
+        self.kv_event_log_enabled = False
+
+    def _resolve_max_model_len(self, requested: int | None) -> int:
+        limit = int(self.hf_config.get("max_position_embeddings", 4096))
+        window = self.hf_config.get("sliding_window")
+        if window and self.hf_config.get("use_sliding_window", True) and window < limit:
+            logger.warning("sliding_window=%d: limiting max_model_len to it (full attention is exact there)", window)
+            limit = int(window)
+        if requested is None:
+            return limit
+        if requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} positions")
+        return requested
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
+                    *, priority: int = 0, cache_salt: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        params = (params or SamplingParams()).clone()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        params._eos_token_ids = set(self.eos_token_ids)
+        max_tokens = self.max_model_len - len(token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        parent = _Parent(request_id, text, token_ids, [],
+                         [None] + [None] * (len(token_ids) - 1) if params.prompt_logprobs is not None else None,
+                         arrival)
+        for i in range(params.n):
+            child_params = params if params.n == 1 else _child_params(params, i)
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            req = Request(child_id, token_ids, child_params, arrival_time=arrival, priority=priority,
+                          cache_salt=cache_salt, parent_id=request_id if params.n > 1 else None,
+                          max_tokens=max_tokens)
+            child = _Child(i, req, IncrementalDetokenizer(self.tokenizer, child_params, token_ids),
+                           [] if params.logprobs is not None else None,
+                           0.0 if params.logprobs is not None else None)
+            parent.children.append(child)
+            self._children[child_id] = (parent, child)
+        self._parents[request_id] = parent
+        for child in parent.children:
+            self.scheduler.add_request(child.request)
+        return request_id
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ParamError("prompt", "prompt_token_ids must be a list of ints")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+        raise ParamError("prompt", f"prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ParamError("prompt", "prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ParamError("prompt", f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ParamError("prompt", f"prompt has {len(token_ids)} tokens; the maximum context length is "
+                                       f"{self.max_model_len}, which leaves no room to generate")
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if t >= self.vocab_size]
+            if bad:
+                raise ParamError("logit_bias", f"logit_bias token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.vocab_size:
+                raise ParamError(name, f"{name}={k} exceeds the vocabulary size {self.vocab_size}")
+
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outputs = []
+        for rid in ids:
+            parent = self._parents.get(rid)
+            if parent is None:
+                continue
+            live = [c for c in parent.children if c.finish_reason is None]
+            self.scheduler.finish_requests([c.request.request_id for c in live], RequestStatus.FINISHED_ABORTED)
+            for child in live:
+                child.finish_reason = "abort"
+            outputs.append(self._make_output(parent))
+            self._release(parent)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        result = self.runner.execute(sched_out)
+        updated = self.scheduler.update_from_output(sched_out, result.sampled)
+        touched: dict[str, _Parent] = {}
+        self._record_prompt_logprobs(result, touched)
+        now = time.monotonic()
+        for req in updated:
+            parent, child = self._children[req.request_id]
+            touched[parent.request_id] = parent
+            if parent.first_token_time is None:
+                parent.first_token_time = now
+            self._process_token(child, req, result)
+        outputs = [self._make_output(p) for p in touched.values()]
+        for parent in touched.values():
+            if parent.finished:
+                parent.metrics["finished_time"] = now
+                self._release(parent)
+        return outputs
+
+    def _process_token(self, child: _Child, req: Request, result: RunnerOutput) -> None:
+        token = req.output_token_ids[-1]
+        lp = result.logprobs.get(req.request_id)
+        if child.logprobs is not None and lp is not None:
+            child.logprobs.append(self._logprob_dict(lp))
+            child.cumulative_logprob += lp.logprob
+        stop_str = child.detok.update([token])
+        if stop_str is not None and not req.is_finished:
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED, stop_str)
+        if req.is_finished:
+            child.finish_reason = req.status.finish_reason
+            child.stop_reason = req.stop_reason
+
+    def _record_prompt_logprobs(self, result: RunnerOutput, touched: dict[str, _Parent]) -> None:
+        for rid, (first_pos, entries) in result.prompt_logprobs.items():
+            parent, _ = self._children[rid]
+            store = parent.prompt_logprobs
+            for j, entry in enumerate(entries):
+                if store[first_pos + j] is None:  # recomputed after preemption: keep the first
+                    store[first_pos + j] = self._logprob_dict(entry)
+
+    def _logprob_dict(self, lp: TopLogprobs) -> dict[int, Logprob]:
+        out = {lp.token_id: Logprob(lp.logprob, lp.rank, decode_token(self.tokenizer, lp.token_id))}
+        for rank, (tid, val) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
+            if tid not in out:
+                out[tid] = Logprob(val, rank, decode_token(self.tokenizer, tid))
+        return out
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=c.index,
+                text=c.detok.get_next_output_text(c.finish_reason is not None, delta=False),
+                token_ids=list(c.request.output_token_ids),
+                cumulative_logprob=c.cumulative_logprob,
+                logprobs=c.logprobs,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in parent.children
+        ]
+        cached = max(0, parent.children[0].request.num_cached_tokens)
+        metrics = dict(parent.metrics, arrival_time=parent.arrival_time)
+        if parent.first_token_time is not None:
+            metrics["first_token_time"] = parent.first_token_time
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
+                             parent.finished, parent.prompt_logprobs, cached, metrics)
+
+    def _release(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for c in parent.children:
+            self._children.pop(c.request.request_id, None)
+
+    # -- introspection --------------------------------------------------------------------------------
+    def take_kv_events(self):
+        return self.kv.pool.take_events()
+
+    def assert_idle(self) -> None:
+        """No request in flight: every block free, every reference count 0."""
+        assert not self.scheduler.has_unfinished_requests(), "scheduler still holds requests"
+        assert not self._parents, "engine still tracks requests"
+        self.kv.pool.assert_idle()
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """n > 1 fans out into n single-sample requests; seeded ones get seed + index (as vLLM)."""
+    child = params.clone()
+    child.n = 1
+    if child.seed is not None:
+        child.seed += index
+    return child

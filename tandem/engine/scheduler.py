@@ -1,0 +1,267 @@
+"""Continuous-batching scheduler: one token budget per step, shared by decodes and prefill chunks.
+
+Plain Python over plain data (no torch, no sockets). Each step:
+1. running requests, in order, get the tokens they still need (1 for a decode, a chunk for an
+   unfinished prefill), within the budget; when blocks run out the lowest-priority running request
+   is preempted (its blocks freed, recomputed later from its tokens, so its output is unchanged);
+2. if nothing was preempted, waiting requests are admitted in policy order, after a prefix-cache
+   lookup, while budget, ``max_num_seqs`` and blocks last.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tandem.config import SchedulerConfig
+from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.request import Request, RequestStatus
+from tandem.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """Sent once per request, the first time it is scheduled: what the runner keeps for sampling."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class ScheduledChunk:
+    request_id: str
+    token_ids: list[int]  # the tokens whose KV is computed this step
+    start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # the chunk reaches the last known token: sample the next one
+    num_prompt_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    finished_request_ids: set[str] = field(default_factory=set)
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # kept in policy order
+        self.running: list[Request] = []
+        self._seen_by_runner: set[str] = set()
+        self._finished_since_last_step: set[str] = set()
+        self._order = itertools.count()  # tie-breaker for the priority order
+        self._order_key: dict[str, tuple] = {}
+        self.num_preemptions = 0
+
+    # -- request lifecycle ---------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in flight")
+        self.requests[request.request_id] = request
+        self._order_key[request.request_id] = self._policy_key(request)
+        self._enqueue_waiting(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus,
+                        stop_reason: int | str | None = None) -> list[Request]:
+        """End requests from outside the step (abort, stop string). Unknown ids are ignored."""
+        assert status.finished
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req in self.running:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            req.stop_reason = stop_reason
+            self._finish(req, status)
+            done.append(req)
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- the step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
+        self._finished_since_last_step = set()
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        preempted = self._schedule_running(scheduled, budget)
+        budget -= sum(scheduled.values())
+        if not preempted:
+            self._schedule_waiting(scheduled, budget)
+        out.preempted_request_ids = [r.request_id for r in preempted]
+        for req in self.running:
+            n = scheduled.get(req.request_id)
+            if n:
+                out.chunks.append(self._make_chunk(req, n))
+                if req.request_id not in self._seen_by_runner:
+                    self._seen_by_runner.add(req.request_id)
+                    out.new_requests.append(
+                        NewRequestData(req.request_id, req.prompt_token_ids, req.sampling_params))
+        return out
+
+    def _schedule_running(self, scheduled: dict[str, int], budget: int) -> list[Request]:
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:
+                    i -= 1  # an already scheduled request gives back its budget and its slot
+                budget += scheduled.pop(victim.request_id, 0)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled[req.request_id] = num_new
+                budget -= num_new
+                i += 1
+            # when req itself was preempted, running[i] is already the next request
+        return preempted
+
+    def _schedule_waiting(self, scheduled: dict[str, int], budget: int) -> None:
+        prefilling_parents = {r.parent_id for r in self.running
+                              if r.parent_id and r.num_computed_tokens + scheduled.get(r.request_id, 0)
+                              < r.num_prompt_tokens}
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if self._should_wait_for_sibling(req, prefilling_parents):
+                deferred.append(self.waiting.pop(0))
+                continue
+            hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit_tokens
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate_slots(req, num_new, hits):
+                break
+            self.waiting.pop(0)
+            req.num_computed_tokens = num_hit_tokens
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled[req.request_id] = num_new
+            budget -= num_new
+            if req.parent_id:
+                prefilling_parents.add(req.parent_id)
+        for req in reversed(deferred):
+            self.waiting.insert(0, req)
+
+    def _should_wait_for_sibling(self, req: Request, prefilling_parents: set[str]) -> bool:
+        """n > 1: while one child prefills the shared prompt, its siblings wait, then hit its
+        cached blocks instead of computing the same prompt again."""
+        return (self.kv.enable_caching and req.parent_id in prefilling_parents
+                and req.num_computed_tokens == 0 and req.num_prompt_tokens > self.kv.block_size)
+
+    def _make_chunk(self, req: Request, n: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        return ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start:start + n],
+            start_pos=start,
+            block_ids=self.kv.get_block_ids(req.request_id),
+            sample=start + n == req.num_tokens,
+            num_prompt_tokens=req.num_prompt_tokens,
+        )
+
+    # -- after the model ran -----------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish on stop token / length.
+
+        Returns the requests that received a token (finished ones included)."""
+        updated = []
+        for chunk in out.chunks:
+            req = self.requests.get(chunk.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished or preempted while the step ran
+            req.num_computed_tokens += len(chunk.token_ids)
+            self.kv.cache_computed_blocks(req)
+            token = sampled.get(chunk.request_id)
+            if token is None:
+                continue
+            req.append_output_token(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+            updated.append(req)
+        return updated
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
+            # vLLM: stop_reason is the token for stop_token_ids, None for EOS
+            req.stop_reason = token if token in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # -- internals --------------------------------------------------------------------------------
+    def _policy_key(self, req: Request) -> tuple:
+        if self.config.policy == "priority":
+            return (req.priority, req.arrival_time, next(self._order))
+        return (req.arrival_time, next(self._order))
+
+    def _enqueue_waiting(self, req: Request) -> None:
+        key = self._order_key[req.request_id]
+        keys = [self._order_key[r.request_id] for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, key), req)
+
+    def _pick_victim(self) -> Request:
+        """FCFS preempts the latest arrival; priority preempts the lowest priority."""
+        return max(self.running, key=lambda r: self._order_key[r.request_id])
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue_waiting(req)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        self._order_key.pop(req.request_id, None)
+        if req.request_id in self._seen_by_runner:
+            self._seen_by_runner.discard(req.request_id)
+            self._finished_since_last_step.add(req.request_id)

@@ -1,0 +1,64 @@
+"""Paged attention, torch reference implementations.
+
+KV cache layout per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]``; a token at
+position ``p`` of a request lives in block ``block_table[p // block_size]`` at offset
+``p % block_size``, i.e. flat slot ``block_id * block_size + offset``.
+
+These are the references a GPU (Triton) backend must match; on CPU they are also the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """key/value: [T, kv_heads, head_dim] written at flat slots ``slot_mapping`` [T]."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, kv_heads, max_blocks * block_size, head_dim]."""
+    b, nb = block_tables.shape
+    _, bs, h, d = cache.shape
+    return cache[block_tables].view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence attending to its whole context.
+
+    query [B, heads, head_dim]; block_tables [B, max_blocks]; seq_lens [B] (context incl. the query)
+    -> [B, heads, head_dim]."""
+    keys = gather_kv(k_cache, block_tables)
+    values = gather_kv(v_cache, block_tables)
+    positions = torch.arange(keys.shape[2], device=query.device)
+    mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=keys.shape[1] != query.shape[1])
+    return out.squeeze(2)
+
+
+def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+    """A chunk of ``q_len`` new tokens of one sequence, after ``context_len - q_len`` cached ones,
+    attending causally to the cached prefix and to itself.
+
+    query [q_len, heads, head_dim]; block_table [num_blocks] -> [q_len, heads, head_dim]."""
+    q_len = query.shape[0]
+    keys = gather_kv(k_cache, block_table[None])[..., :context_len, :]
+    values = gather_kv(v_cache, block_table[None])[..., :context_len, :]
+    q = query.transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, head_dim]
+    gqa = keys.shape[1] != q.shape[1]
+    if q_len == context_len:
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        q_pos = torch.arange(context_len - q_len, context_len, device=query.device)
+        k_pos = torch.arange(context_len, device=query.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)

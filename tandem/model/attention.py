@@ -1,0 +1,74 @@
+"""Attention backend seam: per-step metadata plus backends chosen by name from a registry.
+
+The runner orders a step's sequences decodes first (one query token each), then prefill chunks,
+and builds one ``AttentionMetadata``; every attention layer reads it and its own KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from tandem.kernels import paged_attention as ref
+
+
+@dataclass
+class PrefillSeq:
+    query_start: int  # offset of the chunk's first token in the flat batch
+    query_len: int
+    context_len: int  # cached prefix + this chunk
+    block_table: torch.Tensor  # [num_blocks] int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] flat KV slot of every token in the step
+    num_decode_tokens: int  # the first num_decode_tokens tokens are decodes, one per sequence
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    decode_seq_lens: torch.Tensor  # [num_decodes]
+    prefills: list[PrefillSeq]
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """query [T, heads, head_dim], key/value [T, kv_heads, head_dim] -> [T, heads, head_dim].
+        Writes this step's key/value into the cache before attending."""
+        ...
+
+
+class TorchAttentionBackend:
+    """Reference backend: gather from the paged cache + scaled_dot_product_attention."""
+
+    name = "torch"
+
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(query)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = ref.paged_decode_attention(query[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                  meta.decode_seq_lens, scale)
+        for seq in meta.prefills:
+            q = query[seq.query_start:seq.query_start + seq.query_len]
+            out[seq.query_start:seq.query_start + seq.query_len] = ref.paged_prefill_attention(
+                q, k_cache, v_cache, seq.block_table, seq.context_len, scale)
+        return out
+
+
+_BACKENDS: dict[str, type] = {"torch": TorchAttentionBackend}
+
+
+def register_backend(name: str, cls: type) -> None:
+    _BACKENDS[name] = cls
+
+
+def get_backend(name: str = "torch") -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend {name!r} unknown; available: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]()

@@ -1,0 +1,169 @@
+"""Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm, explicit head_dim).
+
+The differences between these families are flags on one module tree whose parameter names match
+the Hugging Face checkpoints after fusing q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.model.attention import AttentionBackend, AttentionMetadata
+from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_hf(cls, cfg: dict, family: str) -> "LlamaArgs":
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu is)")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.scale = a.head_dim ** -0.5
+        self.qkv_proj = ShardedLinear(a.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+                                      bias=a.qkv_bias, dtype=dtype)
+        self.o_proj = Linear(self.q_size, a.hidden_size, bias=False, dtype=dtype)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype)
+        self.qk_norm = a.qk_norm
+        self.rotary = RotaryEmbedding(a.head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
+        self.backend = backend
+        # Bound by the runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim] each.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.intermediate = a.intermediate_size
+        self.gate_up_proj = ShardedLinear(a.hidden_size, {0: a.intermediate_size, 1: a.intermediate_size},
+                                          bias=False, dtype=dtype)
+        self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = Attention(a, dtype, backend)
+        self.mlp = MLP(a, dtype)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(a, dtype, backend) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(positions, h, meta)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (fused parameter fragment, shard id)
+    stacked_params = {
+        ".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, hf_config: dict, family: str, dtype: torch.dtype, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.args = a = LlamaArgs.from_hf(hf_config, family)
+        self.model = LlamaModel(a, dtype, backend)
+        if a.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = VocabEmbedding(a.vocab_size, a.hidden_size, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, object] | None:
+        """Checkpoint tensor name -> (our parameter name, shard id); None to skip the tensor."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.args.tie_word_embeddings:
+            return None
+        for frag, (fused, shard) in self.stacked_params.items():
+            if frag in name:
+                return name.replace(frag, fused), shard
+        return name, None

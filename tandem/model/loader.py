@@ -1,0 +1,102 @@
+"""Load a Hugging Face model directory (config.json + *.safetensors): local files only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from tandem.model.attention import AttentionBackend
+from tandem.model.llama import LlamaForCausalLM
+
+# HF ``architectures`` entry -> (model class, family flag)
+MODEL_REGISTRY: dict[str, tuple[type, str]] = {
+    "LlamaForCausalLM": (LlamaForCausalLM, "llama"),
+    "MistralForCausalLM": (LlamaForCausalLM, "mistral"),
+    "Qwen2ForCausalLM": (LlamaForCausalLM, "qwen2"),
+    "Qwen3ForCausalLM": (LlamaForCausalLM, "qwen3"),
+}
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+def read_hf_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    return json.loads(path.read_text())
+
+
+def resolve_dtype(requested: str | torch.dtype, hf_config: dict, device: torch.device) -> torch.dtype:
+    """'auto' -> float32 on CPU; on GPU the checkpoint's half type, else bfloat16."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise ValueError(f"dtype: unknown {requested!r}; use auto, float32, bfloat16 or float16")
+        return _DTYPES[requested]
+    if device.type == "cpu":
+        return torch.float32
+    config_dtype = _DTYPES.get(str(hf_config.get("dtype") or hf_config.get("torch_dtype") or ""))
+    return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def get_model_class(hf_config: dict) -> tuple[type, str]:
+    for arch in hf_config.get("architectures") or []:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"unsupported architectures {hf_config.get('architectures')}; "
+                     f"supported: {sorted(MODEL_REGISTRY)}")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
+               backend: AttentionBackend) -> nn.Module:
+    hf_config = read_hf_config(model_dir)
+    cls, family = get_model_class(hf_config)
+    with torch.device(device):
+        model = cls(hf_config, family, dtype, backend)
+    load_weights(model, model_dir)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Stream every tensor of every safetensors file through its parameter's ``weight_loader``."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                mapped = model.map_checkpoint_name(name)
+                if mapped is None:
+                    continue
+                target, shard = mapped
+                if target not in params:
+                    raise ValueError(f"{file.name}: checkpoint tensor {name!r} has no matching parameter")
+                param = params[target]
+                tensor = f.get_tensor(name).to(param.dtype)
+                if shard is None:
+                    param.weight_loader(param, tensor)
+                else:
+                    param.weight_loader(param, tensor, shard)
+                loaded.add(f"{target}:{shard}")
+    _check_all_loaded(model, params, loaded)
+
+
+def _check_all_loaded(model: nn.Module, params: dict, loaded: set[str]) -> None:
+    loaded_names = {key.split(":")[0] for key in loaded}
+    tied = {name for name, p in params.items() if any(p is q for n, q in params.items() if n != name)}
+    missing = [n for n in params if n not in loaded_names and not (n in tied and _tied_loaded(n, params, loaded_names))]
+    if missing:
+        raise ValueError(f"checkpoint is missing weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def _tied_loaded(name: str, params: dict, loaded_names: set[str]) -> bool:
+    return any(params[other] is params[name] for other in loaded_names)

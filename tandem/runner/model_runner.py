@@ -1,0 +1,186 @@
+"""Model runner: scheduler output -> flat batch tensors -> model -> logits of sampled rows -> tokens.
+
+NOTE: within a step, sequences are ordered decodes first (one token each), then prefill chunks; the
+flat batch is their tokens concatenated. Logits are computed only for rows that are sampled and,
+for requests asking for prompt logprobs, for the prompt positions in their chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tandem.config import CacheConfig, ModelConfig
+from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
+from tandem.model.attention import AttentionMetadata, PrefillSeq, get_backend
+from tandem.model.loader import load_model, read_hf_config, resolve_dtype
+from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 2**30
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
+    # request id -> (position of the first scored prompt token, entries for consecutive positions)
+    prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, attention_backend: str = "torch"):
+        self.device = resolve_device(model_config.device)
+        self.hf_config = read_hf_config(model_config.model)
+        self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
+        torch.manual_seed(model_config.seed)
+        self.model = load_model(model_config.model, self.dtype, self.device, get_backend(attention_backend))
+        self.args = self.model.args
+        self.block_size = cache_config.block_size
+        self.num_blocks = self._num_blocks(cache_config)
+        self._allocate_kv_cache()
+        self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device)
+        self.states: dict[str, SamplingState] = {}
+
+    # -- KV cache ----------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        a = self.args
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def _num_blocks(self, cfg: CacheConfig) -> int:
+        if cfg.num_gpu_blocks_override:
+            return cfg.num_gpu_blocks_override
+        if cfg.kv_cache_memory is not None:
+            budget = int(cfg.kv_cache_memory)
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            budget = int(total * cfg.gpu_memory_utilization) - used_by_others - 2 * 2**30  # activations
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        num = budget // self.kv_bytes_per_block
+        if num < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block "
+                             f"({self.kv_bytes_per_block} bytes); raise kv_cache_memory")
+        return num
+
+    def _allocate_kv_cache(self) -> None:
+        a = self.args
+        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        for attn in self.model.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                    self.num_blocks * self.kv_bytes_per_block / 2**20)
+
+    # -- one step -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for rid in out.finished_request_ids:
+            self.states.pop(rid, None)
+        for new in out.new_requests:
+            self.states[new.request_id] = self.sampler.make_state(new.sampling_params, new.prompt_token_ids)
+        if out.is_empty:
+            return RunnerOutput()
+        chunks = sorted(out.chunks, key=lambda c: len(c.token_ids) != 1)  # stable: decodes first
+        batch = self._prepare(chunks)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        return self._sample(chunks, batch, logits)
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> "_Batch":
+        bs = self.block_size
+        input_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in chunks])
+        positions = np.concatenate([np.arange(c.start_pos, c.start_pos + len(c.token_ids)) for c in chunks])
+        slots = np.empty_like(positions)
+        decodes = [c for c in chunks if len(c.token_ids) == 1]
+        prefills: list[PrefillSeq] = []
+        logits_rows: list[int] = []  # flat token index of every row of the logits
+        sample_rows: list[int] = []  # rows of the logits that are sampled, in chunk order
+        prompt_rows: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first flat index, count)
+        offset = 0
+        for c in chunks:
+            n = len(c.token_ids)
+            table = np.asarray(c.block_ids, dtype=np.int64)
+            pos = positions[offset:offset + n]
+            slots[offset:offset + n] = table[pos // bs] * bs + pos % bs
+            if n != 1:
+                prefills.append(PrefillSeq(offset, n, c.start_pos + n, torch.from_numpy(table).to(self.device)))
+            num_prompt_scored = self._num_prompt_logprob_rows(c)
+            if num_prompt_scored:
+                prompt_rows.append((c, len(logits_rows), num_prompt_scored))
+                logits_rows.extend(range(offset, offset + num_prompt_scored))
+            if c.sample:
+                sample_rows.append(len(logits_rows))
+                logits_rows.append(offset + n - 1)
+            offset += n
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(self.device),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=self._pad_tables([c.block_ids for c in decodes]),
+            decode_seq_lens=torch.tensor([c.start_pos + 1 for c in decodes], dtype=torch.int64, device=self.device),
+            prefills=prefills,
+        )
+        return _Batch(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(positions).to(self.device),
+                      meta, torch.tensor(logits_rows, dtype=torch.int64, device=self.device), prompt_rows,
+                      torch.tensor(sample_rows, dtype=torch.int64, device=self.device))
+
+    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max((len(t) for t in tables), default=0)
+        arr = np.zeros((len(tables), width), dtype=np.int64)
+        for i, t in enumerate(tables):
+            arr[i, :len(t)] = t
+        return torch.from_numpy(arr).to(self.device)
+
+    def _num_prompt_logprob_rows(self, c: ScheduledChunk) -> int:
+        """Rows in this chunk whose next token is a prompt token (position p scores token p + 1)."""
+        state = self.states[c.request_id]
+        if state.params.prompt_logprobs is None:
+            return 0
+        last_scored = c.num_prompt_tokens - 2
+        return max(0, min(c.start_pos + len(c.token_ids) - 1, last_scored) - c.start_pos + 1)
+
+    def _sample(self, chunks: list[ScheduledChunk], batch: "_Batch", logits: torch.Tensor) -> RunnerOutput:
+        result = RunnerOutput()
+        for c, first, count in batch.prompt_rows:
+            state = self.states[c.request_id]
+            targets = torch.tensor(state.prompt_token_ids[c.start_pos + 1:c.start_pos + 1 + count],
+                                   device=self.device)
+            lp = torch.log_softmax(logits[first:first + count, : self.args.vocab_size], dim=-1)
+            k = state.params.prompt_logprobs
+            result.prompt_logprobs[c.request_id] = (c.start_pos + 1,
+                                                    compute_top_logprobs(lp, targets, [k] * count))
+        sampled_chunks = [c for c in chunks if c.sample]
+        if not sampled_chunks:
+            return result
+        states = [self.states[c.request_id] for c in sampled_chunks]
+        sample_logits = logits if len(batch.sample_rows) == logits.shape[0] else logits[batch.sample_rows]
+        out = self.sampler(sample_logits, states)
+        for c, state, token, lp in zip(sampled_chunks, states, out.token_ids, out.logprobs):
+            state.output_token_ids.append(token)
+            result.sampled[c.request_id] = token
+            if lp is not None:
+                result.logprobs[c.request_id] = lp
+        return result
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    prompt_rows: list[tuple[ScheduledChunk, int, int]]
+    sample_rows: torch.Tensor
