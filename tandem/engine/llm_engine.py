@@ -80,11 +80,17 @@ class LLMEngine:
         if window and self.hf_config.get("use_sliding_window", True) and window < limit:
             logger.warning("sliding_window=%d: limiting max_model_len to it (full attention is exact there)", window)
             limit = int(window)
-        if requested is None:
-            return limit
-        if requested > limit:
+        if requested is not None and requested > limit:
             raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} positions")
-        return requested
+        # NOTE: one request must always fit in the whole cache, or preemption could never make room.
+        capacity = self.runner.num_blocks * self.config.cache.block_size
+        if requested is not None and requested > capacity:
+            raise ValueError(f"max_model_len {requested} does not fit in the KV cache ({capacity} tokens); "
+                             f"raise kv_cache_memory or lower max_model_len")
+        if requested is None and limit > capacity:
+            logger.warning("max_model_len %d capped to the KV cache capacity of %d tokens", limit, capacity)
+            limit = capacity
+        return requested or limit
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
@@ -199,7 +205,8 @@ class LLMEngine:
         if child.logprobs is not None and lp is not None:
             child.logprobs.append(self._logprob_dict(lp))
             child.cumulative_logprob += lp.logprob
-        stop_str = child.detok.update([token])
+        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
+        stop_str = child.detok.update([token], stop_terminated=stopped_by_token)
         if stop_str is not None and not req.is_finished:
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED, stop_str)
         if req.is_finished:

@@ -155,8 +155,8 @@ class Scheduler:
 
     def _schedule_waiting(self, scheduled: dict[str, int], budget: int) -> None:
         prefilling_parents = {r.parent_id for r in self.running
-                              if r.parent_id and r.num_computed_tokens + scheduled.get(r.request_id, 0)
-                              < r.num_prompt_tokens}
+                              if r.parent_id and self._computes_shared_prompt(r)
+                              and r.num_computed_tokens + scheduled.get(r.request_id, 0) < r.num_prompt_tokens}
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -178,7 +178,7 @@ class Scheduler:
             self.running.append(req)
             scheduled[req.request_id] = num_new
             budget -= num_new
-            if req.parent_id:
+            if req.parent_id and self._computes_shared_prompt(req):
                 prefilling_parents.add(req.parent_id)
         for req in reversed(deferred):
             self.waiting.insert(0, req)
@@ -188,6 +188,10 @@ class Scheduler:
         cached blocks instead of computing the same prompt again."""
         return (self.kv.enable_caching and req.parent_id in prefilling_parents
                 and req.num_computed_tokens == 0 and req.num_prompt_tokens > self.kv.block_size)
+
+    def _computes_shared_prompt(self, req: Request) -> bool:
+        """True when this child computes (rather than hits) its prompt's full blocks."""
+        return req.num_cached_tokens < (req.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
 
     def _make_chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens

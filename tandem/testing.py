@@ -1,0 +1,370 @@
+"""Tiny random Hugging Face model directories, built locally for tests and benchmarks.
+
+Everything here works offline: the tokenizer is trained on Python standard-library
+source text, and model weights are random (seeded). A built directory holds
+config.json, model.safetensors, generation_config.json, tokenizer.json and
+tokenizer_config.json (with a chat template), so it loads with
+``AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)``.
+
+Token ids are fixed: ``<|bos|>`` = 0, ``<|eos|>`` = 1, ``<|pad|>`` = 2. The tokenizer
+does not add ``<|bos|>`` on encode; the chat template emits it.
+
+CLI: ``python -m tandem.testing OUT_DIR [--preset NAME | --bench]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "BOS_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "CHAT_TEMPLATE",
+    "MULTIBYTE_SAMPLE",
+    "FAMILIES",
+    "PRESETS",
+    "build_tokenizer",
+    "build_tiny_model",
+    "build_preset",
+    "bench_model_config",
+    "build_bench_model",
+    "main",
+]
+
+BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|bos|>", "<|eos|>", "<|pad|>"
+# Trainer assigns special tokens the first ids, in this order.
+SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+
+MULTIBYTE_SAMPLE = "héllo wörld — 你好 🙂"
+
+# ChatML-like; role markers are plain text, only <|bos|> is special.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# Module sources used as training text. The small corpus (~84 kB) yields ~3.9k
+# tokens; vocabularies above SMALL_CORPUS_MAX_VOCAB use the large one (~1.6 MB).
+_SMALL_CORPUS_MODULES: tuple[str, ...] = ("textwrap", "string", "json", "functools")
+_LARGE_CORPUS_EXTRA_MODULES: tuple[str, ...] = (
+    "collections",
+    "typing",
+    "inspect",
+    "argparse",
+    "dataclasses",
+    "enum",
+    "pathlib",
+    "subprocess",
+    "threading",
+    "logging",
+    "difflib",
+    "pydoc",
+    "tarfile",
+    "zipfile",
+    "email.message",
+    "http.client",
+    "unittest.case",
+    "asyncio.base_events",
+    "datetime",
+)
+SMALL_CORPUS_MAX_VOCAB = 2048
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _module_source(name: str) -> str:
+    path = inspect.getsourcefile(importlib.import_module(name))
+    if path is None:
+        raise RuntimeError(f"no source file for stdlib module {name!r}")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _corpus(vocab_size: int) -> list[str]:
+    modules = _SMALL_CORPUS_MODULES
+    if vocab_size > SMALL_CORPUS_MAX_VOCAB:
+        modules = modules + _LARGE_CORPUS_EXTRA_MODULES
+    return [_module_source(m) for m in modules] + [MULTIBYTE_SAMPLE]
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    """Serialized trained tokenizer; a str so cached state can't be mutated by callers."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        # All 256 byte symbols are in the vocab, so any UTF-8 text is encodable.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=0,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(vocab_size), trainer=trainer)
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    assert ids == [BOS_ID, EOS_ID, PAD_ID], ids
+    return tok.to_str()
+
+
+def _hf_tokenizer(vocab_size: int) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size)),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _pin_tokenizer_config(out: Path) -> None:
+    """Write an explicit null unk_token.
+
+    AutoTokenizer maps model_type "qwen2" to Qwen2Tokenizer whatever tokenizer_class
+    says, and that class otherwise adds "<|endoftext|>" as unk_token at id
+    len(vocab), one past the model's embedding table.
+    """
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["unk_token"] = None
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
+    """Write a deterministic byte-level BPE tokenizer to out_dir; return len(tokenizer).
+
+    len(tokenizer) <= max(vocab_size, 259): the 256 byte symbols plus 3 special
+    tokens are always present, and a corpus may run out of merges before vocab_size.
+    The chat template lives in tokenizer_config.json (no chat_template.jinja).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # A stale chat_template.jinja would take precedence over tokenizer_config.json.
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    tok = _hf_tokenizer(vocab_size)
+    tok.save_pretrained(str(out), save_jinja_files=False)
+    _pin_tokenizer_config(out)
+    return len(tok)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _config_class(family: str) -> type:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes: dict[str, type] = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+    }
+    if family not in classes:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(classes)}")
+    return classes[family]
+
+
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _rope_parameters(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """transformers>=5 form: one dict holding rope_type, rope_theta and scaling fields."""
+    params: dict[str, Any] = {"rope_type": "default"}
+    if rope_scaling:
+        scaling = dict(rope_scaling)
+        if "type" in scaling:  # pre-4.45 spelling
+            scaling.setdefault("rope_type", scaling.pop("type"))
+        params.update(scaling)
+    params["rope_theta"] = float(rope_theta)
+    return params
+
+
+def _attention_bias_kwargs(family: str, attention_bias: bool | None) -> dict[str, Any]:
+    """qwen2 always has q/k/v bias and mistral never does; llama/qwen3 take a flag."""
+    if attention_bias is None:
+        return {}
+    fixed = {"qwen2": True, "mistral": False}
+    if family in fixed:
+        if attention_bias != fixed[family]:
+            raise ValueError(f"{family} has attention_bias={fixed[family]} fixed by its architecture")
+        return {}
+    return {"attention_bias": attention_bias}
+
+
+def _make_config(family: str, vocab_size: int, *, dtype: str, extra: dict[str, Any], **kw: Any) -> Any:
+    cls = _config_class(family)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        dtype=dtype,
+        **kw,
+    )
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+def _write_generation_config(out_dir: Path) -> None:
+    from transformers import GenerationConfig
+
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(
+        str(out_dir)
+    )
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+    head_dim: int | None = None,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
+    rope_scaling: dict[str, Any] | None = None,
+    rope_theta: float = 10000.0,
+    attention_bias: bool | None = None,
+    initializer_range: float = 0.2,
+    seed: int = 0,
+    dtype: str = "float32",
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Build a random `family` causal LM plus tokenizer in out_dir and return its Path.
+
+    The tokenizer is trained for `vocab_size`; the model's vocab_size is
+    max(vocab_size, len(tokenizer)) so every token id has an embedding row.
+    The global torch RNG state is left untouched.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_len = build_tokenizer(out, vocab_size)
+    config = _make_config(
+        family,
+        max(vocab_size, tok_len),
+        dtype=dtype,
+        extra=dict(extra_config or {}),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        # Explicit always: Qwen3Config defaults head_dim to 128, not hidden/heads.
+        head_dim=head_dim or hidden_size // num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_parameters=_rope_parameters(rope_theta, rope_scaling),
+        initializer_range=initializer_range,
+        **_attention_bias_kwargs(family, attention_bias),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(str(out), safe_serialization=True)
+    _write_generation_config(out)
+    return out
+
+
+# --------------------------------------------------------------------------- presets
+
+_LLAMA3_ROPE: dict[str, Any] = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-gqa": dict(
+        family="llama",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_scaling=_LLAMA3_ROPE,
+        rope_theta=500000.0,
+    ),
+    "qwen2-tied": dict(family="qwen2", tie_word_embeddings=True, attention_bias=True),
+    "qwen3-qknorm": dict(
+        family="qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "mistral": dict(family="mistral", extra_config={"sliding_window": None}),
+    # head_dim 16 (vLLM's CPU build refuses it) with heads * head_dim != hidden: non-square q/o projections
+    "llama-hd16": dict(family="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
+}
+
+
+def build_preset(name: str, out_dir: str | Path) -> Path:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return build_tiny_model(out_dir, **PRESETS[name])
+
+
+def bench_model_config() -> dict[str, Any]:
+    """build_tiny_model kwargs for a ~80M-parameter random Llama (tokenizer vocab 8192)."""
+    return dict(
+        family="llama",
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        vocab_size=8192,
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+    )
+
+
+def build_bench_model(out_dir: str | Path) -> Path:
+    return build_tiny_model(out_dir, **bench_model_config())
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tandem.testing", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--preset", choices=sorted(PRESETS), help="named tiny preset")
+    group.add_argument("--bench", action="store_true", help="~80M-parameter Llama for benchmarks")
+    args = parser.parse_args(argv)
+    if args.bench:
+        path = build_bench_model(args.out_dir)
+    elif args.preset:
+        path = build_preset(args.preset, args.out_dir)
+    else:
+        path = build_tiny_model(args.out_dir)
+    print(json.dumps({"path": str(path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

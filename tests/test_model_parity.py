@@ -1,0 +1,110 @@
+"""tandem vs Hugging Face transformers on tiny random models: logits and greedy tokens."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tandem import SamplingParams
+from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
+from tests.conftest import ALL_PRESETS
+
+PROMPT_LENGTHS = [1, 5, 16, 17, 40, 71]
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model(path: str):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+def prompts_for(vocab: int, lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' generate, greedy, stopping at EOS like tandem does."""
+    model = hf_model(path)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=2, eos_token_id=1)
+    tokens = out[0, len(prompt):].tolist()
+    return tokens[: tokens.index(1) + 1] if 1 in tokens else tokens
+
+
+def tandem_prefill_logits(llm, prompt: list[int]) -> torch.Tensor:
+    """Logits at every prompt position from one paged prefill through the runner."""
+    runner = llm.llm_engine.runner
+    blocks = list(range((len(prompt) + runner.block_size - 1) // runner.block_size))
+    chunk = ScheduledChunk("x", prompt, 0, blocks, sample=False, num_prompt_tokens=len(prompt))
+    with torch.inference_mode():
+        runner.states["x"] = runner.sampler.make_state(SamplingParams(), prompt)
+        b = runner._prepare([chunk])
+        hidden = runner.model(b.input_ids, b.positions, b.meta)
+        runner.states.pop("x")
+        return runner.model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_forward_logits_match_transformers(preset, make_llm, model_dirs):
+    llm = make_llm(preset)
+    path = str(model_dirs[preset])
+    prompt = prompts_for(llm.llm_engine.vocab_size, [37])[0]
+    ours = tandem_prefill_logits(llm, prompt)
+    with torch.no_grad():
+        ref = hf_model(path)(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ALL_PRESETS)
+def test_greedy_batch_matches_transformers_generate(preset, make_llm, model_dirs):
+    llm = make_llm(preset)
+    path = str(model_dirs[preset])
+    prompts = prompts_for(llm.llm_engine.vocab_size)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(path, p, 24), f"prompt of {len(p)} tokens"
+
+
+ENGINE_VARIANTS = {
+    "no-prefix-cache": dict(enable_prefix_caching=False),
+    "prefix-cache": dict(enable_prefix_caching=True),
+    "tiny-budget-chunked-prefill": dict(max_num_batched_tokens=7),
+    "forced-preemption": dict(num_gpu_blocks_override=32, block_size=4),
+    "max-seqs-2": dict(max_num_seqs=2, block_size=8),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ENGINE_VARIANTS))
+def test_greedy_matches_transformers_under_engine_variants(variant, make_llm, model_dirs):
+    preset = "llama3-gqa"
+    llm = make_llm(preset, **ENGINE_VARIANTS[variant])
+    path = str(model_dirs[preset])
+    base = prompts_for(llm.llm_engine.vocab_size)
+    # shared prefixes so that the prefix cache has something to hit, the second round fully warm
+    prompts = base + [base[4][:33] + p for p in base[:3]]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    refs = [hf_greedy(path, p, 20) for p in prompts]
+    for _ in range(2):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == refs
+    engine = llm.llm_engine
+    if variant == "forced-preemption":
+        assert engine.scheduler.num_preemptions > 0
+    if variant == "prefix-cache":
+        assert engine.kv.stats.hits > 0
+        assert outs[-1].num_cached_tokens >= 32
+
+
+def test_text_prompts_and_chat(make_llm):
+    llm = make_llm("qwen2-tied")
+    tok = llm.get_tokenizer()
+    out = llm.generate("def fib(n):", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok.encode("def fib(n):")
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4),
+                    use_tqdm=False)[0]
+    assert chat.prompt_token_ids[0] == tok.bos_token_id and len(chat.outputs[0].token_ids) >= 1
