@@ -1,0 +1,83 @@
+"""Command line: ``tandem generate`` and ``tandem bench throughput`` (serve, up, router come later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 2GiB")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tandem import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+              kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=args.enable_prefix_caching, device=args.device, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed, ignore_eos=args.ignore_eos,
+                            stop=args.stop or None)
+    prompts = args.prompt or [sys.stdin.read()]
+    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        if len(prompts) > 1:
+            print(f"--- {prompt!r}")
+        print(prompt + out.outputs[0].text if args.echo else out.outputs[0].text)
+    return 0
+
+
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from tandem.bench.throughput import run_throughput
+
+    run_throughput(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="LLM serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts offline and print the text")
+    gen.add_argument("model", nargs="?", default=None, help="Hugging Face model directory")
+    gen.add_argument("--prompt", action="append", help="prompt text (repeatable); default: stdin")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    _add_engine_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    from tandem.bench.throughput import add_throughput_args
+
+    tp = bench.add_parser("throughput", help="offline throughput, as `vllm bench throughput`")
+    add_throughput_args(tp)
+    tp.set_defaults(func=_cmd_bench_throughput)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
