@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q -ra
 
+# Until the bundled demo model and the HTTP server land, `serve` builds a tiny random Llama locally
+# and completes a prompt with it offline (the text is gibberish: the weights are random).
+DEMO_MODEL ?= .cache/demo-model
 serve: install
-	$(VENV)/bin/tandem generate --prompt "def fibonacci(n):" --max-tokens 48
+	test -f $(DEMO_MODEL)/model.safetensors || $(PY) -m tandem.testing $(DEMO_MODEL) --preset llama3-gqa
+	$(VENV)/bin/tandem generate $(DEMO_MODEL) --prompt "def fibonacci(n):" --max-tokens 48 --kv-cache-memory 64MiB
 
 bench: install
 	$(VENV)/bin/tandem bench throughput --dataset-name random --num-prompts 64 --input-len 288 --output-len 144 --random-range-ratio 0.75

@@ -13,7 +13,8 @@ from tandem.sampling_params import SamplingParams
 
 
 def default_model_path() -> str:
-    raise ValueError("no model given: pass model='path/to/hf-model-dir'")
+    raise ValueError("no model given: pass a Hugging Face model directory (config.json, *.safetensors, "
+                     "tokenizer.json); `python -m tandem.testing DIR --preset llama3-gqa` builds a tiny one")
 
 
 class LLM:
