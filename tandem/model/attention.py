@@ -29,6 +29,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
     decode_seq_lens: torch.Tensor  # [num_decodes]
     prefills: list[PrefillSeq]
+    # Decodes sorted by context length, split into (start, end, num_blocks) runs; a backend that pads
+    # block tables may pad each run only to its own width. None: one run over all decodes.
+    decode_groups: list[tuple[int, int, int]] | None = None
 
 
 class AttentionBackend(Protocol):
@@ -47,17 +50,23 @@ class TorchAttentionBackend:
 
     name = "torch"
 
+    def __init__(self) -> None:
+        self.workspace = ref.GatherWorkspace()  # shared by all layers: they run one after another
+
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
         nd = meta.num_decode_tokens
-        if nd:
-            out[:nd] = ref.paged_decode_attention(query[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                                  meta.decode_seq_lens, scale)
+        groups = meta.decode_groups if meta.decode_groups is not None else \
+            [(0, nd, meta.decode_block_tables.shape[1])] if nd else []
+        for start, end, width in groups:
+            out[start:end] = ref.paged_decode_attention(
+                query[start:end], k_cache, v_cache, meta.decode_block_tables[start:end, :width],
+                meta.decode_seq_lens[start:end], scale, self.workspace)
         for seq in meta.prefills:
             q = query[seq.query_start:seq.query_start + seq.query_len]
             out[seq.query_start:seq.query_start + seq.query_len] = ref.paged_prefill_attention(
-                q, k_cache, v_cache, seq.block_table, seq.context_len, scale)
+                q, k_cache, v_cache, seq.block_table, seq.context_len, scale, self.workspace)
         return out
 
 

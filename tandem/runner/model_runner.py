@@ -17,6 +17,7 @@ from tandem.config import CacheConfig, ModelConfig
 from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tandem.model.attention import AttentionMetadata, PrefillSeq, get_backend
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
+from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def resolve_device(name: str) -> torch.device:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, attention_backend: str = "torch"):
         self.device = resolve_device(model_config.device)
+        if self.device.type == "cpu":
+            tune_glibc_malloc()
         self.hf_config = read_hf_config(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
         torch.manual_seed(model_config.seed)
@@ -94,7 +97,8 @@ class ModelRunner:
             self.states[new.request_id] = self.sampler.make_state(new.sampling_params, new.prompt_token_ids)
         if out.is_empty:
             return RunnerOutput()
-        chunks = sorted(out.chunks, key=lambda c: len(c.token_ids) != 1)  # stable: decodes first
+        # decodes first, longest context first (so decode_groups can pad each group to its own width)
+        chunks = sorted(out.chunks, key=lambda c: (len(c.token_ids) != 1, -len(c.block_ids)))
         batch = self._prepare(chunks)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
@@ -132,6 +136,7 @@ class ModelRunner:
             decode_block_tables=self._pad_tables([c.block_ids for c in decodes]),
             decode_seq_lens=torch.tensor([c.start_pos + 1 for c in decodes], dtype=torch.int64, device=self.device),
             prefills=prefills,
+            decode_groups=_decode_groups([len(c.block_ids) for c in decodes]),
         )
         return _Batch(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(positions).to(self.device),
                       meta, torch.tensor(logits_rows, dtype=torch.int64, device=self.device), prompt_rows,
@@ -174,6 +179,21 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[c.request_id] = lp
         return result
+
+
+def _decode_groups(num_blocks: list[int], max_waste: float = 0.25) -> list[tuple[int, int, int]]:
+    """Split decodes (sorted by block count, descending) into (start, end, width) runs in which no
+    sequence pads more than ``max_waste`` of the run's widest block table."""
+    groups: list[tuple[int, int, int]] = []
+    start = 0
+    for i, n in enumerate(num_blocks):
+        width = num_blocks[start]
+        if n < (1 - max_waste) * width:
+            groups.append((start, i, width))
+            start = i
+    if num_blocks:
+        groups.append((start, len(num_blocks), num_blocks[start]))
+    return groups
 
 
 @dataclass

@@ -127,16 +127,19 @@ class Sampler:
         idx = torch.tensor(random_rows, device=logits.device)
         probs = _filtered_probs(logits[idx], [states[i].params for i in random_rows])
         # Exponential race: argmax(p / q), q ~ Exp(1), is a draw from p; one draw of V per row.
-        q = torch.empty_like(probs)
+        # q = -log(u) with u ~ U[0, 1) (4x faster than exponential_ on CPU); u = 0 gives q = inf, p/q = 0.
+        u = torch.empty_like(probs)
         unseeded = [j for j, i in enumerate(random_rows) if states[i].generator is None]
-        if unseeded:
-            q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator)
+        if len(unseeded) == len(random_rows):
+            u.uniform_(generator=self.generator)
+        elif unseeded:
+            u[unseeded] = torch.rand(len(unseeded), probs.shape[1], generator=self.generator,
+                                     device=probs.device, dtype=probs.dtype)
         for j, i in enumerate(random_rows):
             gen = states[i].generator
             if gen is not None:
-                q[j].exponential_(generator=gen)
-        greedy[idx] = (probs / q).argmax(dim=-1)
+                u[j].uniform_(generator=gen)
+        greedy[idx] = (probs / u.log_().neg_()).argmax(dim=-1)
         return greedy
 
 
