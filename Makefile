@@ -20,15 +20,18 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q -ra
 
-# Until the bundled demo model and the HTTP server land, `serve` builds a tiny random Llama locally
-# and completes a prompt with it offline (the text is gibberish: the weights are random).
-DEMO_MODEL ?= .cache/demo-model
+# Until the HTTP server lands, `serve` completes a prompt offline with the bundled demo model
+# (models/tandem-demo, trained on the Python standard library by scripts/train_demo_model.py).
 serve: install
-	test -f $(DEMO_MODEL)/model.safetensors || $(PY) -m tandem.testing $(DEMO_MODEL) --preset llama3-gqa
-	$(VENV)/bin/tandem generate $(DEMO_MODEL) --prompt "def fibonacci(n):" --max-tokens 48 --kv-cache-memory 64MiB
+	$(VENV)/bin/tandem generate --prompt "def fibonacci(n):" --max-tokens 64 --kv-cache-memory 64MiB --echo
 
+# Offline throughput on the ~88M-parameter random Llama of the engine benchmark (built on first use).
+# scripts/bench_cpu_side_by_side.sh runs the same workload on vLLM's CPU build and transformers too.
+BENCH_MODEL ?= .cache/bench-model
 bench: install
-	$(VENV)/bin/tandem bench throughput --dataset-name random --num-prompts 64 --input-len 288 --output-len 144 --random-range-ratio 0.75
+	test -f $(BENCH_MODEL)/config.json || $(PY) -m tandem.testing $(BENCH_MODEL) --bench
+	$(VENV)/bin/tandem bench throughput --model $(BENCH_MODEL) --dataset-name random --num-prompts 64 \
+	  --input-len 288 --output-len 144 --random-range-ratio 0.75 --dtype float32
 
 clean:
 	rm -rf $(VENV) build *.egg-info

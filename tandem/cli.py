@@ -1,4 +1,4 @@
-"""Command line: ``tandem generate`` and ``tandem bench throughput`` (serve, up, router come later)."""
+"""Command line: ``tandem generate``, ``tandem bench throughput``, ``tandem eval perplexity``."""
 
 from __future__ import annotations
 
@@ -43,12 +43,20 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    from tandem.eval.perplexity import run_perplexity
+
+    run_perplexity(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts offline and print the text")
-    gen.add_argument("model", nargs="?", default=None, help="Hugging Face model directory")
+    gen.add_argument("model", nargs="?", default=None,
+                     help="Hugging Face model directory (default: $TANDEM_MODEL or the bundled models/tandem-demo)")
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable); default: stdin")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -67,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench.add_parser("throughput", help="offline throughput, as `vllm bench throughput`")
     add_throughput_args(tp)
     tp.set_defaults(func=_cmd_bench_throughput)
+
+    evaluate = sub.add_parser("eval", help="model evaluations").add_subparsers(dest="eval_command", required=True)
+    from tandem.eval.perplexity import add_perplexity_args
+
+    ppl = evaluate.add_parser("perplexity", help="per-token perplexity of text files, from prompt logprobs")
+    add_perplexity_args(ppl)
+    ppl.set_defaults(func=_cmd_eval_perplexity)
     return parser
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -12,9 +14,18 @@ from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
 
 
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tandem-demo"
+
+
 def default_model_path() -> str:
-    raise ValueError("no model given: pass a Hugging Face model directory (config.json, *.safetensors, "
-                     "tokenizer.json); `python -m tandem.testing DIR --preset llama3-gqa` builds a tiny one")
+    """$TANDEM_MODEL, else the demo model bundled in the repository (models/tandem-demo)."""
+    env = os.environ.get("TANDEM_MODEL")
+    if env:
+        return env
+    if (DEMO_MODEL_DIR / "config.json").is_file():
+        return str(DEMO_MODEL_DIR)
+    raise ValueError(f"no model given and the bundled demo model is missing ({DEMO_MODEL_DIR}): pass a Hugging "
+                     "Face model directory (config.json, *.safetensors, tokenizer.json) or set TANDEM_MODEL")
 
 
 class LLM:

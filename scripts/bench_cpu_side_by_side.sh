@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Offline throughput side by side on this CPU: tandem, vLLM's CPU build, transformers' generate,
+# same model directory, same vLLM random dataset (same seed, so the same prompts), fp32, ignore_eos.
+#   usage: scripts/bench_cpu_side_by_side.sh MODEL_DIR [VLLM_VENV]
+# Builds the ~88M bench model with `python -m tandem.testing MODEL_DIR --bench` if it is missing.
+# Writes benchmarks/results/throughput-cpu-side-by-side-<UTC>.json (all runs) next to each run's JSON.
+set -euo pipefail
+MODEL=${1:?model dir}
+VLLM_VENV=${2:-/tmp/peer-vllm-cpu}
+PY=${PY:-.venv/bin/python}
+WORK=${WORK:-benchmarks/results/raw}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$WORK"
+[ -f "$MODEL/config.json" ] || "$PY" -m tandem.testing "$MODEL" --bench
+W=(--num-prompts 64 --seed 0 --random-range-ratio 0.75)
+run_tandem() { .venv/bin/tandem bench throughput --model "$MODEL" "${W[@]}" --input-len 288 --output-len 144 \
+  --dtype float32 --kv-cache-memory 2GiB --disable-tqdm --output-json "$WORK/tandem-$STAMP-$1.json"; }
+run_vllm() { HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=2 "$VLLM_VENV/bin/vllm" bench throughput --model "$MODEL" \
+  --dataset-name random "${W[@]}" --random-input-len 288 --random-output-len 144 --dtype float32 \
+  --max-model-len 2048 --disable-log-stats --output-json "$WORK/vllm-$STAMP-$1.json" 2>&1 | grep -E "Throughput|Total num"; }
+for i in 1 2; do
+  run_tandem "$i"
+  run_vllm "default-$i"
+  OMP_NUM_THREADS=2 run_vllm "omp2-$i"
+done
+"$PY" scripts/bench_transformers.py --model "$MODEL" "${W[@]}" --input-len 288 --output-len 144 --batch-size 16 \
+  --output-json "$WORK/transformers-$STAMP.json"
+"$PY" scripts/merge_side_by_side.py "$WORK" "$STAMP" "benchmarks/results/throughput-cpu-side-by-side-$STAMP.json"

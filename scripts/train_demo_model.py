@@ -1,0 +1,394 @@
+"""Train tandem's bundled demo model on the Python standard library's own source (PSF license).
+
+    python scripts/train_demo_model.py --out models/tandem-demo            # ~25 min on 2 CPU cores
+
+Reproducible: the data split, tokenizer, initialisation and batch order depend only on --seed and
+on the stdlib of the Python running the script (its version is written into the card). Steps:
+
+1. corpus: every ``*.py`` under ``sysconfig.get_paths()["stdlib"]`` except site-packages and test
+   suites, sorted by path; a file is held out when sha256(relative path) mod 100 < --heldout-pct.
+2. tokenizer: byte-level BPE (``tokenizers``), --vocab-size entries, special tokens for BOS, EOS,
+   pad and chat roles, BOS added by the post-processor, a simple chat template.
+3. chat examples: every documented top-level function of the training files becomes a
+   (docstring -> function source) conversation, so the chat endpoint answers with code.
+4. model: Llama architecture (GQA, tied embeddings, RoPE), trained with AdamW + cosine schedule on
+   random windows of the shuffled, packed token stream; held-out perplexity at the end.
+5. output: a Hugging Face directory (config.json, model.safetensors, tokenizer files,
+   generation_config.json), a held-out text sample for tests, training_log.json and README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import platform
+import random
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+import torch
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    vocab_size: int = 8192
+    heldout_pct: int = 3
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    seq_len: int = 512
+    batch_size: int = 8
+    steps: int = 700
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_position_embeddings: int = 2048
+    eval_windows: int = 160
+    bf16_autocast: int = 1  # CPU autocast: bf16 matmuls (AMX where present), fp32 master weights
+
+
+# --------------------------------------------------------------------------- data
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+    return root, files
+
+
+def is_heldout(rel: str, pct: int) -> bool:
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100 < pct
+
+
+def read_split(pct: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, heldout) lists of (relative path, text); undecodable files are skipped."""
+    root, files = stdlib_files()
+    train, heldout = [], []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        rel = path.relative_to(root).as_posix()
+        (heldout if is_heldout(rel, pct) else train).append((rel, text))
+    return train, heldout
+
+
+def chat_examples(files: list[tuple[str, str]], max_chars: int = 1500) -> list[list[dict]]:
+    """One conversation per documented top-level function: the docstring asks, the code answers."""
+    conversations = []
+    for _, text in files:
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            doc = ast.get_docstring(node)
+            source = ast.get_source_segment(text, node)
+            if not doc or not source or len(source) > max_chars:
+                continue
+            summary = doc.strip().split("\n\n")[0].replace("\n", " ")
+            ask = f"Write a Python function `{node.name}`: {summary}"
+            conversations.append([{"role": "user", "content": ask}, {"role": "assistant", "content": source}])
+    return conversations
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD, *ROLE_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return tok
+
+
+def hf_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=list(ROLE_TOKENS), chat_template=CHAT_TEMPLATE,
+                                   model_max_length=Recipe.max_position_embeddings)
+
+
+_TEMPLATE = ImmutableSandboxedEnvironment().from_string(CHAT_TEMPLATE)
+
+
+def render_chat(conversation: list[dict]) -> str:
+    return _TEMPLATE.render(messages=conversation, bos_token=BOS, eos_token=EOS,
+                                                add_generation_prompt=False)
+
+
+def token_stream(tok, documents: list[str], rng: random.Random, chat: bool = False) -> torch.Tensor:
+    """Shuffled documents packed into one stream; code documents as BOS + text + EOS."""
+    order = list(range(len(documents)))
+    rng.shuffle(order)
+    # chat documents already carry BOS/EOS from the template
+    encs = tok.encode_batch([documents[i] for i in order], add_special_tokens=not chat)
+    eos = tok.token_to_id(EOS)
+    ids: list[int] = []
+    for enc in encs:
+        ids.extend(enc.ids)
+        if not chat:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def interleave(code: torch.Tensor, chat: torch.Tensor, rng: random.Random, pieces: int = 64) -> torch.Tensor:
+    """Spread the chat stream through the code stream in `pieces` runs (so both are seen all along)."""
+    code_parts, chat_parts = torch.tensor_split(code, pieces), torch.tensor_split(chat, pieces)
+    mixed = [p for pair in zip(code_parts, chat_parts) for p in pair]
+    return torch.cat(mixed)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(recipe: Recipe, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size, num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads, num_key_value_heads=recipe.num_kv_heads,
+        head_dim=recipe.hidden_size // recipe.num_heads, max_position_embeddings=recipe.max_position_embeddings,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True, bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS),
+        pad_token_id=tok.token_to_id(PAD), dtype="float32", attn_implementation="sdpa",
+    )
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(config)
+
+
+def lr_at(step: int, r: Recipe) -> float:
+    if step < r.warmup_steps:
+        return r.lr * (step + 1) / r.warmup_steps
+    progress = (step - r.warmup_steps) / max(1, r.steps - r.warmup_steps)
+    return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.inference_mode()
+def heldout_perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: int) -> tuple[float, int]:
+    """exp(mean NLL) over non-overlapping windows; the first token of each window is not scored."""
+    model.eval()
+    nll, count = 0.0, 0
+    n = min(max_windows, len(stream) // seq_len)
+    for w in range(0, n, 8):
+        batch = torch.stack([stream[i * seq_len:(i + 1) * seq_len] for i in range(w, min(n, w + 8))])
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, batch[:, 1:, None]).squeeze(-1)
+        nll -= lp.sum().item()
+        count += lp.numel()
+    model.train()
+    return math.exp(nll / count), count
+
+
+def train(model, stream: torch.Tensor, r: Recipe, log_every: int = 25) -> dict:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95), eps=1e-8)
+    gen = torch.Generator().manual_seed(r.seed)
+    model.train()
+    history, start, ema = [], time.perf_counter(), None
+    for step in range(r.steps):
+        starts = torch.randint(0, len(stream) - r.seq_len - 1, (r.batch_size,), generator=gen)
+        batch = torch.stack([stream[s:s + r.seq_len] for s in starts.tolist()])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, r)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(r.bf16_autocast)):
+            loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % log_every == 0 or step == r.steps - 1:
+            elapsed = time.perf_counter() - start
+            tok_s = (step + 1) * r.batch_size * r.seq_len / elapsed
+            history.append({"step": step, "loss": round(loss.item(), 4), "loss_ema": round(ema, 4),
+                            "lr": lr_at(step, r), "elapsed_s": round(elapsed, 1), "tokens_per_s": round(tok_s)})
+            print(f"step {step:5d}  loss {loss.item():.3f} (ema {ema:.3f})  {tok_s:,.0f} tok/s  {elapsed:,.0f}s",
+                  flush=True)
+    wall = time.perf_counter() - start
+    return {"history": history, "wall_time_s": round(wall, 1),
+            "tokens_seen": r.steps * r.batch_size * r.seq_len,
+            "tokens_per_s": round(r.steps * r.batch_size * r.seq_len / wall), "final_loss_ema": round(ema, 4)}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def save(out: Path, model, tok, heldout_text: str, log: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    hf_tok = hf_tokenizer(tok)
+    hf_tok.save_pretrained(str(out), save_jinja_files=False)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE  # kept in tokenizer_config.json, as older loaders expect
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "heldout-sample.txt").write_text(heldout_text)
+    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(log))
+
+
+def model_card(log: dict) -> str:
+    r, res = log["recipe"], log["results"]
+    rows = "\n".join(f"| {h['step']} | {h['loss_ema']:.3f} | {h['tokens_per_s']:,} |" for h in log["train"]["history"][::4])
+    return f"""---
+license: psf-2.0
+language: [code]
+pipeline_tag: text-generation
+---
+
+# tandem-demo: a {res['num_params'] / 1e6:.1f}M-parameter Llama trained on the Python standard library
+
+tandem's bundled default model: small enough to ship in the repository and to serve on a laptop CPU,
+trained enough that its completions are recognisably Python. It is a demo and a test fixture, not an
+assistant: it knows Python syntax and stdlib idioms, nothing else.
+
+## Model
+
+Llama architecture (loads with transformers' `AutoModelForCausalLM` and with tandem): {r['num_layers']} layers,
+hidden {r['hidden_size']}, MLP {r['intermediate_size']}, {r['num_heads']} attention heads of dim
+{r['hidden_size'] // r['num_heads']}, {r['num_kv_heads']} KV heads (GQA), RoPE (theta 10000), tied embeddings,
+context {r['max_position_embeddings']} (trained on windows of {r['seq_len']}), float32 weights,
+{res['num_params']:,} parameters.
+
+Tokenizer: byte-level BPE trained on the same training split, {res['vocab_size']} entries, special tokens
+`<|bos|>` (added to every prompt), `<|eos|>`, `<|pad|>`, `<|system|>`, `<|user|>`, `<|assistant|>`. Chat
+template: `<|bos|><|user|>\\n...<|eos|>\\n<|assistant|>\\n`.
+
+## Data
+
+Every `*.py` file of the CPython {log['python_version']} standard library (site-packages and test suites
+excluded), license PSF-2.0. A file is held out when sha256(its path relative to the stdlib) mod 100 <
+{r['heldout_pct']}: {log['data']['train_files']} training files ({log['data']['train_tokens']:,} tokens),
+{log['data']['heldout_files']} held-out files ({log['data']['heldout_tokens']:,} tokens). Each documented
+top-level function of the training files also appears as a conversation (user: "Write a Python function
+`name`: <docstring summary>", assistant: the source): {log['data']['chat_examples']:,} conversations,
+{log['data']['chat_tokens']:,} tokens. `heldout-sample.txt` is the start of the held-out text, for tests.
+
+## Training
+
+`python scripts/train_demo_model.py --out models/tandem-demo` (seed {r['seed']}). AdamW (betas 0.9/0.95,
+weight decay {r['weight_decay']}), peak LR {r['lr']} after {r['warmup_steps']} warm-up steps, cosine to
+{r['min_lr_ratio']}x, gradient clipping {r['grad_clip']}, {r['steps']} steps of {r['batch_size']} x
+{r['seq_len']} random windows of the packed, shuffled stream: {log['train']['tokens_seen']:,} tokens.
+
+Run: {log['device']}, torch {log['torch_version']}, {log['date']}. Wall time {log['train']['wall_time_s'] / 60:.1f} min,
+{log['train']['tokens_per_s']:,} training tokens/s.
+
+| step | training loss (EMA) | tokens/s |
+|---:|---:|---:|
+{rows}
+
+## Results
+
+Held-out perplexity: **{res['heldout_perplexity']:.2f}** per token over {res['heldout_tokens_scored']:,} held-out
+tokens (windows of {r['seq_len']}, first token of each window not scored); uniform over the vocabulary
+would be {res['vocab_size']}. Reproduce with tandem's engine:
+
+    tandem eval perplexity models/tandem-demo FILE...
+
+Greedy completion of `def fibonacci(n):`:
+
+```python
+{log['sample_completion']}
+```
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="models/tandem-demo")
+    for name, value in asdict(Recipe()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    recipe = Recipe(**{k: getattr(args, k) for k in asdict(Recipe())})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = random.Random(recipe.seed)
+
+    t0 = time.perf_counter()
+    train_files, heldout_files = read_split(recipe.heldout_pct)
+    conversations = chat_examples(train_files)
+    tok = train_tokenizer([t for _, t in train_files], recipe.vocab_size)
+    code = token_stream(tok, [t for _, t in train_files], rng)
+    chat = token_stream(tok, [render_chat(c) for c in conversations], rng, chat=True)
+    stream = interleave(code, chat, rng)
+    heldout = token_stream(tok, [t for _, t in heldout_files], random.Random(recipe.seed))
+    print(f"data: {len(train_files)} train files ({len(code):,} tokens), {len(conversations)} chats "
+          f"({len(chat):,} tokens), {len(heldout_files)} held-out files ({len(heldout):,} tokens); "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
+
+    model = build_model(recipe, tok)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {num_params:,} parameters", flush=True)
+    train_log = train(model, stream, recipe)
+    ppl, scored = heldout_perplexity(model, heldout, recipe.seq_len, recipe.eval_windows)
+    print(f"held-out perplexity {ppl:.3f} over {scored:,} tokens", flush=True)
+
+    model.eval()
+    hf_tok = hf_tokenizer(tok)
+    prompt = hf_tok("def fibonacci(n):", return_tensors="pt")
+    with torch.inference_mode():
+        sample = model.generate(**prompt, max_new_tokens=64, do_sample=False)
+    completion = hf_tok.decode(sample[0], skip_special_tokens=True)
+
+    from tandem.bench.throughput import describe_device
+
+    heldout_text = sorted(heldout_files)[0][1][:12000]
+    log = {
+        "recipe": asdict(recipe),
+        "data": {"train_files": len(train_files), "train_tokens": len(code), "heldout_files": len(heldout_files),
+                 "heldout_tokens": len(heldout), "chat_examples": len(conversations), "chat_tokens": len(chat),
+                 "heldout_file_names": [name for name, _ in heldout_files]},
+        "train": train_log,
+        "results": {"num_params": num_params, "vocab_size": tok.get_vocab_size(), "heldout_perplexity": ppl,
+                    "heldout_tokens_scored": scored},
+        "sample_completion": completion,
+        "device": describe_device("cpu"),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
+    save(Path(args.out), model, tok, heldout_text, log)
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
