@@ -315,6 +315,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         family="qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32
     ),
     "mistral": dict(family="mistral", extra_config={"sliding_window": None}),
+    # a window much shorter than the prompts, so every prefill chunk and decode is clipped by it
+    "mistral-swa": dict(family="mistral", extra_config={"sliding_window": 7}),
     # head_dim 16 (vLLM's CPU build refuses it) with heads * head_dim != hidden: non-square q/o projections
     "llama-hd16": dict(family="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
 }

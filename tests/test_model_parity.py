@@ -108,3 +108,18 @@ def test_text_prompts_and_chat(make_llm):
     chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4),
                     use_tqdm=False)[0]
     assert chat.prompt_token_ids[0] == tok.bos_token_id and len(chat.outputs[0].token_ids) >= 1
+
+
+@pytest.mark.parametrize("variant", ["tiny-budget-chunked-prefill", "prefix-cache", "forced-preemption"])
+def test_sliding_window_matches_transformers_under_engine_variants(variant, make_llm, model_dirs):
+    """Mistral with a 7-token window: chunks and cached prefixes longer than the window stay exact."""
+    preset = "mistral-swa"
+    llm = make_llm(preset, **ENGINE_VARIANTS[variant])
+    path = str(model_dirs[preset])
+    base = prompts_for(llm.llm_engine.vocab_size)
+    prompts = base + [base[4][:33] + p for p in base[:3]]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    refs = [hf_greedy(path, p, 20) for p in prompts]
+    for _ in range(2):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == refs

@@ -76,10 +76,6 @@ class LLMEngine:
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         limit = int(self.hf_config.get("max_position_embeddings", 4096))
-        window = self.hf_config.get("sliding_window")
-        if window and self.hf_config.get("use_sliding_window", True) and window < limit:
-            logger.warning("sliding_window=%d: limiting max_model_len to it (full attention is exact there)", window)
-            limit = int(window)
         if requested is not None and requested > limit:
             raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} positions")
         # NOTE: one request must always fit in the whole cache, or preemption could never make room.

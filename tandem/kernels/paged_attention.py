@@ -64,14 +64,19 @@ def _gather_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: tor
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           workspace: GatherWorkspace | None = None) -> torch.Tensor:
-    """One query token per sequence attending to its whole context.
+                           workspace: GatherWorkspace | None = None,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence attending to its whole context (or its last ``sliding_window``
+    positions, itself included).
 
     query [B, heads, head_dim]; block_tables [B, max_blocks]; seq_lens [B] (context incl. the query)
     -> [B, heads, head_dim]."""
     keys, values = _gather_pair(k_cache, v_cache, block_tables, workspace)
     positions = torch.arange(keys.shape[2], device=query.device)
-    mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    mask = positions[None, :] < seq_lens[:, None]
+    if sliding_window is not None:
+        mask &= positions[None, :] >= seq_lens[:, None] - sliding_window
+    mask = mask[:, None, None, :]  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=keys.shape[1] != query.shape[1])
     return out.squeeze(2)
@@ -79,7 +84,8 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_table: torch.Tensor, context_len: int, scale: float,
-                            workspace: GatherWorkspace | None = None) -> torch.Tensor:
+                            workspace: GatherWorkspace | None = None,
+                            sliding_window: int | None = None) -> torch.Tensor:
     """A chunk of ``q_len`` new tokens of one sequence, after ``context_len - q_len`` cached ones,
     attending causally to the cached prefix and to itself.
 
@@ -89,11 +95,13 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     keys, values = keys[..., :context_len, :], values[..., :context_len, :]
     q = query.transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, head_dim]
     gqa = keys.shape[1] != q.shape[1]
-    if q_len == context_len:
+    if q_len == context_len and (sliding_window is None or sliding_window >= context_len):
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         q_pos = torch.arange(context_len - q_len, context_len, device=query.device)
         k_pos = torch.arange(context_len, device=query.device)
         mask = k_pos[None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.squeeze(0).transpose(0, 1)

@@ -39,9 +39,10 @@ class AttentionBackend(Protocol):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, sliding_window: int | None = None) -> torch.Tensor:
         """query [T, heads, head_dim], key/value [T, kv_heads, head_dim] -> [T, heads, head_dim].
-        Writes this step's key/value into the cache before attending."""
+        Writes this step's key/value into the cache before attending. With a sliding window a token
+        attends to itself and the ``sliding_window - 1`` positions before it."""
         ...
 
 
@@ -53,7 +54,8 @@ class TorchAttentionBackend:
     def __init__(self) -> None:
         self.workspace = ref.GatherWorkspace()  # shared by all layers: they run one after another
 
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None):
         ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
         nd = meta.num_decode_tokens
@@ -62,11 +64,11 @@ class TorchAttentionBackend:
         for start, end, width in groups:
             out[start:end] = ref.paged_decode_attention(
                 query[start:end], k_cache, v_cache, meta.decode_block_tables[start:end, :width],
-                meta.decode_seq_lens[start:end], scale, self.workspace)
+                meta.decode_seq_lens[start:end], scale, self.workspace, sliding_window)
         for seq in meta.prefills:
             q = query[seq.query_start:seq.query_start + seq.query_len]
             out[seq.query_start:seq.query_start + seq.query_len] = ref.paged_prefill_attention(
-                q, k_cache, v_cache, seq.block_table, seq.context_len, scale, self.workspace)
+                q, k_cache, v_cache, seq.block_table, seq.context_len, scale, self.workspace, sliding_window)
         return out
 
 

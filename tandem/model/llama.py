@@ -33,6 +33,7 @@ class LlamaArgs:
     qkv_bias: bool = False
     qk_norm: bool = False
     hidden_act: str = "silu"
+    sliding_window: int | None = None  # each token attends to itself and the window - 1 before it
 
     @classmethod
     def from_hf(cls, cfg: dict, family: str) -> "LlamaArgs":
@@ -57,7 +58,21 @@ class LlamaArgs:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=family == "qwen3",
+            sliding_window=sliding_window_of(cfg, family),
         )
+
+
+def sliding_window_of(cfg: dict, family: str) -> int | None:
+    """Mistral applies ``sliding_window`` to every layer. Qwen2/3 only with ``use_sliding_window`` and
+    then per layer (``max_window_layers``), which is not supported: NotImplementedError."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    if family == "mistral":
+        return int(window)
+    if cfg.get("use_sliding_window"):
+        raise NotImplementedError(f"{family} with use_sliding_window (per-layer windows) is not supported")
+    return None
 
 
 class Attention(nn.Module):
@@ -66,6 +81,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.scale = a.head_dim ** -0.5
+        self.sliding_window = a.sliding_window
         self.qkv_proj = ShardedLinear(a.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
                                       bias=a.qkv_bias, dtype=dtype)
         self.o_proj = Linear(self.q_size, a.hidden_size, bias=False, dtype=dtype)
@@ -88,7 +104,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
