@@ -96,6 +96,12 @@ def read_split(pct: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return train, heldout
 
 
+def is_generated(text: str) -> bool:
+    """Codec tables written by gencodec.py: near-identical across files, so scoring them held out
+    would mostly measure memorisation of the training copies."""
+    return "gencodec.py" in text[:2000]
+
+
 def chat_examples(files: list[tuple[str, str]], max_chars: int = 1500) -> list[list[dict]]:
     """One conversation per documented top-level function: the docstring asks, the code answers."""
     conversations = []
@@ -132,12 +138,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def hf_tokenizer(tok):
+def hf_tokenizer(tok, max_len: int = Recipe.max_position_embeddings):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=list(ROLE_TOKENS), chat_template=CHAT_TEMPLATE,
-                                   model_max_length=Recipe.max_position_embeddings)
+                                   model_max_length=max_len)
 
 
 _TEMPLATE = ImmutableSandboxedEnvironment().from_string(CHAT_TEMPLATE)
@@ -197,11 +203,62 @@ def lr_at(step: int, r: Recipe) -> float:
 
 
 @torch.inference_mode()
+def per_file_perplexity(model, tok, files: list[tuple[str, str]], window: int) -> tuple[float, int]:
+    """What `tandem eval perplexity MODEL FILES --window W` computes: each file tokenized as a prompt
+    (BOS first), non-overlapping windows of W, every token but a window's first scored."""
+    from tandem.eval.perplexity import windows
+
+    model.eval()
+    nll, count = 0.0, 0
+    for _, text in files:
+        for w in windows(tok(text)["input_ids"], window):
+            ids = torch.tensor([w])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            nll -= lp.gather(-1, ids[0, 1:, None]).sum().item()
+            count += len(w) - 1
+    if not count:
+        raise ValueError("no held-out token to score: raise --heldout-pct")
+    return math.exp(nll / count), count
+
+
+def evaluate(out: Path, log: dict, heldout_files: list[tuple[str, str]], window: int) -> None:
+    """Held-out perplexity of the saved model (all held-out files, and without generated codec
+    tables), a held-out text sample for tests, a greedy sample; rewrites training_log.json and the card."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    handwritten = [(n, t) for n, t in heldout_files if not is_generated(t)]
+    ppl_all, n_all = per_file_perplexity(model, tok, heldout_files, window)
+    ppl_hand, n_hand = per_file_perplexity(model, tok, handwritten, window)
+    log["results"].update({
+        "heldout_perplexity": ppl_hand, "heldout_tokens_scored": n_hand,
+        "heldout_files_scored": [n for n, _ in handwritten],
+        "heldout_perplexity_incl_generated": ppl_all, "heldout_tokens_scored_incl_generated": n_all,
+        "eval_window": window,
+    })
+    prompt = tok("def fibonacci(n):", return_tensors="pt")
+    with torch.inference_mode():
+        sample = model.generate(**prompt, max_new_tokens=64, do_sample=False)
+    log["sample_completion"] = tok.decode(sample[0], skip_special_tokens=True)
+    name, text = sorted(handwritten)[0]
+    cut = text[:12000]
+    (out / "heldout-sample.txt").write_text(cut[:cut.rfind("\n") + 1])
+    log["heldout_sample_file"] = name
+    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(log))
+    print(f"held-out perplexity {ppl_hand:.3f} over {n_hand:,} tokens "
+          f"({ppl_all:.3f} over {n_all:,} with generated codec tables)", flush=True)
+
+
+@torch.inference_mode()
 def heldout_perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: int) -> tuple[float, int]:
     """exp(mean NLL) over non-overlapping windows; the first token of each window is not scored."""
     model.eval()
     nll, count = 0.0, 0
     n = min(max_windows, len(stream) // seq_len)
+    if n == 0:
+        return float("nan"), 0
     for w in range(0, n, 8):
         batch = torch.stack([stream[i * seq_len:(i + 1) * seq_len] for i in range(w, min(n, w + 8))])
         logits = model(input_ids=batch).logits[:, :-1].float()
@@ -248,19 +305,16 @@ def train(model, stream: torch.Tensor, r: Recipe, log_every: int = 25) -> dict:
 # --------------------------------------------------------------------------- output
 
 
-def save(out: Path, model, tok, heldout_text: str, log: dict) -> None:
+def save(out: Path, model, tok) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "chat_template.jinja").unlink(missing_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    hf_tok = hf_tokenizer(tok)
+    hf_tok = hf_tokenizer(tok, model.config.max_position_embeddings)
     hf_tok.save_pretrained(str(out), save_jinja_files=False)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = CHAT_TEMPLATE  # kept in tokenizer_config.json, as older loaders expect
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "heldout-sample.txt").write_text(heldout_text)
-    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(log))
 
 
 def model_card(log: dict) -> str:
@@ -307,8 +361,10 @@ weight decay {r['weight_decay']}), peak LR {r['lr']} after {r['warmup_steps']} w
 {r['min_lr_ratio']}x, gradient clipping {r['grad_clip']}, {r['steps']} steps of {r['batch_size']} x
 {r['seq_len']} random windows of the packed, shuffled stream: {log['train']['tokens_seen']:,} tokens.
 
-Run: {log['device']}, torch {log['torch_version']}, {log['date']}. Wall time {log['train']['wall_time_s'] / 60:.1f} min,
-{log['train']['tokens_per_s']:,} training tokens/s.
+Matmuls in bf16 under CPU autocast (fp32 master weights and optimizer state): {bool(r.get('bf16_autocast', 1))}.
+Run: {log['device']} ({log.get('torch_threads', 2)} torch threads), torch {log['torch_version']}, {log['date']}.
+Wall time {log['train']['wall_time_s'] / 60:.1f} min, {log['train']['tokens_per_s']:,} training tokens/s. Float
+rounding differs across CPUs and thread counts, so a re-run matches these numbers closely, not bit for bit.
 
 | step | training loss (EMA) | tokens/s |
 |---:|---:|---:|
@@ -316,11 +372,17 @@ Run: {log['device']}, torch {log['torch_version']}, {log['date']}. Wall time {lo
 
 ## Results
 
-Held-out perplexity: **{res['heldout_perplexity']:.2f}** per token over {res['heldout_tokens_scored']:,} held-out
-tokens (windows of {r['seq_len']}, first token of each window not scored); uniform over the vocabulary
-would be {res['vocab_size']}. Reproduce with tandem's engine:
+Held-out perplexity: **{res['heldout_perplexity']:.2f}** per token over {res['heldout_tokens_scored']:,} tokens of
+the {len(res['heldout_files_scored'])} hand-written held-out files ({res['heldout_perplexity_incl_generated']:.2f}
+over {res['heldout_tokens_scored_incl_generated']:,} tokens when the held-out generated codec tables, near-copies of
+training files, are included). Uniform over the vocabulary would be {res['vocab_size']}. Each file is
+scored as a prompt (BOS first) in non-overlapping windows of {res['eval_window']} tokens, every token but a
+window's first scored: exactly what tandem's engine computes with
 
-    tandem eval perplexity models/tandem-demo FILE...
+    tandem eval perplexity models/tandem-demo FILE... --window {res['eval_window']}
+
+(`training_log.json` lists the files.) Caveat: `lib2to3/pgen2/tokenize.py` (held out) is a near-copy of
+`tokenize.py` (trained on).
 
 Greedy completion of `def fibonacci(n):`:
 
@@ -336,6 +398,8 @@ def main() -> None:
     for name, value in asdict(Recipe()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--eval-only", action="store_true",
+                        help="re-run the held-out evaluation of an already trained --out and rewrite its card")
     args = parser.parse_args()
     recipe = Recipe(**{k: getattr(args, k) for k in asdict(Recipe())})
     if args.threads:
@@ -344,6 +408,12 @@ def main() -> None:
 
     t0 = time.perf_counter()
     train_files, heldout_files = read_split(recipe.heldout_pct)
+    if not heldout_files:
+        raise SystemExit("no held-out file: raise --heldout-pct")
+    if args.eval_only:
+        log = json.loads((Path(args.out) / "training_log.json").read_text())
+        evaluate(Path(args.out), log, heldout_files, log["recipe"]["seq_len"])
+        return
     conversations = chat_examples(train_files)
     tok = train_tokenizer([t for _, t in train_files], recipe.vocab_size)
     code = token_stream(tok, [t for _, t in train_files], rng)
@@ -359,35 +429,39 @@ def main() -> None:
     print(f"model: {num_params:,} parameters", flush=True)
     train_log = train(model, stream, recipe)
     ppl, scored = heldout_perplexity(model, heldout, recipe.seq_len, recipe.eval_windows)
-    print(f"held-out perplexity {ppl:.3f} over {scored:,} tokens", flush=True)
-
-    model.eval()
-    hf_tok = hf_tokenizer(tok)
-    prompt = hf_tok("def fibonacci(n):", return_tensors="pt")
-    with torch.inference_mode():
-        sample = model.generate(**prompt, max_new_tokens=64, do_sample=False)
-    completion = hf_tok.decode(sample[0], skip_special_tokens=True)
+    print(f"held-out stream perplexity {ppl:.3f} over {scored:,} tokens", flush=True)
 
     from tandem.bench.throughput import describe_device
 
-    heldout_text = sorted(heldout_files)[0][1][:12000]
     log = {
         "recipe": asdict(recipe),
         "data": {"train_files": len(train_files), "train_tokens": len(code), "heldout_files": len(heldout_files),
                  "heldout_tokens": len(heldout), "chat_examples": len(conversations), "chat_tokens": len(chat),
                  "heldout_file_names": [name for name, _ in heldout_files]},
         "train": train_log,
-        "results": {"num_params": num_params, "vocab_size": tok.get_vocab_size(), "heldout_perplexity": ppl,
-                    "heldout_tokens_scored": scored},
-        "sample_completion": completion,
+        "results": {"num_params": num_params, "vocab_size": tok.get_vocab_size(),
+                    "heldout_stream_perplexity": ppl, "heldout_stream_tokens_scored": scored},
         "device": describe_device("cpu"),
+        "cpu_flags": sorted(set(_cpu_flags()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
-    save(Path(args.out), model, tok, heldout_text, log)
+    save(Path(args.out), model, tok)
+    evaluate(Path(args.out), log, heldout_files, recipe.seq_len)
     print(f"saved to {args.out}")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
 
 
 if __name__ == "__main__":

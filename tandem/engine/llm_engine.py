@@ -1,7 +1,8 @@
-"""LLMEngine: tokenize -> scheduler -> model runner -> scheduler update -> detokenize -> outputs.
+"""LLMEngine: tokenize -> EngineCore (scheduler, runner) -> detokenize -> outputs, in one process.
 
-One ``step()`` is one model forward over a mixed batch of decodes and prefill chunks. Stop strings
-are found by the detokenizer after the update and end the request before the next schedule.
+One ``step()`` is one EngineCore step (one model forward over a mixed batch of decodes and prefill
+chunks) followed by output processing: n > 1 aggregation, logprob decoding, incremental
+detokenization. Stop strings are found here and end the request in the core before its next step.
 NOTE: every accepted request ends exactly once (finished, aborted or failed); its blocks are free
 from that moment.
 """
@@ -15,11 +16,9 @@ from dataclasses import dataclass, field
 
 from tandem.config import EngineConfig
 from tandem.engine.detokenizer import IncrementalDetokenizer, decode_token
-from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.core import CoreOutput, EngineCore
 from tandem.engine.request import Request, RequestStatus
-from tandem.engine.scheduler import Scheduler
 from tandem.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
-from tandem.runner.model_runner import ModelRunner, RunnerOutput
 from tandem.runner.sampler import TopLogprobs
 from tandem.sampling_params import ParamError, SamplingParams
 from tandem.tokenizer import eos_token_ids, load_tokenizer
@@ -38,6 +37,7 @@ class _Child:
     cumulative_logprob: float | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -49,6 +49,7 @@ class _Parent:
     prompt_logprobs: PromptLogprobs | None
     arrival_time: float
     first_token_time: float | None = None
+    num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -60,33 +61,18 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
         self.config = config
         mc = config.model
-        self.runner = ModelRunner(mc, config.cache, attention_backend)
-        self.hf_config = self.runner.hf_config
+        self.core = EngineCore(config, attention_backend)
+        # the core's parts, for introspection and tests
+        self.runner, self.kv, self.scheduler = self.core.runner, self.core.kv, self.core.scheduler
+        self.hf_config = self.core.hf_config
+        self.vocab_size = self.core.vocab_size
+        self.max_model_len = self.core.max_model_len
         self.tokenizer = load_tokenizer(mc.tokenizer or mc.model)
         self.eos_token_ids = eos_token_ids(mc.model, self.tokenizer, self.hf_config)
-        self.vocab_size = self.runner.args.vocab_size
-        self.max_model_len = self._resolve_max_model_len(mc.max_model_len)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                 config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, _Child]] = {}
         self._ids = itertools.count()
         self.kv_event_log_enabled = False
-
-    def _resolve_max_model_len(self, requested: int | None) -> int:
-        limit = int(self.hf_config.get("max_position_embeddings", 4096))
-        if requested is not None and requested > limit:
-            raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} positions")
-        # NOTE: one request must always fit in the whole cache, or preemption could never make room.
-        capacity = self.runner.num_blocks * self.config.cache.block_size
-        if requested is not None and requested > capacity:
-            raise ValueError(f"max_model_len {requested} does not fit in the KV cache ({capacity} tokens); "
-                             f"raise kv_cache_memory or lower max_model_len")
-        if requested is None and limit > capacity:
-            logger.warning("max_model_len %d capped to the KV cache capacity of %d tokens", limit, capacity)
-            limit = capacity
-        return requested or limit
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
@@ -119,7 +105,7 @@ class LLMEngine:
             self._children[child_id] = (parent, child)
         self._parents[request_id] = parent
         for child in parent.children:
-            self.scheduler.add_request(child.request)
+            self.core.add_request(child.request)
         return request_id
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -161,7 +147,7 @@ class LLMEngine:
             if parent is None:
                 continue
             live = [c for c in parent.children if c.finish_reason is None]
-            self.scheduler.finish_requests([c.request.request_id for c in live], RequestStatus.FINISHED_ABORTED)
+            self.core.finish_requests([c.request.request_id for c in live], RequestStatus.FINISHED_ABORTED)
             for child in live:
                 child.finish_reason = "abort"
             outputs.append(self._make_output(parent))
@@ -176,18 +162,17 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched_out = self.scheduler.schedule()
-        result = self.runner.execute(sched_out)
-        updated = self.scheduler.update_from_output(sched_out, result.sampled)
         touched: dict[str, _Parent] = {}
-        self._record_prompt_logprobs(result, touched)
         now = time.monotonic()
-        for req in updated:
-            parent, child = self._children[req.request_id]
+        for out in self.core.step():
+            parent, child = self._children[out.request_id]
             touched[parent.request_id] = parent
-            if parent.first_token_time is None:
-                parent.first_token_time = now
-            self._process_token(child, req, result)
+            if out.prompt_logprobs is not None:
+                self._record_prompt_logprobs(parent, *out.prompt_logprobs)
+            if out.new_token_ids:
+                parent.first_token_time = parent.first_token_time or now
+                parent.num_cached_tokens = out.num_cached_tokens
+                self._process_tokens(child, out)
         outputs = [self._make_output(p) for p in touched.values()]
         for parent in touched.values():
             if parent.finished:
@@ -195,27 +180,25 @@ class LLMEngine:
                 self._release(parent)
         return outputs
 
-    def _process_token(self, child: _Child, req: Request, result: RunnerOutput) -> None:
-        token = req.output_token_ids[-1]
-        lp = result.logprobs.get(req.request_id)
-        if child.logprobs is not None and lp is not None:
-            child.logprobs.append(self._logprob_dict(lp))
-            child.cumulative_logprob += lp.logprob
-        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
-        stop_str = child.detok.update([token], stop_terminated=stopped_by_token)
-        if stop_str is not None and not req.is_finished:
-            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED, stop_str)
-        if req.is_finished:
-            child.finish_reason = req.status.finish_reason
-            child.stop_reason = req.stop_reason
+    def _process_tokens(self, child: _Child, out: CoreOutput) -> None:
+        child.token_ids.extend(out.new_token_ids)
+        if child.logprobs is not None and out.new_logprobs:
+            for lp in out.new_logprobs:
+                child.logprobs.append(self._logprob_dict(lp))
+                child.cumulative_logprob += lp.logprob
+        stopped_by_token = out.finish_reason == "stop"
+        stop_str = child.detok.update(out.new_token_ids, stop_terminated=stopped_by_token)
+        if out.finish_reason is not None:
+            child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+        elif stop_str is not None:
+            self.core.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED, stop_str)
+            child.finish_reason, child.stop_reason = "stop", stop_str
 
-    def _record_prompt_logprobs(self, result: RunnerOutput, touched: dict[str, _Parent]) -> None:
-        for rid, (first_pos, entries) in result.prompt_logprobs.items():
-            parent, _ = self._children[rid]
-            store = parent.prompt_logprobs
-            for j, entry in enumerate(entries):
-                if store[first_pos + j] is None:  # recomputed after preemption: keep the first
-                    store[first_pos + j] = self._logprob_dict(entry)
+    def _record_prompt_logprobs(self, parent: _Parent, first_pos: int, entries: list[TopLogprobs]) -> None:
+        store = parent.prompt_logprobs
+        for j, entry in enumerate(entries):
+            if store[first_pos + j] is None:  # recomputed after preemption: keep the first
+                store[first_pos + j] = self._logprob_dict(entry)
 
     def _logprob_dict(self, lp: TopLogprobs) -> dict[int, Logprob]:
         out = {lp.token_id: Logprob(lp.logprob, lp.rank, decode_token(self.tokenizer, lp.token_id))}
@@ -229,7 +212,7 @@ class LLMEngine:
             CompletionOutput(
                 index=c.index,
                 text=c.detok.get_next_output_text(c.finish_reason is not None, delta=False),
-                token_ids=list(c.request.output_token_ids),
+                token_ids=list(c.token_ids),
                 cumulative_logprob=c.cumulative_logprob,
                 logprobs=c.logprobs,
                 finish_reason=c.finish_reason,
@@ -237,7 +220,7 @@ class LLMEngine:
             )
             for c in parent.children
         ]
-        cached = max(0, parent.children[0].request.num_cached_tokens)
+        cached = parent.num_cached_tokens
         metrics = dict(parent.metrics, arrival_time=parent.arrival_time)
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
@@ -251,13 +234,12 @@ class LLMEngine:
 
     # -- introspection --------------------------------------------------------------------------------
     def take_kv_events(self):
-        return self.kv.pool.take_events()
+        return self.core.take_kv_events()
 
     def assert_idle(self) -> None:
         """No request in flight: every block free, every reference count 0."""
-        assert not self.scheduler.has_unfinished_requests(), "scheduler still holds requests"
         assert not self._parents, "engine still tracks requests"
-        self.kv.pool.assert_idle()
+        self.core.assert_idle()
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -24,7 +24,9 @@ class PerplexityResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens_scored) if self.tokens_scored else float("nan")
+        if not self.tokens_scored:
+            raise ValueError(f"{self.name}: no token to score (empty text or shorter than two tokens)")
+        return math.exp(self.nll / self.tokens_scored)
 
 
 def windows(token_ids: list[int], window: int) -> list[list[int]]:

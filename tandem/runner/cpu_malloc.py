@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 1 << 30  # older glibc caps this at 32 MiB and refuses more: then we do nothing
+_TRIM_THRESHOLD_BYTES = (1 << 31) - 1  # the largest C int: keep up to 2 GiB of freed heap
 _applied = False
 
 
@@ -35,7 +36,7 @@ def tune_glibc_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, 1 << 31) == 1
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
     _applied = ok
     if not ok:
         logger.debug("mallopt refused the thresholds; allocator left as is")

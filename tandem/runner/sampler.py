@@ -127,7 +127,7 @@ class Sampler:
         idx = torch.tensor(random_rows, device=logits.device)
         probs = _filtered_probs(logits[idx], [states[i].params for i in random_rows])
         # Exponential race: argmax(p / q), q ~ Exp(1), is a draw from p; one draw of V per row.
-        # q = -log(u) with u ~ U[0, 1) (4x faster than exponential_ on CPU); u = 0 gives q = inf, p/q = 0.
+        # q = -log(u) with u ~ U[0, 1) (4x faster than exponential_ on CPU).
         u = torch.empty_like(probs)
         unseeded = [j for j, i in enumerate(random_rows) if states[i].generator is None]
         if len(unseeded) == len(random_rows):
@@ -139,7 +139,9 @@ class Sampler:
             gen = states[i].generator
             if gen is not None:
                 u[j].uniform_(generator=gen)
-        greedy[idx] = (probs / u.log_().neg_()).argmax(dim=-1)
+        # u = 0 would give q = inf and score 0 even for a token with p > 0: with one surviving token
+        # the row would be all zeros and argmax could pick a filtered-out token. tiny keeps q finite.
+        greedy[idx] = (probs / u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_()).argmax(dim=-1)
         return greedy
 
 

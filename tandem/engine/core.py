@@ -1,0 +1,101 @@
+"""EngineCore: scheduler + KV cache manager + model runner, with no tokenizer.
+
+It speaks token ids only: requests come in with their prompt ids and sampling parameters, each
+``step()`` returns, per request that advanced, the new token ids, raw logprobs and, once, why it
+finished. Text (tokenization, incremental detokenization, stop strings) is the caller's job: the
+offline ``LLMEngine`` does it in-process; the server does it in the API process while the core
+runs in its own process.
+NOTE: every request added ends exactly once (a CoreOutput with finish_reason set, or an abort the
+caller asked for); its blocks are free from that moment.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tandem.config import EngineConfig
+from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.request import Request, RequestStatus
+from tandem.engine.scheduler import Scheduler
+from tandem.runner.model_runner import ModelRunner
+from tandem.runner.sampler import TopLogprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TopLogprobs] | None = None  # one per new token, for requests asking logprobs
+    # (first prompt position scored, entries) for the prompt chunk computed this step
+    prompt_logprobs: tuple[int, list[TopLogprobs]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+        self.config = config
+        self.runner = ModelRunner(config.model, config.cache, attention_backend)
+        self.hf_config = self.runner.hf_config
+        self.vocab_size = self.runner.args.vocab_size
+        self.max_model_len = self._resolve_max_model_len(config.model.max_model_len)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+
+    def _resolve_max_model_len(self, requested: int | None) -> int:
+        limit = int(self.hf_config.get("max_position_embeddings", 4096))
+        if requested is not None and requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} positions")
+        # NOTE: one request must always fit in the whole cache, or preemption could never make room.
+        capacity = self.runner.num_blocks * self.config.cache.block_size
+        if requested is not None and requested > capacity:
+            raise ValueError(f"max_model_len {requested} does not fit in the KV cache ({capacity} tokens); "
+                             f"raise kv_cache_memory or lower max_model_len")
+        if requested is None and limit > capacity:
+            logger.warning("max_model_len %d capped to the KV cache capacity of %d tokens", limit, capacity)
+            limit = capacity
+        return requested or limit
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                        stop_reason: int | str | None = None) -> None:
+        """End requests from outside the step (aborts, stop strings found by the caller); unknown
+        or already finished ids are ignored."""
+        self.scheduler.finish_requests(request_ids, status, stop_reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[CoreOutput]:
+        sched_out = self.scheduler.schedule()
+        result = self.runner.execute(sched_out)
+        updated = self.scheduler.update_from_output(sched_out, result.sampled)
+        outputs: dict[str, CoreOutput] = {}
+        for rid, prompt_lp in result.prompt_logprobs.items():
+            outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)
+        for req in updated:
+            out = outputs.setdefault(req.request_id, CoreOutput(req.request_id, []))
+            out.new_token_ids.append(req.output_token_ids[-1])
+            lp = result.logprobs.get(req.request_id)
+            if lp is not None:
+                out.new_logprobs = [lp]
+            out.num_cached_tokens = max(0, req.num_cached_tokens)
+            if req.is_finished:
+                out.finish_reason = req.status.finish_reason
+                out.stop_reason = req.stop_reason
+        return list(outputs.values())
+
+    def take_kv_events(self):
+        return self.kv.pool.take_events()
+
+    def assert_idle(self) -> None:
+        """No request in flight: every block free, every reference count 0."""
+        assert not self.scheduler.has_unfinished_requests(), "scheduler still holds requests"
+        self.kv.pool.assert_idle()
