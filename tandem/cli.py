@@ -36,6 +36,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import os
+    from pathlib import Path
+
+    from tandem.entrypoints.llm import build_engine_config
+    from tandem.entrypoints.openai.api_server import serve
+
+    logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = build_engine_config(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                                 block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 enable_prefix_caching=args.enable_prefix_caching, device=args.device,
+                                 seed=args.seed)
+    name = args.served_model_name or Path(config.model.model).name
+    api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
+    return asyncio.run(serve(config, args.host, args.port, name, api_key))
+
+
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     from tandem.bench.throughput import run_throughput
 
@@ -68,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     _add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv.add_argument("model", nargs="?", default=None,
+                     help="Hugging Face model directory (default: $TANDEM_MODEL or the bundled models/tandem-demo)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TANDEM_API_KEY)")
+    _add_engine_args(srv)
+    srv.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     from tandem.bench.throughput import add_throughput_args

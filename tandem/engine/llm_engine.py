@@ -13,6 +13,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tandem.config import EngineConfig
 from tandem.engine.detokenizer import IncrementalDetokenizer, decode_token
@@ -57,22 +58,30 @@ class _Parent:
         return all(c.finish_reason is not None for c in self.children)
 
 
-class LLMEngine:
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
-        self.config = config
-        mc = config.model
-        self.core = EngineCore(config, attention_backend)
-        # the core's parts, for introspection and tests
-        self.runner, self.kv, self.scheduler = self.core.runner, self.core.kv, self.core.scheduler
-        self.hf_config = self.core.hf_config
-        self.vocab_size = self.core.vocab_size
-        self.max_model_len = self.core.max_model_len
-        self.tokenizer = load_tokenizer(mc.tokenizer or mc.model)
-        self.eos_token_ids = eos_token_ids(mc.model, self.tokenizer, self.hf_config)
+class CoreHandle(Protocol):
+    """What the processor needs from an engine core, in this process or behind a socket."""
+
+    def add_request(self, request: Request) -> None: ...
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus = ...,
+                        stop_reason: int | str | None = None) -> None: ...
+
+
+class Processor:
+    """The text side of an engine: tokenize and validate requests, fan n > 1 out into children,
+    and turn CoreOutputs into RequestOutputs (logprob decoding, detokenization, stop strings)."""
+
+    def __init__(self, core: CoreHandle, model_dir: str, tokenizer_dir: str | None, hf_config: dict,
+                 vocab_size: int, max_model_len: int) -> None:
+        self.core = core
+        self.hf_config = hf_config
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+        self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer, hf_config)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, _Child]] = {}
         self._ids = itertools.count()
-        self.kv_event_log_enabled = False
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
@@ -161,10 +170,13 @@ class LLMEngine:
         return len(self._parents)
 
     # -- the step ---------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def process_outputs(self, core_outputs: list[CoreOutput]) -> list[RequestOutput]:
+        """Outputs of one core step -> one cumulative RequestOutput per request that advanced."""
         touched: dict[str, _Parent] = {}
         now = time.monotonic()
-        for out in self.core.step():
+        for out in core_outputs:
+            if out.request_id not in self._children:  # aborted here while the core was stepping
+                continue
             parent, child = self._children[out.request_id]
             touched[parent.request_id] = parent
             if out.prompt_logprobs is not None:
@@ -232,7 +244,22 @@ class LLMEngine:
         for c in parent.children:
             self._children.pop(c.request.request_id, None)
 
-    # -- introspection --------------------------------------------------------------------------------
+
+
+class LLMEngine(Processor):
+    """Offline engine: a Processor over an EngineCore in the same process; one step() at a time."""
+
+    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+        self.config = config
+        core = EngineCore(config, attention_backend)
+        super().__init__(core, config.model.model, config.model.tokenizer, core.hf_config, core.vocab_size,
+                         core.max_model_len)
+        # the core's parts, for introspection and tests
+        self.runner, self.kv, self.scheduler = core.runner, core.kv, core.scheduler
+
+    def step(self) -> list[RequestOutput]:
+        return self.process_outputs(self.core.step())
+
     def take_kv_events(self):
         return self.core.take_kv_events()
 

@@ -28,6 +28,25 @@ def default_model_path() -> str:
                      "Face model directory (config.json, *.safetensors, tokenizer.json) or set TANDEM_MODEL")
 
 
+def build_engine_config(model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
+                        max_model_len: int | None = None, seed: int = 0, device: str = "auto", block_size: int = 16,
+                        enable_prefix_caching: bool = True, kv_cache_memory: int | str | None = None,
+                        gpu_memory_utilization: float = 0.9, num_gpu_blocks_override: int | None = None,
+                        max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
+                        enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs") -> EngineConfig:
+    """vLLM's engine arguments -> EngineConfig (shared by LLM and `tandem serve`)."""
+    return EngineConfig(
+        model=ModelConfig(model=str(model or default_model_path()), tokenizer=tokenizer, dtype=dtype,
+                          max_model_len=max_model_len, seed=seed, device=device),
+        cache=CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+                          kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
+                          num_gpu_blocks_override=num_gpu_blocks_override),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens or 2048,
+                                  max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill,
+                                  policy=scheduling_policy),
+    )
+
+
 class LLM:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, device: str = "auto",
@@ -37,17 +56,14 @@ class LLM:
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
                  attention_backend: str = "torch") -> None:
-        model = model or default_model_path()
-        config = EngineConfig(
-            model=ModelConfig(model=str(model), tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
-                              seed=seed, device=device),
-            cache=CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                              kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
-                              num_gpu_blocks_override=num_gpu_blocks_override),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens or 2048,
-                                      max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill,
-                                      policy=scheduling_policy),
-        )
+        config = build_engine_config(model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                     device=device, block_size=block_size,
+                                     enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
+                                     gpu_memory_utilization=gpu_memory_utilization,
+                                     num_gpu_blocks_override=num_gpu_blocks_override,
+                                     max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                     enable_chunked_prefill=enable_chunked_prefill,
+                                     scheduling_policy=scheduling_policy)
         self.llm_engine = LLMEngine(config, attention_backend)
 
     def get_tokenizer(self):

@@ -1,0 +1,196 @@
+"""AsyncLLM: the API process's side of the engine. Tokenizes, detokenizes and aggregates in this
+process (a Processor), while the EngineCore runs in a child process behind ZMQ.
+
+One asyncio task reads the core's StepOutputs, turns them into RequestOutputs and puts each into
+its request's queue. If the core process dies, every pending request gets EngineDeadError and
+``errored`` turns true (the server's /health reports 503 and it exits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from tandem.config import EngineConfig
+from tandem.engine.core import CoreOutput
+from tandem.engine.core_proc import CoreAddresses, run_engine_core
+from tandem.engine.llm_engine import Processor, PromptType
+from tandem.engine.protocol import (MAX_MESSAGE_BYTES, AddRequest, Codec, CoreFailed, CoreInput, CoreMessage,
+                                    EngineStats, FinishRequests, Ready, Shutdown, StepOutputs)
+from tandem.engine.request import Request, RequestStatus
+from tandem.outputs import RequestOutput
+from tandem.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _CoreClient:
+    """CoreHandle over ZMQ: what the Processor calls to add and finish requests."""
+
+    def __init__(self, socket: zmq.Socket, codec: Codec) -> None:
+        self.socket, self.codec = socket, codec
+
+    def _send(self, msg) -> None:
+        self.socket.send_multipart(self.codec.encode(msg), copy=False)
+
+    def add_request(self, request: Request) -> None:
+        self._send(AddRequest(request.request_id, request.prompt_token_ids, request.sampling_params,
+                              request.max_tokens, request.arrival_time, request.priority, request.cache_salt,
+                              request.parent_id))
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                        stop_reason: int | str | None = None) -> None:
+        stop = status == RequestStatus.FINISHED_STOPPED
+        self._send(FinishRequests(list(request_ids), "stop" if stop else "abort",
+                                  str(stop_reason) if stop_reason is not None else None))
+
+    def shutdown(self) -> None:
+        self._send(Shutdown())
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+        self.config = config
+        self.attention_backend = attention_backend
+        self.errored: str | None = None
+        self.stats: EngineStats | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self, ready_timeout_s: float = 600.0) -> None:
+        secret = secrets.token_bytes(32)
+        self._sock_dir = tempfile.mkdtemp(prefix="tandem-")  # 0700: only this user reaches the sockets
+        addresses = CoreAddresses(f"ipc://{self._sock_dir}/in", f"ipc://{self._sock_dir}/out")
+        self._ctx = zmq.asyncio.Context()
+        self._in = self._ctx.socket(zmq.PUSH)
+        self._out = self._ctx.socket(zmq.PULL)
+        for sock in (self._in, self._out):
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            sock.setsockopt(zmq.LINGER, 0)
+        self._in.bind(addresses.inputs)
+        self._out.bind(addresses.outputs)
+        self._out_codec = Codec(secret, CoreMessage)
+        spawn = multiprocessing.get_context("spawn")
+        self._proc = spawn.Process(target=run_engine_core, name="tandem-engine-core", daemon=True,
+                                   args=(self.config, addresses, secret, os.getpid(), self.attention_backend))
+        self._proc.start()
+        ready = await self._wait_ready(ready_timeout_s)
+        self.max_model_len, self.vocab_size = ready.max_model_len, ready.vocab_size
+        self.num_blocks, self.block_size = ready.num_blocks, ready.block_size
+        client = _CoreClient(self._in, Codec(secret, CoreInput))
+        self._client = client
+        mc = self.config.model
+        self.processor = Processor(client, mc.model, mc.tokenizer, json.loads(ready.hf_config_json),
+                                   ready.vocab_size, ready.max_model_len)
+        self.tokenizer = self.processor.tokenizer
+        self._reader = asyncio.create_task(self._read_outputs())
+
+    async def _wait_ready(self, timeout_s: float) -> Ready:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await self._out.poll(500):
+                msg = self._out_codec.decode(await self._out.recv_multipart())
+                if isinstance(msg, Ready):
+                    return msg
+                if isinstance(msg, CoreFailed):
+                    raise RuntimeError(f"engine core failed to start: {msg.error}")
+            elif not self._proc.is_alive():
+                raise RuntimeError(f"engine core exited during start-up (exit code {self._proc.exitcode})")
+        raise TimeoutError(f"engine core not ready after {timeout_s:.0f}s")
+
+    async def shutdown(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._client.shutdown()
+            except (zmq.ZMQError, AttributeError):
+                pass
+            await asyncio.to_thread(self._proc.join, 5)
+            if self._proc.is_alive():
+                self._proc.kill()
+        self._in.close(0)
+        self._out.close(0)
+        self._ctx.term()
+
+    # -- requests -----------------------------------------------------------------------------------
+    def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
+                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Add the request now (a bad one raises here, before any output) and return an iterator of
+        cumulative RequestOutputs up to the finished one. Leaving the iterator early (client gone,
+        task cancelled) aborts the request in the core."""
+        if self.errored:
+            raise EngineDeadError(self.errored)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.processor.add_request(request_id, prompt, params, priority=priority)
+        self._queues[request_id] = queue
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and not self.errored:
+                self.processor.abort_request(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.processor.abort_request(request_id)
+
+    async def _read_outputs(self) -> None:
+        try:
+            while True:
+                if not await self._out.poll(1000):
+                    if not self._proc.is_alive():
+                        raise EngineDeadError(f"engine core process exited (exit code {self._proc.exitcode})")
+                    continue
+                try:
+                    msg = self._out_codec.decode(await self._out.recv_multipart())
+                except PermissionError as e:
+                    logger.warning("dropped a message from the core socket: %s", e)
+                    continue
+                if isinstance(msg, CoreFailed):
+                    raise EngineDeadError(f"engine core failed: {msg.error}")
+                if isinstance(msg, StepOutputs):
+                    self.stats = msg.stats
+                    self._dispatch(msg)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - whatever killed the reader kills every request
+            self.errored = str(e) or type(e).__name__
+            logger.error("engine is dead: %s", self.errored)
+            for queue in list(self._queues.values()):
+                queue.put_nowait(EngineDeadError(self.errored))
+
+    def _dispatch(self, msg: StepOutputs) -> None:
+        outs = [CoreOutput(o.request_id, o.new_token_ids, o.new_logprobs,
+                           (o.prompt_logprobs_start, o.prompt_logprobs) if o.prompt_logprobs is not None else None,
+                           o.finish_reason, o.stop_reason, o.num_cached_tokens) for o in msg.outputs]
+        for out in self.processor.process_outputs(outs):
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)

@@ -1,0 +1,131 @@
+"""The engine core in its own process: a busy loop of receive -> schedule -> execute -> send.
+
+Two ZMQ sockets over ipc:// in a private (0700) directory: PULL for inputs from the API process,
+PUSH for outputs. Messages are msgspec (tandem/engine/protocol.py) with a shared secret frame;
+anything else is dropped and logged. The loop blocks on the input socket only when idle.
+The parent is watched: if it dies, the core exits instead of lingering.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from tandem.config import EngineConfig
+from tandem.engine.core import CoreOutput, EngineCore
+from tandem.engine.protocol import (MAX_MESSAGE_BYTES, AddRequest, Codec, CoreFailed, CoreInput, CoreMessage,
+                                    EngineStats, FinishRequests, Ready, Shutdown, StepOutputs, WireLogprobs,
+                                    WireOutput)
+from tandem.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_MS = 200
+
+
+@dataclass
+class CoreAddresses:
+    inputs: str  # API process PUSH -> core PULL
+    outputs: str  # core PUSH -> API process PULL
+
+
+def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: bytes, parent_pid: int,
+                    attention_backend: str = "torch") -> None:
+    """Process entry point (multiprocessing spawn target)."""
+    logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s engine-core %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    inputs, outputs = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    for sock in (inputs, outputs):
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.LINGER, 1000)
+    inputs.connect(addresses.inputs)
+    outputs.connect(addresses.outputs)
+    out_codec = Codec(secret, CoreMessage)
+    try:
+        core = EngineCore(config, attention_backend)
+    except Exception as e:  # noqa: BLE001 - reported to the API process, which exits with it
+        logger.exception("engine core failed to start")
+        outputs.send_multipart(out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")))
+        return
+    outputs.send_multipart(out_codec.encode(Ready(core.max_model_len, core.vocab_size, core.runner.num_blocks,
+                                                  config.cache.block_size, json.dumps(core.hf_config))))
+    try:
+        _busy_loop(core, inputs, outputs, Codec(secret, CoreInput), out_codec, parent_pid)
+    except Exception as e:  # noqa: BLE001
+        logger.exception("engine core died")
+        outputs.send_multipart(out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")))
+        raise
+    finally:
+        inputs.close(0)
+        outputs.close()
+        ctx.term()
+
+
+def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_codec: Codec, out_codec: Codec,
+               parent_pid: int) -> None:
+    poller = zmq.Poller()
+    poller.register(inputs, zmq.POLLIN)
+    last_parent_check = time.monotonic()
+    while True:
+        timeout = 0 if core.has_unfinished_requests() else _IDLE_POLL_MS
+        handled = False
+        while poller.poll(timeout):
+            if not _handle(core, inputs.recv_multipart(), in_codec):
+                return
+            timeout, handled = 0, True
+        if core.has_unfinished_requests():
+            outs = core.step()
+            outputs.send_multipart(out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))))
+        elif handled:  # e.g. the last request was aborted: report the idle state
+            outputs.send_multipart(out_codec.encode(StepOutputs([], stats(core))))
+        elif time.monotonic() - last_parent_check > 1.0:
+            last_parent_check = time.monotonic()
+            if os.getppid() != parent_pid:
+                logger.error("API process %d is gone; engine core exits", parent_pid)
+                return
+
+
+def _handle(core: EngineCore, frames: list[bytes], codec: Codec) -> bool:
+    """Apply one input message; False on Shutdown. Bad messages are logged and dropped."""
+    try:
+        msg = codec.decode(frames)
+    except (PermissionError, msgspec.DecodeError, msgspec.ValidationError) as e:
+        logger.warning("dropped a bad message: %s", e)
+        return True
+    if isinstance(msg, AddRequest):
+        req = Request(msg.request_id, msg.prompt_token_ids, msg.params, arrival_time=msg.arrival_time,
+                      priority=msg.priority, cache_salt=msg.cache_salt, parent_id=msg.parent_id,
+                      max_tokens=msg.max_tokens)
+        core.add_request(req)
+    elif isinstance(msg, FinishRequests):
+        status = RequestStatus.FINISHED_STOPPED if msg.status == "stop" else RequestStatus.FINISHED_ABORTED
+        core.finish_requests(msg.request_ids, status, msg.stop_reason)
+    elif isinstance(msg, Shutdown):
+        return False
+    return True
+
+
+def stats(core: EngineCore) -> EngineStats:
+    sched, kv = core.scheduler, core.kv
+    return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting),
+                       kv_cache_usage=kv.usage, prefix_cache_queries=kv.stats.queries,
+                       prefix_cache_hits=kv.stats.hits, num_preemptions=sched.num_preemptions)
+
+
+def _lp(lp) -> WireLogprobs:
+    return WireLogprobs(lp.token_id, lp.logprob, lp.rank, list(lp.top_ids), list(lp.top_logprobs))
+
+
+def _to_wire(o: CoreOutput) -> WireOutput:
+    prompt = o.prompt_logprobs
+    return WireOutput(o.request_id, o.new_token_ids,
+                      [_lp(x) for x in o.new_logprobs] if o.new_logprobs else None,
+                      prompt[0] if prompt else None, [_lp(x) for x in prompt[1]] if prompt else None,
+                      o.finish_reason, o.stop_reason, o.num_cached_tokens)

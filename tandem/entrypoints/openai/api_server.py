@@ -1,0 +1,417 @@
+"""`tandem serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM.
+
+Tokenization and detokenization run here, in the API process; the engine core runs in its own
+process. Every error leaves in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import signal
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import tandem
+from tandem.engine.async_llm import AsyncLLM, EngineDeadError
+from tandem.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                OpenAIError, TokenizeRequest)
+from tandem.outputs import RequestOutput
+from tandem.sampling_params import ParamError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 2**20
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(OpenAIError(status, message, type_, param, code).body(), status_code=status)
+
+
+def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="tandem", version=tandem.__version__)
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        if api_key and request.url.path not in ("/health", "/metrics"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        return _error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}",
+                      param=loc[0] if loc else None)
+
+    @app.exception_handler(OpenAIError)
+    async def on_openai_error(_: Request, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.get("/health")
+    async def health():
+        if engine.errored:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": tandem.__version__}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "tandem", "max_model_len": engine.max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        _check_model(body.model, served_model_name)
+        if body.messages is not None:
+            ids = _chat_ids(engine, body.messages, True)
+        elif body.prompt is not None:
+            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            raise OpenAIError(400, "give prompt or messages", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(body.model, served_model_name)
+        _check_ids(body.tokens, engine.vocab_size, "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        _check_model(body.model, served_model_name)
+        prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
+        params = [_params(body, body.max_tokens, body.logprobs, len(ids), engine.max_model_len)
+                  for ids in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = []
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params)):
+                streams.append(_start(engine, {"prompt_token_ids": ids}, p, f"{rid}-{i}", body.priority))
+        except OpenAIError:
+            for i in range(len(streams)):  # all or nothing
+                engine.abort(f"{rid}-{i}")
+            raise
+        created = int(time.time())
+        if body.stream:
+            return _sse(_completion_chunks(engine, streams, body, rid, created, served_model_name))
+        outs = await asyncio.gather(*[_last(s) for s in streams])
+        return _completion_response(engine, outs, body, rid, created, served_model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        _check_model(body.model, served_model_name)
+        ids = _chat_ids(engine, body.messages, body.add_generation_prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = _params(body, max_tokens, logprobs, len(ids), engine.max_model_len)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority)
+        created = int(time.time())
+        if body.stream:
+            return _sse(_chat_chunks(engine, stream, body, rid, created, served_model_name))
+        out = await _last(stream)
+        return _chat_response(engine, out, body, rid, created, served_model_name)
+
+    return app
+
+
+# -- request helpers --------------------------------------------------------------------------------
+def _check_model(model: str | None, served: str) -> None:
+    if model is not None and model != served:
+        raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
+
+
+def _check_ids(ids: list[int], vocab: int, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise OpenAIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param=param)
+
+
+async def _prompt_ids(engine: AsyncLLM, prompt: str | dict) -> list[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        # long prompts tokenize off the event loop
+        ids = await asyncio.to_thread(engine.tokenizer.encode, prompt) if len(prompt) > 4096 \
+            else engine.tokenizer.encode(prompt)
+    else:
+        ids = prompt["prompt_token_ids"]
+    if not ids:
+        raise OpenAIError(400, "prompt must not be empty", param="prompt")
+    _check_ids(ids, engine.vocab_size, "prompt")
+    return ids
+
+
+def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool) -> list[int]:
+    conv = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        ids = engine.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                   return_dict=False)
+    except Exception as e:  # noqa: BLE001 - a template error is the request's fault (e.g. role order)
+        raise OpenAIError(400, f"chat template failed: {e}", param="messages") from None
+    return list(ids)
+
+
+def _params(body, max_tokens: int | None, logprobs: int | None, prompt_len: int, max_model_len: int) -> SamplingParams:
+    room = max_model_len - prompt_len
+    if max_tokens is not None and max_tokens > room or room < 1:
+        raise OpenAIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                               f"requested {prompt_len + (max_tokens or 1)} tokens ({prompt_len} in the prompt, "
+                               f"{max_tokens or 1} for the completion).", param="max_tokens",
+                          code="context_length_exceeded")
+    try:
+        return body.sampling_params(max_tokens if max_tokens is not None else room, logprobs)
+    except ParamError as e:
+        raise OpenAIError(400, str(e), param=e.param) from None
+
+
+def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
+           priority: int) -> AsyncIterator[RequestOutput]:
+    """Add the request (errors surface now, as HTTP errors) and return its output stream."""
+    try:
+        stream = engine.generate(prompt, params, rid, priority=priority)
+    except ParamError as e:
+        raise OpenAIError(400, str(e), param=e.param) from None
+    except EngineDeadError as e:
+        raise OpenAIError(503, f"engine is not running: {e}", "ServiceUnavailableError") from None
+    return _dead_engine_as_error(stream)
+
+
+async def _dead_engine_as_error(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    try:
+        async for out in stream:
+            yield out
+    except EngineDeadError as e:
+        raise OpenAIError(503, f"engine died: {e}", "ServiceUnavailableError") from None
+    finally:
+        await stream.aclose()
+
+
+async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    assert last is not None
+    return last
+
+
+def _usage(outs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
+
+
+# -- completions ----------------------------------------------------------------------------------
+def _completion_logprobs(engine: AsyncLLM, token_ids: list[int], logprobs, offset0: int) -> dict | None:
+    if logprobs is None:
+        return None
+    tokens, lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for tid, entry in zip(token_ids, logprobs):
+        text = engine.tokenizer.decode([tid])
+        tokens.append(text)
+        lps.append(entry[tid].logprob)
+        tops.append({lp.decoded_token or engine.tokenizer.decode([t]): lp.logprob
+                     for t, lp in entry.items() if t != tid or lp.rank is not None})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _completion_response(engine, outs: list[RequestOutput], body: CompletionRequest, rid: str, created: int,
+                         model: str) -> dict:
+    choices = []
+    for i, out in enumerate(outs):
+        for c in out.outputs:
+            prefix = (out.prompt or engine.tokenizer.decode(out.prompt_token_ids)) if body.echo else ""
+            choices.append({"index": i * body.n + c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason,
+                            "logprobs": _completion_logprobs(engine, c.token_ids, c.logprobs, len(prefix))})
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage(outs)}
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come: (prompt index, output)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, s):
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        done = 0
+        while done < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _completion_chunks(engine, streams, body: CompletionRequest, rid: str, created: int,
+                             model: str) -> AsyncIterator[dict]:
+    sent_text: dict[tuple[int, int], int] = {}
+    sent_tokens: dict[tuple[int, int], int] = {}
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in _merge(streams):
+        for c in out.outputs:
+            key = (i, c.index)
+            t0, n0 = sent_text.get(key, 0), sent_tokens.get(key, 0)
+            delta, new_ids = c.text[t0:], c.token_ids[n0:]
+            if not delta and not new_ids and c.finish_reason is None:
+                continue
+            sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
+            lp = _completion_logprobs(engine, new_ids, c.logprobs[n0:] if c.logprobs is not None else None, t0)
+            yield {"id": rid, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": i * body.n + c.index, "text": delta, "logprobs": lp,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+        if out.finished:
+            finals[i] = out
+    if body.stream_options and body.stream_options.include_usage:
+        yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+               "usage": _usage(list(finals.values()))}
+
+
+# -- chat -----------------------------------------------------------------------------------------
+def _chat_logprobs(engine, token_ids: list[int], logprobs, k: int) -> dict | None:
+    if logprobs is None:
+        return None
+    content = []
+    for tid, entry in zip(token_ids, logprobs):
+        text = engine.tokenizer.decode([tid])
+        ranked = sorted((lp for t, lp in entry.items() if lp.rank is not None), key=lambda lp: lp.rank)[:k]
+        content.append({"token": text, "logprob": entry[tid].logprob, "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob,
+                                          "bytes": list((lp.decoded_token or "").encode())} for lp in ranked]})
+    return {"content": content}
+
+
+def _chat_response(engine, out: RequestOutput, body: ChatCompletionRequest, rid: str, created: int,
+                   model: str) -> dict:
+    k = body.top_logprobs or 0
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(engine, c.token_ids, c.logprobs, k),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage([out])}
+
+
+async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, created: int,
+                       model: str) -> AsyncIterator[dict]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    for index in range(body.n):
+        yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    final = None
+    k = body.top_logprobs or 0
+    async for out in stream:
+        for c in out.outputs:
+            t0, n0 = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
+            delta, new_ids = c.text[t0:], c.token_ids[n0:]
+            if not delta and not new_ids and c.finish_reason is None:
+                continue
+            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+            lp = _chat_logprobs(engine, new_ids, c.logprobs[n0:] if c.logprobs is not None else None, k)
+            yield {**base, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
+                                        "logprobs": lp, "finish_reason": c.finish_reason}]}
+        final = out
+    if body.stream_options and body.stream_options.include_usage and final is not None:
+        yield {**base, "choices": [], "usage": _usage([final])}
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except OpenAIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+
+# -- process --------------------------------------------------------------------------------------
+class _Server:
+    """uvicorn.Server without its signal capture (it re-raises SIGTERM after shutdown, which would
+    skip stopping the engine core); serve() installs its own handlers."""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        return Server(config)
+
+
+async def serve(config, host: str, port: int, served_model_name: str, api_key: str | None = None,
+                on_ready=None) -> int:
+    """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
+    when the engine died."""
+    import uvicorn
+
+    engine = AsyncLLM(config)
+    await engine.start()
+    app = build_app(engine, served_model_name, api_key)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
+                                    h11_max_incomplete_event_size=64 * 1024))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # drain: stop accepting, finish in-flight, stop the core
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+
+    async def watch_engine():
+        while not server.should_exit:
+            if engine.errored:
+                logger.error("engine core is dead (%s); shutting down", engine.errored)
+                await asyncio.sleep(2.0)  # let /health report 503 and in-flight responses finish
+                server.should_exit = True
+                return
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch_engine())
+    if on_ready is not None:
+        on_ready()
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        await engine.shutdown()
+    return 1 if engine.errored else 0

@@ -1,0 +1,212 @@
+"""`tandem serve` as a real process, driven by the official openai SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tandem import LLM, SamplingParams
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(model_dir, *extra) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", str(model_dir), "--port", str(port),
+                             "--kv-cache-memory", "8MiB", "--served-model-name", "tiny", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("server not ready")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs):
+    proc, base = _start_server(model_dirs["llama3-gqa"])
+    yield base
+    _stop(proc)
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_health_version(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert "version" in httpx.get(f"{server}/version").json()
+
+
+def test_completion_matches_offline_engine(client, model_dirs):
+    prompt = "def fibonacci(n):"
+    res = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    llm = LLM(model=str(model_dirs["llama3-gqa"]), kv_cache_memory="8MiB")
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    assert res.choices[0].text == ref.outputs[0].text
+    assert res.usage.completion_tokens == len(ref.outputs[0].token_ids)
+    assert res.usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
+def test_completion_token_prompts_n_and_seed(client):
+    res = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=5, n=2, seed=3,
+                                    temperature=1.0)
+    assert sorted(c.index for c in res.choices) == [0, 1, 2, 3]
+    again = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=5, n=2, seed=3,
+                                      temperature=1.0)
+    assert [c.text for c in res.choices] == [c.text for c in again.choices]
+
+
+def test_streaming_completion_with_usage(client):
+    stream = client.completions.create(model="tiny", prompt="import os\n", max_tokens=10, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    whole = client.completions.create(model="tiny", prompt="import os\n", max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_and_logprobs(client):
+    msgs = [{"role": "user", "content": "hello"}]
+    res = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=2)
+    content = res.choices[0].logprobs.content
+    assert len(content) == res.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == res.choices[0].message.content
+
+
+def test_stop_string_and_cached_tokens(client):
+    prompt = list(range(10, 90))  # 80 tokens: 5 full blocks, cached on the second request
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    text = first.choices[0].text
+    second = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64
+    if len(text) > 2:
+        stop = text[1:3]
+        cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stop=[stop])
+        assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+BAD = [
+    ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 1000}, 400, "n"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "max_tokens": 2**63}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"prompt": "x", "logit_bias": {"1": 200}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [10**9]}, 400, "prompt"),
+    ({"prompt": "x", "model": "nope"}, 404, "model"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": 5}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_completion_requests(server, body, status, param):
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", **body} if "model" not in body else body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param, err
+    if body.get("max_tokens") == 100000:
+        assert err["code"] == "context_length_exceeded"
+
+
+def test_malformed_and_huge_bodies(server):
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                          "top_logprobs": 2})
+    assert r.status_code == 400
+    r = httpx.post(f"{server}/v1/completions", content=b"x" * (10 * 2**20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
+    # still serving
+    assert httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_tokenize_detokenize(server):
+    toks = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": "def f(x):"}).json()
+    assert toks["count"] == len(toks["tokens"]) > 0
+    text = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": toks["tokens"]}).json()["prompt"]
+    assert text.endswith("def f(x):")
+    assert httpx.post(f"{server}/detokenize", json={"tokens": [10**9]}).status_code == 400
+
+
+def test_engine_death_turns_health_503_and_server_exits_nonzero(model_dirs):
+    proc, base = _start_server(model_dirs["llama3-gqa"])
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        engine_pids = [int(p) for p in children  # the spawned engine core, not the resource tracker
+                       if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert engine_pids
+        max_len = httpx.get(f"{base}/v1/models").json()["data"][0]["max_model_len"]
+        body = {"model": "tiny", "prompt": "a", "max_tokens": max_len - 8, "n": 4, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(lines)
+            for pid in engine_pids:
+                os.kill(pid, signal.SIGKILL)
+            rest = list(lines)
+        assert any("error" in line for line in rest), rest[-3:]
+        deadline = time.monotonic() + 10
+        codes = set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                codes.add(httpx.get(f"{base}/health", timeout=1).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert 503 in codes
+        proc.wait(30)
+        assert proc.returncode not in (0, None)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
