@@ -54,7 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                  seed=args.seed)
     name = args.served_model_name or Path(config.model.model).name
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
-    return asyncio.run(serve(config, args.host, args.port, name, api_key))
+    return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests))
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TANDEM_API_KEY)")
+    srv.add_argument("--max-queued-requests", type=int, default=None,
+                     help="beyond max-num-seqs running plus this many queued, answer 503 with Retry-After")
     _add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
 

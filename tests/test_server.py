@@ -210,3 +210,75 @@ def test_engine_death_turns_health_503_and_server_exits_nonzero(model_dirs):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_metrics_have_vllm_names(server, client):
+    client.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0)
+    text = httpx.get(f"{server}/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:request_success_total", "vllm:cache_config_info"):
+        assert name in text, name
+    assert _metric(text, "vllm:generation_tokens_total") >= 4
+    assert 'block_size="16"' in text
+
+
+def test_disconnecting_clients_abort_and_free_blocks(server):
+    """Streaming clients that hang up at random moments: nothing keeps running, every block is free."""
+    import random
+    import threading
+
+    rng = random.Random(0)
+
+    def one(i):
+        body = {"model": "tiny", "prompt": f"request {i}", "max_tokens": 120, "ignore_eos": True,
+                "stream": True, "n": 1 + i % 2}
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+            stop_after = rng.randrange(1, 40) if i % 2 else None
+            for k, _ in enumerate(r.iter_lines()):
+                if stop_after is not None and k >= stop_after:
+                    return  # closing the stream disconnects
+        # non-streaming clients that give up early
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server}/metrics").text
+        idle = (_metric(text, "vllm:num_requests_running") == 0 and _metric(text, "vllm:num_requests_waiting") == 0
+                and _metric(text, "vllm:kv_cache_usage_perc") == 0)
+        if idle:
+            break
+        time.sleep(0.3)
+    assert idle, text
+    # and it still serves
+    assert httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_admission_control_answers_503_with_retry_after(model_dirs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, base = _start_server(model_dirs["llama3-gqa"], "--max-num-seqs", "1", "--max-queued-requests", "1")
+    try:
+        max_len = httpx.get(f"{base}/v1/models").json()["data"][0]["max_model_len"]
+        body = {"model": "tiny", "prompt": "a", "max_tokens": min(100, max_len - 8), "ignore_eos": True}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"{base}/v1/completions", json=body, timeout=120), range(8)))
+        codes = sorted(r.status_code for r in answers)
+        assert 200 in codes and 503 in codes, codes
+        busy = next(r for r in answers if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "overloaded"
+        assert httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "b", "max_tokens": 2}).status_code == 200
+    finally:
+        _stop(proc)

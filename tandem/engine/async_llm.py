@@ -130,6 +130,10 @@ class AsyncLLM:
         self._ctx.term()
 
     # -- requests -----------------------------------------------------------------------------------
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
                  priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Add the request now (a bad one raises here, before any output) and return an iterator of

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import tandem
 from tandem.engine.async_llm import AsyncLLM, EngineDeadError
+from tandem.entrypoints.openai.metrics import ServerMetrics
 from tandem.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 OpenAIError, TokenizeRequest)
 from tandem.outputs import RequestOutput
@@ -37,9 +38,18 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
     return JSONResponse(OpenAIError(status, message, type_, param, code).body(), status_code=status)
 
 
-def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
+              max_queued_requests: int | None = None) -> FastAPI:
     app = FastAPI(title="tandem", version=tandem.__version__)
     app.state.engine = engine
+    metrics = ServerMetrics(engine, served_model_name)
+    # admission: at most a full batch running plus this many queued; beyond it, 503 + Retry-After
+    capacity = None if max_queued_requests is None else engine.config.scheduler.max_num_seqs + max_queued_requests
+
+    def admit(count: int) -> None:
+        if capacity is not None and engine.num_in_flight + count > capacity:
+            raise OpenAIError(503, f"server is at capacity ({capacity} requests in flight); retry shortly",
+                              "ServiceUnavailableError", code="overloaded")
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -61,7 +71,12 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(_: Request, exc: OpenAIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")
     async def health():
@@ -96,16 +111,18 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
         return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
+        admit(len(prompts))
         params = [_params(body, body.max_tokens, body.logprobs, len(ids), engine.max_model_len)
                   for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
-                streams.append(_start(engine, {"prompt_token_ids": ids}, p, f"{rid}-{i}", body.priority))
+                streams.append(metrics.observe(_start(engine, {"prompt_token_ids": ids}, p, f"{rid}-{i}",
+                                                      body.priority)))
         except OpenAIError:
             for i in range(len(streams)):  # all or nothing
                 engine.abort(f"{rid}-{i}")
@@ -113,22 +130,23 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
         created = int(time.time())
         if body.stream:
             return _sse(_completion_chunks(engine, streams, body, rid, created, served_model_name))
-        outs = await asyncio.gather(*[_last(s) for s in streams])
+        outs = await _unless_disconnected(raw, asyncio.gather(*[_last(s) for s in streams]))
         return _completion_response(engine, outs, body, rid, created, served_model_name)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         ids = _chat_ids(engine, body.messages, body.add_generation_prompt)
+        admit(1)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, max_tokens, logprobs, len(ids), engine.max_model_len)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority)
+        stream = metrics.observe(_start(engine, {"prompt_token_ids": ids}, params, rid, body.priority))
         created = int(time.time())
         if body.stream:
             return _sse(_chat_chunks(engine, stream, body, rid, created, served_model_name))
-        out = await _last(stream)
+        out = await _unless_disconnected(raw, _last(stream))
         return _chat_response(engine, out, body, rid, created, served_model_name)
 
     return app
@@ -204,6 +222,21 @@ async def _dead_engine_as_error(stream: AsyncIterator[RequestOutput]) -> AsyncIt
         raise OpenAIError(503, f"engine died: {e}", "ServiceUnavailableError") from None
     finally:
         await stream.aclose()
+
+
+async def _unless_disconnected(raw: Request, awaitable):
+    """Await a non-streaming result; if the client goes away first, cancel it (which aborts its
+    requests in the engine and frees their blocks) and answer nothing."""
+    task = asyncio.ensure_future(awaitable)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await raw.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OpenAIError):
+                await task
+            raise OpenAIError(499, "client disconnected", "client_closed_request")
 
 
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -383,14 +416,14 @@ class _Server:
 
 
 async def serve(config, host: str, port: int, served_model_name: str, api_key: str | None = None,
-                on_ready=None) -> int:
+                max_queued_requests: int | None = None, on_ready=None) -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
     when the engine died."""
     import uvicorn
 
     engine = AsyncLLM(config)
     await engine.start()
-    app = build_app(engine, served_model_name, api_key)
+    app = build_app(engine, served_model_name, api_key, max_queued_requests)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                                     h11_max_incomplete_event_size=64 * 1024))
     loop = asyncio.get_running_loop()

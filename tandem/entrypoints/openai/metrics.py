@@ -1,0 +1,96 @@
+"""Prometheus metrics on /metrics with vLLM's names (so vLLM dashboards and routers work unchanged).
+
+Engine-side numbers (running, waiting, KV usage, prefix-cache counters) come from the latest
+EngineStats the core sent; latencies and token counts are observed here, per request stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tandem.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0)
+
+
+class _EngineCollector:
+    def __init__(self, engine, model_name: str) -> None:
+        self.engine, self.labels = engine, {"model_name": model_name}
+
+    def collect(self):
+        s = self.engine.stats
+        names = ["model_name"]
+        for name, doc, value in [
+            ("vllm:num_requests_running", "Requests in the running batch", s.num_running if s else 0),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled", s.num_waiting if s else 0),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full", s.kv_cache_usage if s else 0.0),
+        ]:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric([self.labels["model_name"]], value)
+            yield g
+        for name, doc, value in [
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache_queries if s else 0),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits if s else 0),
+            ("vllm:num_preemptions", "Preemptions by recompute", s.num_preemptions if s else 0),
+        ]:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric([self.labels["model_name"]], value)
+            yield c
+        info = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration",
+                                 labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
+        info.add_metric([str(self.engine.block_size), str(self.engine.num_blocks),
+                         str(self.engine.config.cache.enable_prefix_caching)], 1.0)
+        yield info
+
+
+class ServerMetrics:
+    def __init__(self, engine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine, model_name))
+        label = ["model_name"]
+        self.model_name = model_name
+
+        def hist(name, doc):
+            return Histogram(name, doc, label, buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token")
+        self.itl = hist("vllm:inter_token_latency_seconds", "Time between consecutive output tokens")
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish")
+        # prometheus_client appends _total to counters
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", label, registry=self.registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", label, registry=self.registry)
+        self.success = Counter("vllm:request_success", "Requests finished", label + ["finished_reason"],
+                               registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def observe(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Pass a request's outputs through, timing its tokens (one ITL sample per token; a step that
+        brings several tokens spreads its gap over them, as vLLM does)."""
+        start = last = time.monotonic()
+        seen = 0
+        m = self.model_name
+        async for out in stream:
+            now = time.monotonic()
+            tokens = sum(len(c.token_ids) for c in out.outputs)
+            if tokens > seen:
+                if seen == 0:
+                    self.ttft.labels(m).observe(now - start)
+                else:
+                    gap = (now - last) / (tokens - seen)
+                    for _ in range(tokens - seen):
+                        self.itl.labels(m).observe(gap)
+                last, seen = now, tokens
+            if out.finished:
+                self.e2e.labels(m).observe(now - start)
+                self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+                self.generation_tokens.labels(m).inc(tokens)
+                for c in out.outputs:
+                    self.success.labels(m, c.finish_reason or "abort").inc()
+            yield out
