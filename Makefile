@@ -20,10 +20,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q -ra
 
-# Until the HTTP server lands, `serve` completes a prompt offline with the bundled demo model
-# (models/tandem-demo, trained on the Python standard library by scripts/train_demo_model.py).
+# Serves the bundled demo model (models/tandem-demo) on http://127.0.0.1:8000 with the OpenAI API.
 serve: install
-	$(VENV)/bin/tandem generate --prompt "def fibonacci(n):" --max-tokens 64 --kv-cache-memory 64MiB --echo
+	$(VENV)/bin/tandem serve --port $(or $(PORT),8000) --kv-cache-memory 256MiB
 
 # Offline throughput on the ~88M-parameter random Llama of the engine benchmark (built on first use).
 # scripts/bench_cpu_side_by_side.sh runs the same workload on vLLM's CPU build and transformers too.

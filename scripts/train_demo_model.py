@@ -365,6 +365,7 @@ Matmuls in bf16 under CPU autocast (fp32 master weights and optimizer state): {b
 Run: {log['device']} ({log.get('torch_threads', 2)} torch threads), torch {log['torch_version']}, {log['date']}.
 Wall time {log['train']['wall_time_s'] / 60:.1f} min, {log['train']['tokens_per_s']:,} training tokens/s. Float
 rounding differs across CPUs and thread counts, so a re-run matches these numbers closely, not bit for bit.
+{log.get('notes', '')}
 
 | step | training loss (EMA) | tokens/s |
 |---:|---:|---:|

@@ -143,7 +143,47 @@ BAD = [
     ({"prompt": "x", "model": "nope"}, 404, "model"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"prompt": "x", "min_p": 2}, 400, "min_p"),
+    ({"prompt": "x", "n": "two"}, 400, "n"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": [[1, 2], []]}, 400, "prompt"),
+    ({"prompt": "x", "top_k": -5}, 400, "top_k"),
 ]
+
+BAD_CHAT = [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10**6}, "max_tokens"),
+    ({"messages": "hello"}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHAT, ids=[str(i) for i in range(len(BAD_CHAT))])
+def test_bad_chat_requests(server, body, param):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_no_blocks_leak_after_bad_requests(server):
+    for body, _, _ in BAD:
+        httpx.post(f"{server}/v1/completions", json={"model": "tiny", **body} if "model" not in body else body)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server}/metrics").text
+        if _metric(text, "vllm:num_requests_running") == 0 and _metric(text, "vllm:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.2)
+    assert _metric(text, "vllm:num_requests_running") == 0 and _metric(text, "vllm:kv_cache_usage_perc") == 0
 
 
 @pytest.mark.parametrize("body,status,param", BAD, ids=[str(i) for i in range(len(BAD))])
