@@ -54,7 +54,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                  seed=args.seed)
     name = args.served_model_name or Path(config.model.model).name
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
-    return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests))
+    secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
+    kv_events = {"kv_events_endpoint": args.kv_events_endpoint,
+                 "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
+                 "kv_events_secret": secret.encode() if secret else None}
+    return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests, kv_events))
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -99,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TANDEM_API_KEY)")
     srv.add_argument("--max-queued-requests", type=int, default=None,
                      help="beyond max-num-seqs running plus this many queued, answer 503 with Retry-After")
+    srv.add_argument("--kv-events-endpoint", default=None,
+                     help="publish KV cache events (ZMQ PUB), e.g. tcp://127.0.0.1:5557; "
+                          "HMAC-signed with $TANDEM_KV_EVENTS_SECRET when set")
+    srv.add_argument("--kv-events-replay-endpoint", default=None,
+                     help="ZMQ ROUTER answering replay requests for missed KV event batches")
     _add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
 

@@ -322,3 +322,58 @@ def test_admission_control_answers_503_with_retry_after(model_dirs):
         assert httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "b", "max_tokens": 2}).status_code == 200
     finally:
         _stop(proc)
+
+
+def test_kv_events_published_signed_and_replayable(model_dirs):
+    import msgspec
+    import zmq
+
+    from tandem.engine.kv_events import BlockStored, KVEventBatch
+    from tandem.engine.kv_publisher import END_OF_REPLAY, TOPIC, sign
+
+    pub_port, replay_port = _free_port(), _free_port()
+    secret = b"s3cret"
+    os.environ["TANDEM_KV_EVENTS_SECRET"] = secret.decode()
+    try:
+        proc, base = _start_server(model_dirs["llama3-gqa"], "--kv-events-endpoint", f"tcp://127.0.0.1:{pub_port}",
+                                   "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay_port}")
+    finally:
+        del os.environ["TANDEM_KV_EVENTS_SECRET"]
+    ctx = zmq.Context()
+    sub, dealer = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        sub.connect(f"tcp://127.0.0.1:{pub_port}")
+        time.sleep(0.5)  # PUB/SUB: let the subscription reach the publisher
+        prompt = list(range(10, 60))  # 50 tokens: 3 full blocks
+        assert httpx.post(f"{base}/v1/completions",
+                          json={"model": "tiny", "prompt": prompt, "max_tokens": 2}).status_code == 200
+        assert sub.poll(10_000)
+        topic, seq, payload, mac = sub.recv_multipart()
+        assert hmac_ok(secret, seq, payload, mac, sign)
+        batch = msgspec.msgpack.decode(payload, type=KVEventBatch)
+        assert batch.seq == int.from_bytes(seq, "big", signed=True) == 0
+        stored = [e for e in batch.events if isinstance(e, BlockStored)]
+        assert [t for e in stored for t in e.token_ids] == prompt[:48]
+        # a subscriber that missed everything asks for a replay from 0
+        dealer.connect(f"tcp://127.0.0.1:{replay_port}")
+        dealer.send_multipart([b"", (0).to_bytes(8, "big", signed=True)])
+        replies = []
+        while True:
+            assert dealer.poll(10_000)
+            _, rseq, rpayload, rmac = dealer.recv_multipart()
+            if rseq == END_OF_REPLAY:
+                break
+            replies.append((rseq, rpayload, rmac))
+        assert replies and replies[0] == (seq, payload, mac)
+    finally:
+        sub.close(0)
+        dealer.close(0)
+        ctx.term()
+        _stop(proc)
+
+
+def hmac_ok(secret, seq, payload, mac, sign) -> bool:
+    import hmac as _hmac
+
+    return _hmac.compare_digest(mac, sign(secret, seq, payload))

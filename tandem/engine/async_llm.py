@@ -63,9 +63,11 @@ class _CoreClient:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+    def __init__(self, config: EngineConfig, attention_backend: str = "torch", *, kv_events_endpoint: str | None = None,
+                 kv_events_replay_endpoint: str | None = None, kv_events_secret: bytes | None = None) -> None:
         self.config = config
         self.attention_backend = attention_backend
+        self._kv_events = (kv_events_endpoint, kv_events_replay_endpoint, kv_events_secret)
         self.errored: str | None = None
         self.stats: EngineStats | None = None
         self._queues: dict[str, asyncio.Queue] = {}
@@ -76,7 +78,7 @@ class AsyncLLM:
     async def start(self, ready_timeout_s: float = 600.0) -> None:
         secret = secrets.token_bytes(32)
         self._sock_dir = tempfile.mkdtemp(prefix="tandem-")  # 0700: only this user reaches the sockets
-        addresses = CoreAddresses(f"ipc://{self._sock_dir}/in", f"ipc://{self._sock_dir}/out")
+        addresses = CoreAddresses(f"ipc://{self._sock_dir}/in", f"ipc://{self._sock_dir}/out", *self._kv_events)
         self._ctx = zmq.asyncio.Context()
         self._in = self._ctx.socket(zmq.PUSH)
         self._out = self._ctx.socket(zmq.PULL)

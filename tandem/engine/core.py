@@ -12,10 +12,14 @@ caller asked for); its blocks are free from that moment.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler
 from tandem.runner.model_runner import ModelRunner
@@ -36,8 +40,13 @@ class CoreOutput:
     num_cached_tokens: int = 0
 
 
+# Without a sink, the newest batches are kept for take_kv_events(); older ones are dropped.
+KV_EVENT_BACKLOG = 1024
+
+
 class EngineCore:
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+    def __init__(self, config: EngineConfig, attention_backend: str = "torch",
+                 kv_event_sink: Callable[[KVEventBatch], None] | None = None) -> None:
         self.config = config
         self.runner = ModelRunner(config.model, config.cache, attention_backend)
         self.hf_config = self.runner.hf_config
@@ -46,6 +55,9 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.kv_event_sink = kv_event_sink
+        self._kv_event_seq = 0
+        self._kv_event_backlog: deque[KVEventBatch] = deque(maxlen=KV_EVENT_BACKLOG)
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         limit = int(self.hf_config.get("max_position_embeddings", 4096))
@@ -90,10 +102,27 @@ class EngineCore:
             if req.is_finished:
                 out.finish_reason = req.status.finish_reason
                 out.stop_reason = req.stop_reason
+        self._flush_kv_events()
         return list(outputs.values())
 
-    def take_kv_events(self):
-        return self.kv.pool.take_events()
+    def _flush_kv_events(self) -> None:
+        """One sequence-numbered batch per step that changed the cache (seq counts batches)."""
+        events = self.kv.pool.take_events()
+        if not events:
+            return
+        batch = KVEventBatch(self._kv_event_seq, time.time(), events)
+        self._kv_event_seq += 1
+        if self.kv_event_sink is not None:
+            self.kv_event_sink(batch)
+        else:
+            self._kv_event_backlog.append(batch)
+
+    def take_kv_events(self) -> list:
+        """Events not sent to a sink, oldest first (at most the last KV_EVENT_BACKLOG batches)."""
+        self._flush_kv_events()
+        events = [e for batch in self._kv_event_backlog for e in batch.events]
+        self._kv_event_backlog.clear()
+        return events
 
     def assert_idle(self) -> None:
         """No request in flight: every block free, every reference count 0."""

@@ -19,6 +19,7 @@ import zmq
 
 from tandem.config import EngineConfig
 from tandem.engine.core import CoreOutput, EngineCore
+from tandem.engine.kv_publisher import KVEventPublisher
 from tandem.engine.protocol import (MAX_MESSAGE_BYTES, AddRequest, Codec, CoreFailed, CoreInput, CoreMessage,
                                     EngineStats, FinishRequests, Ready, Shutdown, StepOutputs, WireLogprobs,
                                     WireOutput)
@@ -33,6 +34,9 @@ _IDLE_POLL_MS = 200
 class CoreAddresses:
     inputs: str  # API process PUSH -> core PULL
     outputs: str  # core PUSH -> API process PULL
+    kv_events: str | None = None  # PUB of KV event batches for routers (tandem/engine/kv_publisher.py)
+    kv_events_replay: str | None = None  # ROUTER answering replay requests
+    kv_events_secret: bytes | None = None
 
 
 def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: bytes, parent_pid: int,
@@ -48,8 +52,12 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
     inputs.connect(addresses.inputs)
     outputs.connect(addresses.outputs)
     out_codec = Codec(secret, CoreMessage)
+    publisher = None
     try:
-        core = EngineCore(config, attention_backend)
+        if addresses.kv_events:
+            publisher = KVEventPublisher(ctx, addresses.kv_events, addresses.kv_events_replay,
+                                         addresses.kv_events_secret)
+        core = EngineCore(config, attention_backend, publisher.publish if publisher else None)
     except Exception as e:  # noqa: BLE001 - reported to the API process, which exits with it
         logger.exception("engine core failed to start")
         outputs.send_multipart(out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")))
@@ -57,7 +65,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
     outputs.send_multipart(out_codec.encode(Ready(core.max_model_len, core.vocab_size, core.runner.num_blocks,
                                                   config.cache.block_size, json.dumps(core.hf_config))))
     try:
-        _busy_loop(core, inputs, outputs, Codec(secret, CoreInput), out_codec, parent_pid)
+        _busy_loop(core, inputs, outputs, Codec(secret, CoreInput), out_codec, parent_pid, publisher)
     except Exception as e:  # noqa: BLE001
         logger.exception("engine core died")
         outputs.send_multipart(out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")))
@@ -65,21 +73,29 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
     finally:
         inputs.close(0)
         outputs.close()
+        if publisher is not None:
+            publisher.close()
         ctx.term()
 
 
 def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_codec: Codec, out_codec: Codec,
-               parent_pid: int) -> None:
+               parent_pid: int, publisher: KVEventPublisher | None) -> None:
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)
+    if publisher is not None and publisher.replay is not None:
+        poller.register(publisher.replay, zmq.POLLIN)
     last_parent_check = time.monotonic()
     while True:
         timeout = 0 if core.has_unfinished_requests() else _IDLE_POLL_MS
         handled = False
-        while poller.poll(timeout):
-            if not _handle(core, inputs.recv_multipart(), in_codec):
-                return
-            timeout, handled = 0, True
+        while events := dict(poller.poll(timeout)):
+            if publisher is not None:
+                publisher.serve_replays()
+            if inputs in events:
+                if not _handle(core, inputs.recv_multipart(), in_codec):
+                    return
+                handled = True
+            timeout = 0
         if core.has_unfinished_requests():
             outs = core.step()
             outputs.send_multipart(out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))))
