@@ -31,6 +31,7 @@ from tandem.sampling_params import ParamError, SamplingParams
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20
+MAX_HEADER_BYTES = 64 * 2**10  # 431 beyond it (h11 also refuses an incomplete head past this size)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -38,9 +39,53 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
     return JSONResponse(OpenAIError(status, message, type_, param, code).body(), status_code=status)
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class SizeLimits:
+    """ASGI middleware: headers over MAX_HEADER_BYTES get 431; a body over `limit` bytes gets 413
+    whether or not it declares its length (a chunked upload is counted as it arrives, so it is
+    never buffered past the limit)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            return await _error(431, f"request headers larger than {MAX_HEADER_BYTES} bytes")(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+        received, too_large = 0, False
+
+        async def counted_receive():
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                too_large = True
+                raise _BodyTooLarge  # the app turns this into some error response, replaced below
+            return message
+
+        async def guarded_send(message):
+            if not too_large:
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if too_large:
+            await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+
+
 def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
               max_queued_requests: int | None = None) -> FastAPI:
     app = FastAPI(title="tandem", version=tandem.__version__)
+    app.add_middleware(SizeLimits)
     app.state.engine = engine
     metrics = ServerMetrics(engine, served_model_name)
     # admission: at most a full batch running plus this many queued; beyond it, 503 + Retry-After
@@ -53,9 +98,6 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         if api_key and request.url.path not in ("/health", "/metrics"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -317,15 +359,20 @@ async def _completion_chunks(engine, streams, body: CompletionRequest, rid: str,
                              model: str) -> AsyncIterator[dict]:
     sent_text: dict[tuple[int, int], int] = {}
     sent_tokens: dict[tuple[int, int], int] = {}
+    ended: set[tuple[int, int]] = set()  # choices whose finish_reason went out: each ends exactly once
     finals: dict[int, RequestOutput] = {}
     async for i, out in _merge(streams):
         for c in out.outputs:
             key = (i, c.index)
+            if key in ended:
+                continue
             t0, n0 = sent_text.get(key, 0), sent_tokens.get(key, 0)
             delta, new_ids = c.text[t0:], c.token_ids[n0:]
             if not delta and not new_ids and c.finish_reason is None:
                 continue
             sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
+            if c.finish_reason is not None:
+                ended.add(key)
             lp = _completion_logprobs(engine, new_ids, c.logprobs[n0:] if c.logprobs is not None else None, t0)
             yield {"id": rid, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": i * body.n + c.index, "text": delta, "logprobs": lp,
@@ -369,15 +416,20 @@ async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, cr
                                     "logprobs": None, "finish_reason": None}]}
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
+    ended: set[int] = set()  # choices whose finish_reason went out: each ends exactly once
     final = None
     k = body.top_logprobs or 0
     async for out in stream:
         for c in out.outputs:
+            if c.index in ended:
+                continue
             t0, n0 = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
             delta, new_ids = c.text[t0:], c.token_ids[n0:]
             if not delta and not new_ids and c.finish_reason is None:
                 continue
             sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+            if c.finish_reason is not None:
+                ended.add(c.index)
             lp = _chat_logprobs(engine, new_ids, c.logprobs[n0:] if c.logprobs is not None else None, k)
             yield {**base, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
                                         "logprobs": lp, "finish_reason": c.finish_reason}]}
@@ -425,7 +477,7 @@ async def serve(config, host: str, port: int, served_model_name: str, api_key: s
     await engine.start()
     app = build_app(engine, served_model_name, api_key, max_queued_requests)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
-                                    h11_max_incomplete_event_size=64 * 1024))
+                                    http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # drain: stop accepting, finish in-flight, stop the core
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
