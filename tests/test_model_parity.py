@@ -123,3 +123,19 @@ def test_sliding_window_matches_transformers_under_engine_variants(variant, make
     for _ in range(2):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 12, 48, 49, 130])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_dispatch_matches_f_linear(rows, with_bias):
+    """tandem's linear picks a different BLAS call for a few fp32 rows; the result must not change."""
+    import torch.nn.functional as F
+
+    from tandem.model.layers import linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(160, 96, generator=g)
+    b = torch.randn(160, generator=g) if with_bias else None
+    out = linear(x, w, b)
+    assert out.is_contiguous() and out.shape == (rows, 160)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)

@@ -26,6 +26,15 @@ def _param(*shape: int, dtype: torch.dtype, loader=default_weight_loader) -> nn.
     return p
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] @ weight[out, in].T (+ bias). For a few rows in fp32 on CPU the BLAS is faster
+    asked for (weight @ x.T).T (measured 1.2-1.7x for 8 <= M <= 48 on the bench shapes)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and 8 <= x.shape[0] <= 48:
+        out = torch.mm(weight, x.t()).t().contiguous()
+        return out.add_(bias) if bias is not None else out
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -33,7 +42,7 @@ class Linear(nn.Module):
         self.bias = _param(out_features, dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ShardedLinear(Linear):

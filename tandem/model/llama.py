@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.model.attention import AttentionBackend, AttentionMetadata
-from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding
+from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding, linear
 
 
 @dataclass
@@ -168,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight).float()
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]
