@@ -120,9 +120,15 @@ def test_chat_streaming_and_logprobs(client):
                                          top_logprobs=2)
     content = res.choices[0].logprobs.content
     assert len(content) == res.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == res.choices[0].message.content
+    # a conversation too long to render inline is templated off the event loop, then refused cleanly
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 5000}],
+                                       max_tokens=4)
+    assert err.value.code == "context_length_exceeded"
 
 
 def test_stop_string_and_cached_tokens(client):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import signal
 import json
@@ -139,7 +140,7 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
     async def tokenize(body: TokenizeRequest):
         _check_model(body.model, served_model_name)
         if body.messages is not None:
-            ids = _chat_ids(engine, body.messages, True)
+            ids = await _chat_ids(engine, body.messages, True)
         elif body.prompt is not None:
             ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
@@ -178,7 +179,7 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
-        ids = _chat_ids(engine, body.messages, body.add_generation_prompt)
+        ids = await _chat_ids(engine, body.messages, body.add_generation_prompt)
         admit(1)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -221,11 +222,12 @@ async def _prompt_ids(engine: AsyncLLM, prompt: str | dict) -> list[int]:
     return ids
 
 
-def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool) -> list[int]:
+async def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool) -> list[int]:
     conv = [{"role": m.role, "content": m.text()} for m in messages]
-    try:
-        ids = engine.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                   return_dict=False)
+    render = functools.partial(engine.tokenizer.apply_chat_template, conv, tokenize=True, return_dict=False,
+                               add_generation_prompt=add_generation_prompt)
+    try:  # long conversations render and tokenize off the event loop
+        ids = await asyncio.to_thread(render) if sum(len(m["content"]) for m in conv) > 4096 else render()
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault (e.g. role order)
         raise OpenAIError(400, f"chat template failed: {e}", param="messages") from None
     return list(ids)
@@ -411,15 +413,18 @@ def _chat_response(engine, out: RequestOutput, body: ChatCompletionRequest, rid:
 async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, created: int,
                        model: str) -> AsyncIterator[dict]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    for index in range(body.n):
-        yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None}]}
+    role_sent = False  # the role chunks go out with the first output, so a client's TTFT stays honest
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     ended: set[int] = set()  # choices whose finish_reason went out: each ends exactly once
     final = None
     k = body.top_logprobs or 0
     async for out in stream:
+        if not role_sent:
+            role_sent = True
+            for index in range(body.n):
+                yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]}
         for c in out.outputs:
             if c.index in ended:
                 continue
