@@ -68,6 +68,28 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from tandem.bench.latency import run_latency
+
+    run_latency(args)
+    return 0
+
+
+def _cmd_bench_compare(args: argparse.Namespace) -> int:
+    from tandem.bench.compare import run_compare
+
+    run_compare(args)
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from tandem.bench.serve import run_serve
+
+    result = run_serve(args)
+    runs = result.get("sweep", [result])
+    return 0 if all(r["completed"] > 0 for r in runs) else 1
+
+
 def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from tandem.eval.perplexity import run_perplexity
 
@@ -117,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench.add_parser("throughput", help="offline throughput, as `vllm bench throughput`")
     add_throughput_args(tp)
     tp.set_defaults(func=_cmd_bench_throughput)
+    from tandem.bench.latency import add_latency_args
+
+    lat = bench.add_parser("latency", help="offline latency of one fixed batch, as `vllm bench latency`, "
+                                           "with decode step time and achieved weight bandwidth")
+    add_latency_args(lat)
+    lat.set_defaults(func=_cmd_bench_latency)
+    from tandem.bench.serve import add_serve_args
+
+    bs = bench.add_parser("serve", help="online serving benchmark against any OpenAI-compatible server, "
+                                        "as `vllm bench serve`")
+    add_serve_args(bs)
+    bs.set_defaults(func=_cmd_bench_serve)
+    from tandem.bench.compare import add_compare_args
+
+    cmp_ = bench.add_parser("compare", help="result JSON files side by side, with ratios to the first")
+    add_compare_args(cmp_)
+    cmp_.set_defaults(func=_cmd_bench_compare)
 
     evaluate = sub.add_parser("eval", help="model evaluations").add_subparsers(dest="eval_command", required=True)
     from tandem.eval.perplexity import add_perplexity_args

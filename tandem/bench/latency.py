@@ -1,0 +1,238 @@
+"""``tandem bench latency``: offline latency of one batch, as ``vllm bench latency``.
+
+Same flag names and defaults as vLLM's benchmark where both have the flag, and vLLM's JSON keys
+(``avg_latency``, ``latencies``, ``percentiles``) plus our own. The engine is built once; each
+iteration submits ``batch_size`` prompts of exactly ``input_len`` random token ids (drawn with
+``numpy.random.default_rng(seed)`` from the vocabulary minus the special ids) with
+``SamplingParams(n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len)`` and
+steps the engine until every request has finished.
+
+Definitions (all times from ``time.perf_counter``):
+
+* latency: one whole batch end to end, from the first ``add_request`` to the last ``step()``;
+  ``num_iters_warmup`` untimed batches run first;
+* step kinds: a step is a *prefill* step when it advanced the prompt of at least one request
+  (including a recompute after preemption), else a *decode* step (every scheduled request
+  generated one token after its prompt was done);
+* ``median_prefill_s``: per iteration, the time from the batch start to the end of its last
+  prefill step (all prompts computed), median over the timed iterations;
+* ``median_decode_step_ms``: median duration of all decode steps of all timed iterations;
+* ``model_weight_bytes``: parameter count from the safetensors headers times the element size
+  of the loaded dtype;
+* ``achieved_weight_bandwidth_gbps``: ``model_weight_bytes / median decode step (s) / 1e9``,
+  since a decode step reads every weight once (KV cache reads are not counted).
+
+Prefix caching is off by default (``--enable-prefix-caching`` turns it on): with it, every
+iteration after the first would find the same prompts in the cache and skip their prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from tandem.bench.throughput import _engine_kwargs, describe_device, model_shape
+
+PERCENTILES = (10, 25, 50, 75, 90, 99)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_latency_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``vllm bench latency`` that tandem supports, plus the engine flags of throughput."""
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face model directory (default: $TANDEM_MODEL or the bundled demo model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    parser.add_argument("--input-len", type=int, default=32, help="prompt length in tokens (default 32)")
+    parser.add_argument("--output-len", type=int, default=128, help="output length in tokens (default 128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
+    parser.add_argument("--num-iters-warmup", type=int, default=10, help="untimed batches first (default 10)")
+    parser.add_argument("--num-iters", type=int, default=30, help="timed batches (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt and engine seed (default 0)")
+    parser.add_argument("--output-json", default=None,
+                        help="result file (default: benchmarks/results/latency-<model>-<UTC time>.json)")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    # engine
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="per-step token budget (engine default 2048)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 4GiB")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                        help="default off here (unlike throughput and serve): every iteration sends the same "
+                             "prompts, so with caching on all iterations after the first would skip prefill")
+    return parser
+
+
+def validate_latency_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for any workload flag out of range."""
+    minimums = {"batch_size": 1, "input_len": 1, "output_len": 1, "n": 1, "num_iters": 1, "num_iters_warmup": 0}
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+
+
+def default_output_json(model: str | Path, now: datetime | None = None) -> Path:
+    now = now or datetime.now(timezone.utc)
+    name = Path(model).resolve().name or "model"
+    return Path("benchmarks") / "results" / f"latency-{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def random_prompts(tokenizer, vocab_size: int, batch_size: int, input_len: int, seed: int) -> list[list[int]]:
+    """``batch_size`` prompts of exactly ``input_len`` ids, uniform over non-special ids < vocab_size."""
+    special = set(tokenizer.all_special_ids)
+    allowed = np.array([i for i in range(vocab_size) if i not in special], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return rng.choice(allowed, size=(batch_size, input_len)).tolist()
+
+
+@dataclass
+class BatchTiming:
+    latency_s: float
+    prefill_s: float  # batch start -> end of the last step that advanced a prompt
+    decode_steps_s: list[float] = field(default_factory=list)
+    prefill_steps_s: list[float] = field(default_factory=list)
+
+
+def _timed_step(engine) -> tuple[float, bool]:
+    """One engine step: (seconds, whether it advanced any request's prompt)."""
+    prompts_left = [(r, r.num_computed_tokens) for r in engine.scheduler.requests.values()
+                    if r.num_computed_tokens < r.num_prompt_tokens]
+    start = time.perf_counter()
+    engine.step()
+    elapsed = time.perf_counter() - start
+    return elapsed, any(r.num_computed_tokens > before for r, before in prompts_left)
+
+
+def run_batch(engine, prompts: list[list[int]], params, tag: str) -> BatchTiming:
+    """Submit every prompt, step to completion; time the batch and each step."""
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids}, params)
+    timing = BatchTiming(0.0, 0.0)
+    while engine.has_unfinished_requests():
+        elapsed, prefill = _timed_step(engine)
+        if prefill:
+            timing.prefill_steps_s.append(elapsed)
+            timing.prefill_s = time.perf_counter() - start
+        else:
+            timing.decode_steps_s.append(elapsed)
+    timing.latency_s = time.perf_counter() - start
+    return timing
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _build_llm(args: argparse.Namespace):
+    from tandem import LLM
+    from tandem.entrypoints.llm import default_model_path
+
+    model = args.model or default_model_path()
+    if not Path(model, "config.json").is_file():
+        raise FileNotFoundError(f"{model}: no config.json (pass a local Hugging Face model directory)")
+    llm = LLM(model=model, **_engine_kwargs(args))
+    needed = args.input_len + args.output_len
+    if needed > llm.llm_engine.max_model_len:
+        raise ValueError(f"max_model_len {llm.llm_engine.max_model_len} < input_len + output_len ({needed}); "
+                         "raise --max-model-len or lower the lengths")
+    return model, llm
+
+
+def _measure(args: argparse.Namespace, llm) -> list[BatchTiming]:
+    from tandem import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(n=args.n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
+    tokenizer = llm.get_tokenizer()
+    vocab = min(len(tokenizer), engine.vocab_size)
+    prompts = random_prompts(tokenizer, vocab, args.batch_size, args.input_len, args.seed)
+    quiet = getattr(args, "disable_tqdm", False)
+    for i in tqdm(range(args.num_iters_warmup), desc="Warmup iterations", disable=quiet):
+        run_batch(engine, prompts, params, f"warmup{i}")
+    timings = [run_batch(engine, prompts, params, f"iter{i}")
+               for i in tqdm(range(args.num_iters), desc="Profiling iterations", disable=quiet)]
+    engine.assert_idle()
+    if engine.scheduler.num_preemptions:
+        print(f"warning: {engine.scheduler.num_preemptions} preemptions (KV cache too small for "
+              f"{args.batch_size * args.n} sequences of {args.input_len + args.output_len} tokens); "
+              "raise --kv-cache-memory", file=sys.stderr)
+    return timings
+
+
+def summarize(timings: list[BatchTiming], weight_bytes: int) -> dict[str, Any]:
+    """vLLM's avg_latency / latencies / percentiles, plus step times and weight bandwidth."""
+    latencies = [t.latency_s for t in timings]
+    decode_steps = [s for t in timings for s in t.decode_steps_s]
+    decode_s = statistics.median(decode_steps) if decode_steps else None
+    return {
+        "avg_latency": float(np.mean(latencies)),
+        "latencies": latencies,
+        "percentiles": {str(p): float(v) for p, v in zip(PERCENTILES, np.percentile(latencies, PERCENTILES))},
+        "median_decode_step_ms": decode_s * 1e3 if decode_s is not None else None,
+        "median_prefill_s": statistics.median(t.prefill_s for t in timings),
+        "num_decode_steps": len(decode_steps),
+        "num_prefill_steps": sum(len(t.prefill_steps_s) for t in timings),
+        "model_weight_bytes": weight_bytes,
+        "achieved_weight_bandwidth_gbps": weight_bytes / decode_s / 1e9 if decode_s else None,
+    }
+
+
+def _print_summary(res: dict[str, Any]) -> None:
+    pct = res["percentiles"]
+    print(f"Avg latency: {res['avg_latency']:.4f} s (p50 {pct['50']:.4f} s, p99 {pct['99']:.4f} s)")
+    print(f"Median prefill: {res['median_prefill_s'] * 1e3:.2f} ms")
+    if res["median_decode_step_ms"] is not None:
+        print(f"Median decode step: {res['median_decode_step_ms']:.3f} ms, weights read at "
+              f"{res['achieved_weight_bandwidth_gbps']:.2f} GB/s")
+
+
+def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the engine once, run warm-up then timed batches, write and return the results JSON."""
+    validate_latency_args(args)
+    model, llm = _build_llm(args)
+    runner = llm.llm_engine.runner
+    shape = model_shape(model)
+    weight_bytes = int(shape["num_params"] or 0) * runner.dtype.itemsize
+    results = summarize(_measure(args, llm), weight_bytes)
+    results.update({
+        "engine": "tandem",
+        "device": describe_device(runner.device),
+        "model": str(Path(model).resolve()),
+        "model_shape": shape,
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "workload": {"batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+                     "n": args.n, "iters": args.num_iters, "warmup_iters": args.num_iters_warmup,
+                     "seed": args.seed, "sampling": {"temperature": 1.0, "top_p": 1.0, "ignore_eos": True}},
+        "flags": {**_engine_kwargs(args), "resolved": {
+            "max_model_len": llm.llm_engine.max_model_len,
+            "max_num_batched_tokens": llm.llm_engine.config.scheduler.max_num_batched_tokens,
+            "num_kv_blocks": runner.num_blocks}},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    out = Path(args.output_json) if args.output_json else default_output_json(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=4) + "\n")
+    _print_summary(results)
+    print(f"Results written to {out}")
+    return {**results, "output_json": str(out)}

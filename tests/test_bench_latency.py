@@ -1,0 +1,55 @@
+"""`tandem bench latency`: flags, step classification and the results JSON (no timing asserts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from tandem.bench.latency import add_latency_args, run_latency
+
+
+def _args(model_dir, tmp_path, *extra: str) -> argparse.Namespace:
+    return add_latency_args(argparse.ArgumentParser()).parse_args(
+        ["--model", str(model_dir), "--batch-size", "2", "--input-len", "8", "--output-len", "4",
+         "--num-iters-warmup", "1", "--num-iters", "2", "--kv-cache-memory", "8MiB",
+         "--output-json", str(tmp_path / "out" / "latency.json"), "--disable-tqdm", *extra])
+
+
+def test_defaults_match_vllm_and_prefix_caching_is_off():
+    args = add_latency_args(argparse.ArgumentParser()).parse_args([])
+    assert (args.input_len, args.output_len, args.batch_size, args.n) == (32, 128, 8, 1)
+    assert (args.num_iters_warmup, args.num_iters, args.seed) == (10, 30, 0)
+    assert args.model is None and args.output_json is None and args.enable_prefix_caching is False
+
+
+def test_run_latency_writes_results_json(model_dirs, tmp_path, capsys):
+    res = run_latency(_args(model_dirs["llama3-gqa"], tmp_path))
+    out = tmp_path / "out" / "latency.json"
+    assert res["output_json"] == str(out) and out.is_file()
+    saved = json.loads(out.read_text())
+    for key in ("avg_latency", "latencies", "percentiles", "median_decode_step_ms", "median_prefill_s",
+                "model_weight_bytes", "achieved_weight_bandwidth_gbps", "device", "model_shape", "workload",
+                "flags", "date"):
+        assert key in saved, key
+    assert len(saved["latencies"]) == 2 and all(t > 0 for t in saved["latencies"])
+    pct = [saved["percentiles"][k] for k in ("10", "25", "50", "75", "90", "99")]
+    assert pct == sorted(pct) and min(saved["latencies"]) <= pct[0] <= pct[-1] <= max(saved["latencies"])
+    # 2 prompts of 8 tokens fit in one step (prefill + first token), then 3 decode steps each
+    assert saved["num_prefill_steps"] == 2 and saved["num_decode_steps"] == 6
+    assert 0 < saved["median_prefill_s"] < saved["avg_latency"]
+    assert saved["median_decode_step_ms"] > 0 and saved["achieved_weight_bandwidth_gbps"] > 0
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[saved["dtype"]]
+    assert saved["model_weight_bytes"] == saved["model_shape"]["num_params"] * itemsize
+    assert saved["workload"] == {**saved["workload"], "batch_size": 2, "input_len": 8, "output_len": 4,
+                                 "n": 1, "iters": 2}
+    assert saved["flags"]["enable_prefix_caching"] is False
+    assert "Avg latency" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--output-len", "0"), ("--num-iters", "0")])
+def test_bad_workload_flag_raises_before_building_engine(model_dirs, tmp_path, flag, value):
+    with pytest.raises(ValueError, match=flag):
+        run_latency(_args(model_dirs["llama3-gqa"], tmp_path, flag, value))
+    assert not (tmp_path / "out").exists()
