@@ -90,6 +90,18 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(r["completed"] > 0 for r in runs) else 1
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    from tandem.router.launch import run_router
+
+    return run_router(args)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from tandem.router.launch import run_up
+
+    return run_up(args)
+
+
 def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from tandem.eval.perplexity import run_perplexity
 
@@ -156,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = bench.add_parser("compare", help="result JSON files side by side, with ratios to the first")
     add_compare_args(cmp_)
     cmp_.set_defaults(func=_cmd_bench_compare)
+
+    from tandem.router.launch import add_router_args, add_up_args
+
+    rtr = sub.add_parser("router", help="OpenAI-compatible router over tandem (or vLLM) workers, by cache and load")
+    add_router_args(rtr)
+    rtr.set_defaults(func=_cmd_router)
+    up = sub.add_parser("up", help="start N local `tandem serve` workers and the router in front of them")
+    add_up_args(up)
+    up.set_defaults(func=_cmd_up)
 
     evaluate = sub.add_parser("eval", help="model evaluations").add_subparsers(dest="eval_command", required=True)
     from tandem.eval.perplexity import add_perplexity_args

@@ -1,0 +1,290 @@
+"""`tandem router`: an OpenAI-compatible front over a pool of workers.
+
+Per request: parse the body, tokenize the prompt (local tokenizer; chat through its template),
+hash its full blocks as the engine does, let the policy pick a worker among the healthy ones,
+and pass the worker's response through unchanged (streaming bytes as they arrive). A request
+that fails before its first byte (connection error, 5xx) is retried once on another worker;
+after the first byte the client sees the worker's stream as is. Every request the router sends
+is released exactly once (in_flight and the policy's per-prefix counts go back down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from tandem.router.index import ApproxPrefixIndex, PrefixIndex, prompt_block_hashes
+from tandem.router.types import RouteRequest, WorkerState
+from tandem.router.workers import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+SESSION_HEADER = "x-session-id"
+MAX_BODY_BYTES = 4 * 2**20
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                        status_code=status)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tandem_router_requests", "Requests routed, by worker and decision",
+                                ["worker", "decision"], registry=self.registry)
+        self.retries = Counter("tandem_router_retries", "Requests retried on another worker before their first byte",
+                               registry=self.registry)
+        self.failures = Counter("tandem_router_failures", "Requests that failed on every worker tried",
+                                registry=self.registry)
+        self.routing_latency = Histogram("tandem_router_routing_latency_seconds",
+                                         "Time to tokenize, hash and pick a worker",
+                                         buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1),
+                                         registry=self.registry)
+        self.predicted_cached = Counter("tandem_router_predicted_cached_tokens",
+                                        "Prompt tokens the router expected the chosen worker to have cached",
+                                        registry=self.registry)
+        self.reported_cached = Counter("tandem_router_reported_cached_tokens",
+                                       "Prompt tokens the workers reported cached (usage.prompt_tokens_details)",
+                                       registry=self.registry)
+        self.prompt_tokens = Counter("tandem_router_prompt_tokens", "Prompt tokens routed (per usage)",
+                                     registry=self.registry)
+
+
+@dataclass
+class Routed:
+    worker: WorkerState
+    req: RouteRequest
+    predicted_blocks: int
+
+
+class Router:
+    """Holds the pool, the indexes and the policy; `route` picks, `release` undoes the accounting."""
+
+    def __init__(self, pool: WorkerPool, policy, tokenizer, block_size: int, index: PrefixIndex | None,
+                 approx: ApproxPrefixIndex, metrics: RouterMetrics, decision: str) -> None:
+        self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
+        self.block_size, self.index, self.approx = block_size, index, approx
+        self.metrics, self.decision = metrics, decision
+
+    def route_request(self, body: dict, chat: bool, session: str | None) -> RouteRequest:
+        ids = self._token_ids(body, chat)
+        return RouteRequest(str(body.get("model", "")), ids, prompt_block_hashes(ids, self.block_size), session)
+
+    def _token_ids(self, body: dict, chat: bool) -> list[int]:
+        if self.tokenizer is None:
+            return []
+        try:
+            if chat:
+                msgs = [{"role": m.get("role"), "content": m.get("content") if isinstance(m.get("content"), str)
+                         else "".join(p.get("text", "") for p in m.get("content") or [])}
+                        for m in body.get("messages") or []]
+                return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=False))
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+                return prompt
+            if isinstance(prompt, list):
+                prompt = prompt[0] if prompt else ""
+            return self.tokenizer.encode(prompt or "") if isinstance(prompt, str) else []
+        except Exception:  # noqa: BLE001 - a prompt we cannot parse is routed by load; the worker judges it
+            return []
+
+    def pick(self, req: RouteRequest, exclude: set[str]) -> Routed | None:
+        candidates = [w for w in self.pool.healthy() if w.url not in exclude]
+        worker = self.policy.pick(req, candidates)
+        if worker is None:
+            return None
+        predicted = self._matched_blocks(req).get(worker.url, 0)
+        worker.in_flight += 1  # the policy recorded the pick itself (session, per-prefix counts)
+        if req.block_hashes:
+            self.approx.record(worker.url, req.block_hashes)
+        return Routed(worker, req, predicted)
+
+    def _matched_blocks(self, req: RouteRequest) -> dict[str, int]:
+        if not req.block_hashes:
+            return {}
+        exact = self.index.match_blocks(req.block_hashes) if self.index is not None else {}
+        return exact or self.approx.match_blocks(req.block_hashes)
+
+    def release(self, routed: Routed) -> None:
+        routed.worker.in_flight -= 1
+        self.policy.release(routed.req, routed.worker)
+
+    def observe_usage(self, routed: Routed, usage: dict | None) -> None:
+        if not usage:
+            return
+        prompt = int(usage.get("prompt_tokens") or 0)
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.reported_cached.inc(cached)
+        self.metrics.predicted_cached.inc(min(prompt, routed.predicted_blocks * self.block_size))
+
+
+def _usage_from_sse(buffer: bytes) -> dict | None:
+    """The last `usage` object in an SSE byte stream, if any."""
+    usage = None
+    for line in buffer.split(b"\n"):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            try:
+                usage = json.loads(line[6:]).get("usage") or usage
+            except ValueError:
+                pass
+    return usage
+
+
+def build_router_app(router: Router, http: httpx.AsyncClient) -> FastAPI:
+    app = FastAPI(title="tandem router")
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if router.pool.healthy() else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(router.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        names = sorted({m for w in router.pool.healthy() for m in w.models})
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tandem"}
+                                           for n in names]}
+
+    async def forward(raw: Request, path: str, chat: bool):
+        body_bytes = await raw.body()
+        if len(body_bytes) > MAX_BODY_BYTES:
+            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(body_bytes)
+            assert isinstance(body, dict)
+        except (ValueError, AssertionError):
+            return _error(400, "request body must be a JSON object")
+        started = time.perf_counter()
+        req = router.route_request(body, chat, raw.headers.get(SESSION_HEADER))
+        headers = {k: v for k, v in raw.headers.items() if k.lower() in ("authorization", "content-type")}
+        tried: set[str] = set()
+        for attempt in range(2):
+            routed = router.pick(req, tried)
+            if routed is None:
+                break
+            if attempt == 0:
+                router.metrics.routing_latency.observe(time.perf_counter() - started)
+            tried.add(routed.worker.url)
+            response = await _send(router, http, routed, path, body_bytes, headers, bool(body.get("stream")))
+            if response is not None:
+                router.metrics.requests.labels(routed.worker.url, router.decision).inc()
+                return response
+            router.metrics.retries.inc()
+        router.metrics.failures.inc()
+        return _error(503, "no healthy worker could take the request", "ServiceUnavailableError", "no_worker")
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await forward(raw, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(raw: Request):
+        return await forward(raw, "/v1/chat/completions", chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request):
+        return await forward(raw, "/tokenize", chat=False)
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request):
+        return await forward(raw, "/detokenize", chat=False)
+
+    return app
+
+
+async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: str, body: bytes,
+                headers: dict, stream: bool) -> Response | None:
+    """The worker's response, or None when it failed before its first byte (the caller retries)."""
+    url = routed.worker.url + path
+    try:
+        upstream = await http.send(http.build_request("POST", url, content=body, headers=headers), stream=True)
+    except httpx.HTTPError:
+        router.pool.report_failure(routed.worker.url)
+        router.release(routed)
+        return None
+    if upstream.status_code >= 500:
+        await upstream.aclose()
+        router.pool.report_failure(routed.worker.url)
+        router.release(routed)
+        return None
+    router.pool.report_success(routed.worker.url)
+    passthrough = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
+    if not stream:
+        try:
+            content = await upstream.aread()
+        except httpx.HTTPError:
+            router.pool.report_failure(routed.worker.url)
+            return None
+        finally:
+            await upstream.aclose()
+            router.release(routed)
+        if upstream.status_code == 200:
+            try:
+                router.observe_usage(routed, json.loads(content).get("usage"))
+            except ValueError:
+                pass
+        return Response(content, status_code=upstream.status_code, headers=passthrough)
+    return StreamingResponse(_relay(router, routed, upstream), status_code=upstream.status_code,
+                             headers=passthrough)
+
+
+async def _relay(router: Router, routed: Routed, upstream: httpx.Response) -> AsyncIterator[bytes]:
+    """Pass the worker's stream through; closing it (client gone) closes the upstream request,
+    which makes the worker abort. Keeps only the tail to find the usage chunk."""
+    tail = b""
+    try:
+        async for chunk in upstream.aiter_raw():
+            tail = (tail + chunk)[-8192:]
+            yield chunk
+    except httpx.HTTPError as e:
+        router.pool.report_failure(routed.worker.url)
+        err = {"error": {"message": f"worker failed mid-stream: {type(e).__name__}", "type": "ServiceUnavailableError",
+                         "param": None, "code": "worker_failed"}}
+        yield f"data: {json.dumps(err)}\n\n".encode()
+    finally:
+        await upstream.aclose()
+        router.release(routed)
+        router.observe_usage(routed, _usage_from_sse(tail))
+
+
+async def serve_router(router: Router, host: str, port: int, subscribers: list, on_ready=None) -> int:
+    import signal
+
+    import uvicorn
+
+    from tandem.entrypoints.openai.api_server import _Server
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits) as http:
+        await router.pool.start()
+        tasks = [asyncio.create_task(s.run()) for s in subscribers]
+        app = build_router_app(router, http)
+        server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http="h11"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        if on_ready is not None:
+            on_ready()
+        try:
+            await server.serve()
+        finally:
+            for s in subscribers:
+                s.close()
+            for t in tasks:
+                t.cancel()
+            await router.pool.close()
+    return 0

@@ -1,0 +1,175 @@
+"""`tandem router` (a front over given workers) and `tandem up` (N local workers + the router).
+
+`tandem up` divides the machine's cores between the workers (OMP_NUM_THREADS), gives every
+worker a KV-event PUB and replay endpoint signed with one fresh secret, waits until all are
+healthy, then serves the router in this process. Ctrl-C / SIGTERM stop the router, then the
+workers (SIGTERM, which drains them; SIGKILL after 30 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tandem.router.app import Router, RouterMetrics, serve_router
+from tandem.router.index import ApproxPrefixIndex, KVEventSubscriber, PrefixIndex
+from tandem.router.workers import WorkerPool, WorkerSpec
+
+POLICIES = ("cache-aware", "least-load", "round-robin")
+
+
+class CombinedMatcher:
+    """Exact matches (KV events) for workers that publish them, routing history for the rest."""
+
+    def __init__(self, index: PrefixIndex, approx: ApproxPrefixIndex, evented: set[str]) -> None:
+        self.index, self.approx, self.evented = index, approx, evented
+
+    def match_blocks(self, block_hashes: list[bytes]) -> dict[str, int]:
+        exact = self.index.match_blocks(block_hashes)
+        guessed = self.approx.match_blocks(block_hashes)
+        out = {w: n for w, n in guessed.items() if w not in self.evented}
+        out.update({w: n for w, n in exact.items() if w in self.evented})
+        return out
+
+
+def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> argparse.ArgumentParser:
+    if with_workers:
+        p.add_argument("--worker", action="append", required=True, type=WorkerSpec.parse,
+                       help="http://host:port[,events=tcp://...][,replay=tcp://...][,role=prefill|decode|both]; "
+                            "repeat per worker. KV events are verified with $TANDEM_KV_EVENTS_SECRET")
+        p.add_argument("--tokenizer", default=None,
+                       help="local tokenizer directory (prefix-aware routing needs the workers' token ids)")
+    p.add_argument("--policy", choices=POLICIES, default="cache-aware")
+    p.add_argument("--config", default=None, help="router.yaml: filters, scorers and weights, picker")
+    p.add_argument("--block-size", type=int, default=16, help="the workers' KV block size")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=None, help="seed the picker's tie-breaks")
+    return p
+
+
+def _load_tokenizer(path: str | None):
+    if not path:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def build_router(specs: list[WorkerSpec], args, secret: bytes | None) -> tuple[Router, list[KVEventSubscriber]]:
+    import random
+
+    from tandem.router.policy import build_policy, load_policy_file
+
+    index, approx = PrefixIndex(), ApproxPrefixIndex()
+    evented = {s.url for s in specs if s.events}
+    matcher = CombinedMatcher(index, approx, evented)
+    rng = random.Random(args.seed)
+    policy = load_policy_file(args.config, matcher) if args.config else build_policy(args.policy, matcher, rng=rng)
+
+    def on_down(url: str) -> None:
+        index.remove_worker(url)
+        approx.remove_worker(url)
+
+    pool = WorkerPool(specs, on_down)
+    subscribers = [KVEventSubscriber(index, s.url, s.events, s.replay, secret) for s in specs if s.events]
+    decision = Path(args.config).stem if args.config else args.policy
+    router = Router(pool, policy, _load_tokenizer(args.tokenizer), args.block_size, index, approx,
+                    RouterMetrics(), decision)
+    return router, subscribers
+
+
+def run_router(args) -> int:
+    secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
+    router, subscribers = build_router(args.worker, args, secret.encode() if secret else None)
+    return asyncio.run(serve_router(router, args.host, args.port, subscribers,
+                                    on_ready=lambda: print(f"router on http://{args.host}:{args.port}", flush=True)))
+
+
+# --------------------------------------------------------------------------- tandem up
+def add_up_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("model", nargs="?", default=None, help="model directory (default: the bundled demo model)")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--worker-args", default="", help="extra `tandem serve` flags for every worker, one string")
+    add_router_args(p, with_workers=False)
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_workers(model: str, n: int, extra: list[str], secret: str) -> tuple[list[subprocess.Popen], list[WorkerSpec]]:
+    threads = max(1, (os.cpu_count() or 1) // n)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TANDEM_KV_EVENTS_SECRET": secret}
+    procs, specs = [], []
+    for _ in range(n):
+        port, events, replay = _free_port(), f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+        cmd = [sys.executable, "-m", "tandem.cli", "serve", model, "--port", str(port),
+               "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay, *extra]
+        procs.append(subprocess.Popen(cmd, env=env))
+        specs.append(WorkerSpec(f"http://127.0.0.1:{port}", events, replay))
+    return procs, specs
+
+
+def _wait_healthy(procs: list[subprocess.Popen], specs: list[WorkerSpec], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = {s.url for s in specs}
+    while pending:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a worker exited during startup")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers not healthy after {timeout_s:.0f} s: {sorted(pending)}")
+        for url in list(pending):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    pending.discard(url)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.3)
+
+
+def _stop_workers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def run_up(args) -> int:
+    import shlex
+
+    from tandem.entrypoints.llm import default_model_path
+
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    model = args.model or default_model_path()
+    secret = secrets.token_hex(32)
+    procs, specs = _start_workers(model, args.replicas, shlex.split(args.worker_args), secret)
+    try:
+        _wait_healthy(procs, specs)
+        args.tokenizer = model
+        router, subscribers = build_router(specs, args, secret.encode())
+        ready = f"tandem up: {args.replicas} workers ({', '.join(s.url for s in specs)}) behind " \
+                f"http://{args.host}:{args.port} (policy {args.policy})"
+        return asyncio.run(serve_router(router, args.host, args.port, subscribers,
+                                        on_ready=lambda: print(ready, flush=True)))
+    finally:
+        _stop_workers(procs)

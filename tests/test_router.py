@@ -1,0 +1,163 @@
+"""The router end to end: real `tandem serve` workers with KV events, `tandem router` and
+`tandem up` as processes, the openai SDK through them, a worker killed under load."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.test_server import _free_port, _start_server, _stop
+
+WORKER_FLAGS = ("--max-num-seqs", "8")
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def _metric_sum(text: str, name: str, label: str = "") -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and label in line and not line.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dirs):
+    """Two workers publishing KV events and a `tandem router` (cache-aware) in front."""
+    secret = secrets.token_hex(16)
+    os.environ["TANDEM_KV_EVENTS_SECRET"] = secret
+    model = model_dirs["llama3-gqa"]
+    workers, specs = [], []
+    try:
+        for _ in range(2):
+            events, replay = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+            proc, base = _start_server(model, "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay,
+                                       *WORKER_FLAGS)
+            workers.append(proc)
+            specs.append(f"{base},events={events},replay={replay}")
+        port = _free_port()
+        cmd = [sys.executable, "-m", "tandem.cli", "router", "--port", str(port), "--tokenizer", str(model),
+               "--seed", "0"] + [arg for s in specs for arg in ("--worker", s)]
+        router = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        _wait(url, router)
+        yield url, workers, [s.split(",")[0] for s in specs]
+        router.send_signal(signal.SIGTERM)
+        router.wait(30)
+    finally:
+        os.environ.pop("TANDEM_KV_EVENTS_SECRET", None)
+        for w in workers:
+            _stop(w)
+
+
+def test_openai_sdk_through_router(fleet):
+    url, _, _ = fleet
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    res = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=5, temperature=0)
+    assert res.usage.completion_tokens == 5
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=4, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError):  # worker's 4xx passes through unchanged
+        client.completions.create(model="tiny", prompt="x", max_tokens=-1)
+
+
+def test_shared_prefix_lands_on_the_worker_that_cached_it(fleet):
+    url, _, worker_urls = fleet
+    prefix = "common system prompt " * 12  # several full blocks
+    first = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prefix + "first", "max_tokens": 2},
+                       timeout=60)
+    assert first.status_code == 200
+    time.sleep(0.5)  # KV events reach the router
+    cached = []
+    for i in range(4):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prefix + f"then {i}", "max_tokens": 2},
+                       timeout=60).json()
+        cached.append(r["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert all(c >= 16 for c in cached), cached
+    text = httpx.get(f"{url}/metrics").text
+    assert _metric_sum(text, "tandem_router_reported_cached_tokens_total") >= sum(cached)
+    assert _metric_sum(text, "tandem_router_requests_total") >= 5
+
+
+def test_killing_a_worker_under_load_leaves_no_hung_request(fleet):
+    url, workers, worker_urls = fleet
+
+    def one(i: int) -> str:
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": f"load {i}", "max_tokens": 40, "ignore_eos": True,
+                                    "stream": True}) as r:
+                if r.status_code != 200:
+                    return f"http {r.status_code}"
+                body = "".join(r.iter_text())
+            return "error" if '"error"' in body else "ok"
+        except httpx.HTTPError as e:
+            return type(e).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, i) for i in range(16)]
+        time.sleep(1.0)
+        workers[1].kill()
+        outcomes = [f.result(timeout=90) for f in futures]  # nothing hangs
+    assert outcomes.count("ok") >= 1, outcomes
+    time.sleep(2.5)  # the dead worker has left the pool
+    for i in range(4):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"after {i}", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_tandem_up_starts_and_stops_a_fleet(model_dirs):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", str(model_dirs["llama3-gqa"]), "--replicas", "2",
+                             "--port", str(port), "--policy", "round-robin",
+                             "--worker-args", "--kv-cache-memory 8MiB --served-model-name tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url, proc, timeout_s=240)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        for i in range(4):
+            assert client.completions.create(model="tiny", prompt=f"p{i}", max_tokens=2).usage.completion_tokens == 2
+        text = httpx.get(f"{url}/metrics").text
+        used = [line for line in text.splitlines()
+                if line.startswith("tandem_router_requests_total{") and 'decision="round-robin"' in line]
+        assert len(used) == 2, text  # both workers got requests
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert "tandem up: 2 workers" in out
+    # Helpers (multiprocessing's resource tracker) leave once their parent's pipe closes: allow a moment.
+    deadline = time.monotonic() + 20
+    while (children := _session_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not children, f"processes outlived tandem up: {children}"
+
+
+def _session_members(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.split(None, 1)[0] == str(sid)]
