@@ -63,6 +63,10 @@ def test_arrivals_follow_vllm_schedule():
     steady = np.diff(arrival_times(50, rate=2.0, burstiness=float("inf"), seed=0))
     assert np.allclose(steady, 0.5)
     assert arrival_times(3, float("inf"), 1.0, 0) == [0.0, 0.0, 0.0]
+    # vllm bench serve seeds numpy's global generator and draws one gamma gap per request.
+    np.random.seed(7)
+    vllm_gaps = np.cumsum([np.random.gamma(shape=0.5, scale=1 / (2.0 * 0.5)) for _ in range(20)])
+    assert np.allclose(arrival_times(20, 2.0, 0.5, 7), vllm_gaps * (10.0 / vllm_gaps[-1]))
     with pytest.raises(ValueError):
         arrival_times(3, 1.0, 0.0, 0)
 

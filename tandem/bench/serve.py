@@ -120,16 +120,17 @@ async def send_request(http: httpx.AsyncClient, url: str, payload: dict, req: Se
 
 # --------------------------------------------------------------------------- arrivals
 def arrival_times(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
-    """Send offsets in seconds (vLLM's: gamma gaps, cumulated, rescaled to end at n / rate)."""
+    """Send offsets in seconds, the same as `vllm bench serve --seed` draws: gamma gaps from numpy's
+    legacy generator seeded with the seed, one draw per request, cumulated, rescaled to end at n / rate."""
     if burstiness <= 0:
         raise ValueError(f"--burstiness must be > 0, got {burstiness}")
     if rate <= 0:
         raise ValueError(f"--request-rate must be > 0, got {rate}")
     if rate == float("inf"):
         return [0.0] * n
-    rng = np.random.default_rng(seed)
+    legacy = np.random.RandomState(seed)
     gaps = [1.0 / rate] * n if burstiness == float("inf") else \
-        rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n).tolist()
+        [legacy.gamma(shape=burstiness, scale=1.0 / (rate * burstiness)) for _ in range(n)]
     times = np.cumsum(gaps)
     return (times * ((n / rate) / times[-1])).tolist() if times[-1] > 0 else times.tolist()
 
