@@ -43,6 +43,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--num-warmups", type=int, default=0)
+    p.add_argument("--metrics-url", action="append", default=None,
+                   help="server whose /metrics counters to read before and after (repeat per worker behind a "
+                        "router; default: --base-url)")
     p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS", help="SLOs: ttft:MS tpot:MS e2el:MS")
     p.add_argument("--percentile-metrics", default=DEFAULT_PERCENTILE_METRICS)
     p.add_argument("--metric-percentiles", default=DEFAULT_METRIC_PERCENTILES)
@@ -167,19 +170,21 @@ async def _run_schedule(http, url, args, model, requests: list[ServeRequest], pr
 
 
 # --------------------------------------------------------------------------- server info
-def _server_counters(base_url: str) -> dict[str, float]:
-    """vLLM-named Prometheus counters of interest (sums over label sets); {} if no /metrics."""
-    try:
-        text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return {}
+def _server_counters(base_urls: list[str]) -> dict[str, float]:
+    """vLLM-named Prometheus counters of interest, summed over label sets and servers; a server
+    without /metrics adds nothing."""
     out: dict[str, float] = {}
-    for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:prompt_tokens",
-                 "vllm:generation_tokens", "vllm:request_success"):
-        pattern = re.compile(rf"^{re.escape(name)}(?:_total)?(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.M)
-        values = [float(v) for v in pattern.findall(text)]
-        if values:
-            out[name] = sum(values)
+    for base_url in base_urls:
+        try:
+            text = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:prompt_tokens",
+                     "vllm:generation_tokens", "vllm:request_success"):
+            pattern = re.compile(rf"^{re.escape(name)}(?:_total)?(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.M)
+            values = [float(v) for v in pattern.findall(text)]
+            if values:
+                out[name] = out.get(name, 0.0) + sum(values)
     return out
 
 
@@ -302,12 +307,13 @@ def run_serve(args) -> dict:
     model = args.model if args.model and not Path(args.model).is_dir() else _served_model(args.base_url)
     requests = build_requests(_load_tokenizer(args), args)
     rates = _parse_sweep(args.sweep) if args.sweep else [args.request_rate]
+    metrics_urls = args.metrics_url or [args.base_url]
     runs = []
     for rate in rates:
         args.request_rate = rate
-        before = _server_counters(args.base_url)
+        before = _server_counters(metrics_urls)
         results, duration = asyncio.run(_run_once(args, model, requests))
-        result = _result_json(args, model, results, duration, slos, before, _server_counters(args.base_url))
+        result = _result_json(args, model, results, duration, slos, before, _server_counters(metrics_urls))
         print(_summary(result))
         runs.append((rate, results, result))
     if args.sweep:
