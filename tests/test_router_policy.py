@@ -17,6 +17,7 @@ from tandem.router.policy import (
     ModelServedFilter,
     NotSaturatedFilter,
     Policy,
+    PrefillCostScorer,
     PrefixCacheScorer,
     PrefixMatcher,
     QueueDepthScorer,
@@ -115,6 +116,18 @@ def test_prefix_cache_scorer():
     s = PrefixCacheScorer(FakeMatcher({A: 4, B: 1, "http://gone:1": 3}))
     assert s(req(), [W(A), W(B), W(C)]) == {A: 1.0, B: 0.25, C: 0.0}
     assert s(req(hashes=[]), [W(A), W(B)]) == {A: 0.0, B: 0.0}
+
+
+def test_prefill_cost_scorer():
+    # req(): 4 blocks of 4 tokens = 16 tokens; with block_size 4, A holds all, B one block, C none.
+    s = PrefillCostScorer(FakeMatcher({A: 4, B: 1}), block_size=4)
+    ws = [W(A, pending_prefill_tokens=8), W(B), W(C)]
+    assert s.costs(req(), ws) == {A: 8, B: 12, C: 16}
+    assert s(req(), ws) == {A: 0.5, B: 0.25, C: 0.0}
+    # two busy workers with equal request counts: the one whose backlog is cache hits wins
+    busy = [W(A, in_flight=1, pending_prefill_tokens=1000), W(B, in_flight=1, pending_prefill_tokens=40)]
+    assert s(req(hashes=[]), busy)[B] > s(req(hashes=[]), busy)[A]
+    assert PrefillCostScorer(FakeMatcher())(req(hashes=[]), [W(A), W(B)]) == {A: 1.0, B: 1.0}
 
 
 def test_queue_depth_scorer():
@@ -236,6 +249,7 @@ def test_build_policy_builtins():
     assert ca.name == "cache-aware"
     assert {s.name: w for s, w in ca.scorers} == {
         "prefix_cache": 2.0,
+        "prefill_cost": 1.0,
         "running_requests": 1.0,
         "kv_cache_utilization": 0.5,
         "session_affinity": 1.0,
@@ -413,3 +427,28 @@ def test_no_hotspot_guard_keeps_piling_on_holder():
     )
     ws = [W(A), W(B, in_flight=20), W(C)]
     assert all(pol.pick(req(), ws).url == B for _ in range(50))
+
+
+def test_router_counts_pending_prefill_until_first_byte():
+    from tandem.router.app import Router, RouterMetrics
+    from tandem.router.index import ApproxPrefixIndex, PrefixIndex, prompt_block_hashes
+    from tandem.router.workers import WorkerPool, WorkerSpec
+
+    pool = WorkerPool([WorkerSpec(A), WorkerSpec(B)])
+    for w in pool.workers.values():
+        w.healthy = True
+    index, approx = PrefixIndex(), ApproxPrefixIndex()
+    router = Router(pool, build_policy("cache-aware", approx, rng=random.Random(0)), None, 16, index, approx,
+                    RouterMetrics(), "cache-aware")
+    ids = list(range(100))
+    first = router.pick(RouteRequest("m", ids, prompt_block_hashes(ids, 16)), set())
+    assert first.worker.pending_prefill_tokens == 100 and first.worker.in_flight == 1
+    # the same prompt again: the router predicts 6 cached blocks on the first worker (its history)
+    second = router.pick(RouteRequest("m", ids, prompt_block_hashes(ids, 16)), set())
+    assert second.worker is first.worker and second.prefill_tokens == 100 - 6 * 16
+    router.first_byte(first)
+    router.first_byte(first)  # idempotent
+    assert first.worker.pending_prefill_tokens == 4
+    router.release(first)
+    router.release(second)
+    assert all(w.pending_prefill_tokens == 0 and w.in_flight == 0 for w in pool.workers.values())

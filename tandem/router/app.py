@@ -65,6 +65,7 @@ class Routed:
     worker: WorkerState
     req: RouteRequest
     predicted_blocks: int
+    prefill_tokens: int  # counted in worker.pending_prefill_tokens until the first byte comes back
 
 
 class Router:
@@ -106,9 +107,18 @@ class Router:
             return None
         predicted = self._matched_blocks(req).get(worker.url, 0)
         worker.in_flight += 1  # the policy recorded the pick itself (session, per-prefix counts)
+        prefill = max(0, len(req.token_ids) - predicted * self.block_size)
+        worker.pending_prefill_tokens += prefill
         if req.block_hashes:
             self.approx.record(worker.url, req.block_hashes)
-        return Routed(worker, req, predicted)
+        return Routed(worker, req, predicted, prefill)
+
+    @staticmethod
+    def first_byte(routed: Routed) -> None:
+        """The worker has answered (its prefill is done): its pending prefill no longer counts.
+        Idempotent."""
+        routed.worker.pending_prefill_tokens -= routed.prefill_tokens
+        routed.prefill_tokens = 0
 
     def _matched_blocks(self, req: RouteRequest) -> dict[str, int]:
         if not req.block_hashes:
@@ -117,6 +127,7 @@ class Router:
         return exact or self.approx.match_blocks(req.block_hashes)
 
     def release(self, routed: Routed) -> None:
+        self.first_byte(routed)
         routed.worker.in_flight -= 1
         self.policy.release(routed.req, routed.worker)
 
@@ -248,6 +259,7 @@ async def _relay(router: Router, routed: Routed, upstream: httpx.Response) -> As
     tail = b""
     try:
         async for chunk in upstream.aiter_raw():
+            router.first_byte(routed)
             tail = (tail + chunk)[-8192:]
             yield chunk
     except httpx.HTTPError as e:

@@ -8,7 +8,8 @@ Pipeline, run by ``Policy.pick(req, workers)``:
    them all, since queueing on a busy worker beats refusing.
 2. Scorers, each ``(req, candidates) -> {url: score}`` with every score in [0, 1], 1 = best:
    ``prefix_cache`` (share of the request's full blocks the worker already holds, by a
-   ``PrefixMatcher``), ``queue_depth`` (1 - waiting / max waiting), ``kv_cache_utilization``
+   ``PrefixMatcher``), ``prefill_cost`` (1 - (pending prefill tokens + the request's uncached
+   tokens) / the max of that), ``queue_depth`` (1 - waiting / max waiting), ``kv_cache_utilization``
    (1 - kv_usage), ``running_requests`` (1 - load / max load), ``session_affinity`` (1 on the
    worker that last served the request's session). Total score of a worker =
    sum(weight_i * score_i) / sum(weight_i), so totals lie in [0, 1] too.
@@ -190,6 +191,31 @@ class RunningRequestsScorer:
         if top <= 0:
             return {w.url: 1.0 for w in workers}
         return {w.url: _clamp01(1.0 - w.load / top) for w in workers}
+
+
+class PrefillCostScorer:
+    """Prefill work ahead of the request's first token on each worker: the worker's pending
+    prefill tokens (router-counted) plus this request's tokens it does not cache (by the matcher).
+    Score = 1 - cost / max cost over the candidates; all 1 when every cost is 0. Unlike request
+    counts, it tells a worker busy with a long uncached prompt from one serving cache hits."""
+
+    name = "prefill_cost"
+
+    def __init__(self, matcher: PrefixMatcher, block_size: int = 16) -> None:
+        self.matcher, self.block_size = matcher, block_size
+
+    def costs(self, req: RouteRequest, workers: list[WorkerState]) -> dict[str, float]:
+        matched = self.matcher.match_blocks(req.block_hashes) if req.block_hashes else {}
+        n = len(req.token_ids)
+        return {w.url: w.pending_prefill_tokens + max(0, n - matched.get(w.url, 0) * self.block_size)
+                for w in workers}
+
+    def __call__(self, req: RouteRequest, workers: list[WorkerState]) -> Scores:
+        costs = self.costs(req, workers)
+        top = max(costs.values(), default=0.0)
+        if top <= 0:
+            return {url: 1.0 for url in costs}
+        return {url: _clamp01(1.0 - c / top) for url, c in costs.items()}
 
 
 class SessionAffinityScorer:
@@ -433,6 +459,7 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "kv_cache_utilization": KVCacheUtilizationScorer,
     "running_requests": RunningRequestsScorer,
     "session_affinity": SessionAffinityScorer,
+    "prefill_cost": PrefillCostScorer,
 }
 BUILTIN_POLICIES: dict[str, dict[str, Any]] = {
     "round-robin": {"filters": ["healthy", "model_served"], "scorers": {}, "picker": "round_robin"},
@@ -443,7 +470,8 @@ BUILTIN_POLICIES: dict[str, dict[str, Any]] = {
     },
     "cache-aware": {
         "filters": ["healthy", "model_served", "not_saturated"],
-        "scorers": {"prefix_cache": 2, "running_requests": 1, "kv_cache_utilization": 0.5, "session_affinity": 1},
+        "scorers": {"prefix_cache": 2, "prefill_cost": 1, "running_requests": 1, "kv_cache_utilization": 0.5,
+                    "session_affinity": 1},
         "picker": "max_score",
         "hotspot_margin": DEFAULT_HOTSPOT_MARGIN,
     },
@@ -485,7 +513,7 @@ def _build_scorer(name: str, spec: Any, matcher: PrefixMatcher) -> tuple[Scorer,
     factory = _lookup("scorer", SCORERS, name)
     params = dict(spec) if isinstance(spec, dict) else {"weight": 1.0 if spec is None else spec}
     weight = float(params.pop("weight", 1.0))
-    args = (matcher,) if factory is PrefixCacheScorer else ()
+    args = (matcher,) if factory in (PrefixCacheScorer, PrefillCostScorer) else ()
     return factory(*args, **params), weight
 
 

@@ -18,6 +18,7 @@ class WorkerState:
     num_waiting: float = 0.0  # vllm:num_requests_waiting
     kv_usage: float = 0.0  # vllm:kv_cache_usage_perc, in [0, 1]
     in_flight: int = 0  # requests the router has sent and not seen finish
+    pending_prefill_tokens: int = 0  # uncached prompt tokens of requests sent and not yet answered
     max_num_seqs: int = 256  # capacity hint for saturation and load normalisation
     consecutive_failures: int = 0
 
