@@ -431,14 +431,14 @@ def test_no_hotspot_guard_keeps_piling_on_holder():
 
 def test_router_counts_pending_prefill_until_first_byte():
     from tandem.router.app import Router, RouterMetrics
-    from tandem.router.index import ApproxPrefixIndex, PrefixIndex, prompt_block_hashes
+    from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
     from tandem.router.workers import WorkerPool, WorkerSpec
 
     pool = WorkerPool([WorkerSpec(A), WorkerSpec(B)])
     for w in pool.workers.values():
         w.healthy = True
-    index, approx = PrefixIndex(), ApproxPrefixIndex()
-    router = Router(pool, build_policy("cache-aware", approx, rng=random.Random(0)), None, 16, index, approx,
+    approx = ApproxPrefixIndex()
+    router = Router(pool, build_policy("cache-aware", approx, rng=random.Random(0)), None, 16, approx, approx,
                     RouterMetrics(), "cache-aware")
     ids = list(range(100))
     first = router.pick(RouteRequest("m", ids, prompt_block_hashes(ids, 16)), set())

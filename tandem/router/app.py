@@ -22,7 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from tandem.router.index import ApproxPrefixIndex, PrefixIndex, prompt_block_hashes
+from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
+from tandem.router.policy import PrefixMatcher
 from tandem.router.types import RouteRequest, WorkerState
 from tandem.router.workers import WorkerPool
 
@@ -71,10 +72,10 @@ class Routed:
 class Router:
     """Holds the pool, the indexes and the policy; `route` picks, `release` undoes the accounting."""
 
-    def __init__(self, pool: WorkerPool, policy, tokenizer, block_size: int, index: PrefixIndex | None,
+    def __init__(self, pool: WorkerPool, policy, tokenizer, block_size: int, matcher: PrefixMatcher,
                  approx: ApproxPrefixIndex, metrics: RouterMetrics, decision: str) -> None:
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
-        self.block_size, self.index, self.approx = block_size, index, approx
+        self.block_size, self.matcher, self.approx = block_size, matcher, approx
         self.metrics, self.decision = metrics, decision
 
     def route_request(self, body: dict, chat: bool, session: str | None) -> RouteRequest:
@@ -123,8 +124,7 @@ class Router:
     def _matched_blocks(self, req: RouteRequest) -> dict[str, int]:
         if not req.block_hashes:
             return {}
-        exact = self.index.match_blocks(req.block_hashes) if self.index is not None else {}
-        return exact or self.approx.match_blocks(req.block_hashes)
+        return self.matcher.match_blocks(req.block_hashes)
 
     def release(self, routed: Routed) -> None:
         self.first_byte(routed)

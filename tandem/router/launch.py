@@ -84,7 +84,7 @@ def build_router(specs: list[WorkerSpec], args, secret: bytes | None) -> tuple[R
     pool = WorkerPool(specs, on_down)
     subscribers = [KVEventSubscriber(index, s.url, s.events, s.replay, secret) for s in specs if s.events]
     decision = Path(args.config).stem if args.config else args.policy
-    router = Router(pool, policy, _load_tokenizer(args.tokenizer), args.block_size, index, approx,
+    router = Router(pool, policy, _load_tokenizer(args.tokenizer), args.block_size, matcher, approx,
                     RouterMetrics(), decision)
     return router, subscribers
 
