@@ -35,9 +35,11 @@ class CoreOutput:
     new_logprobs: list[TopLogprobs] | None = None  # one per new token, for requests asking logprobs
     # (first prompt position scored, entries) for the prompt chunk computed this step
     prompt_logprobs: tuple[int, list[TopLogprobs]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    kv_transfer_params: dict | None = None  # prefill side: the ticket for the decode worker
+    error: str | None = None  # finish_reason "error": what went wrong
 
 
 # Without a sink, the newest batches are kept for take_kv_events(); older ones are dropped.
@@ -54,7 +56,8 @@ class EngineCore:
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.connector = self._make_connector(config)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.connector)
         self.kv_event_sink = kv_event_sink
         self._kv_event_seq = 0
         self._kv_event_backlog: deque[KVEventBatch] = deque(maxlen=KV_EVENT_BACKLOG)
@@ -73,6 +76,28 @@ class EngineCore:
             limit = capacity
         return requested or limit
 
+    def _make_connector(self, config: EngineConfig):
+        if config.kv_transfer is None:
+            return None
+        from tandem.kv_transfer.connector import KVConnector
+        from tandem.kv_transfer.ticket import compat_hash
+
+        runner = self.runner
+        caches = [(a.k_cache, a.v_cache) for a in runner.model.attention_layers()]
+        compat = compat_hash(self.hf_config, str(runner.dtype), config.cache.block_size)
+        return KVConnector(config.kv_transfer, caches, compat, config.cache.block_size,
+                           runner.kv_bytes_per_block // config.cache.block_size)
+
+    def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()
+
+    def has_runnable_requests(self) -> bool:
+        return self.scheduler.has_runnable_requests()
+
+    def has_pending_transfers(self) -> bool:
+        return self.scheduler.has_pending_transfers()
+
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
 
@@ -86,10 +111,12 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[CoreOutput]:
+        outputs: dict[str, CoreOutput] = {}
+        for req in self.scheduler.update_transfers():
+            outputs[req.request_id] = CoreOutput(req.request_id, [], finish_reason="error", error=req.error)
         sched_out = self.scheduler.schedule()
         result = self.runner.execute(sched_out)
         updated = self.scheduler.update_from_output(sched_out, result.sampled)
-        outputs: dict[str, CoreOutput] = {}
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)
         for req in updated:
@@ -102,6 +129,7 @@ class EngineCore:
             if req.is_finished:
                 out.finish_reason = req.status.finish_reason
                 out.stop_reason = req.stop_reason
+                out.kv_transfer_params = req.kv_transfer_params
         self._flush_kv_events()
         return list(outputs.values())
 
@@ -127,4 +155,5 @@ class EngineCore:
     def assert_idle(self) -> None:
         """No request in flight: every block free, every reference count 0."""
         assert not self.scheduler.has_unfinished_requests(), "scheduler still holds requests"
+        assert not self.scheduler.has_pending_transfers(), "KV leases or loads still hold blocks"
         self.kv.pool.assert_idle()

@@ -117,8 +117,15 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Release a request's blocks, tail first so that shared prefixes are evicted last."""
-        blocks = self.req_blocks.pop(request.request_id, [])
+        self.free_blocks(self.detach(request))
+
+    def detach(self, request: Request) -> list[KVCacheBlock]:
+        """Take a request's blocks out of its table without freeing them (a lease, or a transfer
+        still writing into them); give them back later with ``free_blocks``."""
         self.num_cached_blocks.pop(request.request_id, None)
+        return self.req_blocks.pop(request.request_id, [])
+
+    def free_blocks(self, blocks: list[KVCacheBlock]) -> None:
         self.pool.free_blocks(reversed(blocks))
 
     def get_block_ids(self, request_id: str) -> list[int]:

@@ -12,6 +12,7 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
+    WAITING_FOR_REMOTE_KVS = 3  # blocks allocated, KV being pulled from a prefill worker
     # Everything from here on is terminal: a request reaches exactly one of these, once.
     FINISHED_STOPPED = 10
     FINISHED_LENGTH = 11
@@ -31,7 +32,7 @@ _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
-    RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_ERROR: "error",  # e.g. a failed KV transfer under policy "fail"
 }
 
 
@@ -54,6 +55,8 @@ class Request:
         cache_salt: str | None = None,
         parent_id: str | None = None,
         max_tokens: int,
+        remote_ticket=None,
+        do_remote_decode: bool = False,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -72,6 +75,15 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
+        # Disaggregation. Decode side: a verified Ticket for the prompt's KV on a prefill worker,
+        # cleared once loaded (kv_loaded until admitted) or given up. Prefill side: hold the blocks
+        # under a lease when the request finishes, and report the ticket in kv_transfer_params.
+        self.remote_ticket = remote_ticket
+        self.kv_loaded = False
+        self.kv_load_tokens = 0  # prompt tokens whose KV the current load brings
+        self.do_remote_decode = do_remote_decode
+        self.kv_transfer_params: dict | None = None
+        self.error: str | None = None  # why a FINISHED_ERROR request failed
         # Chained block hashes of this request's full blocks, extended as tokens arrive.
         self.block_hashes: list[bytes] = []
 

@@ -6,6 +6,13 @@ Plain Python over plain data (no torch, no sockets). Each step:
    is preempted (its blocks freed, recomputed later from its tokens, so its output is unchanged);
 2. if nothing was preempted, waiting requests are admitted in policy order, after a prefix-cache
    lookup, while budget, ``max_num_seqs`` and blocks last.
+
+Disaggregation (with a KV connector): a waiting request holding a ticket for its prompt's KV on a
+prefill worker gets blocks for the part it does not cache locally and waits, in ``loading``
+(WAITING_FOR_REMOTE_KVS), while the connector pulls them; then it is admitted like a prefix hit
+with one prompt token left to compute. A finished ``do_remote_decode`` request keeps its blocks in
+``held`` under a lease until the connector reports the lease ended.
+NOTE: blocks a transfer may still write into are freed only after its one LoadResult arrived.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tandem.config import SchedulerConfig
-from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.block_pool import KVCacheBlock
+from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
 from tandem.engine.request import Request, RequestStatus
 from tandem.sampling_params import SamplingParams
 
@@ -57,8 +65,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, connector=None) -> None:
         self.config = config
+        self.connector = connector  # tandem.kv_transfer.connector.KVConnector, or None
+        self.loading: dict[str, Request] = {}  # pulling their prompt's KV from a prefill worker
+        self.held: dict[str, list[KVCacheBlock]] = {}  # lease id -> blocks of a finished prefill
+        self._orphans: dict[str, list[KVCacheBlock]] = {}  # aborted while loading: freed on its result
         self.kv = kv
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -74,6 +86,10 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in flight")
+        if request.remote_ticket is not None:
+            if self.connector is None or self.connector.receiver is None:
+                raise ValueError("this worker does not accept remote KV (start it with --role decode or both)")
+            self.connector.watch(request.remote_ticket)
         self.requests[request.request_id] = request
         self._order_key[request.request_id] = self._policy_key(request)
         self._enqueue_waiting(request)
@@ -91,6 +107,9 @@ class Scheduler:
                 self.running.remove(req)
             elif req in self.waiting:
                 self.waiting.remove(req)
+            elif self.loading.pop(rid, None) is not None:
+                self._orphans[rid] = self.kv.detach(req)
+                self.connector.cancel(rid)
             req.stop_reason = stop_reason
             self._finish(req, status)
             done.append(req)
@@ -98,6 +117,13 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_runnable_requests(self) -> bool:
+        """Requests a step could compute (not only ones waiting for remote KV)."""
+        return bool(self.running or self.waiting)
+
+    def has_pending_transfers(self) -> bool:
+        return bool(self.loading or self.held or self._orphans)
 
     @property
     def num_waiting(self) -> int:
@@ -163,7 +189,17 @@ class Scheduler:
             if self._should_wait_for_sibling(req, prefilling_parents):
                 deferred.append(self.waiting.pop(0))
                 continue
-            hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            if req.kv_loaded:
+                hits, num_hit_tokens = [], req.num_computed_tokens
+            else:
+                hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+                if req.remote_ticket is not None:
+                    started = self._start_remote_load(req, hits, num_hit_tokens)
+                    if started is None:
+                        break  # no room for its blocks yet
+                    if started:
+                        self.waiting.pop(0)
+                        continue
             num_new = req.num_tokens - num_hit_tokens
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
@@ -175,6 +211,7 @@ class Scheduler:
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
+            req.kv_loaded = False
             self.running.append(req)
             scheduled[req.request_id] = num_new
             budget -= num_new
@@ -182,6 +219,62 @@ class Scheduler:
                 prefilling_parents.add(req.parent_id)
         for req in reversed(deferred):
             self.waiting.insert(0, req)
+
+    def _start_remote_load(self, req: Request, hits: list[KVCacheBlock], num_hit: int) -> bool | None:
+        """Allocate blocks for the remote part of the prompt and start pulling it. False: every
+        block is cached here, the ticket is not needed. None: no room yet."""
+        ticket = req.remote_ticket
+        num_load = min(ticket.num_tokens, req.num_prompt_tokens - 1)  # the last prompt token is computed here
+        if num_hit >= num_load:
+            self.connector.release(ticket)
+            self.connector.stats.local_skips += 1
+            req.remote_ticket = None
+            return False
+        if not self.kv.allocate_slots(req, num_load - num_hit, hits):
+            return None
+        req.num_computed_tokens = num_hit
+        req.num_cached_tokens = num_hit
+        req.kv_load_tokens = num_load
+        first, last = num_hit // self.kv.block_size, cdiv(num_load, self.kv.block_size)
+        local = self.kv.get_block_ids(req.request_id)[first:last]
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.loading[req.request_id] = req
+        self.connector.start_load(req.request_id, ticket, ticket.block_ids[first:last], local)
+        return True
+
+    def update_transfers(self) -> list[Request]:
+        """Apply what the connector finished since the last step: free ended leases and aborted
+        loads, admit loaded requests, apply the failure policy. Returns the requests that failed."""
+        if self.connector is None:
+            return []
+        for lease_id in self.connector.take_ended_leases():
+            self.kv.free_blocks(self.held.pop(lease_id, []))
+        failed = []
+        for result in self.connector.take_load_results():
+            orphan = self._orphans.pop(result.request_id, None)
+            if orphan is not None:
+                self.kv.free_blocks(orphan)
+                continue
+            req = self.loading.pop(result.request_id, None)
+            if req is None:
+                continue
+            req.remote_ticket = None
+            if result.ok:
+                req.num_computed_tokens = req.kv_load_tokens
+                req.kv_loaded = True
+                self.kv.cache_computed_blocks(req)
+            elif self.connector.failure_policy == "recompute":
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                self.connector.stats.recomputed += 1
+            else:
+                req.error = f"KV transfer failed ({result.kind}): {result.message}"
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                failed.append(req)
+                continue
+            req.status = RequestStatus.WAITING
+            self._enqueue_waiting(req)
+        return failed
 
     def _should_wait_for_sibling(self, req: Request, prefilling_parents: set[str]) -> bool:
         """n > 1: while one child prefills the shared prompt, its siblings wait, then hit its
@@ -257,15 +350,35 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.kv_loaded = False
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue_waiting(req)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
-        self.kv.free(req)
+        if req.remote_ticket is not None and req.request_id not in self._orphans:
+            self.connector.release(req.remote_ticket)  # never loaded: the prefill side may free now
+        if req.do_remote_decode and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self._hold_for_decode(req)
+        else:
+            self.kv.free(req)
         del self.requests[req.request_id]
         self._order_key.pop(req.request_id, None)
         if req.request_id in self._seen_by_runner:
             self._seen_by_runner.discard(req.request_id)
             self._finished_since_last_step.add(req.request_id)
+
+    def _hold_for_decode(self, req: Request) -> None:
+        """Prefill side: keep the finished prompt's blocks under a lease for a decode worker."""
+        blocks = self.kv.detach(req)
+        ticket = None
+        if self.connector is not None:
+            ticket = self.connector.issue_ticket(req.prompt_token_ids, min(req.num_computed_tokens,
+                                                                           req.num_prompt_tokens),
+                                                 [b.block_id for b in blocks])
+        if ticket is None:
+            self.kv.free_blocks(blocks)
+            return
+        self.held[ticket.lease_id] = blocks
+        req.kv_transfer_params = {f: getattr(ticket, f) for f in ticket.__struct_fields__}

@@ -1,0 +1,1 @@
+"""Disaggregated prefill/decode: the KV hand-off between a prefill worker and a decode worker."""

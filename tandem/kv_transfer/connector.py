@@ -1,0 +1,99 @@
+"""The KV connector as the scheduler sees it: one object per engine core with a sending half
+(prefill: leases and a ROUTER serving pulls) and a receiving half (decode: pulls and heartbeats).
+
+The scheduler plans (which blocks to load, when a finished prefill's blocks may be freed); the
+halves move bytes in their own threads. Everything here is called from the core thread.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import zmq
+
+from tandem.kv_transfer.receiver import KVReceiver, LoadResult
+from tandem.kv_transfer.sender import KVCaches, KVSender
+from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, prompt_hash, sign
+
+
+@dataclass
+class TransferStats:
+    loads_ok: int = 0
+    bytes_received: int = 0
+    seconds_total: float = 0.0
+    new_durations: list[float] = field(default_factory=list)  # since the last stats report
+    failures: Counter = field(default_factory=Counter)  # kind -> count
+    recomputed: int = 0  # failed loads prefilled locally (policy recompute)
+    local_skips: int = 0  # tickets not needed: every block was already cached here
+
+
+class KVConnector:
+    def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, block_size: int,
+                 kv_bytes_per_token: int) -> None:
+        self.config, self.compat = config, compat
+        self.block_size, self.kv_bytes_per_token = block_size, kv_bytes_per_token
+        self.ctx = zmq.Context()
+        self.sender = KVSender(config, kv_caches, compat, self.ctx) if config.sends else None
+        self.receiver = KVReceiver(config, kv_caches, compat, self.ctx) if config.receives else None
+        self.stats = TransferStats()
+
+    @property
+    def failure_policy(self) -> str:
+        return self.config.failure_policy
+
+    # -- prefill side ------------------------------------------------------------------------------------
+    def issue_ticket(self, prompt_token_ids: list[int], num_tokens: int, block_ids: list[int]) -> Ticket | None:
+        """Lease the blocks of a finished prefill; None when this worker does not send."""
+        if self.sender is None:
+            return None
+        lease = self.sender.hold(block_ids)
+        ticket = Ticket(True, self.sender.endpoint, lease.lease_id, list(block_ids), num_tokens, self.block_size,
+                        self.compat, prompt_hash(prompt_token_ids), self.config.lease_s, self.kv_bytes_per_token)
+        return sign(ticket, self.config.secret)
+
+    def take_ended_leases(self) -> list[str]:
+        return self.sender.take_ended() if self.sender is not None else []
+
+    @property
+    def num_leases(self) -> int:
+        return self.sender.num_leases if self.sender is not None else 0
+
+    # -- decode side ------------------------------------------------------------------------------------
+    def _receiver(self) -> KVReceiver:
+        if self.receiver is None:
+            raise RuntimeError("this worker does not receive KV (role prefill)")
+        return self.receiver
+
+    def watch(self, ticket: Ticket) -> None:
+        self._receiver().watch(ticket)
+
+    def start_load(self, request_id: str, ticket: Ticket, remote_block_ids: list[int],
+                   local_block_ids: list[int]) -> None:
+        self._receiver().load(request_id, ticket, remote_block_ids, local_block_ids)
+
+    def cancel(self, request_id: str) -> None:
+        self._receiver().cancel(request_id)
+
+    def release(self, ticket: Ticket) -> None:
+        self._receiver().release(ticket)
+
+    def take_load_results(self) -> list[LoadResult]:
+        if self.receiver is None:
+            return []
+        results = self.receiver.take_results()
+        for r in results:
+            if r.ok:
+                self.stats.loads_ok += 1
+                self.stats.bytes_received += r.num_bytes
+                self.stats.seconds_total += r.seconds
+                self.stats.new_durations.append(r.seconds)
+            elif r.kind != "cancelled":
+                self.stats.failures[r.kind] += 1
+        return results
+
+    def close(self) -> None:
+        for half in (self.sender, self.receiver):
+            if half is not None:
+                half.close()
+        self.ctx.term()

@@ -1,0 +1,230 @@
+"""Decode side, worker half: pulls leased blocks from prefill workers into this worker's KV cache,
+in a thread of the engine-core process, and keeps the leases of waiting requests alive.
+
+Commands come from the core thread through a queue; results go back through another. Every
+started load produces exactly one LoadResult (ok, failed or cancelled), and only after the last
+write into its blocks: the scheduler frees a load's blocks only once its result is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import msgspec
+import torch
+import zmq
+
+from tandem.kv_transfer.sender import KVCaches
+from tandem.kv_transfer.ticket import KVTransferConfig, Ticket
+from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, LayerData, Pull, PullDone, PullError, Release, Renew,
+                                     ToReceiver, WireCodec)
+
+logger = logging.getLogger(__name__)
+
+# Received frames are read-only buffers; we only read from them (index_copy_ into the cache).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+_POLL_MS = 20
+
+
+@dataclass
+class LoadResult:
+    request_id: str
+    ok: bool
+    kind: str = ""  # on failure: timeout | cancelled | unknown_lease | lease_expired | incompatible | ...
+    message: str = ""
+    num_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Load:
+    request_id: str
+    ticket: Ticket
+    remote_block_ids: list[int]
+    local_index: torch.Tensor
+    started: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+    layers_done: int = 0
+    num_bytes: int = 0
+
+
+class KVReceiver:
+    def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, ctx: zmq.Context) -> None:
+        self.config, self.kv_caches, self.compat, self.ctx = config, kv_caches, compat, ctx
+        self.codec = WireCodec(config.secret, ToReceiver)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._socks: dict[str, zmq.Socket] = {}
+        self._loads: dict[str, _Load] = {}  # lease id -> load in progress
+        self._watched: dict[str, Ticket] = {}  # lease id -> ticket kept alive by heartbeats
+        self._last_heartbeat = 0.0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
+        self._thread.start()
+
+    # -- core thread ----------------------------------------------------------------------------------------
+    def watch(self, ticket: Ticket) -> None:
+        """Keep this lease alive (heartbeats) until it is loaded or released."""
+        self._commands.put(("watch", ticket))
+
+    def load(self, request_id: str, ticket: Ticket, remote_block_ids: list[int], local_block_ids: list[int]) -> None:
+        self._commands.put(("load", _Load(request_id, ticket, remote_block_ids,
+                                          torch.tensor(local_block_ids, dtype=torch.int64))))
+
+    def cancel(self, request_id: str) -> None:
+        self._commands.put(("cancel", request_id))
+
+    def release(self, ticket: Ticket) -> None:
+        """The request no longer needs the remote blocks (aborted, or all of them cached here)."""
+        self._commands.put(("release", ticket))
+
+    def take_results(self) -> list[LoadResult]:
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        self._stopped = True
+        self._thread.join(2)
+        for sock in self._socks.values():
+            sock.close(0)
+
+    # -- receiver thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        while not self._stopped:
+            self._drain_commands(poller)
+            for sock, _ in poller.poll(_POLL_MS):
+                self._on_message(sock.recv_multipart(copy=False))
+            self._heartbeat()
+            self._expire_stalled()
+
+    def _sock(self, endpoint: str, poller: zmq.Poller) -> zmq.Socket:
+        sock = self._socks.get(endpoint)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+            sock.connect(endpoint)
+            poller.register(sock, zmq.POLLIN)
+            self._socks[endpoint] = sock
+        return sock
+
+    def _send(self, endpoint: str, msg, poller: zmq.Poller | None = None) -> None:
+        sock = self._socks.get(endpoint) if poller is None else self._sock(endpoint, poller)
+        if sock is not None:
+            sock.send_multipart(self.codec.encode(msg))
+
+    def _drain_commands(self, poller: zmq.Poller) -> None:
+        while True:
+            try:
+                verb, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if verb == "watch":
+                self._watched[arg.lease_id] = arg
+                self._sock(arg.engine, poller)
+            elif verb == "load":
+                self._start(arg, poller)
+            elif verb == "cancel":
+                for load in [x for x in self._loads.values() if x.request_id == arg]:
+                    self._finish(load, LoadResult(arg, False, "cancelled", "request aborted during the transfer"))
+            elif verb == "release":
+                self._watched.pop(arg.lease_id, None)
+                self._send(arg.engine, Release(arg.lease_id), poller)
+
+    def _start(self, load: _Load, poller: zmq.Poller) -> None:
+        ticket = load.ticket
+        self._watched.pop(ticket.lease_id, None)
+        if ticket.compat != self.compat:
+            self._results.put(LoadResult(load.request_id, False, "incompatible",
+                                         "model, dtype, block size or KV layout differ between the workers"))
+            self._send(ticket.engine, Release(ticket.lease_id), poller)
+            return
+        self._loads[ticket.lease_id] = load
+        self._send(ticket.engine, Pull(ticket.lease_id, self.compat, load.remote_block_ids), poller)
+
+    def _on_message(self, frames: list) -> None:
+        try:
+            msg, payload = self.codec.decode(frames)
+        except PermissionError:
+            self._fail_unauthenticated(frames)
+            return
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            logger.warning("KV receiver dropped a bad message: %s", e)
+            return
+        load = self._loads.get(msg.lease_id)
+        if load is None:
+            return  # a load we already gave up on
+        load.last_progress = time.monotonic()
+        if isinstance(msg, LayerData):
+            self._write_layer(load, msg, payload)
+        elif isinstance(msg, PullDone):
+            ok = load.layers_done == len(self.kv_caches) == msg.num_layers
+            self._finish(load, LoadResult(load.request_id, ok, "" if ok else "bad_blocks",
+                                          "" if ok else "incomplete transfer", load.num_bytes,
+                                          time.monotonic() - load.started))
+        elif isinstance(msg, PullError):
+            self._finish(load, LoadResult(load.request_id, False, msg.kind, msg.message))
+
+    def _write_layer(self, load: _Load, msg: LayerData, payload: list) -> None:
+        k_cache, v_cache = self.kv_caches[msg.layer] if 0 <= msg.layer < len(self.kv_caches) else (None, None)
+        n = len(load.local_index)
+        shape = (n, *k_cache.shape[1:]) if k_cache is not None else ()
+        expected = n * (k_cache[0].numel() * k_cache.element_size() if k_cache is not None else 0)
+        if k_cache is None or msg.num_blocks != n or msg.nbytes != expected or len(payload) != 2 \
+                or any(len(p.buffer) != expected for p in payload):
+            self._finish(load, LoadResult(load.request_id, False, "bad_blocks", f"malformed layer {msg.layer}"))
+            return
+        for cache, frame in ((k_cache, payload[0]), (v_cache, payload[1])):
+            data = torch.frombuffer(frame.buffer, dtype=torch.uint8).view(cache.dtype).view(shape)
+            cache.index_copy_(0, load.local_index, data)
+        load.layers_done += 1
+        load.num_bytes += 2 * expected
+
+    def _fail_unauthenticated(self, frames: list) -> None:
+        try:
+            lease_id = msgspec.msgpack.decode(bytes(frames[0].buffer), type=PullError).lease_id
+        except (msgspec.DecodeError, msgspec.ValidationError, IndexError):
+            return
+        load = self._loads.get(lease_id)
+        if load is not None:
+            self._finish(load, LoadResult(load.request_id, False, "unauthenticated",
+                                          "the prefill worker does not share this worker's secret"))
+
+    def _finish(self, load: _Load, result: LoadResult) -> None:
+        """The one result of a load; the remote lease is released whatever the outcome."""
+        self._loads.pop(load.ticket.lease_id, None)
+        self._send(load.ticket.engine, Release(load.ticket.lease_id))
+        self._results.put(result)
+
+    def _heartbeat(self) -> None:
+        """Renew every watched or loading lease three times per lease length of its issuer."""
+        tickets = [*self._watched.values(), *(x.ticket for x in self._loads.values())]
+        if not tickets:
+            return
+        now = time.monotonic()
+        if now - self._last_heartbeat < min(t.lease_s for t in tickets) / 3:
+            return
+        self._last_heartbeat = now
+        by_engine: dict[str, list[str]] = {}
+        for ticket in tickets:
+            by_engine.setdefault(ticket.engine, []).append(ticket.lease_id)
+        for engine, lease_ids in by_engine.items():
+            self._send(engine, Renew(lease_ids))
+
+    def _expire_stalled(self) -> None:
+        now = time.monotonic()
+        for load in [x for x in self._loads.values() if now - x.last_progress > self.config.transfer_timeout_s]:
+            self._finish(load, LoadResult(load.request_id, False, "timeout",
+                                          f"no data from {load.ticket.engine} for "
+                                          f"{self.config.transfer_timeout_s:.1f} s (worker gone or link down)"))

@@ -1,0 +1,109 @@
+"""What a prefill worker hands out and a decode worker redeems: the configuration of both sides,
+the signed transfer ticket (``kv_transfer_params`` in HTTP bodies, as in vLLM) and the
+compatibility hash of the KV layout.
+
+NOTE: a ticket is only honoured when its MAC verifies under the fleet's shared secret, its
+compatibility hash equals the decode worker's own and its prompt hash equals the decode request's
+prompt; anything else is refused before a single block is allocated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+
+import msgspec
+
+ROLES = ("prefill", "decode", "both")
+FAILURE_POLICIES = ("fail", "recompute")
+LAYOUT_VERSION = "blocks-nhd-v1"  # per layer: K and V as [num_blocks, block_size, num_kv_heads, head_dim]
+
+_enc = msgspec.msgpack.Encoder()
+
+
+@dataclass
+class KVTransferConfig:
+    role: str = "both"  # which sides run: prefill (sender), decode (receiver) or both
+    host: str = "127.0.0.1"  # the sender binds here; decode workers connect to it
+    port: int = 0  # 0: pick a free port
+    secret: bytes = b""
+    lease_s: float = 10.0  # a handed-out prefill's blocks live this long without a heartbeat
+    transfer_timeout_s: float = 10.0  # a pull with no progress for this long fails ("timeout")
+    failure_policy: str = "fail"  # fail: the request errors; recompute: decode prefills locally
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"kv role must be one of {ROLES}, got {self.role!r}")
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"kv failure policy must be one of {FAILURE_POLICIES}, got {self.failure_policy!r}")
+        if len(self.secret) < 16:
+            raise ValueError("the KV transfer secret must be at least 16 bytes ($TANDEM_KV_TRANSFER_SECRET)")
+        if self.lease_s <= 0 or self.transfer_timeout_s <= 0:
+            raise ValueError("lease_s and transfer_timeout_s must be positive")
+
+    @property
+    def sends(self) -> bool:
+        return self.role in ("prefill", "both")
+
+    @property
+    def receives(self) -> bool:
+        return self.role in ("decode", "both")
+
+
+def compat_hash(hf_config: dict, dtype: str, block_size: int) -> str:
+    """Equal only when two workers' KV blocks are interchangeable byte for byte."""
+    payload = json.dumps({"model": hf_config, "dtype": dtype, "block_size": block_size, "layout": LAYOUT_VERSION},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def prompt_hash(token_ids: list[int]) -> str:
+    return hashlib.sha256(_enc.encode(token_ids)).hexdigest()[:32]
+
+
+class Ticket(msgspec.Struct, forbid_unknown_fields=True):
+    """The prefill side's promise: blocks ``block_ids`` on ``engine`` hold the KV of the first
+    ``num_tokens`` tokens of the prompt with hash ``prompt``, until the lease ``lease_id`` ends."""
+
+    do_remote_prefill: bool
+    engine: str  # tcp://host:port of the prefill worker's KV sender
+    lease_id: str
+    block_ids: list[int]
+    num_tokens: int
+    block_size: int
+    compat: str
+    prompt: str
+    lease_s: float
+    kv_bytes_per_token: int
+    mac: str = ""
+
+    def signed_payload(self) -> bytes:
+        fields = [getattr(self, f) for f in self.__struct_fields__ if f != "mac"]
+        return _enc.encode(fields)
+
+
+def sign(ticket: Ticket, secret: bytes) -> Ticket:
+    ticket.mac = hmac.new(secret, ticket.signed_payload(), hashlib.sha256).hexdigest()
+    return ticket
+
+
+class TicketError(ValueError):
+    """A ticket that must not be redeemed; the message says why (HTTP 400)."""
+
+
+def parse_ticket(params: dict, secret: bytes, prompt_token_ids: list[int]) -> Ticket:
+    """kv_transfer_params from a request body -> a verified Ticket, or TicketError."""
+    try:
+        ticket = msgspec.convert(params, Ticket)
+    except msgspec.ValidationError as e:
+        raise TicketError(f"kv_transfer_params: {e}") from None
+    expected = hmac.new(secret, ticket.signed_payload(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, ticket.mac):
+        raise TicketError("kv_transfer_params: signature does not verify (forged, or another fleet's secret)")
+    if ticket.prompt != prompt_hash(prompt_token_ids):
+        raise TicketError("kv_transfer_params: issued for a different prompt")
+    if ticket.num_tokens > len(prompt_token_ids) or len(ticket.block_ids) * ticket.block_size < ticket.num_tokens:
+        raise TicketError("kv_transfer_params: block list does not cover num_tokens")
+    return ticket

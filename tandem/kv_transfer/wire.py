@@ -1,0 +1,81 @@
+"""Messages on the KV transfer channel (ZMQ DEALER on the decode side, ROUTER on the prefill side).
+
+Every message is ``[header, mac, *payload]``: a msgpack-encoded tagged struct, HMAC-SHA256 of the
+header under the fleet's secret, then raw tensor bytes (LayerData only; their sizes are in the
+signed header). Nothing is pickled; a frame that does not decode or verify is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import msgspec
+
+MAX_FRAME_BYTES = 1 << 30
+
+
+# -- decode -> prefill ----------------------------------------------------------------------------------
+class Pull(msgspec.Struct, tag=True):
+    """Send the listed blocks of the lease, layer by layer."""
+    lease_id: str
+    compat: str
+    block_ids: list[int]
+
+
+class Renew(msgspec.Struct, tag=True):
+    """Heartbeat: extend these leases by the sender's lease length."""
+    lease_ids: list[str]
+
+
+class Release(msgspec.Struct, tag=True):
+    """The decode side is done with the lease (loaded, or no longer wants it)."""
+    lease_id: str
+
+
+# -- prefill -> decode ----------------------------------------------------------------------------------
+class LayerData(msgspec.Struct, tag=True):
+    """Followed by two frames: K then V of ``num_blocks`` blocks of layer ``layer``."""
+    lease_id: str
+    layer: int
+    num_blocks: int
+    nbytes: int  # of each of the two frames
+
+
+class PullDone(msgspec.Struct, tag=True):
+    lease_id: str
+    num_layers: int
+
+
+class PullError(msgspec.Struct, tag=True):
+    lease_id: str
+    kind: str  # unknown_lease | lease_expired | incompatible | bad_blocks | unauthenticated
+    message: str
+
+
+ToSender = Pull | Renew | Release
+ToReceiver = LayerData | PullDone | PullError
+
+
+class WireCodec:
+    def __init__(self, secret: bytes, decode_type) -> None:
+        self.secret = secret
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(decode_type)
+
+    def mac(self, header: bytes) -> bytes:
+        return hmac.new(self.secret, header, hashlib.sha256).digest()
+
+    def encode(self, msg) -> list[bytes]:
+        header = self.encoder.encode(msg)
+        return [header, self.mac(header)]
+
+    def decode(self, frames: list) -> tuple[object, list]:
+        """(message, payload frames). PermissionError when the MAC does not verify,
+        msgspec errors on junk."""
+        if len(frames) < 2:
+            raise msgspec.DecodeError("short message")
+        header, mac = bytes(frames[0]), bytes(frames[1])
+        if not hmac.compare_digest(self.mac(header), mac):
+            raise PermissionError("message not signed with this fleet's secret")
+        return self.decoder.decode(header), frames[2:]

@@ -1,0 +1,359 @@
+"""Disaggregated prefill/decode at the engine-core level: a prefill core and a decode core in one
+process, talking over real ZMQ TCP on 127.0.0.1. Greedy outputs must equal a single core's; every
+failure must end with its defined outcome and leave both block pools empty."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import msgspec
+import pytest
+
+from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tandem.engine.core import EngineCore
+from tandem.engine.request import Request, RequestStatus
+from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, TicketError, parse_ticket, sign
+from tandem.sampling_params import SamplingParams
+
+SECRET = b"s" * 32
+
+
+def make_core(model_dir, role=None, secret=SECRET, **kv) -> EngineCore:
+    transfer = None
+    if role is not None:
+        kv.setdefault("lease_s", 5.0)
+        kv.setdefault("transfer_timeout_s", 2.0)
+        transfer = KVTransferConfig(role=role, secret=secret, **kv)
+    config = EngineConfig(ModelConfig(str(model_dir)), CacheConfig(block_size=16, kv_cache_memory="4MiB"),
+                          SchedulerConfig(max_num_batched_tokens=256), kv_transfer=transfer)
+    return EngineCore(config)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tandem.testing import build_preset
+
+    return build_preset("llama3-gqa", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def cores(model_dir):
+    prefill, decode, single = make_core(model_dir, "prefill"), make_core(model_dir, "decode"), make_core(model_dir)
+    yield prefill, decode, single
+    for core in (prefill, decode):
+        core.close()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def run_until(cores, done, timeout_s: float = 30.0) -> dict[str, list]:
+    """Step every core until done() holds; returns request id -> its CoreOutputs."""
+    outs: dict[str, list] = {}
+    deadline = time.monotonic() + timeout_s
+    while not done(outs):
+        assert time.monotonic() < deadline, "timed out"
+        for core in cores:
+            if core.has_unfinished_requests() or core.has_pending_transfers():
+                for o in core.step():
+                    outs.setdefault(o.request_id, []).append(o)
+        time.sleep(0.001)
+    return outs
+
+
+def finished(*rids):
+    return lambda outs: all(outs.get(r) and outs[r][-1].finish_reason for r in rids)
+
+
+def tokens(outs, rid) -> list[int]:
+    return [t for o in outs[rid] for t in o.new_token_ids]
+
+
+def prefill_ticket(prefill: EngineCore, rid: str, prompt: list[int]) -> dict:
+    prefill.add_request(Request(rid, prompt, greedy(1), max_tokens=1, do_remote_decode=True))
+    outs = run_until([prefill], finished(rid))
+    params = outs[rid][-1].kv_transfer_params
+    assert params is not None and params["do_remote_prefill"]
+    return params
+
+
+def decode_request(rid, prompt, params, max_tokens, secret=SECRET) -> Request:
+    return Request(rid, prompt, greedy(max_tokens), max_tokens=max_tokens,
+                   remote_ticket=parse_ticket(params, secret, prompt))
+
+
+def single_output(single: EngineCore, prompt: list[int], max_tokens: int) -> list[int]:
+    rid = f"ref-{time.monotonic_ns()}"
+    single.add_request(Request(rid, prompt, greedy(max_tokens), max_tokens=max_tokens))
+    return tokens(run_until([single], finished(rid)), rid)
+
+
+def wait_idle(*cores, timeout_s: float = 10.0) -> None:
+    """Step until no transfer or lease is pending, then check both pools are empty."""
+    deadline = time.monotonic() + timeout_s
+    while any(c.has_unfinished_requests() or c.has_pending_transfers() for c in cores):
+        assert time.monotonic() < deadline, "transfers still pending"
+        for c in cores:
+            c.step()
+        time.sleep(0.005)
+    for c in cores:
+        c.assert_idle()
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 250 + 3 for i in range(n)]
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 40, 130])
+def test_disaggregated_greedy_equals_single_core(cores, length):
+    prefill, decode, single = cores
+    prompt = prompt_of(length, length)
+    params = prefill_ticket(prefill, f"p{length}", prompt)
+    decode.add_request(decode_request(f"d{length}", prompt, params, 12))
+    outs = run_until([prefill, decode], finished(f"d{length}"))
+    assert tokens(outs, f"d{length}") == single_output(single, prompt, 12)
+    wait_idle(prefill, decode)
+    if length > 1:
+        assert decode.connector.stats.loads_ok + decode.connector.stats.local_skips > 0
+
+
+def test_decode_side_prefix_hit_pulls_only_missing_blocks(cores):
+    prefill, decode, single = cores
+    shared = prompt_of(64, 99)
+    # warm the decode worker's cache with the first 64 tokens (4 full blocks)
+    decode.add_request(Request("warm", shared + [5], greedy(1), max_tokens=1))
+    run_until([decode], finished("warm"))
+    prompt = shared + prompt_of(50, 100)
+    params = prefill_ticket(prefill, "p-hit", prompt)
+    before = decode.connector.stats.bytes_received
+    decode.add_request(decode_request("d-hit", prompt, params, 10))
+    outs = run_until([prefill, decode], finished("d-hit"))
+    assert outs["d-hit"][0].num_cached_tokens == 64
+    pulled_blocks = (decode.connector.stats.bytes_received - before) // decode.runner.kv_bytes_per_block
+    assert pulled_blocks == 4  # blocks 4..7 of 114 tokens (113 loaded); 0..3 were cached here
+    assert tokens(outs, "d-hit") == single_output(single, prompt, 10)
+    wait_idle(prefill, decode)
+
+
+def test_fully_cached_prompt_releases_the_lease_without_pulling(cores):
+    prefill, decode, _ = cores
+    prompt = prompt_of(33, 7)  # 32 tokens to load: two full blocks
+    decode.add_request(Request("warm2", prompt, greedy(1), max_tokens=1))
+    run_until([decode], finished("warm2"))
+    params = prefill_ticket(prefill, "p-cached", prompt)
+    skips = decode.connector.stats.local_skips
+    decode.add_request(decode_request("d-cached", prompt, params, 4))
+    run_until([prefill, decode], finished("d-cached"))
+    assert decode.connector.stats.local_skips == skips + 1
+    wait_idle(prefill, decode)
+    assert prefill.connector.sender.stats.leases_expired == 0
+
+
+# -- faults ----------------------------------------------------------------------------------------------
+class CuttingProxy:
+    """TCP forwarder that drops the connection once `cut_after` bytes went from server to client."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.target_port, self.cut_after = target_port, cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self.cut_after), daemon=True).start()
+
+    def _pipe(self, src, dst, limit) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if limit is not None and sent + len(data) > limit:
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def resigned(params: dict, secret: bytes = SECRET, **changes) -> dict:
+    ticket = msgspec.convert({**params, **changes}, Ticket)
+    return msgspec.to_builtins(sign(ticket, secret))
+
+
+@pytest.fixture(scope="module")
+def recompute_decode(model_dir):
+    core = make_core(model_dir, "decode", failure_policy="recompute")
+    yield core
+    core.close()
+
+
+def fail_and_check(prefill, decode, rid, prompt, params, secret=SECRET):
+    """Run a decode request whose transfer must fail; returns its outputs."""
+    decode.add_request(decode_request(rid, prompt, params, 6, secret))
+    outs = run_until([prefill, decode], finished(rid))
+    wait_idle(prefill, decode)
+    return outs[rid]
+
+
+def test_lease_expires_without_heartbeat_and_then_fails_or_recomputes(model_dir, cores, recompute_decode):
+    _, decode, single = cores
+    prefill = make_core(model_dir, "prefill", lease_s=0.3)
+    try:
+        prompt = prompt_of(70, 3)
+        params = prefill_ticket(prefill, "p-exp", prompt)
+        assert prefill.has_pending_transfers()
+        time.sleep(0.4)
+        wait_idle(prefill)  # the lease ended: its blocks went back to the pool
+        assert prefill.connector.sender.stats.leases_expired == 1
+        out = fail_and_check(prefill, decode, "d-exp", prompt, params)
+        assert out[-1].finish_reason == "error" and "unknown_lease" in out[-1].error
+        assert decode.connector.stats.failures["unknown_lease"] >= 1
+        outs = fail_and_check(prefill, recompute_decode, "r-exp", prompt, params)
+        assert [t for o in outs for t in o.new_token_ids] == single_output(single, prompt, 6)
+        assert recompute_decode.connector.stats.recomputed >= 1
+    finally:
+        prefill.close()
+
+
+def test_heartbeats_keep_a_waiting_lease_alive(model_dir, cores):
+    _, decode, single = cores
+    prefill = make_core(model_dir, "prefill", lease_s=0.6)
+    try:
+        prompt = prompt_of(50, 4)
+        params = prefill_ticket(prefill, "p-hb", prompt)
+        req = decode_request("d-hb", prompt, params, 5)
+        decode.add_request(req)  # watched from now on, but not stepped: it only waits
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            prefill.step()
+            time.sleep(0.02)
+        assert prefill.connector.sender.stats.leases_expired == 0
+        outs = run_until([prefill, decode], finished("d-hb"))
+        assert tokens(outs, "d-hb") == single_output(single, prompt, 5)
+        wait_idle(prefill, decode)
+    finally:
+        prefill.close()
+
+
+def test_dropped_connection_mid_transfer_times_out(model_dir, cores, recompute_decode):
+    prefill, decode, single = cores
+    port = int(prefill.connector.sender.endpoint.rsplit(":", 1)[1])
+    proxy = CuttingProxy(port, cut_after=4096)  # a few layers' worth, then the link dies
+    try:
+        prompt = prompt_of(120, 5)
+        params = resigned(prefill_ticket(prefill, "p-cut", prompt), engine=f"tcp://127.0.0.1:{proxy.port}")
+        out = fail_and_check(prefill, decode, "d-cut", prompt, params)
+        assert out[-1].finish_reason == "error" and "timeout" in out[-1].error
+        assert proxy.cuts >= 1
+        params = resigned(prefill_ticket(prefill, "p-cut2", prompt), engine=f"tcp://127.0.0.1:{proxy.port}")
+        outs = fail_and_check(prefill, recompute_decode, "r-cut", prompt, params)
+        assert [t for o in outs for t in o.new_token_ids] == single_output(single, prompt, 6)
+    finally:
+        proxy.close()
+
+
+def test_sender_gone_before_the_pull_times_out(model_dir, cores):
+    _, decode, _ = cores
+    prefill = make_core(model_dir, "prefill")
+    prompt = prompt_of(40, 6)
+    params = prefill_ticket(prefill, "p-gone", prompt)
+    prefill.close()  # the prefill worker is gone; nobody answers at its endpoint any more
+    out = fail_and_check(decode, decode, "d-gone", prompt, params)
+    assert out[-1].finish_reason == "error" and "timeout" in out[-1].error
+
+
+def test_wrong_secret_and_incompatible_layout_fail_cleanly(model_dir, cores):
+    prefill, decode, _ = cores
+    other = make_core(model_dir, "decode", secret=b"x" * 32)
+    try:
+        prompt = prompt_of(45, 8)
+        params = resigned(prefill_ticket(prefill, "p-sec", prompt), secret=b"x" * 32)
+        expired = prefill.connector.sender.stats.leases_expired
+        out = fail_and_check(prefill, other, "d-sec", prompt, params, b"x" * 32)
+        assert out[-1].finish_reason == "error" and "unauthenticated" in out[-1].error
+        # a peer without the secret cannot release the lease either: it runs out
+        assert prefill.connector.sender.stats.leases_expired == expired + 1
+        params = resigned(prefill_ticket(prefill, "p-cmp", prompt), compat="0" * 32)
+        out = fail_and_check(prefill, decode, "d-cmp", prompt, params)
+        assert out[-1].finish_reason == "error" and "incompatible" in out[-1].error
+        assert prefill.connector.sender.stats.leases_expired == expired + 1  # released, not expired
+    finally:
+        other.close()
+
+
+def test_forged_or_mismatched_tickets_are_refused_before_anything_is_allocated(cores):
+    prefill, _, _ = cores
+    prompt = prompt_of(40, 9)
+    params = prefill_ticket(prefill, "p-forge", prompt)
+    with pytest.raises(TicketError, match="signature"):
+        parse_ticket({**params, "block_ids": [0, 1, 2]}, SECRET, prompt)
+    with pytest.raises(TicketError, match="signature"):
+        parse_ticket(params, b"y" * 32, prompt)
+    with pytest.raises(TicketError, match="different prompt"):
+        parse_ticket(params, SECRET, prompt[:-1] + [4])
+    with pytest.raises(TicketError, match="kv_transfer_params"):
+        parse_ticket({"do_remote_prefill": True}, SECRET, prompt)
+    with pytest.raises(TicketError, match="kv_transfer_params"):
+        parse_ticket({**params, "extra": 1}, SECRET, prompt)
+    # a signed ticket that lies about its blocks covering the prompt is refused too
+    with pytest.raises(TicketError, match="cover"):
+        parse_ticket(resigned(params, block_ids=[0]), SECRET, prompt)
+    wait_idle(prefill, timeout_s=10)  # lease not redeemed: expires (5 s) and frees
+
+
+def test_aborts_in_every_state_free_blocks_on_both_sides(model_dir, cores):
+    prefill, decode, _ = cores
+    prompt = prompt_of(150, 11)
+    # prefilling: abort on the prefill side before it finished
+    prefill.add_request(Request("ab-prefilling", prompt, greedy(1), max_tokens=1, do_remote_decode=True))
+    prefill.finish_requests(["ab-prefilling"])
+    # queued on the decode side with a ticket, never scheduled: the lease is released at once
+    params = prefill_ticket(prefill, "p-ab1", prompt)
+    decode.add_request(decode_request("ab-queued", prompt, params, 5))
+    decode.finish_requests(["ab-queued"])
+    # transferring: one step starts the pull, the abort comes while it runs
+    params = prefill_ticket(prefill, "p-ab2", prompt)
+    decode.add_request(decode_request("ab-loading", prompt, params, 5))
+    decode.step()
+    assert decode.scheduler.loading or decode.has_unfinished_requests()
+    decode.finish_requests(["ab-loading"])
+    # decoding: abort after a few tokens
+    params = prefill_ticket(prefill, "p-ab3", prompt)
+    decode.add_request(decode_request("ab-decoding", prompt, params, 50))
+    run_until([prefill, decode], lambda outs: len(tokens(outs, "ab-decoding")) >= 3 if "ab-decoding" in outs else False)
+    expired = prefill.connector.sender.stats.leases_expired
+    decode.finish_requests(["ab-decoding"])
+    wait_idle(prefill, decode)
+    assert prefill.connector.sender.stats.leases_expired == expired  # every lease was released
+
+
+def test_a_worker_without_the_receiving_half_refuses_tickets(model_dir, cores):
+    prefill, _, single = cores
+    prompt = prompt_of(20, 12)
+    params = prefill_ticket(prefill, "p-norecv", prompt)
+    with pytest.raises(ValueError, match="does not accept remote KV"):
+        single.add_request(decode_request("x", prompt, params, 3))
+    with pytest.raises(ValueError, match="does not accept remote KV"):
+        prefill.add_request(decode_request("y", prompt, params, 3))
+    prefill.connector.sender._leases[params["lease_id"]].released = True  # noqa: SLF001 - as a decode would
+    wait_idle(prefill)
