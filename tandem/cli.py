@@ -52,6 +52,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  enable_prefix_caching=args.enable_prefix_caching, device=args.device,
                                  seed=args.seed)
+    config.kv_transfer = _kv_transfer_config(args)
     name = args.served_model_name or Path(config.model.model).name
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
     secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
@@ -59,6 +60,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
                  "kv_events_secret": secret.encode() if secret else None}
     return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests, kv_events))
+
+
+def _kv_transfer_config(args: argparse.Namespace):
+    """Disaggregation is on for --role prefill|decode, or for role both with a secret set."""
+    import os
+
+    from tandem.kv_transfer.ticket import KVTransferConfig
+
+    secret = os.environ.get("TANDEM_KV_TRANSFER_SECRET", "")
+    if args.role == "both" and not secret:
+        return None
+    if not secret:
+        raise ValueError(f"--role {args.role} needs $TANDEM_KV_TRANSFER_SECRET (the same on every worker)")
+    return KVTransferConfig(role=args.role, host=args.kv_transfer_host, port=args.kv_transfer_port,
+                            secret=secret.encode(), lease_s=args.kv_lease_s,
+                            transfer_timeout_s=args.kv_transfer_timeout_s, failure_policy=args.kv_failure_policy)
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -142,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "HMAC-signed with $TANDEM_KV_EVENTS_SECRET when set")
     srv.add_argument("--kv-events-replay-endpoint", default=None,
                      help="ZMQ ROUTER answering replay requests for missed KV event batches")
+    dis = srv.add_argument_group("disaggregated prefill/decode (secret: $TANDEM_KV_TRANSFER_SECRET)")
+    dis.add_argument("--role", choices=("prefill", "decode", "both"), default="both",
+                     help="prefill: lease finished prompts' KV to decode workers; decode: load it from them; "
+                          "both (default): either, when a secret is set, else plain serving")
+    dis.add_argument("--kv-transfer-host", default="127.0.0.1",
+                     help="address the KV sender binds and advertises to decode workers")
+    dis.add_argument("--kv-transfer-port", type=int, default=0, help="KV sender port (0: any free port)")
+    dis.add_argument("--kv-lease-s", type=float, default=10.0,
+                     help="a leased prefill's blocks are freed this long after the last heartbeat")
+    dis.add_argument("--kv-transfer-timeout-s", type=float, default=10.0,
+                     help="a KV load with no data for this long fails (kind timeout)")
+    dis.add_argument("--kv-failure-policy", choices=("fail", "recompute"), default="fail",
+                     help="a failed KV load: fail the request (HTTP 502) or prefill it locally")
     _add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
 

@@ -42,3 +42,5 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    kv_transfer_params: dict | None = None  # prefill side of a disaggregated request: pass to the decode worker
+    error: str | None = None  # why a request finished with finish_reason "error"

@@ -50,7 +50,7 @@ class _CoreClient:
     def add_request(self, request: Request) -> None:
         self._send(AddRequest(request.request_id, request.prompt_token_ids, request.sampling_params,
                               request.max_tokens, request.arrival_time, request.priority, request.cache_salt,
-                              request.parent_id))
+                              request.parent_id, request.remote_ticket, request.do_remote_decode))
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
                         stop_reason: int | str | None = None) -> None:
@@ -70,6 +70,7 @@ class AsyncLLM:
         self._kv_events = (kv_events_endpoint, kv_events_replay_endpoint, kv_events_secret)
         self.errored: str | None = None
         self.stats: EngineStats | None = None
+        self.transfer_durations: list[float] = []  # KV loads not yet observed by the metrics
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -137,14 +138,15 @@ class AsyncLLM:
         return len(self._queues)
 
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
-                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, remote_ticket=None, do_remote_decode: bool = False) -> AsyncIterator[RequestOutput]:
         """Add the request now (a bad one raises here, before any output) and return an iterator of
         cumulative RequestOutputs up to the finished one. Leaving the iterator early (client gone,
         task cancelled) aborts the request in the core."""
         if self.errored:
             raise EngineDeadError(self.errored)
         queue: asyncio.Queue = asyncio.Queue()
-        self.processor.add_request(request_id, prompt, params, priority=priority)
+        self.processor.add_request(request_id, prompt, params, priority=priority, remote_ticket=remote_ticket,
+                                   do_remote_decode=do_remote_decode)
         self._queues[request_id] = queue
         return self._stream(request_id, queue)
 
@@ -183,6 +185,9 @@ class AsyncLLM:
                     raise EngineDeadError(f"engine core failed: {msg.error}")
                 if isinstance(msg, StepOutputs):
                     self.stats = msg.stats
+                    if msg.stats.transfer is not None:
+                        self.transfer_durations.extend(msg.stats.transfer.new_durations)
+                        del self.transfer_durations[:-10_000]  # unscraped: keep the newest only
                     self._dispatch(msg)
         except asyncio.CancelledError:
             raise
@@ -195,7 +200,8 @@ class AsyncLLM:
     def _dispatch(self, msg: StepOutputs) -> None:
         outs = [CoreOutput(o.request_id, o.new_token_ids, o.new_logprobs,
                            (o.prompt_logprobs_start, o.prompt_logprobs) if o.prompt_logprobs is not None else None,
-                           o.finish_reason, o.stop_reason, o.num_cached_tokens) for o in msg.outputs]
+                           o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error)
+                for o in msg.outputs]
         for out in self.processor.process_outputs(outs):
             queue = self._queues.get(out.request_id)
             if queue is not None:

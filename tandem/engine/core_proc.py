@@ -21,13 +21,14 @@ from tandem.config import EngineConfig
 from tandem.engine.core import CoreOutput, EngineCore
 from tandem.engine.kv_publisher import KVEventPublisher
 from tandem.engine.protocol import (MAX_MESSAGE_BYTES, AddRequest, Codec, CoreFailed, CoreInput, CoreMessage,
-                                    EngineStats, FinishRequests, Ready, Shutdown, StepOutputs, WireLogprobs,
-                                    WireOutput)
+                                    EngineStats, FinishRequests, Ready, Shutdown, StepOutputs, TransferStats,
+                                    WireLogprobs, WireOutput)
 from tandem.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 200
+_TRANSFER_POLL_MS = 2
 
 
 @dataclass
@@ -71,6 +72,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
         outputs.send_multipart(out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")))
         raise
     finally:
+        core.close()
         inputs.close(0)
         outputs.close()
         if publisher is not None:
@@ -86,7 +88,10 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
         poller.register(publisher.replay, zmq.POLLIN)
     last_parent_check = time.monotonic()
     while True:
-        timeout = 0 if core.has_unfinished_requests() else _IDLE_POLL_MS
+        # Spin while there is compute to do; poll briefly while only KV transfers or leases are
+        # pending (their threads need the CPU, and leases must be freed on time); else block.
+        timeout = 0 if core.has_runnable_requests() else \
+            _TRANSFER_POLL_MS if core.has_unfinished_requests() or core.has_pending_transfers() else _IDLE_POLL_MS
         handled = False
         while events := dict(poller.poll(timeout)):
             if publisher is not None:
@@ -96,9 +101,12 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
                     return
                 handled = True
             timeout = 0
-        if core.has_unfinished_requests():
-            outs = core.step()
-            outputs.send_multipart(out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))))
+        if core.has_unfinished_requests() or core.has_pending_transfers() or core.failed_on_add:
+            runnable = core.has_runnable_requests()
+            outs = core.failed_on_add + core.step()
+            core.failed_on_add = []
+            if outs or runnable or handled:
+                outputs.send_multipart(out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))))
         elif handled:  # e.g. the last request was aborted: report the idle state
             outputs.send_multipart(out_codec.encode(StepOutputs([], stats(core))))
         elif time.monotonic() - last_parent_check > 1.0:
@@ -118,8 +126,13 @@ def _handle(core: EngineCore, frames: list[bytes], codec: Codec) -> bool:
     if isinstance(msg, AddRequest):
         req = Request(msg.request_id, msg.prompt_token_ids, msg.params, arrival_time=msg.arrival_time,
                       priority=msg.priority, cache_salt=msg.cache_salt, parent_id=msg.parent_id,
-                      max_tokens=msg.max_tokens)
-        core.add_request(req)
+                      max_tokens=msg.max_tokens, remote_ticket=msg.remote_ticket,
+                      do_remote_decode=msg.do_remote_decode)
+        try:
+            core.add_request(req)
+        except ValueError as e:  # the API process checks first; a request it let through fails alone
+            logger.warning("refused request %s: %s", msg.request_id, e)
+            core.failed_on_add.append(CoreOutput(msg.request_id, [], finish_reason="error", error=str(e)))
     elif isinstance(msg, FinishRequests):
         status = RequestStatus.FINISHED_STOPPED if msg.status == "stop" else RequestStatus.FINISHED_ABORTED
         core.finish_requests(msg.request_ids, status, msg.stop_reason)
@@ -130,9 +143,23 @@ def _handle(core: EngineCore, frames: list[bytes], codec: Codec) -> bool:
 
 def stats(core: EngineCore) -> EngineStats:
     sched, kv = core.scheduler, core.kv
-    return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting),
+    return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting) + len(sched.loading),
                        kv_cache_usage=kv.usage, prefix_cache_queries=kv.stats.queries,
-                       prefix_cache_hits=kv.stats.hits, num_preemptions=sched.num_preemptions)
+                       prefix_cache_hits=kv.stats.hits, num_preemptions=sched.num_preemptions,
+                       transfer=_transfer_stats(core))
+
+
+def _transfer_stats(core: EngineCore) -> TransferStats | None:
+    """Counters for /metrics; takes the load durations reported since the last call."""
+    conn = core.connector
+    if conn is None:
+        return None
+    s = conn.stats
+    durations, s.new_durations = s.new_durations, []
+    sender = conn.sender.stats if conn.sender is not None else None
+    return TransferStats(s.loads_ok, s.bytes_received, s.seconds_total, durations, dict(s.failures), s.recomputed,
+                         s.local_skips, conn.num_leases, sender.leases_issued if sender else 0,
+                         sender.leases_expired if sender else 0, sender.bytes_sent if sender else 0)
 
 
 def _lp(lp) -> WireLogprobs:
@@ -144,4 +171,4 @@ def _to_wire(o: CoreOutput) -> WireOutput:
     return WireOutput(o.request_id, o.new_token_ids,
                       [_lp(x) for x in o.new_logprobs] if o.new_logprobs else None,
                       prompt[0] if prompt else None, [_lp(x) for x in prompt[1]] if prompt else None,
-                      o.finish_reason, o.stop_reason, o.num_cached_tokens)
+                      o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error)

@@ -52,6 +52,8 @@ class _Parent:
     first_token_time: float | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    kv_transfer_params: dict | None = None  # prefill side of a disaggregated request: the ticket
+    error: str | None = None  # a child finished with "error" (e.g. its KV transfer failed)
 
     @property
     def finished(self) -> bool:
@@ -86,7 +88,7 @@ class Processor:
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
                     *, priority: int = 0, cache_salt: str | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, remote_ticket=None, do_remote_decode: bool = False) -> str:
         params = (params or SamplingParams()).clone()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._parents:
@@ -106,7 +108,7 @@ class Processor:
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             req = Request(child_id, token_ids, child_params, arrival_time=arrival, priority=priority,
                           cache_salt=cache_salt, parent_id=request_id if params.n > 1 else None,
-                          max_tokens=max_tokens)
+                          max_tokens=max_tokens, remote_ticket=remote_ticket, do_remote_decode=do_remote_decode)
             child = _Child(i, req, IncrementalDetokenizer(self.tokenizer, child_params, token_ids),
                            [] if params.logprobs is not None else None,
                            0.0 if params.logprobs is not None else None)
@@ -185,6 +187,12 @@ class Processor:
                 parent.first_token_time = parent.first_token_time or now
                 parent.num_cached_tokens = out.num_cached_tokens
                 self._process_tokens(child, out)
+            elif out.finish_reason is not None:  # ended without a token (e.g. a failed KV transfer)
+                child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+            if out.kv_transfer_params is not None:
+                parent.kv_transfer_params = out.kv_transfer_params
+            if out.error is not None:
+                parent.error = out.error
         outputs = [self._make_output(p) for p in touched.values()]
         for parent in touched.values():
             if parent.finished:
@@ -237,7 +245,8 @@ class Processor:
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
-                             parent.finished, parent.prompt_logprobs, cached, metrics)
+                             parent.finished, parent.prompt_logprobs, cached, metrics,
+                             parent.kv_transfer_params, parent.error)
 
     def _release(self, parent: _Parent) -> None:
         self._parents.pop(parent.request_id, None)

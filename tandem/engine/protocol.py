@@ -10,6 +10,7 @@ import hmac
 
 import msgspec
 
+from tandem.kv_transfer.ticket import Ticket
 from tandem.sampling_params import SamplingParams
 
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -25,6 +26,8 @@ class AddRequest(msgspec.Struct, tag=True):
     priority: int = 0
     cache_salt: str | None = None
     parent_id: str | None = None
+    remote_ticket: Ticket | None = None  # decode side of a disaggregated request (verified by the API process)
+    do_remote_decode: bool = False  # prefill side: hold the blocks for a decode worker when finished
 
 
 class FinishRequests(msgspec.Struct, tag=True):
@@ -59,6 +62,23 @@ class WireOutput(msgspec.Struct, array_like=True):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    kv_transfer_params: dict | None = None
+    error: str | None = None
+
+
+class TransferStats(msgspec.Struct):
+    """Cumulative KV transfer counters of a disaggregated worker (tandem/kv_transfer)."""
+    loads_ok: int = 0
+    bytes_received: int = 0
+    seconds_total: float = 0.0
+    new_durations: list[float] = []  # load durations since the previous report
+    failures: dict[str, int] = {}
+    recomputed: int = 0
+    local_skips: int = 0
+    leases_held: int = 0
+    leases_issued: int = 0
+    leases_expired: int = 0
+    bytes_sent: int = 0
 
 
 class EngineStats(msgspec.Struct):
@@ -68,6 +88,7 @@ class EngineStats(msgspec.Struct):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    transfer: TransferStats | None = None
 
 
 class StepOutputs(msgspec.Struct, tag=True):

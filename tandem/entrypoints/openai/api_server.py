@@ -26,6 +26,7 @@ from tandem.engine.async_llm import AsyncLLM, EngineDeadError
 from tandem.entrypoints.openai.metrics import ServerMetrics
 from tandem.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 OpenAIError, TokenizeRequest)
+from tandem.kv_transfer.ticket import TicketError, parse_ticket
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import ParamError, SamplingParams
 
@@ -157,15 +158,16 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
     async def completions(body: CompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
+        disagg = _disaggregation(engine, body, prompts)
         admit(len(prompts))
-        params = [_params(body, body.max_tokens, body.logprobs, len(ids), engine.max_model_len)
+        params = [_params(body, body.max_tokens, body.logprobs, len(ids), engine.max_model_len, disagg)
                   for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
                 streams.append(metrics.observe(_start(engine, {"prompt_token_ids": ids}, p, f"{rid}-{i}",
-                                                      body.priority)))
+                                                      body.priority, disagg)))
         except OpenAIError:
             for i in range(len(streams)):  # all or nothing
                 engine.abort(f"{rid}-{i}")
@@ -180,12 +182,13 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         ids = await _chat_ids(engine, body.messages, body.add_generation_prompt)
+        disagg = _disaggregation(engine, body, [ids])
         admit(1)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(body, max_tokens, logprobs, len(ids), engine.max_model_len)
+        params = _params(body, max_tokens, logprobs, len(ids), engine.max_model_len, disagg)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = metrics.observe(_start(engine, {"prompt_token_ids": ids}, params, rid, body.priority))
+        stream = metrics.observe(_start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg))
         created = int(time.time())
         if body.stream:
             return _sse(_chat_chunks(engine, stream, body, rid, created, served_model_name))
@@ -233,7 +236,41 @@ async def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool) -> 
     return list(ids)
 
 
-def _params(body, max_tokens: int | None, logprobs: int | None, prompt_len: int, max_model_len: int) -> SamplingParams:
+def _disaggregation(engine: AsyncLLM, body, prompts: list[list[int]]) -> dict:
+    """kv_transfer_params -> keyword arguments for generate(); 400 for anything not redeemable."""
+    p = body.kv_transfer_params
+    if p is None:
+        return {}
+
+    def bad(message: str) -> OpenAIError:
+        return OpenAIError(400, f"kv_transfer_params: {message}", param="kv_transfer_params")
+
+    cfg = engine.config.kv_transfer
+    if cfg is None:
+        raise bad("this server does not do disaggregated serving (start it with --role prefill|decode|both "
+                  "and $TANDEM_KV_TRANSFER_SECRET)")
+    if len(prompts) != 1 or body.n != 1:
+        raise bad("needs a single prompt and n = 1")
+    if p.get("do_remote_decode") is True:
+        if not cfg.sends:
+            raise bad("this worker does not prefill for others (role decode)")
+        if body.stream:
+            raise bad("a prefill for a remote decode answers once: set stream to false")
+        return {"do_remote_decode": True}
+    if p.get("do_remote_prefill") is True:
+        if not cfg.receives:
+            raise bad("this worker does not load remote KV (role prefill)")
+        try:
+            return {"remote_ticket": parse_ticket(p, cfg.secret, prompts[0])}
+        except TicketError as e:
+            raise OpenAIError(400, str(e), param="kv_transfer_params") from None
+    raise bad("expected do_remote_decode or do_remote_prefill set to true")
+
+
+def _params(body, max_tokens: int | None, logprobs: int | None, prompt_len: int, max_model_len: int,
+            disagg: dict | None = None) -> SamplingParams:
+    if disagg and disagg.get("do_remote_decode"):
+        max_tokens = 1  # the prefill leg computes the prompt; its one token only proves it ran
     room = max_model_len - prompt_len
     if max_tokens is not None and max_tokens > room or room < 1:
         raise OpenAIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
@@ -241,16 +278,19 @@ def _params(body, max_tokens: int | None, logprobs: int | None, prompt_len: int,
                                f"{max_tokens or 1} for the completion).", param="max_tokens",
                           code="context_length_exceeded")
     try:
-        return body.sampling_params(max_tokens if max_tokens is not None else room, logprobs)
+        params = body.sampling_params(max_tokens if max_tokens is not None else room, logprobs)
     except ParamError as e:
         raise OpenAIError(400, str(e), param=e.param) from None
+    if disagg and disagg.get("do_remote_decode"):
+        params.min_tokens = 0
+    return params
 
 
 def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
-           priority: int) -> AsyncIterator[RequestOutput]:
+           priority: int, disagg: dict | None = None) -> AsyncIterator[RequestOutput]:
     """Add the request (errors surface now, as HTTP errors) and return its output stream."""
     try:
-        stream = engine.generate(prompt, params, rid, priority=priority)
+        stream = engine.generate(prompt, params, rid, priority=priority, **(disagg or {}))
     except ParamError as e:
         raise OpenAIError(400, str(e), param=e.param) from None
     except EngineDeadError as e:
@@ -261,6 +301,8 @@ def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
 async def _dead_engine_as_error(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
     try:
         async for out in stream:
+            if out.finished and out.error is not None:
+                raise OpenAIError(502, out.error, "ServiceUnavailableError", code="kv_transfer_failed")
             yield out
     except EngineDeadError as e:
         raise OpenAIError(503, f"engine died: {e}", "ServiceUnavailableError") from None
@@ -324,8 +366,16 @@ def _completion_response(engine, outs: list[RequestOutput], body: CompletionRequ
             choices.append({"index": i * body.n + c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason,
                             "logprobs": _completion_logprobs(engine, c.token_ids, c.logprobs, len(prefix))})
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(outs)}
+    response = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+                "usage": _usage(outs)}
+    return _with_kv_transfer_params(response, outs)
+
+
+def _with_kv_transfer_params(response: dict, outs: list[RequestOutput]) -> dict:
+    params = next((o.kv_transfer_params for o in outs if o.kv_transfer_params is not None), None)
+    if params is not None:
+        response["kv_transfer_params"] = params
+    return response
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -406,8 +456,9 @@ def _chat_response(engine, out: RequestOutput, body: ChatCompletionRequest, rid:
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _chat_logprobs(engine, c.token_ids, c.logprobs, k),
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage([out])}
+    response = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": _usage([out])}
+    return _with_kv_transfer_params(response, [out])
 
 
 async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, created: int,

@@ -41,11 +41,38 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc, labels=names)
             c.add_metric([self.labels["model_name"]], value)
             yield c
+        yield from _transfer_metrics(s.transfer if s else None)
         info = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration",
                                  labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
         info.add_metric([str(self.engine.block_size), str(self.engine.num_blocks),
                          str(self.engine.config.cache.enable_prefix_caching)], 1.0)
         yield info
+
+
+def _transfer_metrics(t):
+    """Disaggregated workers only: KV transfer counters from the core (tandem/kv_transfer)."""
+    if t is None:
+        return
+    for name, doc, value in [
+        ("tandem:kv_transfers", "KV loads from prefill workers that completed", t.loads_ok),
+        ("tandem:kv_transfer_bytes", "KV bytes received from prefill workers", t.bytes_received),
+        ("tandem:kv_transfer_seconds", "Seconds spent in completed KV loads", t.seconds_total),
+        ("tandem:kv_transfer_recomputes", "Failed KV loads prefilled locally (policy recompute)", t.recomputed),
+        ("tandem:kv_transfer_local_skips", "Tickets not pulled: every block was cached here", t.local_skips),
+        ("tandem:kv_leases_issued", "Prefills whose blocks were leased to a decode worker", t.leases_issued),
+        ("tandem:kv_leases_expired", "Leases freed at their deadline, unconfirmed", t.leases_expired),
+        ("tandem:kv_bytes_sent", "KV bytes sent to decode workers", t.bytes_sent),
+    ]:
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], value)
+        yield c
+    failures = CounterMetricFamily("tandem:kv_transfer_failures", "Failed KV loads by kind", labels=["kind"])
+    for kind, count in sorted(t.failures.items()):
+        failures.add_metric([kind], count)
+    yield failures
+    held = GaugeMetricFamily("tandem:kv_leases_held", "Finished prefills holding blocks for a decode worker")
+    held.add_metric([], t.leases_held)
+    yield held
 
 
 class ServerMetrics:
@@ -66,8 +93,15 @@ class ServerMetrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", label, registry=self.registry)
         self.success = Counter("vllm:request_success", "Requests finished", label + ["finished_reason"],
                                registry=self.registry)
+        self.engine = engine
+        self.transfer_time = Histogram("tandem:kv_transfer_duration_seconds", "Duration of one KV load",
+                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+                                       registry=self.registry)
 
     def render(self) -> bytes:
+        durations, self.engine.transfer_durations = self.engine.transfer_durations, []
+        for d in durations:
+            self.transfer_time.observe(d)
         return generate_latest(self.registry)
 
     async def observe(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

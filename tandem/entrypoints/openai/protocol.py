@@ -51,6 +51,9 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # Disaggregated serving (vLLM's field): {"do_remote_decode": true} on a prefill worker returns a
+    # ticket in the response's kv_transfer_params; that ticket on a decode worker loads the prompt's KV.
+    kv_transfer_params: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
