@@ -87,6 +87,7 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
     if publisher is not None and publisher.replay is not None:
         poller.register(publisher.replay, zmq.POLLIN)
     last_parent_check = time.monotonic()
+    last_transfers = _transfer_state(core)
     while True:
         # Spin while there is compute to do; poll briefly while only KV transfers or leases are
         # pending (their threads need the CPU, and leases must be freed on time); else block.
@@ -105,8 +106,10 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
             runnable = core.has_runnable_requests()
             outs = core.failed_on_add + core.step()
             core.failed_on_add = []
-            if outs or runnable or handled:
+            transfers = _transfer_state(core)
+            if outs or runnable or handled or transfers != last_transfers:
                 outputs.send_multipart(out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))))
+            last_transfers = transfers
         elif handled:  # e.g. the last request was aborted: report the idle state
             outputs.send_multipart(out_codec.encode(StepOutputs([], stats(core))))
         elif time.monotonic() - last_parent_check > 1.0:
@@ -139,6 +142,12 @@ def _handle(core: EngineCore, frames: list[bytes], codec: Codec) -> bool:
     elif isinstance(msg, Shutdown):
         return False
     return True
+
+
+def _transfer_state(core: EngineCore) -> tuple:
+    """Changes when leases end or loads finish, so idle-time changes still reach /metrics."""
+    sched = core.scheduler
+    return len(sched.held), len(sched.loading), len(sched._orphans), core.kv.pool.num_free_blocks  # noqa: SLF001
 
 
 def stats(core: EngineCore) -> EngineStats:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
+from tandem.router.pd import PDDecider
 from tandem.router.policy import PrefixMatcher
 from tandem.router.types import RouteRequest, WorkerState
 from tandem.router.workers import WorkerPool
@@ -59,6 +60,21 @@ class RouterMetrics:
                                        registry=self.registry)
         self.prompt_tokens = Counter("tandem_router_prompt_tokens", "Prompt tokens routed (per usage)",
                                      registry=self.registry)
+        self.pd_decisions = Counter("tandem_router_pd_decisions", "P/D decider: split (remote prefill + KV transfer), "
+                                    "local (prefill on the decode worker), fallback (prefill leg failed: local)",
+                                    ["decision"], registry=self.registry)
+        self.pd_prefill_seconds = Histogram("tandem_router_pd_prefill_seconds", "Wall time of a prefill leg",
+                                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                            registry=self.registry)
+
+    def watch_pd_costs(self, decider: PDDecider) -> None:
+        for name, doc, attr in [
+            ("tandem_router_pd_prefill_seconds_per_token", "Learned prefill cost per uncached token",
+             "prefill_s_per_token"),
+            ("tandem_router_pd_kv_bytes_per_token", "KV bytes per token (from the workers' tickets)",
+             "kv_bytes_per_token"),
+        ]:
+            Gauge(name, doc, registry=self.registry).set_function(lambda a=attr: getattr(decider.costs, a))
 
 
 @dataclass
@@ -73,8 +89,12 @@ class Router:
     """Holds the pool, the indexes and the policy; `route` picks, `release` undoes the accounting."""
 
     def __init__(self, pool: WorkerPool, policy, tokenizer, block_size: int, matcher: PrefixMatcher,
-                 approx: ApproxPrefixIndex, metrics: RouterMetrics, decision: str) -> None:
+                 approx: ApproxPrefixIndex, metrics: RouterMetrics, decision: str,
+                 pd: PDDecider | None = None) -> None:
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
+        self.pd = pd  # set when some worker has role prefill: disaggregated serving
+        if pd is not None:
+            metrics.watch_pd_costs(pd)
         self.block_size, self.matcher, self.approx = block_size, matcher, approx
         self.metrics, self.decision = metrics, decision
 
@@ -102,7 +122,7 @@ class Router:
             return []
 
     def pick(self, req: RouteRequest, exclude: set[str]) -> Routed | None:
-        candidates = [w for w in self.pool.healthy() if w.url not in exclude]
+        candidates = [w for w in self.pool.healthy() if w.url not in exclude and (self.pd is None or w.decodes)]
         worker = self.policy.pick(req, candidates)
         if worker is None:
             return None
@@ -113,6 +133,20 @@ class Router:
         if req.block_hashes:
             self.approx.record(worker.url, req.block_hashes)
         return Routed(worker, req, predicted, prefill)
+
+    def pick_prefill(self, worker: WorkerState, req: RouteRequest) -> Routed:
+        """Account a prefill leg on ``worker`` (outside the policy: no session or prefix counts)."""
+        predicted = self._matched_blocks(req).get(worker.url, 0)
+        prefill = max(0, len(req.token_ids) - predicted * self.block_size)
+        worker.in_flight += 1
+        worker.pending_prefill_tokens += prefill
+        if req.block_hashes:
+            self.approx.record(worker.url, req.block_hashes)
+        return Routed(worker, req, predicted, prefill)
+
+    def release_prefill(self, routed: Routed) -> None:
+        self.first_byte(routed)
+        routed.worker.in_flight -= 1
 
     @staticmethod
     def first_byte(routed: Routed) -> None:
@@ -190,6 +224,9 @@ def build_router_app(router: Router, http: httpx.AsyncClient) -> FastAPI:
             if attempt == 0:
                 router.metrics.routing_latency.observe(time.perf_counter() - started)
             tried.add(routed.worker.url)
+            if attempt == 0 and router.pd is not None and _splittable(body, req):
+                split_body = await _maybe_split(router, http, routed, path, body, headers)
+                body_bytes = split_body or body_bytes
             response = await _send(router, http, routed, path, body_bytes, headers, bool(body.get("stream")))
             if response is not None:
                 router.metrics.requests.labels(routed.worker.url, router.decision).inc()
@@ -227,7 +264,7 @@ async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: s
         router.pool.report_failure(routed.worker.url)
         router.release(routed)
         return None
-    if upstream.status_code >= 500:
+    if upstream.status_code >= 500 and upstream.status_code != 502:  # 502: a failed KV load, the client's answer
         await upstream.aclose()
         router.pool.report_failure(routed.worker.url)
         router.release(routed)
@@ -251,6 +288,54 @@ async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: s
         return Response(content, status_code=upstream.status_code, headers=passthrough)
     return StreamingResponse(_relay(router, routed, upstream), status_code=upstream.status_code,
                              headers=passthrough)
+
+
+def _splittable(body: dict, req: RouteRequest) -> bool:
+    """One prompt, one choice, tokenized here, and not already part of a hand-off."""
+    prompt = body.get("prompt")
+    single = "messages" in body or isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                              and isinstance(prompt[0], int))
+    return bool(single and req.token_ids and body.get("n", 1) in (1, None) and "kv_transfer_params" not in body)
+
+
+_PREFILL_LEG_TIMEOUT = httpx.Timeout(120.0, connect=2.0)
+
+
+async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, path: str, body: dict,
+                       headers: dict) -> bytes | None:
+    """Ask the P/D decider; on a split, run the prefill leg and return the decode leg's body (with
+    the ticket). None: prefill locally (decided so, or the prefill leg failed)."""
+    prefills = [w for w in router.pool.healthy() if w.prefills and w.url != routed.worker.url]
+    plan = router.pd.plan(len(routed.req.token_ids), routed.worker, prefills, router._matched_blocks(routed.req))
+    if not plan.split:
+        router.metrics.pd_decisions.labels("local").inc()
+        return None
+    leg = router.pick_prefill(plan.prefill, routed.req)
+    tokens_ahead = plan.prefill.pending_prefill_tokens
+    prefill_body = {k: v for k, v in body.items() if k != "stream_options"}
+    prefill_body.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+    started = time.perf_counter()
+    ticket = None
+    try:
+        resp = await http.post(plan.prefill.url + path, json=prefill_body, headers=headers,
+                               timeout=_PREFILL_LEG_TIMEOUT)
+        if resp.status_code == 200:
+            ticket = resp.json().get("kv_transfer_params")
+        elif resp.status_code >= 500:
+            router.pool.report_failure(plan.prefill.url)
+    except (httpx.HTTPError, ValueError):
+        router.pool.report_failure(plan.prefill.url)
+    finally:
+        router.release_prefill(leg)
+    elapsed = time.perf_counter() - started
+    if not isinstance(ticket, dict):
+        router.metrics.pd_decisions.labels("fallback").inc()
+        return None
+    router.metrics.pd_decisions.labels("split").inc()
+    router.metrics.pd_prefill_seconds.observe(elapsed)
+    router.pd.observe_prefill(tokens_ahead, elapsed, ticket)
+    router.first_byte(routed)  # the decode worker no longer prefills this prompt
+    return json.dumps({**body, "kv_transfer_params": ticket}).encode()
 
 
 async def _relay(router: Router, routed: Routed, upstream: httpx.Response) -> AsyncIterator[bytes]:

@@ -1,5 +1,7 @@
 """`tandem router` (a front over given workers) and `tandem up` (N local workers + the router).
 
+`tandem up --prefill P --decode D` starts P workers with --role prefill and D with --role decode,
+sharing one fresh KV transfer secret; the router then runs the P/D decider (tandem/router/pd.py).
 `tandem up` divides the machine's cores between the workers (OMP_NUM_THREADS), gives every
 worker a KV-event PUB and replay endpoint signed with one fresh secret, waits until all are
 healthy, then serves the router in this process. Ctrl-C / SIGTERM stop the router, then the
@@ -23,6 +25,7 @@ import httpx
 
 from tandem.router.app import Router, RouterMetrics, serve_router
 from tandem.router.index import ApproxPrefixIndex, KVEventSubscriber, PrefixIndex
+from tandem.router.pd import PDCosts, PDDecider, kv_bytes_per_token_from_config
 from tandem.router.workers import WorkerPool, WorkerSpec
 
 POLICIES = ("cache-aware", "least-load", "round-robin")
@@ -55,6 +58,15 @@ def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> ar
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=None, help="seed the picker's tie-breaks")
+    pd = p.add_argument_group("P/D decider (when some worker has role prefill or decode)")
+    pd.add_argument("--pd-threshold", type=int, default=None,
+                    help="split iff the decode worker lacks at least N prompt tokens (llm-d's rule) "
+                         "instead of comparing costs")
+    pd.add_argument("--pd-interference-weight", type=float, default=1.0,
+                    help="weight of the stall a local prefill inflicts on the decode worker's running streams")
+    pd.add_argument("--pd-prefill-ms-per-token", type=float, default=0.3,
+                    help="initial prefill cost per token (learned from prefill legs as they complete)")
+    pd.add_argument("--pd-hop-ms", type=float, default=10.0, help="extra latency of the prefill leg's round trip")
     return p
 
 
@@ -82,10 +94,16 @@ def build_router(specs: list[WorkerSpec], args, secret: bytes | None) -> tuple[R
         approx.remove_worker(url)
 
     pool = WorkerPool(specs, on_down)
+    pd = None
+    if any(s.role != "both" for s in specs):
+        costs = PDCosts(args.pd_prefill_ms_per_token / 1000, hop_s=args.pd_hop_ms / 1000,
+                        interference_weight=args.pd_interference_weight,
+                        kv_bytes_per_token=kv_bytes_per_token_from_config(args.tokenizer))
+        pd = PDDecider(costs, args.block_size, args.pd_threshold)
     subscribers = [KVEventSubscriber(index, s.url, s.events, s.replay, secret) for s in specs if s.events]
     decision = Path(args.config).stem if args.config else args.policy
     router = Router(pool, policy, _load_tokenizer(args.tokenizer), args.block_size, matcher, approx,
-                    RouterMetrics(), decision)
+                    RouterMetrics(), decision, pd)
     return router, subscribers
 
 
@@ -99,7 +117,9 @@ def run_router(args) -> int:
 # --------------------------------------------------------------------------- tandem up
 def add_up_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the bundled demo model)")
-    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=2, help="colocated workers (role both)")
+    p.add_argument("--prefill", type=int, default=0, help="disaggregated: this many prefill workers ...")
+    p.add_argument("--decode", type=int, default=0, help="... and this many decode workers (instead of --replicas)")
     p.add_argument("--worker-args", default="", help="extra `tandem serve` flags for every worker, one string")
     add_router_args(p, with_workers=False)
     return p
@@ -111,16 +131,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_workers(model: str, n: int, extra: list[str], secret: str) -> tuple[list[subprocess.Popen], list[WorkerSpec]]:
-    threads = max(1, (os.cpu_count() or 1) // n)
+def _start_workers(model: str, roles: list[str], extra: list[str],
+                   secret: str) -> tuple[list[subprocess.Popen], list[WorkerSpec]]:
+    threads = max(1, (os.cpu_count() or 1) // len(roles))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TANDEM_KV_EVENTS_SECRET": secret}
+    if any(r != "both" for r in roles):
+        env["TANDEM_KV_TRANSFER_SECRET"] = secret
     procs, specs = [], []
-    for _ in range(n):
+    for role in roles:
         port, events, replay = _free_port(), f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
-        cmd = [sys.executable, "-m", "tandem.cli", "serve", model, "--port", str(port),
+        cmd = [sys.executable, "-m", "tandem.cli", "serve", model, "--port", str(port), "--role", role,
                "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay, *extra]
         procs.append(subprocess.Popen(cmd, env=env))
-        specs.append(WorkerSpec(f"http://127.0.0.1:{port}", events, replay))
+        specs.append(WorkerSpec(f"http://127.0.0.1:{port}", events, replay, role))
     return procs, specs
 
 
@@ -153,21 +176,30 @@ def _stop_workers(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
+def _roles(args) -> list[str]:
+    if args.prefill or args.decode:
+        if args.prefill < 1 or args.decode < 1:
+            raise ValueError("disaggregated serving needs --prefill >= 1 and --decode >= 1")
+        return ["prefill"] * args.prefill + ["decode"] * args.decode
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    return ["both"] * args.replicas
+
+
 def run_up(args) -> int:
     import shlex
 
     from tandem.entrypoints.llm import default_model_path
 
-    if args.replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    roles = _roles(args)
     model = args.model or default_model_path()
     secret = secrets.token_hex(32)
-    procs, specs = _start_workers(model, args.replicas, shlex.split(args.worker_args), secret)
+    procs, specs = _start_workers(model, roles, shlex.split(args.worker_args), secret)
     try:
         _wait_healthy(procs, specs)
         args.tokenizer = model
         router, subscribers = build_router(specs, args, secret.encode())
-        ready = f"tandem up: {args.replicas} workers ({', '.join(s.url for s in specs)}) behind " \
+        ready = f"tandem up: {len(specs)} workers ({', '.join(f'{s.url} {s.role}' for s in specs)}) behind " \
                 f"http://{args.host}:{args.port} (policy {args.policy})"
         return asyncio.run(serve_router(router, args.host, args.port, subscribers,
                                         on_ready=lambda: print(ready, flush=True)))

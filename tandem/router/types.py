@@ -20,6 +20,16 @@ class WorkerState:
     in_flight: int = 0  # requests the router has sent and not seen finish
     pending_prefill_tokens: int = 0  # uncached prompt tokens of requests sent and not yet answered
     max_num_seqs: int = 256  # capacity hint for saturation and load normalisation
+    kv_transfer_bytes: float = 0.0  # decode workers: KV bytes loaded from prefill workers so far
+    kv_transfer_seconds: float = 0.0  # ... and the seconds those loads took
+
+    @property
+    def prefills(self) -> bool:
+        return self.role in ("prefill", "both")
+
+    @property
+    def decodes(self) -> bool:
+        return self.role in ("decode", "both")
     consecutive_failures: int = 0
 
     @property

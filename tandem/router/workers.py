@@ -24,8 +24,10 @@ CHECK_TIMEOUT_S = 1.0
 MAX_CONSECUTIVE_FAILURES = 2
 
 _GAUGES = {"vllm:num_requests_running": "num_running", "vllm:num_requests_waiting": "num_waiting",
-           "vllm:kv_cache_usage_perc": "kv_usage"}
-_LINE = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+           "vllm:kv_cache_usage_perc": "kv_usage",
+           # disaggregated decode workers: measured link speed for the P/D decider
+           "tandem:kv_transfer_bytes_total": "kv_transfer_bytes", "tandem:kv_transfer_seconds_total": "kv_transfer_seconds"}
+_LINE = re.compile(r"^((?:vllm|tandem):[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
 
 
 @dataclass

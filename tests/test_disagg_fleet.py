@@ -1,0 +1,146 @@
+"""Disaggregated serving end to end: `tandem up --prefill 1 --decode 1` (real processes, router
+in front) against a single `tandem serve`, driven by the openai SDK."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.test_router import _metric_sum, _wait
+from tests.test_server import _free_port, _start_server, _stop
+
+WORKER_ARGS = "--kv-cache-memory 8MiB --served-model-name tiny --kv-lease-s 3 --kv-transfer-timeout-s 3"
+
+
+class Fleet:
+    def __init__(self, model, *flags: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", str(model), "--prefill", "1",
+                                      "--decode", "1", "--port", str(self.port), "--worker-args", WORKER_ARGS,
+                                      *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()  # workers share the pipe: keep it flowing
+        _wait(self.url, self.proc, timeout_s=240)
+        ready = next(line for line in self.lines if line.startswith("tandem up:"))
+        self.prefill = re.search(r"(http://\S+) prefill", ready).group(1)
+        self.decode = re.search(r"(http://\S+) decode", ready).group(1)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def metric(self, url: str, name: str, label: str = "") -> float:
+        return _metric_sum(httpx.get(f"{url}/metrics").text, name, label)
+
+    def wait_idle(self, *urls: str) -> None:
+        """Workers (default: both) back to no request, no lease, no block in use."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            busy = sum(self.metric(u, n) for u in (urls or (self.prefill, self.decode))
+                       for n in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                                 "tandem:kv_leases_held"))
+            if busy == 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError("workers did not return to idle")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def single(model_dirs):
+    proc, base = _start_server(model_dirs["llama3-gqa"])
+    yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dirs):
+    fleet = Fleet(model_dirs["llama3-gqa"], "--pd-threshold", "1")  # split every prompt the decoder lacks
+    yield fleet
+    assert fleet.stop() == 0, "".join(fleet.lines[-50:])
+
+
+def _text(client, prompt: str, max_tokens: int, stream: bool = False) -> str:
+    if stream:
+        chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+    return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+
+PROMPTS = ["x", "def f(a, b):\n    return", "import os\n" * 12, "class Stack:\n    def push(self, item):\n" * 9,
+           " ".join(str(i) for i in range(150))]
+
+
+def test_greedy_outputs_equal_a_single_server(fleet, single):
+    splits = fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"')
+    for i, prompt in enumerate(PROMPTS):
+        assert _text(fleet.client, prompt, 16, stream=i % 2 == 1) == _text(single, prompt, 16), prompt[:40]
+    chat = [{"role": "user", "content": "Write a function that reverses a list. " * 5}]
+    got = fleet.client.chat.completions.create(model="tiny", messages=chat, max_tokens=12, temperature=0)
+    ref = single.chat.completions.create(model="tiny", messages=chat, max_tokens=12, temperature=0)
+    assert got.choices[0].message.content == ref.choices[0].message.content
+    assert fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"') >= splits + 5
+    assert fleet.metric(fleet.decode, "tandem:kv_transfers_total") >= 4
+    fleet.wait_idle()
+
+
+def test_prefix_cached_on_the_decode_worker_is_not_sent_again(fleet, single):
+    base = "def parse(line):\n    fields = line.split(',')\n" * 8  # well over a few blocks
+    assert _text(fleet.client, base, 4) == _text(single, base, 4)
+    sent = fleet.metric(fleet.decode, "tandem:kv_transfer_bytes_total")
+    longer = base + "    return fields\n"
+    assert _text(fleet.client, longer, 8) == _text(single, longer, 8)
+    delta = fleet.metric(fleet.decode, "tandem:kv_transfer_bytes_total") - sent
+    assert sent > 0
+    usage = fleet.client.completions.create(model="tiny", prompt=longer + "#", max_tokens=1, temperature=0).usage
+    assert usage.prompt_tokens_details.cached_tokens > 0  # the decode worker holds the prefix
+    first_len = len(httpx.post(f"{fleet.decode}/tokenize", json={"prompt": base}).json()["tokens"])
+    assert delta < first_len * fleet.metric(fleet.url, "tandem_router_pd_kv_bytes_per_token") / 2
+    fleet.wait_idle()
+
+
+def test_forged_ticket_through_the_router_is_refused(fleet):
+    r = httpx.post(f"{fleet.url}/v1/completions", json={
+        "model": "tiny", "prompt": "hello", "max_tokens": 2,
+        "kv_transfer_params": {"do_remote_prefill": True, "engine": "tcp://127.0.0.1:1", "lease_id": "x",
+                               "block_ids": [0], "num_tokens": 1, "block_size": 16, "compat": "x", "prompt": "x",
+                               "lease_s": 1.0, "kv_bytes_per_token": 1, "mac": "00"}}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params"
+    fleet.wait_idle()
+
+
+def test_prefill_worker_killed_requests_still_complete_locally(model_dirs, single):
+    fleet = Fleet(model_dirs["llama3-gqa"], "--pd-threshold", "1")
+    try:
+        prompt = "for i in range(10):\n    print(i)\n" * 6
+        assert _text(fleet.client, prompt, 8) == _text(single, prompt, 8)
+        port = int(fleet.prefill.rsplit(":", 1)[1])
+        pids = subprocess.run(["pgrep", "-f", "--", f"--port {port} --role prefill"], capture_output=True,
+                              text=True).stdout.split()
+        assert pids
+        for pid in pids:
+            subprocess.run(["kill", "-9", pid])
+        other = "while True:\n    pass\n" * 7
+        assert _text(fleet.client, other, 8) == _text(single, other, 8)  # fell back to a local prefill
+        assert fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="fallback"') \
+            + fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="local"') >= 1
+        fleet.wait_idle(fleet.decode)
+    finally:
+        fleet.proc.send_signal(signal.SIGTERM)
+        fleet.proc.wait(60)
