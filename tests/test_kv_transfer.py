@@ -357,3 +357,14 @@ def test_a_worker_without_the_receiving_half_refuses_tickets(model_dir, cores):
         prefill.add_request(decode_request("y", prompt, params, 3))
     prefill.connector.sender._leases[params["lease_id"]].released = True  # noqa: SLF001 - as a decode would
     wait_idle(prefill)
+
+
+def test_ticket_signature_survives_a_json_round_trip_with_integer_lease(model_dir):
+    import json
+
+    from tandem.kv_transfer.ticket import prompt_hash
+
+    prompt = prompt_of(20, 13)
+    ticket = sign(Ticket(True, "tcp://127.0.0.1:1", "l", [0, 1], 20, 16, "c", prompt_hash(prompt), 30, 8), SECRET)
+    params = json.loads(json.dumps(msgspec.to_builtins(ticket)))
+    assert parse_ticket(params, SECRET, prompt).lease_s == 30.0

@@ -79,6 +79,9 @@ class Ticket(msgspec.Struct, forbid_unknown_fields=True):
     kv_bytes_per_token: int
     mac: str = ""
 
+    def __post_init__(self) -> None:
+        self.lease_s = float(self.lease_s)  # canonical: an int would sign differently after a JSON round trip
+
     def signed_payload(self) -> bytes:
         fields = [getattr(self, f) for f in self.__struct_fields__ if f != "mac"]
         return _enc.encode(fields)
