@@ -59,7 +59,6 @@ class EngineCore:
         self.connector = self._make_connector(config)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.connector)
         self.kv_event_sink = kv_event_sink
-        self.failed_on_add: list[CoreOutput] = []  # requests refused by add_request in the core process
         self._kv_event_seq = 0
         self._kv_event_backlog: deque[KVEventBatch] = deque(maxlen=KV_EVENT_BACKLOG)
 

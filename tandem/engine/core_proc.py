@@ -88,6 +88,7 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
         poller.register(publisher.replay, zmq.POLLIN)
     last_parent_check = time.monotonic()
     last_transfers = _transfer_state(core)
+    refused: list[CoreOutput] = []  # requests add_request refused: reported as failed with the next step
     while True:
         # Spin while there is compute to do; poll briefly while only KV transfers or leases are
         # pending (their threads need the CPU, and leases must be freed on time); else block.
@@ -98,14 +99,14 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
             if publisher is not None:
                 publisher.serve_replays()
             if inputs in events:
-                if not _handle(core, inputs.recv_multipart(), in_codec):
+                if not _handle(core, inputs.recv_multipart(), in_codec, refused):
                     return
                 handled = True
             timeout = 0
-        if core.has_unfinished_requests() or core.has_pending_transfers() or core.failed_on_add:
+        if core.has_unfinished_requests() or core.has_pending_transfers() or refused:
             runnable = core.has_runnable_requests()
-            outs = core.failed_on_add + core.step()
-            core.failed_on_add = []
+            outs = refused + core.step()
+            refused = []
             transfers = _transfer_state(core)
             if outs or runnable or handled or transfers != last_transfers:
                 outputs.send_multipart(out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))))
@@ -119,7 +120,7 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
                 return
 
 
-def _handle(core: EngineCore, frames: list[bytes], codec: Codec) -> bool:
+def _handle(core: EngineCore, frames: list[bytes], codec: Codec, refused: list[CoreOutput]) -> bool:
     """Apply one input message; False on Shutdown. Bad messages are logged and dropped."""
     try:
         msg = codec.decode(frames)
@@ -135,7 +136,7 @@ def _handle(core: EngineCore, frames: list[bytes], codec: Codec) -> bool:
             core.add_request(req)
         except ValueError as e:  # the API process checks first; a request it let through fails alone
             logger.warning("refused request %s: %s", msg.request_id, e)
-            core.failed_on_add.append(CoreOutput(msg.request_id, [], finish_reason="error", error=str(e)))
+            refused.append(CoreOutput(msg.request_id, [], finish_reason="error", error=str(e)))
     elif isinstance(msg, FinishRequests):
         status = RequestStatus.FINISHED_STOPPED if msg.status == "stop" else RequestStatus.FINISHED_ABORTED
         core.finish_requests(msg.request_ids, status, msg.stop_reason)
@@ -159,16 +160,7 @@ def stats(core: EngineCore) -> EngineStats:
 
 
 def _transfer_stats(core: EngineCore) -> TransferStats | None:
-    """Counters for /metrics; takes the load durations reported since the last call."""
-    conn = core.connector
-    if conn is None:
-        return None
-    s = conn.stats
-    durations, s.new_durations = s.new_durations, []
-    sender = conn.sender.stats if conn.sender is not None else None
-    return TransferStats(s.loads_ok, s.bytes_received, s.seconds_total, durations, dict(s.failures), s.recomputed,
-                         s.local_skips, conn.num_leases, sender.leases_issued if sender else 0,
-                         sender.leases_expired if sender else 0, sender.bytes_sent if sender else 0)
+    return core.connector.report() if core.connector is not None else None
 
 
 def _lp(lp) -> WireLogprobs:

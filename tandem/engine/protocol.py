@@ -67,14 +67,15 @@ class WireOutput(msgspec.Struct, array_like=True):
 
 
 class TransferStats(msgspec.Struct):
-    """Cumulative KV transfer counters of a disaggregated worker (tandem/kv_transfer)."""
+    """Cumulative KV transfer counters of a disaggregated worker (tandem/kv_transfer); the
+    connector keeps one and reports a copy with every StepOutputs."""
     loads_ok: int = 0
     bytes_received: int = 0
     seconds_total: float = 0.0
     new_durations: list[float] = []  # load durations since the previous report
-    failures: dict[str, int] = {}
-    recomputed: int = 0
-    local_skips: int = 0
+    failures: dict[str, int] = {}  # kind -> count
+    recomputed: int = 0  # failed loads prefilled locally (policy recompute)
+    local_skips: int = 0  # tickets not needed: every block was already cached here
     leases_held: int = 0
     leases_issued: int = 0
     leases_expired: int = 0

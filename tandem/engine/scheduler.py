@@ -22,6 +22,8 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from tandem.config import SchedulerConfig
 from tandem.engine.block_pool import KVCacheBlock
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -381,4 +383,4 @@ class Scheduler:
             self.kv.free_blocks(blocks)
             return
         self.held[ticket.lease_id] = blocks
-        req.kv_transfer_params = {f: getattr(ticket, f) for f in ticket.__struct_fields__}
+        req.kv_transfer_params = msgspec.to_builtins(ticket)

@@ -7,25 +7,12 @@ halves move bytes in their own threads. Everything here is called from the core 
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
 import zmq
 
+from tandem.engine.protocol import TransferStats
 from tandem.kv_transfer.receiver import KVReceiver, LoadResult
 from tandem.kv_transfer.sender import KVCaches, KVSender
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, prompt_hash, sign
-
-
-@dataclass
-class TransferStats:
-    loads_ok: int = 0
-    bytes_received: int = 0
-    seconds_total: float = 0.0
-    new_durations: list[float] = field(default_factory=list)  # since the last stats report
-    failures: Counter = field(default_factory=Counter)  # kind -> count
-    recomputed: int = 0  # failed loads prefilled locally (policy recompute)
-    local_skips: int = 0  # tickets not needed: every block was already cached here
 
 
 class KVConnector:
@@ -89,8 +76,20 @@ class KVConnector:
                 self.stats.seconds_total += r.seconds
                 self.stats.new_durations.append(r.seconds)
             elif r.kind != "cancelled":
-                self.stats.failures[r.kind] += 1
+                self.stats.failures[r.kind] = self.stats.failures.get(r.kind, 0) + 1
         return results
+
+    def report(self) -> TransferStats:
+        """Counters for /metrics; hands over (and forgets) the load durations since the last report."""
+        s = self.stats
+        if self.sender is not None:
+            sent = self.sender.stats
+            s.leases_issued, s.leases_expired, s.bytes_sent = sent.leases_issued, sent.leases_expired, sent.bytes_sent
+        s.leases_held = self.num_leases
+        report = TransferStats(**{f: getattr(s, f) for f in s.__struct_fields__})
+        report.failures = dict(s.failures)
+        s.new_durations = []
+        return report
 
     def close(self) -> None:
         for half in (self.sender, self.receiver):

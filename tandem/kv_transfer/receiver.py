@@ -60,7 +60,8 @@ class KVReceiver:
         self.codec = WireCodec(config.secret, ToReceiver)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
-        self._socks: dict[str, zmq.Socket] = {}
+        self._socks: dict[str, zmq.Socket] = {}  # one DEALER per prefill endpoint, all in _poller
+        self._poller = zmq.Poller()
         self._loads: dict[str, _Load] = {}  # lease id -> load in progress
         self._watched: dict[str, Ticket] = {}  # lease id -> ticket kept alive by heartbeats
         self._last_heartbeat = 0.0
@@ -100,31 +101,28 @@ class KVReceiver:
 
     # -- receiver thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
-        poller = zmq.Poller()
         while not self._stopped:
-            self._drain_commands(poller)
-            for sock, _ in poller.poll(_POLL_MS):
+            self._drain_commands()
+            for sock, _ in self._poller.poll(_POLL_MS):
                 self._on_message(sock.recv_multipart(copy=False))
             self._heartbeat()
             self._expire_stalled()
 
-    def _sock(self, endpoint: str, poller: zmq.Poller) -> zmq.Socket:
+    def _sock(self, endpoint: str) -> zmq.Socket:
         sock = self._socks.get(endpoint)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
             sock.connect(endpoint)
-            poller.register(sock, zmq.POLLIN)
+            self._poller.register(sock, zmq.POLLIN)
             self._socks[endpoint] = sock
         return sock
 
-    def _send(self, endpoint: str, msg, poller: zmq.Poller | None = None) -> None:
-        sock = self._socks.get(endpoint) if poller is None else self._sock(endpoint, poller)
-        if sock is not None:
-            sock.send_multipart(self.codec.encode(msg))
+    def _send(self, endpoint: str, msg) -> None:
+        self._sock(endpoint).send_multipart(self.codec.encode(msg))
 
-    def _drain_commands(self, poller: zmq.Poller) -> None:
+    def _drain_commands(self) -> None:
         while True:
             try:
                 verb, arg = self._commands.get_nowait()
@@ -132,26 +130,26 @@ class KVReceiver:
                 return
             if verb == "watch":
                 self._watched[arg.lease_id] = arg
-                self._sock(arg.engine, poller)
+                self._sock(arg.engine)
             elif verb == "load":
-                self._start(arg, poller)
+                self._start(arg)
             elif verb == "cancel":
                 for load in [x for x in self._loads.values() if x.request_id == arg]:
                     self._finish(load, LoadResult(arg, False, "cancelled", "request aborted during the transfer"))
             elif verb == "release":
                 self._watched.pop(arg.lease_id, None)
-                self._send(arg.engine, Release(arg.lease_id), poller)
+                self._send(arg.engine, Release(arg.lease_id))
 
-    def _start(self, load: _Load, poller: zmq.Poller) -> None:
+    def _start(self, load: _Load) -> None:
         ticket = load.ticket
         self._watched.pop(ticket.lease_id, None)
         if ticket.compat != self.compat:
             self._results.put(LoadResult(load.request_id, False, "incompatible",
                                          "model, dtype, block size or KV layout differ between the workers"))
-            self._send(ticket.engine, Release(ticket.lease_id), poller)
+            self._send(ticket.engine, Release(ticket.lease_id))
             return
         self._loads[ticket.lease_id] = load
-        self._send(ticket.engine, Pull(ticket.lease_id, self.compat, load.remote_block_ids), poller)
+        self._send(ticket.engine, Pull(ticket.lease_id, self.compat, load.remote_block_ids))
 
     def _on_message(self, frames: list) -> None:
         try:

@@ -126,16 +126,15 @@ class Router:
         worker = self.policy.pick(req, candidates)
         if worker is None:
             return None
-        predicted = self._matched_blocks(req).get(worker.url, 0)
-        worker.in_flight += 1  # the policy recorded the pick itself (session, per-prefix counts)
-        prefill = max(0, len(req.token_ids) - predicted * self.block_size)
-        worker.pending_prefill_tokens += prefill
-        if req.block_hashes:
-            self.approx.record(worker.url, req.block_hashes)
-        return Routed(worker, req, predicted, prefill)
+        return self._account(worker, req)  # the policy recorded the pick itself (session, per-prefix counts)
 
     def pick_prefill(self, worker: WorkerState, req: RouteRequest) -> Routed:
         """Account a prefill leg on ``worker`` (outside the policy: no session or prefix counts)."""
+        return self._account(worker, req)
+
+    def _account(self, worker: WorkerState, req: RouteRequest) -> Routed:
+        """Count the request on the worker: in flight, its uncached prompt as pending prefill, and
+        its prefix in the routing history."""
         predicted = self._matched_blocks(req).get(worker.url, 0)
         prefill = max(0, len(req.token_ids) - predicted * self.block_size)
         worker.in_flight += 1

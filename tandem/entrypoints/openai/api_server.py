@@ -295,10 +295,11 @@ def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
         raise OpenAIError(400, str(e), param=e.param) from None
     except EngineDeadError as e:
         raise OpenAIError(503, f"engine is not running: {e}", "ServiceUnavailableError") from None
-    return _dead_engine_as_error(stream)
+    return _engine_errors_as_openai(stream)
 
 
-async def _dead_engine_as_error(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+async def _engine_errors_as_openai(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """A dead engine -> 503; a request that finished with an error (failed KV load) -> 502."""
     try:
         async for out in stream:
             if out.finished and out.error is not None:
