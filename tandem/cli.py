@@ -75,7 +75,8 @@ def _kv_transfer_config(args: argparse.Namespace):
         raise ValueError(f"--role {args.role} needs $TANDEM_KV_TRANSFER_SECRET (the same on every worker)")
     return KVTransferConfig(role=args.role, host=args.kv_transfer_host, port=args.kv_transfer_port,
                             secret=secret.encode(), lease_s=args.kv_lease_s,
-                            transfer_timeout_s=args.kv_transfer_timeout_s, failure_policy=args.kv_failure_policy)
+                            transfer_timeout_s=args.kv_transfer_timeout_s, failure_policy=args.kv_failure_policy,
+                            transport=args.kv_transport)
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a KV load with no data for this long fails (kind timeout)")
     dis.add_argument("--kv-failure-policy", choices=("fail", "recompute"), default="fail",
                      help="a failed KV load: fail the request (HTTP 502) or prefill it locally")
+    dis.add_argument("--kv-transport", choices=("auto", "tcp"), default="auto",
+                     help="auto (default): workers on one host copy KV through shared memory, others "
+                          "over TCP; tcp: always TCP")
     _add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
 

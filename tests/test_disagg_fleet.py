@@ -97,6 +97,7 @@ def test_greedy_outputs_equal_a_single_server(fleet, single):
     assert got.choices[0].message.content == ref.choices[0].message.content
     assert fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"') >= splits + 5
     assert fleet.metric(fleet.decode, "tandem:kv_transfers_total") >= 4
+    assert fleet.metric(fleet.decode, "tandem:kv_transfers_shm_total") >= 4  # one host: shared memory
     fleet.wait_idle()
 
 

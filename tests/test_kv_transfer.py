@@ -10,6 +10,7 @@ import time
 
 import msgspec
 import pytest
+import torch
 
 from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tandem.engine.core import EngineCore
@@ -40,8 +41,19 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cores(model_dir):
-    prefill, decode, single = make_core(model_dir, "prefill"), make_core(model_dir, "decode"), make_core(model_dir)
+    """TCP: the decode side never asks for shared memory (as between two hosts)."""
+    prefill, decode, single = (make_core(model_dir, "prefill"), make_core(model_dir, "decode", transport="tcp"),
+                               make_core(model_dir))
     yield prefill, decode, single
+    for core in (prefill, decode):
+        core.close()
+
+
+@pytest.fixture(scope="module")
+def shm_cores(model_dir, cores):
+    """Shared memory: both sides on this host with transport auto; the reference core is shared."""
+    prefill, decode = make_core(model_dir, "prefill"), make_core(model_dir, "decode")
+    yield prefill, decode, cores[2]
     for core in (prefill, decode):
         core.close()
 
@@ -156,8 +168,8 @@ def test_fully_cached_prompt_releases_the_lease_without_pulling(cores):
 class CuttingProxy:
     """TCP forwarder that drops the connection once `cut_after` bytes went from server to client."""
 
-    def __init__(self, target_port: int, cut_after: int) -> None:
-        self.target_port, self.cut_after = target_port, cut_after
+    def __init__(self, target_port: int, cut_after: int, on_cut=None) -> None:
+        self.target_port, self.cut_after, self.on_cut = target_port, cut_after, on_cut
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.cuts = 0
@@ -169,7 +181,11 @@ class CuttingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is gone: so is this connection
+                client.close()
+                continue
             threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client, self.cut_after), daemon=True).start()
 
@@ -179,6 +195,8 @@ class CuttingProxy:
             while data := src.recv(65536):
                 if limit is not None and sent + len(data) > limit:
                     self.cuts += 1
+                    if self.on_cut is not None:
+                        self.on_cut()
                     break
                 dst.sendall(data)
                 sent += len(data)
@@ -202,7 +220,7 @@ def resigned(params: dict, secret: bytes = SECRET, **changes) -> dict:
 
 @pytest.fixture(scope="module")
 def recompute_decode(model_dir):
-    core = make_core(model_dir, "decode", failure_policy="recompute")
+    core = make_core(model_dir, "decode", failure_policy="recompute", transport="tcp")
     yield core
     core.close()
 
@@ -270,6 +288,48 @@ def test_dropped_connection_mid_transfer_times_out(model_dir, cores, recompute_d
         assert [t for o in outs for t in o.new_token_ids] == single_output(single, prompt, 6)
     finally:
         proxy.close()
+
+
+PREFILL_WORKER = """
+import json, sys, time
+from tests.test_kv_transfer import make_core, prefill_ticket, prompt_of
+core = make_core(sys.argv[1], "prefill", lease_s=30.0)
+print(json.dumps(prefill_ticket(core, "p-kill", prompt_of(120, 21))), flush=True)
+while True:
+    core.step()
+    time.sleep(0.001)
+"""
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_prefill_worker_killed_mid_transfer(model_dir, cores, recompute_decode, policy):
+    """A prefill worker in its own process is SIGKILLed once the first layers have gone out."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    decode = cores[1] if policy == "fail" else recompute_decode
+    proc = subprocess.Popen([sys.executable, "-c", PREFILL_WORKER, str(model_dir)], stdout=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    proxy = None
+    try:
+        params = json.loads(proc.stdout.readline())
+        port = int(params["engine"].rsplit(":", 1)[1])
+        proxy = CuttingProxy(port, cut_after=40_000, on_cut=lambda: os.kill(proc.pid, signal.SIGKILL))
+        prompt = prompt_of(120, 21)
+        out = fail_and_check(decode, decode, f"d-kill-{policy}", prompt,
+                             resigned(params, engine=f"tcp://127.0.0.1:{proxy.port}"))
+        assert proc.wait(10) == -signal.SIGKILL and proxy.cuts >= 1
+        if policy == "fail":
+            assert out[-1].finish_reason == "error" and "timeout" in out[-1].error
+        else:
+            assert [t for o in out for t in o.new_token_ids] == single_output(cores[2], prompt, 6)
+    finally:
+        proc.kill()
+        if proxy is not None:
+            proxy.close()
 
 
 def test_sender_gone_before_the_pull_times_out(model_dir, cores):
@@ -368,3 +428,130 @@ def test_ticket_signature_survives_a_json_round_trip_with_integer_lease(model_di
     ticket = sign(Ticket(True, "tcp://127.0.0.1:1", "l", [0, 1], 20, 16, "c", prompt_hash(prompt), 30, 8), SECRET)
     params = json.loads(json.dumps(msgspec.to_builtins(ticket)))
     assert parse_ticket(params, SECRET, prompt).lease_s == 30.0
+
+
+# -- shared memory (one host) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [1, 17, 130])
+def test_shared_memory_greedy_equals_single_core(shm_cores, length):
+    prefill, decode, single = shm_cores
+    assert prefill.runner.kv_region is not None  # the prefill worker's cache lives in a memfd
+    prompt = prompt_of(length, 200 + length)
+    grants, shm_loads = prefill.connector.sender.stats.shm_grants, decode.connector.stats.loads_shm
+    params = prefill_ticket(prefill, f"sp{length}", prompt)
+    decode.add_request(decode_request(f"sd{length}", prompt, params, 12))
+    outs = run_until([prefill, decode], finished(f"sd{length}"))
+    assert tokens(outs, f"sd{length}") == single_output(single, prompt, 12)
+    wait_idle(prefill, decode)
+    if length > 16:  # at least one full block to load
+        assert prefill.connector.sender.stats.shm_grants == grants + 1
+        assert decode.connector.stats.loads_shm == shm_loads + 1
+    assert prefill.connector.sender.stats.leases_expired == 0  # released by the decode side
+
+
+def test_shared_memory_prefix_hit_copies_only_missing_blocks(shm_cores):
+    prefill, decode, single = shm_cores
+    shared = prompt_of(64, 300)
+    decode.add_request(Request("swarm", shared + [5], greedy(1), max_tokens=1))
+    run_until([decode], finished("swarm"))
+    prompt = shared + prompt_of(50, 301)
+    params = prefill_ticket(prefill, "sp-hit", prompt)
+    before = decode.connector.stats.bytes_received
+    decode.add_request(decode_request("sd-hit", prompt, params, 10))
+    outs = run_until([prefill, decode], finished("sd-hit"))
+    assert outs["sd-hit"][0].num_cached_tokens == 64
+    assert (decode.connector.stats.bytes_received - before) // decode.runner.kv_bytes_per_block == 4
+    assert tokens(outs, "sd-hit") == single_output(single, prompt, 10)
+    wait_idle(prefill, decode)
+
+
+def test_unmappable_region_falls_back_to_tcp(shm_cores, monkeypatch):
+    """As in another pid namespace: /proc/<pid>/fd of the prefill worker cannot be opened."""
+    import tandem.kv_transfer.receiver as receiver_mod
+
+    prefill, _, single = shm_cores
+    decode = make_core(prefill.config.model.model, "decode")
+
+    def unreachable(*_args):
+        raise PermissionError("not in this pid namespace")
+
+    monkeypatch.setattr(receiver_mod, "RemoteRegion", unreachable)
+    try:
+        for i in range(2):
+            prompt = prompt_of(70, 310 + i)
+            params = prefill_ticket(prefill, f"sp-fb{i}", prompt)
+            decode.add_request(decode_request(f"sd-fb{i}", prompt, params, 6))
+            outs = run_until([prefill, decode], finished(f"sd-fb{i}"))
+            assert tokens(outs, f"sd-fb{i}") == single_output(single, prompt, 6)
+        assert decode.connector.stats.loads_ok == 2 and decode.connector.stats.loads_shm == 0
+        assert decode.connector.receiver._no_shm == {params["engine"]}  # noqa: SLF001 - not asked again
+        wait_idle(prefill, decode)
+    finally:
+        decode.close()
+
+
+def test_remote_region_checks_the_granted_token():
+    import os
+
+    from tandem.kv_transfer.shm import RemoteRegion, SharedKVRegion
+
+    region = SharedKVRegion(4096)
+    region.tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    seen = RemoteRegion(os.getpid(), region.fd, region.token, 4096)
+    assert seen.tensor[:4].tolist() == [1, 2, 3, 4]
+    with pytest.raises(PermissionError):
+        RemoteRegion(os.getpid(), region.fd, "0" * 32, 4096)  # a recycled fd or pid: another file
+    with pytest.raises(PermissionError):
+        RemoteRegion(os.getpid(), region.fd, region.token, 8192)
+    with pytest.raises(OSError):
+        RemoteRegion(os.getpid(), 10_000, region.token, 4096)
+
+
+def test_copy_that_outlives_its_grant_is_discarded(model_dir):
+    """A sender speaking the real wire protocol grants a read valid for 0 s: the receiver must
+    not keep what it copied (the blocks may have been reused), and still releases the lease."""
+    import zmq
+
+    from tandem.kv_transfer.receiver import KVReceiver
+    from tandem.kv_transfer.shm import SharedKVRegion, host_id
+    from tandem.kv_transfer.ticket import prompt_hash
+    from tandem.kv_transfer.wire import Pull, Release, ShmGrant, ToSender, WireCodec
+
+    shape = (4, 16, 2, 8)
+    region = SharedKVRegion(2 * 2 * 4 * 16 * 2 * 8 * 4)
+    remote_caches = region.layer_views(2, shape[1:], 4, torch.float32)
+    for k, v in remote_caches:
+        k.fill_(1.0)
+        v.fill_(2.0)
+    local = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    config = KVTransferConfig(role="decode", secret=SECRET, lease_s=5.0, transfer_timeout_s=2.0)
+    receiver = KVReceiver(config, local, "compat", ctx)
+    codec = WireCodec(SECRET, ToSender)
+    try:
+        ticket = Ticket(True, f"tcp://127.0.0.1:{port}", "lease-1", [1, 2], 20, 16, "compat", prompt_hash([1]), 5.0, 8)
+        for valid_s, expect_ok in ((0.0, False), (30.0, True)):
+            receiver.load(f"r{valid_s}", ticket, [1, 2], [0, 3])
+            ident, *frames = router.recv_multipart()
+            pull, _ = codec.decode(frames)
+            assert isinstance(pull, Pull) and pull.host == host_id() and pull.block_ids == [1, 2]
+            grant = ShmGrant("lease-1", region.pid, region.fd, region.token, region.nbytes, 4, valid_s)
+            router.send_multipart([ident, *WireCodec(SECRET, ToSender).encode(grant)])
+            deadline = time.monotonic() + 5
+            results = []
+            while not results:
+                assert time.monotonic() < deadline
+                results = receiver.take_results()
+                time.sleep(0.01)
+            assert results[0].ok is expect_ok
+            assert expect_ok or results[0].kind == "lease_expired"
+            while True:  # the lease is released whatever the outcome (heartbeats may come first)
+                msg, _ = codec.decode(router.recv_multipart()[1:])
+                if isinstance(msg, Release):
+                    break
+        assert local[1][0][3].eq(1.0).all() and local[1][1][0].eq(2.0).all()
+    finally:
+        receiver.close()
+        router.close(0)
+        ctx.term()

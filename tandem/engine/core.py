@@ -50,7 +50,9 @@ class EngineCore:
     def __init__(self, config: EngineConfig, attention_backend: str = "torch",
                  kv_event_sink: Callable[[KVEventBatch], None] | None = None) -> None:
         self.config = config
-        self.runner = ModelRunner(config.model, config.cache, attention_backend)
+        kv = config.kv_transfer
+        self.runner = ModelRunner(config.model, config.cache, attention_backend,
+                                  share_kv_cache=kv is not None and kv.sends and kv.transport == "auto")
         self.hf_config = self.runner.hf_config
         self.vocab_size = self.runner.args.vocab_size
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len)
@@ -86,7 +88,7 @@ class EngineCore:
         caches = [(a.k_cache, a.v_cache) for a in runner.model.attention_layers()]
         compat = compat_hash(self.hf_config, str(runner.dtype), config.cache.block_size)
         return KVConnector(config.kv_transfer, caches, compat, config.cache.block_size,
-                           runner.kv_bytes_per_block // config.cache.block_size)
+                           runner.kv_bytes_per_block // config.cache.block_size, runner.kv_region)
 
     def close(self) -> None:
         if self.connector is not None:

@@ -70,6 +70,7 @@ class TransferStats(msgspec.Struct):
     """Cumulative KV transfer counters of a disaggregated worker (tandem/kv_transfer); the
     connector keeps one and reports a copy with every StepOutputs."""
     loads_ok: int = 0
+    loads_shm: int = 0  # of loads_ok: copied from a shared-memory region on this host
     bytes_received: int = 0
     seconds_total: float = 0.0
     new_durations: list[float] = []  # load durations since the previous report

@@ -12,16 +12,17 @@ import zmq
 from tandem.engine.protocol import TransferStats
 from tandem.kv_transfer.receiver import KVReceiver, LoadResult
 from tandem.kv_transfer.sender import KVCaches, KVSender
+from tandem.kv_transfer.shm import SharedKVRegion
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, prompt_hash, sign
 
 
 class KVConnector:
     def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, block_size: int,
-                 kv_bytes_per_token: int) -> None:
+                 kv_bytes_per_token: int, region: SharedKVRegion | None = None) -> None:
         self.config, self.compat = config, compat
         self.block_size, self.kv_bytes_per_token = block_size, kv_bytes_per_token
         self.ctx = zmq.Context()
-        self.sender = KVSender(config, kv_caches, compat, self.ctx) if config.sends else None
+        self.sender = KVSender(config, kv_caches, compat, self.ctx, region) if config.sends else None
         self.receiver = KVReceiver(config, kv_caches, compat, self.ctx) if config.receives else None
         self.stats = TransferStats()
 
@@ -72,6 +73,7 @@ class KVConnector:
         for r in results:
             if r.ok:
                 self.stats.loads_ok += 1
+                self.stats.loads_shm += r.transport == "shm"
                 self.stats.bytes_received += r.num_bytes
                 self.stats.seconds_total += r.seconds
                 self.stats.new_durations.append(r.seconds)

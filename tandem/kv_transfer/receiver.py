@@ -4,6 +4,10 @@ in a thread of the engine-core process, and keeps the leases of waiting requests
 Commands come from the core thread through a queue; results go back through another. Every
 started load produces exactly one LoadResult (ok, failed or cancelled), and only after the last
 write into its blocks: the scheduler frees a load's blocks only once its result is in.
+
+On one host (transport auto) a pull asks for a shared-memory grant and the copy is done here, from
+a read-only mapping of the prefill worker's cache (shm.py); where the mapping cannot be opened the
+same load is pulled again over TCP, and that endpoint is not asked for shared memory again.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 import zmq
 
 from tandem.kv_transfer.sender import KVCaches
+from tandem.kv_transfer.shm import RemoteRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket
 from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, LayerData, Pull, PullDone, PullError, Release, Renew,
-                                     ToReceiver, WireCodec)
+                                     ShmGrant, ToReceiver, WireCodec)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class LoadResult:
     message: str = ""
     num_bytes: int = 0
     seconds: float = 0.0
+    transport: str = "tcp"  # tcp | shm
 
 
 @dataclass
@@ -50,6 +56,7 @@ class _Load:
     local_index: torch.Tensor
     started: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
+    pull_sent: float = 0.0
     layers_done: int = 0
     num_bytes: int = 0
 
@@ -64,6 +71,8 @@ class KVReceiver:
         self._poller = zmq.Poller()
         self._loads: dict[str, _Load] = {}  # lease id -> load in progress
         self._watched: dict[str, Ticket] = {}  # lease id -> ticket kept alive by heartbeats
+        self._regions: dict[str, RemoteRegion] = {}  # prefill endpoint -> its mapped KV region
+        self._no_shm: set[str] = set()  # endpoints whose region could not be mapped from here
         self._last_heartbeat = 0.0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
@@ -149,7 +158,13 @@ class KVReceiver:
             self._send(ticket.engine, Release(ticket.lease_id))
             return
         self._loads[ticket.lease_id] = load
-        self._send(ticket.engine, Pull(ticket.lease_id, self.compat, load.remote_block_ids))
+        self._pull(load)
+
+    def _pull(self, load: _Load) -> None:
+        engine = load.ticket.engine
+        host = host_id() if self.config.transport == "auto" and engine not in self._no_shm else ""
+        load.pull_sent = time.monotonic()
+        self._send(engine, Pull(load.ticket.lease_id, self.compat, load.remote_block_ids, host))
 
     def _on_message(self, frames: list) -> None:
         try:
@@ -166,6 +181,8 @@ class KVReceiver:
         load.last_progress = time.monotonic()
         if isinstance(msg, LayerData):
             self._write_layer(load, msg, payload)
+        elif isinstance(msg, ShmGrant):
+            self._read_shm(load, msg)
         elif isinstance(msg, PullDone):
             ok = load.layers_done == len(self.kv_caches) == msg.num_layers
             self._finish(load, LoadResult(load.request_id, ok, "" if ok else "bad_blocks",
@@ -185,9 +202,41 @@ class KVReceiver:
             return
         for cache, frame in ((k_cache, payload[0]), (v_cache, payload[1])):
             data = torch.frombuffer(frame.buffer, dtype=torch.uint8).view(cache.dtype).view(shape)
-            cache.index_copy_(0, load.local_index, data)
+            cache.index_copy_(0, load.local_index, data.to(cache.device))
         load.layers_done += 1
         load.num_bytes += 2 * expected
+
+    def _read_shm(self, load: _Load, grant: ShmGrant) -> None:
+        engine = load.ticket.engine
+        try:
+            region = self._region(engine, grant)
+        except OSError as e:  # another pid namespace, or the worker is gone: the bytes go by TCP
+            logger.info("KV region of %s not mappable here (%s); using TCP", engine, e)
+            self._no_shm.add(engine)
+            self._pull(load)
+            return
+        k_cache = self.kv_caches[0][0]
+        if grant.nbytes != 2 * len(self.kv_caches) * grant.num_blocks * k_cache[0].numel() * k_cache.element_size() \
+                or max(load.remote_block_ids) >= grant.num_blocks:
+            self._finish(load, LoadResult(load.request_id, False, "bad_blocks", "grant does not match the layout"))
+            return
+        remote = region.layers(len(self.kv_caches), tuple(k_cache.shape[1:]), grant.num_blocks, k_cache.dtype)
+        index = torch.tensor(load.remote_block_ids, dtype=torch.int64)
+        for layer, caches in enumerate(self.kv_caches):
+            for half, cache in enumerate(caches):
+                cache.index_copy_(0, load.local_index, remote[2 * layer + half].index_select(0, index).to(cache.device))
+        if time.monotonic() >= load.pull_sent + grant.valid_s:  # see the lease invariant in shm.py
+            self._finish(load, LoadResult(load.request_id, False, "lease_expired", "copy outlived the lease"))
+            return
+        num_bytes = 2 * len(self.kv_caches) * len(index) * k_cache[0].numel() * k_cache.element_size()
+        self._finish(load, LoadResult(load.request_id, True, num_bytes=num_bytes,
+                                      seconds=time.monotonic() - load.started, transport="shm"))
+
+    def _region(self, engine: str, grant: ShmGrant) -> RemoteRegion:
+        region = self._regions.get(engine)
+        if region is None or region.token != grant.token:  # first grant, or the worker restarted
+            region = self._regions[engine] = RemoteRegion(grant.pid, grant.fd, grant.token, grant.nbytes)
+        return region
 
     def _fail_unauthenticated(self, frames: list) -> None:
         try:

@@ -4,7 +4,8 @@ decode workers, layer by layer, over a ZMQ ROUTER socket in a thread of the engi
 NOTE (lease invariant): blocks are read only under ``_lock`` and only while their lease is live
 (not released, deadline not passed). The core frees a lease's blocks only after ``take_ended``
 removed the lease under the same lock, so a block is never read after its lease ended, and a
-freed (possibly reused) block is never sent.
+freed (possibly reused) block is never sent. A shared-memory grant (shm.py) extends the lease by
+its full length first and tells the reader how long that holds.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import msgspec
 import torch
 import zmq
 
+from tandem.kv_transfer.shm import SharedKVRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig
 from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, LayerData, Pull, PullDone, PullError, Release, Renew,
-                                     ToSender, WireCodec)
+                                     ShmGrant, ToSender, WireCodec)
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +47,15 @@ class SenderStats:
     leases_released: int = 0  # the decode side confirmed
     leases_expired: int = 0  # no heartbeat, no confirmation: freed at the deadline
     pulls_served: int = 0
-    bytes_sent: int = 0
+    shm_grants: int = 0  # pulls served by a shared-memory grant (a subset of pulls_served)
+    bytes_sent: int = 0  # by TCP, or granted for a shared-memory read
 
 
 class KVSender:
-    def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, ctx: zmq.Context) -> None:
+    def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, ctx: zmq.Context,
+                 region: SharedKVRegion | None = None) -> None:
         self.config, self.kv_caches, self.compat = config, kv_caches, compat
+        self.region = region if config.transport == "auto" else None  # the caches are views of it
         self.codec = WireCodec(config.secret, ToSender)
         self.stats = SenderStats()
         self._lock = threading.Lock()
@@ -154,6 +159,9 @@ class KVSender:
         if error is not None:
             self._send(ident, PullError(pull.lease_id, *error))
             return
+        if self.region is not None and pull.host and pull.host == host_id():
+            self._grant_shm(ident, pull)
+            return
         index = torch.tensor(pull.block_ids, dtype=torch.int64)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
             with self._lock:  # see the lease invariant in the module docstring
@@ -162,14 +170,30 @@ class KVSender:
                     self._send(ident, PullError(pull.lease_id, "lease_expired", "lease ended during the transfer"))
                     return
                 lease.deadline = max(lease.deadline, time.monotonic() + self.config.lease_s)
-                k = k_cache.index_select(0, index)
-                v = v_cache.index_select(0, index)
+                k = k_cache.index_select(0, index).cpu()
+                v = v_cache.index_select(0, index).cpu()
             nbytes = k.numel() * k.element_size()
             header = LayerData(pull.lease_id, layer, len(pull.block_ids), nbytes)
             self._send(ident, header, (k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy()))
             self.stats.bytes_sent += 2 * nbytes
         self._send(ident, PullDone(pull.lease_id, len(self.kv_caches)))
         self.stats.pulls_served += 1
+
+    def _grant_shm(self, ident: bytes, pull: Pull) -> None:
+        now = time.monotonic()
+        with self._lock:
+            lease = self._leases.get(pull.lease_id)
+            if lease is None or not lease.live(now):
+                self._send(ident, PullError(pull.lease_id, "lease_expired", "lease ended before the pull"))
+                return
+            lease.deadline = max(lease.deadline, now + self.config.lease_s)
+            valid_s = lease.deadline - now
+        region, k_cache = self.region, self.kv_caches[0][0]
+        grant = ShmGrant(pull.lease_id, region.pid, region.fd, region.token, region.nbytes, k_cache.shape[0], valid_s)
+        self._send(ident, grant)
+        self.stats.pulls_served += 1
+        self.stats.shm_grants += 1
+        self.stats.bytes_sent += 2 * len(self.kv_caches) * len(pull.block_ids) * k_cache[0].numel() * k_cache.element_size()
 
     def _check_pull(self, pull: Pull) -> tuple[str, str] | None:
         if pull.compat != self.compat:

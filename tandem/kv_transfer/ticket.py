@@ -18,6 +18,7 @@ import msgspec
 
 ROLES = ("prefill", "decode", "both")
 FAILURE_POLICIES = ("fail", "recompute")
+TRANSPORTS = ("auto", "tcp")  # auto: shared memory between workers on one host, else TCP
 LAYOUT_VERSION = "blocks-nhd-v1"  # per layer: K and V as [num_blocks, block_size, num_kv_heads, head_dim]
 
 _enc = msgspec.msgpack.Encoder()
@@ -32,12 +33,15 @@ class KVTransferConfig:
     lease_s: float = 10.0  # a handed-out prefill's blocks live this long without a heartbeat
     transfer_timeout_s: float = 10.0  # a pull with no progress for this long fails ("timeout")
     failure_policy: str = "fail"  # fail: the request errors; recompute: decode prefills locally
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"kv role must be one of {ROLES}, got {self.role!r}")
         if self.failure_policy not in FAILURE_POLICIES:
             raise ValueError(f"kv failure policy must be one of {FAILURE_POLICIES}, got {self.failure_policy!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"kv transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if len(self.secret) < 16:
             raise ValueError("the KV transfer secret must be at least 16 bytes ($TANDEM_KV_TRANSFER_SECRET)")
         if self.lease_s <= 0 or self.transfer_timeout_s <= 0:

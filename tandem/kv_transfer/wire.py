@@ -17,10 +17,12 @@ MAX_FRAME_BYTES = 1 << 30
 
 # -- decode -> prefill ----------------------------------------------------------------------------------
 class Pull(msgspec.Struct, tag=True):
-    """Send the listed blocks of the lease, layer by layer."""
+    """Send the listed blocks of the lease, layer by layer; or, when ``host`` (the receiver's
+    ``shm.host_id()``) equals the sender's, grant a read of its shared-memory region instead."""
     lease_id: str
     compat: str
     block_ids: list[int]
+    host: str = ""
 
 
 class Renew(msgspec.Struct, tag=True):
@@ -42,6 +44,19 @@ class LayerData(msgspec.Struct, tag=True):
     nbytes: int  # of each of the two frames
 
 
+class ShmGrant(msgspec.Struct, tag=True):
+    """Read the lease's blocks yourself from the sender's SharedKVRegion (tandem/kv_transfer/shm.py):
+    ``/proc/<pid>/fd/<fd>``, a memfd named with ``token``, ``nbytes`` long, ``num_blocks`` per layer.
+    The lease lives at least ``valid_s`` from the moment this was sent; release it when done."""
+    lease_id: str
+    pid: int
+    fd: int
+    token: str
+    nbytes: int
+    num_blocks: int
+    valid_s: float
+
+
 class PullDone(msgspec.Struct, tag=True):
     lease_id: str
     num_layers: int
@@ -54,7 +69,7 @@ class PullError(msgspec.Struct, tag=True):
 
 
 ToSender = Pull | Renew | Release
-ToReceiver = LayerData | PullDone | PullError
+ToReceiver = LayerData | ShmGrant | PullDone | PullError
 
 
 class WireCodec:

@@ -40,7 +40,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, attention_backend: str = "torch"):
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, attention_backend: str = "torch",
+                 share_kv_cache: bool = False):
+        """share_kv_cache: on CPU, keep the KV cache in a shared-memory region (``self.kv_region``)
+        that decode workers on this host can read (tandem/kv_transfer/shm.py)."""
         self.device = resolve_device(model_config.device)
         if self.device.type == "cpu":
             tune_glibc_malloc()
@@ -51,7 +54,8 @@ class ModelRunner:
         self.args = self.model.args
         self.block_size = cache_config.block_size
         self.num_blocks = self._num_blocks(cache_config)
-        self._allocate_kv_cache()
+        self.kv_region = None
+        self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
         self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device)
         self.states: dict[str, SamplingState] = {}
 
@@ -79,12 +83,24 @@ class ModelRunner:
                              f"({self.kv_bytes_per_block} bytes); raise kv_cache_memory")
         return num
 
-    def _allocate_kv_cache(self) -> None:
+    def _allocate_kv_cache(self, shared: bool) -> None:
         a = self.args
         shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        for attn in self.model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        layers = self.model.attention_layers()
+        if shared:
+            from tandem.kv_transfer.shm import try_shared_region
+
+            self.kv_region = try_shared_region(self.num_blocks * self.kv_bytes_per_block)
+            if self.kv_region is None:
+                logger.warning("no shared memory for the KV cache; KV transfers from here go over TCP")
+        if self.kv_region is not None:
+            views = self.kv_region.layer_views(len(layers), shape[1:], self.num_blocks, self.dtype)
+            for attn, (k, v) in zip(layers, views):
+                attn.k_cache, attn.v_cache = k, v
+        else:
+            for attn in layers:
+                attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     self.num_blocks * self.kv_bytes_per_block / 2**20)
 

@@ -55,13 +55,15 @@ def _transfer_metrics(t):
         return
     for name, doc, value in [
         ("tandem:kv_transfers", "KV loads from prefill workers that completed", t.loads_ok),
+        ("tandem:kv_transfers_shm", "Completed KV loads copied from shared memory on this host", t.loads_shm),
         ("tandem:kv_transfer_bytes", "KV bytes received from prefill workers", t.bytes_received),
         ("tandem:kv_transfer_seconds", "Seconds spent in completed KV loads", t.seconds_total),
         ("tandem:kv_transfer_recomputes", "Failed KV loads prefilled locally (policy recompute)", t.recomputed),
         ("tandem:kv_transfer_local_skips", "Tickets not pulled: every block was cached here", t.local_skips),
         ("tandem:kv_leases_issued", "Prefills whose blocks were leased to a decode worker", t.leases_issued),
         ("tandem:kv_leases_expired", "Leases freed at their deadline, unconfirmed", t.leases_expired),
-        ("tandem:kv_bytes_sent", "KV bytes sent to decode workers", t.bytes_sent),
+        ("tandem:kv_bytes_sent", "KV bytes sent (TCP) or granted (shared memory) to decode workers",
+         t.bytes_sent),
     ]:
         c = CounterMetricFamily(name, doc)
         c.add_metric([], value)
