@@ -1,7 +1,7 @@
-"""KV transfer time vs one decode step of the same request, engine cores in one process over
-ZMQ TCP on 127.0.0.1 (the path `tandem up --prefill --decode` uses on one host).
+"""KV transfer time vs one decode step of the same request, engine cores in one process, for each
+transport: ZMQ TCP on 127.0.0.1 (between hosts) and shared memory (`tandem up` on one host).
 
-    python scripts/bench_kv_transfer.py MODEL_DIR [--lengths 128 1000 2000]
+    python scripts/bench_kv_transfer.py MODEL_DIR [--lengths 128 1000 2000] [--transports tcp shm]
 
 Writes benchmarks/results/kv-transfer-vs-decode-<UTC>.json.
 """
@@ -25,10 +25,10 @@ from tandem.sampling_params import SamplingParams
 SECRET = b"bench-secret-0123456789abcdef"
 
 
-def core(model: str, role: str) -> EngineCore:
+def core(model: str, role: str, transport: str = "auto") -> EngineCore:
     cfg = EngineConfig(ModelConfig(model), CacheConfig(kv_cache_memory="1GiB", enable_prefix_caching=False),
                        SchedulerConfig(max_num_batched_tokens=4096),
-                       KVTransferConfig(role=role, secret=SECRET, lease_s=30))
+                       KVTransferConfig(role=role, secret=SECRET, lease_s=30, transport=transport))
     return EngineCore(cfg)
 
 
@@ -71,22 +71,30 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 1000, 2000])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--transports", nargs="+", choices=("tcp", "shm"), default=["tcp", "shm"])
     args = ap.parse_args()
-    prefill, decode = core(args.model, "prefill"), core(args.model, "decode")
+    prefill = core(args.model, "prefill")  # transport auto: its cache is in shared memory
+    decodes = {t: core(args.model, "decode", "auto" if t == "shm" else "tcp") for t in args.transports}
+    for decode in decodes.values():  # warm-up: first allocations, first mapping of the region
+        measure(prefill, decode, 64, -1, 2)
     rows = []
     for length in args.lengths:
-        runs = [measure(prefill, decode, length, r, args.steps) for r in range(args.reps)]
-        t = statistics.median(r["transfer_s"] for r in runs)
-        s = statistics.median(r["decode_step_s"] for r in runs)
-        nbytes = (length - 1 + 15) // 16 * decode.runner.kv_bytes_per_block
-        rows.append({"prompt_tokens": length, "kv_bytes": nbytes, "transfer_ms": t * 1e3,
-                     "decode_step_ms_batch1": s * 1e3, "transfer_over_step": t / s,
-                     "effective_gb_per_s": nbytes / t / 1e9})
-        print(rows[-1])
-    prefill.close()
-    decode.close()
+        for transport, decode in decodes.items():  # interleaved, so both see the same machine state
+            shm_before = decode.connector.stats.loads_shm
+            runs = [measure(prefill, decode, length, r, args.steps) for r in range(args.reps)]
+            assert (decode.connector.stats.loads_shm > shm_before) == (transport == "shm")
+            t = statistics.median(r["transfer_s"] for r in runs)
+            s = statistics.median(r["decode_step_s"] for r in runs)
+            nbytes = (length - 1 + 15) // 16 * decode.runner.kv_bytes_per_block
+            rows.append({"transport": transport, "prompt_tokens": length, "kv_bytes": nbytes,
+                         "transfer_ms": t * 1e3, "decode_step_ms_batch1": s * 1e3, "transfer_over_step": t / s,
+                         "effective_gb_per_s": nbytes / t / 1e9})
+            print(rows[-1])
+    for c in (prefill, *decodes.values()):
+        c.close()
     out = {"benchmark": "KV transfer vs one decode step of the same request", "date": datetime.now(timezone.utc).isoformat(),
-           "device": describe_device("cpu"), "model": model_shape(args.model), "transport": "ZMQ TCP 127.0.0.1",
+           "device": describe_device("cpu"), "model": model_shape(args.model), "transports": {"tcp": "ZMQ TCP 127.0.0.1, msgspec headers + raw frames",
+                                                             "shm": "memfd region mapped read-only, one copy"},
            "flags": {"block_size": 16, "dtype": "float32", "reps": args.reps}, "rows": rows}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path("benchmarks/results") / f"kv-transfer-vs-decode-{stamp}.json"

@@ -56,3 +56,11 @@ def test_threshold_mode_is_llm_d_rule_and_learning_moves_the_cost():
     for _ in range(30):
         dec.observe_prefill(1000, 0.01 + 1000 * 1e-3, {"kv_bytes_per_token": 4096})
     assert abs(dec.costs.prefill_s_per_token - 1e-3) < 1e-4 and dec.costs.kv_bytes_per_token == 4096
+
+
+def test_the_request_s_own_tokens_are_not_a_queue_on_the_decode_worker():
+    """The router counts a picked request's prompt on its decode worker before asking the decider."""
+    d = WorkerState("http://d", role="decode", num_running=0, pending_prefill_tokens=1000)
+    p = WorkerState("http://p", role="prefill")
+    assert decider().plan(1000, d, [p], {}).split  # 1000 tokens of somebody else's ahead: ship it
+    assert not decider().plan(1000, d, [p], {}, counted_on_decode=1000).split  # only itself: local

@@ -69,6 +69,14 @@ class KVReceiver:
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._socks: dict[str, zmq.Socket] = {}  # one DEALER per prefill endpoint, all in _poller
         self._poller = zmq.Poller()
+        # doorbell: the core thread rings it after queueing a command, so a new load starts now,
+        # not at the next poll timeout (each end is used by one thread only)
+        self._bell_addr = f"inproc://kv-receiver-{id(self)}"
+        self._bell_in = ctx.socket(zmq.PULL)
+        self._bell_in.bind(self._bell_addr)
+        self._bell_out = ctx.socket(zmq.PUSH)
+        self._bell_out.connect(self._bell_addr)
+        self._poller.register(self._bell_in, zmq.POLLIN)
         self._loads: dict[str, _Load] = {}  # lease id -> load in progress
         self._watched: dict[str, Ticket] = {}  # lease id -> ticket kept alive by heartbeats
         self._regions: dict[str, RemoteRegion] = {}  # prefill endpoint -> its mapped KV region
@@ -81,18 +89,25 @@ class KVReceiver:
     # -- core thread ----------------------------------------------------------------------------------------
     def watch(self, ticket: Ticket) -> None:
         """Keep this lease alive (heartbeats) until it is loaded or released."""
-        self._commands.put(("watch", ticket))
+        self._command(("watch", ticket))
 
     def load(self, request_id: str, ticket: Ticket, remote_block_ids: list[int], local_block_ids: list[int]) -> None:
-        self._commands.put(("load", _Load(request_id, ticket, remote_block_ids,
+        self._command(("load", _Load(request_id, ticket, remote_block_ids,
                                           torch.tensor(local_block_ids, dtype=torch.int64))))
 
     def cancel(self, request_id: str) -> None:
-        self._commands.put(("cancel", request_id))
+        self._command(("cancel", request_id))
 
     def release(self, ticket: Ticket) -> None:
         """The request no longer needs the remote blocks (aborted, or all of them cached here)."""
-        self._commands.put(("release", ticket))
+        self._command(("release", ticket))
+
+    def _command(self, command: tuple) -> None:
+        self._commands.put(command)
+        try:
+            self._bell_out.send(b"", zmq.NOBLOCK)
+        except zmq.Again:  # the bell is already full of rings: the thread will drain the queue anyway
+            pass
 
     def take_results(self) -> list[LoadResult]:
         out = []
@@ -105,7 +120,7 @@ class KVReceiver:
     def close(self) -> None:
         self._stopped = True
         self._thread.join(2)
-        for sock in self._socks.values():
+        for sock in (*self._socks.values(), self._bell_in, self._bell_out):
             sock.close(0)
 
     # -- receiver thread ------------------------------------------------------------------------------------
@@ -113,6 +128,10 @@ class KVReceiver:
         while not self._stopped:
             self._drain_commands()
             for sock, _ in self._poller.poll(_POLL_MS):
+                if sock is self._bell_in:
+                    while sock.poll(0):
+                        sock.recv()
+                    continue
                 self._on_message(sock.recv_multipart(copy=False))
             self._heartbeat()
             self._expire_stalled()

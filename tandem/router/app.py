@@ -148,6 +148,12 @@ class Router:
         routed.worker.in_flight -= 1
 
     @staticmethod
+    def count_prefill(routed: Routed, tokens: int) -> None:
+        """Count ``tokens`` of prompt as pending on the routed worker again (undone by first_byte)."""
+        routed.worker.pending_prefill_tokens += tokens
+        routed.prefill_tokens += tokens
+
+    @staticmethod
     def first_byte(routed: Routed) -> None:
         """The worker has answered (its prefill is done): its pending prefill no longer counts.
         Idempotent."""
@@ -305,10 +311,16 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
     """Ask the P/D decider; on a split, run the prefill leg and return the decode leg's body (with
     the ticket). None: prefill locally (decided so, or the prefill leg failed)."""
     prefills = [w for w in router.pool.healthy() if w.prefills and w.url != routed.worker.url]
-    plan = router.pd.plan(len(routed.req.token_ids), routed.worker, prefills, router._matched_blocks(routed.req))
+    plan = router.pd.plan(len(routed.req.token_ids), routed.worker, prefills, router._matched_blocks(routed.req),
+                          routed.prefill_tokens)
     if not plan.split:
         router.metrics.pd_decisions.labels("local").inc()
         return None
+    # NOTE: from here the decode worker will not prefill this prompt: while the prefill leg runs, its
+    # tokens count on the prefill worker only (else every split in flight would make the decode
+    # worker look busy, and make the next request split too)
+    local_prefill_tokens = routed.prefill_tokens
+    router.first_byte(routed)
     leg = router.pick_prefill(plan.prefill, routed.req)
     tokens_ahead = plan.prefill.pending_prefill_tokens
     prefill_body = {k: v for k, v in body.items() if k != "stream_options"}
@@ -329,6 +341,7 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
     elapsed = time.perf_counter() - started
     if not isinstance(ticket, dict):
         router.metrics.pd_decisions.labels("fallback").inc()
+        router.count_prefill(routed, local_prefill_tokens)  # the decode worker prefills it after all
         return None
     router.metrics.pd_decisions.labels("split").inc()
     router.metrics.pd_prefill_seconds.observe(elapsed)

@@ -57,10 +57,13 @@ class PDDecider:
         self.costs, self.block_size, self.threshold = costs, block_size, threshold
 
     def plan(self, num_tokens: int, decode: WorkerState, prefills: list[WorkerState],
-             matched: dict[str, int]) -> PDPlan:
+             matched: dict[str, int], counted_on_decode: int = 0) -> PDPlan:
+        """counted_on_decode: this request's tokens, already in the decode worker's pending count
+        (the policy's pick accounted them); they are not a queue ahead of it."""
         c = self.costs
         uncached_d = max(0, num_tokens - matched.get(decode.url, 0) * self.block_size)
-        local = (decode.pending_prefill_tokens + uncached_d) * c.prefill_s_per_token \
+        pending_d = max(0, decode.pending_prefill_tokens - counted_on_decode)
+        local = (pending_d + uncached_d) * c.prefill_s_per_token \
             + c.interference_weight * decode.num_running * uncached_d * c.prefill_s_per_token
         transfer = uncached_d * c.kv_bytes_per_token / self.link_bytes_per_s(decode) + c.hop_s
         best, remote = None, float("inf")
