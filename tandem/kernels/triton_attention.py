@@ -1,0 +1,210 @@
+"""Paged attention in Triton: split-K decode (flash-decoding) and variable-length prefill/extend
+over a paged cached prefix. Same cache layout and semantics as the torch references in
+``paged_attention.py`` (``[num_blocks, block_size, kv_heads, head_dim]``; slot = block * size +
+offset; a sliding window lets a token see itself and the ``window - 1`` positions before it).
+
+Both kernels gather K/V token by token through the block table (``block_table[pos // block_size]``),
+so any block size works, and a kernel tile may span several blocks. GQA: a decode program serves
+all query heads of one KV head, so each K/V tile is loaded once per group.
+
+Runs on NVIDIA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (how CI checks it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, scale,
+                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
+                         stride_pb, stride_ph, stride_ps, num_heads, num_splits, tokens_per_split, window,
+                         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens + b)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, seq_len)
+    if window > 0:
+        lo = tl.maximum(lo, seq_len - window)
+    heads = kvh * GROUP + tl.arange(0, GROUP_P2)
+    head_ok = tl.arange(0, GROUP_P2) < GROUP
+    d = tl.arange(0, D_P2)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, D_P2], tl.float32)
+    start = (lo // TILE) * TILE
+    for t0 in range(start, hi, TILE):
+        pos = t0 + tl.arange(0, TILE)
+        pos_ok = (pos >= lo) & (pos < hi)
+        block = tl.load(block_tables + b * stride_bt + pos // BLOCK_SIZE, mask=pos_ok, other=0)
+        offs = block * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + offs[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_P2, TILE]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    base = b * stride_pb + heads * stride_ph + split * stride_ps
+    tl.store(part_out + base[:, None] + d[None, :], out, mask=head_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse + (b * num_heads + heads) * num_splits + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out, part_lse, Out, num_splits, stride_pb, stride_ph, stride_ps,
+                          stride_ob, stride_oh, num_heads, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                          SPLITS_P2: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, SPLITS_P2)
+    s_ok = s < num_splits
+    lse = tl.load(part_lse + (b * num_heads + h) * num_splits + s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(s_ok, tl.exp(lse - m_safe), 0.0)
+    total = tl.sum(w, axis=0)
+    d = tl.arange(0, D_P2)
+    d_ok = d < HEAD_DIM
+    parts = tl.load(part_out + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def default_num_splits(batch: int, max_context: int, num_kv_heads: int) -> int:
+    """Enough programs to fill a GPU (~132 SMs x 4) without splits shorter than 256 tokens."""
+    want = max(1, 512 // max(1, batch * num_kv_heads))
+    return max(1, min(want, triton.cdiv(max_context, 256), 64))
+
+
+def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, num_splits: int | None = None,
+                           max_context: int | None = None) -> torch.Tensor:
+    """query [B, heads, head_dim]; block_tables [B, max_blocks]; seq_lens [B] (context incl. the
+    query token) -> [B, heads, head_dim]. A sequence of length 0 attends to nothing: zeros.
+    ``max_context`` (default: the block table's width in tokens) bounds the split sizes without a
+    device-to-host read of ``seq_lens``."""
+    b, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    out = torch.empty_like(query)
+    if b == 0:
+        return out
+    group = num_heads // num_kv_heads
+    max_context = max_context or block_tables.shape[1] * block_size
+    num_splits = num_splits or default_num_splits(b, max_context, num_kv_heads)
+    tile = min(64, _pow2(block_size, 16))
+    tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), tile) * tile
+    d_p2 = _pow2(head_dim, 16)
+    part_out = torch.empty(b, num_heads, num_splits, d_p2, dtype=torch.float32, device=query.device)
+    part_lse = torch.empty(b, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    q = query.contiguous()
+    _decode_split_kernel[(b, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), num_heads, num_splits, tokens_per_split,
+        sliding_window or 0, GROUP=group, GROUP_P2=_pow2(group), HEAD_DIM=head_dim, D_P2=d_p2,
+        BLOCK_SIZE=block_size, TILE=tile)
+    _decode_reduce_kernel[(b, num_heads)](
+        part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        out.stride(0), out.stride(1), num_heads, HEAD_DIM=head_dim, D_P2=d_p2, SPLITS_P2=_pow2(num_splits))
+    return out
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale,
+                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
+                    window, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    seq, h, m_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(query_start + seq)
+    q_len = tl.load(query_start + seq + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens + seq)
+    prefix = ctx - q_len  # cached tokens before this chunk
+    kvh = h // GROUP
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q_pos = prefix + rows
+    d = tl.arange(0, D_P2)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P2], tl.float32)
+    hi = tl.minimum(prefix + (m_block + 1) * BLOCK_M, ctx)  # causal: nothing after the last row
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(0, prefix + m_block * BLOCK_M - window + 1)
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < hi
+        block = tl.load(block_tables + seq * stride_bt + pos // BLOCK_SIZE, mask=pos_ok, other=0)
+        offs = block * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        if window > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                                   context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                                   max_query_len: int | None = None) -> torch.Tensor:
+    """Chunks of several sequences in one flat batch, each attending causally to its cached prefix
+    and to itself. query [T, heads, head_dim]; block_tables [S, max_blocks]; query_start_loc [S + 1]
+    (cumulative query lengths); context_lens [S] (cached prefix + chunk) -> [T, heads, head_dim].
+    The KV of the chunks must already be in the cache."""
+    t, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    out = torch.empty_like(query)
+    num_seqs = context_lens.shape[0]
+    if t == 0 or num_seqs == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    block_m = 16 if max_query_len <= 16 else 32 if max_query_len <= 32 else 64
+    block_n = max(16, min(64, _pow2(block_size)))
+    q = query.contiguous()
+    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), sliding_window or 0, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        D_P2=_pow2(head_dim, 16), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32)
+    return out
