@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from tandem import LLM
-from tandem.testing import PRESETS, build_preset
+if not torch.cuda.is_available():  # Triton kernels run through Triton's interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tandem import LLM  # noqa: E402
+from tandem.testing import PRESETS, build_preset  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -7,11 +7,12 @@ and builds one ``AttentionMetadata``; every attention layer reads it and its own
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from tandem.kernels import paged_attention as ref
+from tandem.kernels.ops import TORCH_OPS, Ops
 
 
 @dataclass
@@ -36,6 +37,7 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+    ops: Ops  # the norm / activation / rotary kernels this backend pairs with
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -45,11 +47,17 @@ class AttentionBackend(Protocol):
         attends to itself and the ``sliding_window - 1`` positions before it."""
         ...
 
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        """As ``forward`` when this step's key/value are already in the cache (fused rotary + write)."""
+        ...
+
 
 class TorchAttentionBackend:
     """Reference backend: gather from the paged cache + scaled_dot_product_attention."""
 
     name = "torch"
+    ops = TORCH_OPS
 
     def __init__(self) -> None:
         self.workspace = ref.GatherWorkspace()  # shared by all layers: they run one after another
@@ -57,6 +65,10 @@ class TorchAttentionBackend:
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None):
         ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window)
+
+    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None = None):
         out = torch.empty_like(query)
         nd = meta.num_decode_tokens
         groups = meta.decode_groups if meta.decode_groups is not None else \
@@ -72,11 +84,17 @@ class TorchAttentionBackend:
         return out
 
 
-_BACKENDS: dict[str, type] = {"torch": TorchAttentionBackend}
+def _triton_backend() -> AttentionBackend:
+    from tandem.model.triton_backend import TritonAttentionBackend
+
+    return TritonAttentionBackend()
 
 
-def register_backend(name: str, cls: type) -> None:
-    _BACKENDS[name] = cls
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttentionBackend, "triton": _triton_backend}
+
+
+def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
+    _BACKENDS[name] = factory
 
 
 def get_backend(name: str = "torch") -> AttentionBackend:

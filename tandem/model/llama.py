@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels.ops import Ops
 from tandem.model.attention import AttentionBackend, AttentionMetadata
 from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding, linear
 
@@ -103,35 +103,43 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        fused_rope = self.backend.ops.rope_and_write_kv
+        if fused_rope is not None:
+            q, k = fused_rope(positions, q, k, v, self.rotary.cos, self.rotary.sin, self.k_cache, self.v_cache,
+                              meta.slot_mapping)
+            out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        else:
+            q, k = self.rotary(positions, q, k)
+            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, a: LlamaArgs, dtype: torch.dtype) -> None:
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype, ops: Ops) -> None:
         super().__init__()
-        self.intermediate = a.intermediate_size
         self.gate_up_proj = ShardedLinear(a.hidden_size, {0: a.intermediate_size, 1: a.intermediate_size},
                                           bias=False, dtype=dtype)
         self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False, dtype=dtype)
+        self.silu_and_mul = ops.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = Attention(a, dtype, backend)
-        self.mlp = MLP(a, dtype)
+        self.mlp = MLP(a, dtype, backend.ops)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
+        self.ops = backend.ops
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        attn = self.self_attn(positions, self.ops.rms_norm(h, norm1.weight, norm1.eps), meta)
+        x, h = self.ops.add_rms_norm(attn, h, norm2.weight, norm2.eps)  # h += attn; x = norm2(h)
+        return h + self.mlp(x)
 
 
 class LlamaModel(nn.Module):
@@ -140,12 +148,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size, dtype)
         self.layers = nn.ModuleList(DecoderLayer(a, dtype, backend) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
+        self.ops = backend.ops
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
             h = layer(positions, h, meta)
-        return self.norm(h)
+        return self.ops.rms_norm(h, self.norm.weight, self.norm.eps)
 
 
 class LlamaForCausalLM(nn.Module):

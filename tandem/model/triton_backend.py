@@ -1,0 +1,58 @@
+"""Triton attention backend: fused rotary + KV write, split-K paged decode, varlen paged prefill,
+and the Triton norm / activation kernels (``ops``). On CPU it runs only under TRITON_INTERPRET=1
+(CI's correctness check); on a GPU it is the fast path."""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.kernels import paged_attention as ref
+from tandem.kernels import triton_attention as tri
+from tandem.kernels.ops import triton_ops
+from tandem.model.attention import AttentionMetadata
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.ops = triton_ops()
+        self._meta: AttentionMetadata | None = None  # the step whose prefill batch is cached below
+        self._prefill_batch: tuple | None = None
+
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None):
+        ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window)
+
+    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None = None):
+        nd = meta.num_decode_tokens
+        if not meta.prefills:
+            return tri.paged_decode_attention(query, k_cache, v_cache, meta.decode_block_tables,
+                                              meta.decode_seq_lens, scale, sliding_window)
+        out = torch.empty_like(query)
+        if nd:
+            out[:nd] = tri.paged_decode_attention(query[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                  meta.decode_seq_lens, scale, sliding_window)
+        tables, starts, ctx_lens, max_q = self._prefills(meta, query.device)
+        out[nd:] = tri.paged_prefill_attention_varlen(query[nd:], k_cache, v_cache, tables, starts, ctx_lens, scale,
+                                                      sliding_window, max_query_len=max_q)
+        return out
+
+    def _prefills(self, meta: AttentionMetadata, device: torch.device) -> tuple:
+        """The step's prefill chunks as padded batch tensors, built once per step (every layer
+        shares them)."""
+        if self._meta is not meta:
+            seqs, nd = meta.prefills, meta.num_decode_tokens
+            width = max(len(s.block_table) for s in seqs)
+            tables = torch.zeros(len(seqs), width, dtype=torch.int64)
+            for i, s in enumerate(seqs):
+                tables[i, :len(s.block_table)] = s.block_table.cpu()
+            starts = torch.tensor([s.query_start - nd for s in seqs] + [seqs[-1].query_start - nd + seqs[-1].query_len],
+                                  dtype=torch.int32)
+            ctx = torch.tensor([s.context_len for s in seqs], dtype=torch.int32)
+            self._prefill_batch = (tables.to(device), starts.to(device), ctx.to(device),
+                                   max(s.query_len for s in seqs))
+            self._meta = meta
+        return self._prefill_batch

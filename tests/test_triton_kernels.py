@@ -1,0 +1,132 @@
+"""Every Triton kernel against its torch reference (on CPU through TRITON_INTERPRET=1, set in
+conftest), on small shapes: odd lengths, block boundaries, GQA ratios, head_dim 64/128, empty and
+single-token sequences, sliding windows; then whole models on the Triton backend vs the torch one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem import SamplingParams
+from tandem.kernels import activation, paged_attention as ref, rms_norm, rope_kv, triton_attention as tri
+
+
+def _cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(num_blocks * 31 + block_size)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def _tables(lens: list[int], block_size: int, num_blocks: int, seed: int) -> torch.Tensor:
+    """Distinct random blocks per sequence, padded to the widest."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(1, max(-(-n // block_size) for n in lens))
+    return torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens])
+
+
+def _decode_ref(q, k, v, tables, lens, scale, window):
+    rows = []
+    for i, n in enumerate(lens.tolist()):
+        if n == 0:
+            rows.append(torch.zeros_like(q[i]))
+        else:
+            rows.append(ref.paged_decode_attention(q[i:i + 1], k, v, tables[i:i + 1], lens[i:i + 1], scale,
+                                                   sliding_window=window)[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 4, 16), (128, 8, 2, 16), (64, 8, 1, 8),
+                                                                (16, 6, 2, 32)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_decode_attention_matches_reference(head_dim, heads, kv_heads, block_size, window):
+    lens = torch.tensor([1, block_size, block_size + 1, 0, 3 * block_size - 3, 57])
+    k, v = _cache(40, block_size, kv_heads, head_dim)
+    tables = _tables(lens.tolist(), block_size, 40, head_dim)
+    q = torch.randn(len(lens), heads, head_dim, generator=torch.Generator().manual_seed(1))
+    expected = _decode_ref(q, k, v, tables, lens, head_dim ** -0.5, window)
+    for splits in (1, 3):  # split-K must agree with one pass
+        got = tri.paged_decode_attention(q, k, v, tables, lens, head_dim ** -0.5, window, num_splits=splits)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_paged_decode_attention_empty_batch():
+    k, v = _cache(4, 16, 2, 64)
+    out = tri.paged_decode_attention(torch.empty(0, 4, 64), k, v, torch.empty(0, 1, dtype=torch.int64),
+                                     torch.empty(0, dtype=torch.int64), 0.125)
+    assert out.shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 2, 16), (128, 4, 4, 16), (32, 8, 2, 8)])
+@pytest.mark.parametrize("window", [None, 6])
+def test_paged_prefill_attention_varlen_matches_reference(head_dim, heads, kv_heads, block_size, window):
+    # (chunk length, context length): whole prompt, chunk after a cached prefix, one token, block edges
+    chunks = [(5, 5), (1, 18), (20, 40), (block_size, 2 * block_size), (33, 33)]
+    k, v = _cache(40, block_size, kv_heads, head_dim)
+    tables = _tables([c for _, c in chunks], block_size, 40, head_dim + block_size)
+    starts = torch.tensor([0] + [q for q, _ in chunks]).cumsum(0).to(torch.int32)
+    q = torch.randn(int(starts[-1]), heads, head_dim, generator=torch.Generator().manual_seed(2))
+    ctx = torch.tensor([c for _, c in chunks], dtype=torch.int32)
+    got = tri.paged_prefill_attention_varlen(q, k, v, tables, starts, ctx, head_dim ** -0.5, window)
+    for i, (q_len, ctx_len) in enumerate(chunks):
+        sl = slice(int(starts[i]), int(starts[i + 1]))
+        # the reference reads only the blocks the context covers
+        table = tables[i][:-(-ctx_len // block_size)]
+        expected = ref.paged_prefill_attention(q[sl], k, v, table, ctx_len, head_dim ** -0.5, sliding_window=window)
+        torch.testing.assert_close(got[sl], expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (7, 48), (3, 200)])
+def test_rms_norm_and_fused_add(dtype, rows, cols):
+    g = torch.Generator().manual_seed(rows * cols)
+    x, r, w = (torch.randn(rows, cols, generator=g).to(dtype), torch.randn(rows, cols, generator=g).to(dtype),
+               torch.randn(cols, generator=g).to(dtype))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(rms_norm.rms_norm(x, w, 1e-6), rms_norm.rms_norm_ref(x, w, 1e-6), **tol)
+    y, h = rms_norm.add_rms_norm(x, r, w, 1e-5)
+    y_ref, h_ref = rms_norm.add_rms_norm_ref(x, r, w, 1e-5)
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert rms_norm.rms_norm(x[:0], w, 1e-6).shape == (0, cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,n", [(1, 8), (5, 40), (2, 1500)])
+def test_silu_and_mul(dtype, rows, n):
+    x = torch.randn(rows, 2 * n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(activation.silu_and_mul(x), activation.silu_and_mul_ref(x), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (8, 1, 128), (6, 6, 16)])
+def test_rope_and_kv_write(dtype, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads + head_dim)
+    t = 7
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)  # strided
+    positions = torch.tensor([0, 1, 15, 16, 17, 40, 3])
+    cos, sin = torch.randn(64, head_dim // 2, generator=g), torch.randn(64, head_dim // 2, generator=g)
+    slots = torch.tensor([0, 5, 16, 31, 17, 40, 2])
+    caches = [torch.zeros(3, 16, kv_heads, head_dim, dtype=dtype) for _ in range(4)]
+    q1, k1 = rope_kv.rope_and_write_kv(positions, q, k, v, cos, sin, caches[0], caches[1], slots)
+    q2, k2 = rope_kv.rope_and_write_kv_ref(positions, q, k, v, cos, sin, caches[2], caches[3], slots)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+    for got, expected in ((q1, q2), (k1, k2), (caches[0], caches[2]), (caches[1], caches[3])):
+        torch.testing.assert_close(got, expected, **tol)
+
+
+# -- whole models on the Triton backend --------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["llama3-gqa", "mistral-swa", "qwen3-qknorm"])
+def test_triton_backend_greedy_equals_torch_backend(make_llm, preset):
+    """Chunked prefill (16-token budget), prefix hits and batched decodes all go through the kernels."""
+    prompts = [{"prompt_token_ids": [(i * 37 + j * 11) % 500 + 3 for j in range(n)]} for i, n in
+               enumerate((1, 17, 40))]
+    prompts.append({"prompt_token_ids": prompts[2]["prompt_token_ids"][:32] + [7, 8, 9]})  # a prefix hit
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs = {}
+    for backend in ("torch", "triton"):
+        llm = make_llm(preset, attention_backend=backend, max_num_batched_tokens=16)
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs["triton"] == outs["torch"]
