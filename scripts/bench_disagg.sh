@@ -31,9 +31,16 @@ run() {  # name, command...
   grep -oE 'http://127.0.0.1:[0-9]+ (prefill|decode|both)' "$OUT/$name.log" | while read -r url role; do
     curl -s "$url/metrics" >"$OUT/$name.$role.$(echo "$url" | tr -dc 0-9).metrics.txt" || true
   done
-  kill -TERM -- "-$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; sleep 3
+  kill -TERM -- "-$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || break; sleep 1; done
+  if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then echo "port $PORT still served after stop" >&2; exit 1; fi
+  sleep 2
 }
 
+if [ -n "${PD_ONLY:-}" ]; then  # e.g. PD_ONLY="--pd-interference-weight 4": just that P/D fleet, as pd-extra
+  run pd-extra tandem up "$MODEL" --prefill 1 --decode 1 --port $PORT --worker-args "$WORKER" $PD_ONLY
+  echo "$OUT"; exit 0
+fi
 run pd tandem up "$MODEL" --prefill 1 --decode 1 --port $PORT --worker-args "$WORKER"
 run replicas tandem up "$MODEL" --replicas 2 --port $PORT --worker-args "$WORKER"
 run single tandem serve "$MODEL" --port $PORT $WORKER
