@@ -65,6 +65,7 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     device: str = "auto"
+    load_format: str = "auto"  # auto: safetensors; dummy: random weights of config.json (benchmarks)
 
 
 @dataclass

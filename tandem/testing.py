@@ -348,6 +348,39 @@ def build_bench_model(out_dir: str | Path) -> Path:
     return build_tiny_model(out_dir, **bench_model_config())
 
 
+# --------------------------------------------------------------------------- shapes without weights
+
+# Published model shapes for ``--load-format dummy`` benchmarks (config.json only; weights random).
+DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": False,
+        "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+    "bench-88m": {**{k: v for k, v in bench_model_config().items() if k not in ("family", "initializer_range")},
+                  "architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-6,
+                  "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1},
+}
+
+
+def write_dummy_model(name: str, out_dir: str | Path) -> Path:
+    """config.json of a DUMMY_CONFIGS shape plus this module's tokenizer (ids 0-2 special, the
+    rest byte-level BPE; fewer ids than the model's vocabulary, which is fine for random prompts).
+    Load it with ``load_format="dummy"``: there are no weights."""
+    if name not in DUMMY_CONFIGS:
+        raise ValueError(f"unknown dummy model {name!r}; expected one of {sorted(DUMMY_CONFIGS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "tokenizer.json").exists():
+        build_tokenizer(out, 512)
+    (out / "config.json").write_text(json.dumps(DUMMY_CONFIGS[name], indent=2) + "\n")
+    return out
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -53,3 +53,36 @@ def test_bad_workload_flag_raises_before_building_engine(model_dirs, tmp_path, f
     with pytest.raises(ValueError, match=flag):
         run_latency(_args(model_dirs["llama3-gqa"], tmp_path, flag, value))
     assert not (tmp_path / "out").exists()
+
+
+def test_dummy_load_format_benchmarks_a_shape_without_weights(tmp_path, monkeypatch):
+    """--load-format dummy with a built-in shape name: the benchmark writes config.json itself."""
+    monkeypatch.chdir(tmp_path)
+    args = add_latency_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "bench-88m", "--load-format", "dummy", "--batch-size", "1", "--input-len", "8",
+         "--output-len", "3", "--num-iters-warmup", "0", "--num-iters", "1", "--kv-cache-memory", "16MiB",
+         "--output-json", "lat.json", "--disable-tqdm"])
+    res = run_latency(args)
+    assert (tmp_path / ".cache" / "dummy" / "bench-88m" / "config.json").is_file()
+    assert not list((tmp_path / ".cache" / "dummy" / "bench-88m").glob("*.safetensors"))
+    assert res["load_format"] == "dummy" and res["model_shape"]["num_params"] > 80e6
+    assert (res["input_len"], res["output_len"], res["batch_size"]) == (8, 3, 1)
+    assert res["copy_bandwidth_gbps"] > 0 and 0 < res["decode_bandwidth_fraction"]
+    assert res["decode_bytes_per_step"] > res["model_weight_bytes"]  # weights plus the KV read
+
+
+def test_dummy_weights_are_seeded_and_finite(model_dirs):
+    import torch
+
+    from tandem import LLM, SamplingParams
+
+    outs = []
+    for _ in range(2):
+        llm = LLM(model=str(model_dirs["llama3-gqa"]), load_format="dummy", kv_cache_memory="8MiB")
+        params = next(llm.llm_engine.runner.model.parameters())
+        assert torch.isfinite(params).all()
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4))
+        outs.append(out[0].outputs[0].token_ids)
+    assert outs[0] == outs[1] and len(outs[0]) == 4
+    loaded = LLM(model=str(model_dirs["llama3-gqa"]), kv_cache_memory="8MiB")
+    assert not torch.equal(next(loaded.llm_engine.runner.model.parameters()), params)  # not the checkpoint

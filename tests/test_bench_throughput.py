@@ -48,8 +48,10 @@ def test_cli_writes_results_json(model_dirs, tmp_path, capsys):
     res = json.loads(out.read_text())
     for key in ("elapsed_time", "num_requests", "total_num_tokens", "requests_per_second",
                 "tokens_per_second", "output_tokens_per_second", "device", "model_shape", "workload",
-                "flags", "date"):
+                "flags", "date", "total_token_throughput", "load_format", "attention_backend"):
         assert key in res, key
+    assert (res["input_len"], res["output_len"], res["num_prompts"]) == (24, 5, 6)
+    assert res["total_token_throughput"] == res["tokens_per_second"] and res["load_format"] == "auto"
     assert res["num_requests"] == 6 and res["device"].startswith("cpu")
     wl = res["workload"]
     # ignore_eos: every request produces exactly its sampled output length

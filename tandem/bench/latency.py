@@ -20,7 +20,11 @@ Definitions (all times from ``time.perf_counter``):
 * ``model_weight_bytes``: parameter count from the safetensors headers times the element size
   of the loaded dtype;
 * ``achieved_weight_bandwidth_gbps``: ``model_weight_bytes / median decode step (s) / 1e9``,
-  since a decode step reads every weight once (KV cache reads are not counted).
+  since a decode step reads every weight once (KV cache reads are not counted);
+* ``decode_bandwidth_fraction``: ``decode_bytes_per_step / median decode step / copy bandwidth``,
+  with the weights plus every sequence's KV at its mean decode context (``input_len +
+  output_len / 2``) as the bytes a step reads, and the copy bandwidth measured on the device in the
+  same run (``copy_bandwidth_gbps``: read + write of a large tensor copy).
 
 Prefix caching is off by default (``--enable-prefix-caching`` turns it on): with it, every
 iteration after the first would find the same prompts in the cache and skip their prefill.
@@ -41,7 +45,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tandem.bench.throughput import _engine_kwargs, describe_device, model_shape
+from tandem.bench.throughput import _engine_kwargs, describe_device, loaded_shape, resolve_bench_model
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
@@ -68,6 +72,11 @@ def add_latency_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--dtype", default="auto",
                         help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                        help="dummy: random weights of the model's config.json; with dummy, --model may also "
+                             "name a built-in shape (llama-3.1-8b, bench-88m), written under .cache/dummy/")
+    parser.add_argument("--attention-backend", choices=("torch", "triton"), default="torch",
+                        help="kernels: torch references, or Triton (GPU)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="per-step token budget (engine default 2048)")
@@ -146,11 +155,8 @@ def run_batch(engine, prompts: list[list[int]], params, tag: str) -> BatchTiming
 
 def _build_llm(args: argparse.Namespace):
     from tandem import LLM
-    from tandem.entrypoints.llm import default_model_path
 
-    model = args.model or default_model_path()
-    if not Path(model, "config.json").is_file():
-        raise FileNotFoundError(f"{model}: no config.json (pass a local Hugging Face model directory)")
+    model = resolve_bench_model(args)
     llm = LLM(model=model, **_engine_kwargs(args))
     needed = args.input_len + args.output_len
     if needed > llm.llm_engine.max_model_len:
@@ -180,11 +186,39 @@ def _measure(args: argparse.Namespace, llm) -> list[BatchTiming]:
     return timings
 
 
-def summarize(timings: list[BatchTiming], weight_bytes: int) -> dict[str, Any]:
-    """vLLM's avg_latency / latencies / percentiles, plus step times and weight bandwidth."""
+def measure_copy_bandwidth(device, nbytes: int | None = None, iters: int = 5) -> float:
+    """Device memory copy bandwidth in bytes/s, counting the read and the write of every byte
+    (the memory roofline a decode step is held against)."""
+    import torch
+
+    device = torch.device(device)
+    nbytes = nbytes or (2 * 2**30 if device.type == "cuda" else 256 * 2**20)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dst.copy_(src)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    sync()
+    return 2 * nbytes * iters / (time.perf_counter() - start)
+
+
+def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, num_seqs: int, input_len: int,
+                          output_len: int) -> int:
+    """Every weight once, plus every sequence's KV at its mean decode context."""
+    return weight_bytes + num_seqs * kv_bytes_per_token * (input_len + output_len // 2)
+
+
+def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | None = None,
+              copy_bandwidth: float | None = None) -> dict[str, Any]:
+    """vLLM's avg_latency / latencies / percentiles, plus step times, weight bandwidth and the
+    fraction of the copy bandwidth a decode step achieves."""
     latencies = [t.latency_s for t in timings]
     decode_steps = [s for t in timings for s in t.decode_steps_s]
     decode_s = statistics.median(decode_steps) if decode_steps else None
+    fraction = step_bytes / decode_s / copy_bandwidth if decode_s and step_bytes and copy_bandwidth else None
     return {
         "avg_latency": float(np.mean(latencies)),
         "latencies": latencies,
@@ -195,6 +229,9 @@ def summarize(timings: list[BatchTiming], weight_bytes: int) -> dict[str, Any]:
         "num_prefill_steps": sum(len(t.prefill_steps_s) for t in timings),
         "model_weight_bytes": weight_bytes,
         "achieved_weight_bandwidth_gbps": weight_bytes / decode_s / 1e9 if decode_s else None,
+        "decode_bytes_per_step": step_bytes,
+        "copy_bandwidth_gbps": copy_bandwidth / 1e9 if copy_bandwidth else None,
+        "decode_bandwidth_fraction": fraction,
     }
 
 
@@ -204,7 +241,8 @@ def _print_summary(res: dict[str, Any]) -> None:
     print(f"Median prefill: {res['median_prefill_s'] * 1e3:.2f} ms")
     if res["median_decode_step_ms"] is not None:
         print(f"Median decode step: {res['median_decode_step_ms']:.3f} ms, weights read at "
-              f"{res['achieved_weight_bandwidth_gbps']:.2f} GB/s")
+              f"{res['achieved_weight_bandwidth_gbps']:.2f} GB/s; {res['decode_bandwidth_fraction']:.1%} of the "
+              f"measured copy bandwidth ({res['copy_bandwidth_gbps']:.1f} GB/s)")
 
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,14 +250,22 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     validate_latency_args(args)
     model, llm = _build_llm(args)
     runner = llm.llm_engine.runner
-    shape = model_shape(model)
+    shape = loaded_shape(model, runner)
     weight_bytes = int(shape["num_params"] or 0) * runner.dtype.itemsize
-    results = summarize(_measure(args, llm), weight_bytes)
+    step_bytes = decode_bytes_per_step(weight_bytes, runner.kv_bytes_per_block // runner.block_size,
+                                       args.batch_size * args.n, args.input_len, args.output_len)
+    timings = _measure(args, llm)
+    results = summarize(timings, weight_bytes, step_bytes, measure_copy_bandwidth(runner.device))
     results.update({
         "engine": "tandem",
         "device": describe_device(runner.device),
         "model": str(Path(model).resolve()),
         "model_shape": shape,
+        "load_format": args.load_format,
+        "attention_backend": args.attention_backend,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "batch_size": args.batch_size,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "workload": {"batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
                      "n": args.n, "iters": args.num_iters, "warmup_iters": args.num_iters_warmup,

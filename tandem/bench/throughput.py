@@ -87,6 +87,11 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     # engine
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                        help="dummy: random weights of the model's config.json; with dummy, --model may also "
+                             "name a built-in shape (llama-3.1-8b, bench-88m), written under .cache/dummy/")
+    parser.add_argument("--attention-backend", choices=("torch", "triton"), default="torch",
+                        help="kernels: torch references, or Triton (GPU)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (engine default 2048)")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -256,7 +261,30 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        load_format=getattr(args, "load_format", "auto"),
+        attention_backend=getattr(args, "attention_backend", "torch"),
     )
+
+
+def resolve_bench_model(args: argparse.Namespace) -> str:
+    """The model directory: --model, a built-in dummy shape (written on first use), or the default."""
+    from tandem.entrypoints.llm import default_model_path
+    from tandem.testing import DUMMY_CONFIGS, write_dummy_model
+
+    model = args.model or default_model_path()
+    if getattr(args, "load_format", "auto") == "dummy" and model in DUMMY_CONFIGS:
+        return str(write_dummy_model(model, Path(".cache") / "dummy" / model))
+    if not Path(model, "config.json").is_file():
+        raise FileNotFoundError(f"{model}: no config.json (pass a local Hugging Face model directory)")
+    return model
+
+
+def loaded_shape(model: str, runner) -> dict[str, Any]:
+    """model_shape, with the parameter count of the loaded model where there are no safetensors."""
+    shape = model_shape(model)
+    if not shape.get("num_params"):
+        shape["num_params"] = sum(p.numel() for p in runner.model.parameters())
+    return shape
 
 
 def _generate(llm, requests: list[BenchRequest], use_tqdm: bool):
@@ -276,12 +304,9 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
     import tandem
     from tandem import LLM
-    from tandem.entrypoints.llm import default_model_path
     from tandem.tokenizer import load_tokenizer
 
-    model = args.model or default_model_path()
-    if not Path(model, "config.json").is_file():
-        raise FileNotFoundError(f"{model}: no config.json (pass a local Hugging Face model directory)")
+    model = resolve_bench_model(args)
     if args.dataset_name not in DATASETS:
         raise ValueError(f"dataset_name: only {DATASETS} supported, got {args.dataset_name!r}")
     if args.num_warmups < 0:
@@ -334,13 +359,19 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "total_num_tokens": total_num_tokens,
         "requests_per_second": len(requests) / elapsed,
         "tokens_per_second": total_num_tokens / elapsed,
+        "total_token_throughput": total_num_tokens / elapsed,  # the name vllm bench serve uses
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "num_prompts": args.num_prompts,
         # vLLM prints this one but does not write it
         "output_tokens_per_second": total_output_tokens / elapsed,
         # ours
         "engine": "tandem",
         "device": describe_device(runner.device),
         "model": str(Path(model).resolve()),
-        "model_shape": model_shape(model),
+        "model_shape": loaded_shape(model, runner),
+        "load_format": engine_kwargs["load_format"],
+        "attention_backend": engine_kwargs["attention_backend"],
         "dtype": str(runner.dtype).removeprefix("torch."),
         "workload": {
             "dataset": args.dataset_name,

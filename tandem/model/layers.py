@@ -7,6 +7,8 @@ the loaded weight there too (``tp_rank``/``tp_size`` are 0/1 for now).
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import torch
@@ -116,15 +118,24 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+@functools.lru_cache(maxsize=8)
+def _rope_tables(head_dim: int, max_positions: int, theta: float, scaling_json: str,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, head_dim // 2] fp32 (a long-context model's are hundreds of MB)."""
+    inv_freq, attn_scale = rope_inv_freq(head_dim, theta, json.loads(scaling_json))
+    freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device)[None, :]
+    return freqs.cos() * attn_scale, freqs.sin() * attn_scale
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate halves), cos/sin cached for every position."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
-        inv_freq, attn_scale = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", freqs.cos() * attn_scale, persistent=False)
-        self.register_buffer("sin", freqs.sin() * attn_scale, persistent=False)
+        cos, sin = _rope_tables(head_dim, max_positions, theta, json.dumps(scaling, sort_keys=True),
+                                torch.empty(0).device)
+        self.register_buffer("cos", cos, persistent=False)  # shared by every layer: one table in memory
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, heads, head_dim], k [T, kv_heads, head_dim]."""

@@ -54,14 +54,35 @@ def get_model_class(hf_config: dict) -> tuple[type, str]:
                      f"supported: {sorted(MODEL_REGISTRY)}")
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               backend: AttentionBackend) -> nn.Module:
+               backend: AttentionBackend, load_format: str = "auto", seed: int = 0) -> nn.Module:
+    """load_format auto: the directory's safetensors; dummy: random weights of its config.json
+    (benchmarks of a model's shape without its checkpoint, as vLLM's ``--load-format dummy``)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     hf_config = read_hf_config(model_dir)
     cls, family = get_model_class(hf_config)
     with torch.device(device):
         model = cls(hf_config, family, dtype, backend)
-    load_weights(model, model_dir)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, model_dir)
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Norm weights 1, everything else N(0, 0.02): activations stay finite in half precision."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1 and "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:

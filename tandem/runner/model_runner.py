@@ -50,7 +50,8 @@ class ModelRunner:
         self.hf_config = read_hf_config(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
         torch.manual_seed(model_config.seed)
-        self.model = load_model(model_config.model, self.dtype, self.device, get_backend(attention_backend))
+        self.model = load_model(model_config.model, self.dtype, self.device, get_backend(attention_backend),
+                                model_config.load_format, model_config.seed)
         self.args = self.model.args
         self.block_size = cache_config.block_size
         self.num_blocks = self._num_blocks(cache_config)
