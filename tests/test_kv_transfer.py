@@ -555,3 +555,99 @@ def test_copy_that_outlives_its_grant_is_discarded(model_dir):
         receiver.close()
         router.close(0)
         ctx.term()
+
+
+# -- concurrent legs: the decode leg holds a router-signed pending ticket before the prefill ran ---------------
+def pending_params(prefill: EngineCore, lease_id: str, prompt: list[int], secret: bytes = SECRET) -> dict:
+    """What a router signs before sending both legs (it learned the rest from an earlier ticket)."""
+    from tandem.kv_transfer.ticket import prompt_hash
+
+    c = prefill.connector
+    ticket = Ticket(True, c.sender.endpoint, lease_id, [], len(prompt), c.block_size, c.compat, prompt_hash(prompt),
+                    c.config.lease_s, c.kv_bytes_per_token, pending=True)
+    return msgspec.to_builtins(sign(ticket, secret))
+
+
+def prefill_leg(rid: str, prompt: list[int], lease_id: str) -> Request:
+    return Request(rid, prompt, greedy(1), max_tokens=1, do_remote_decode=lease_id)
+
+
+def step_for(cores, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for c in cores:
+            c.step()
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_concurrent_legs_decode_first_then_prefill(request, transport):
+    prefill, decode, single = request.getfixturevalue("cores" if transport == "tcp" else "shm_cores")
+    expired = prefill.connector.sender.stats.leases_expired
+    for length in (40, 130):
+        lid = f"{length:032x}"
+        prompt = prompt_of(length, 400 + length)
+        decode.add_request(decode_request(f"cd{length}", prompt, pending_params(prefill, lid, prompt), 10))
+        step_for([decode, prefill], 0.3)  # the pull is parked on the prefill worker: it has no such lease yet
+        assert f"cd{length}" in decode.scheduler.loading
+        prefill.add_request(prefill_leg(f"cp{length}", prompt, lid))
+        outs = run_until([prefill, decode], finished(f"cd{length}", f"cp{length}"))
+        assert tokens(outs, f"cd{length}") == single_output(single, prompt, 10)
+        assert outs[f"cp{length}"][-1].kv_transfer_params["lease_id"] == lid
+        wait_idle(prefill, decode)
+    assert prefill.connector.sender.stats.leases_expired == expired
+
+
+def test_concurrent_prefill_aborted_decode_prefills_locally(cores):
+    """The decode worker's policy is fail, but a prefill that never happened is not a failed transfer."""
+    prefill, decode, single = cores
+    lid, prompt = "a" * 32, prompt_of(70, 410)
+    decode.add_request(decode_request("cd-ab", prompt, pending_params(prefill, lid, prompt), 6))
+    prefill.add_request(prefill_leg("cp-ab", prompt, lid))
+    prefill.finish_requests(["cp-ab"])
+    outs = run_until([prefill, decode], finished("cd-ab"))
+    assert tokens(outs, "cd-ab") == single_output(single, prompt, 6)
+    assert decode.connector.stats.recomputed >= 1
+    wait_idle(prefill, decode)
+
+
+def test_concurrent_prefill_that_never_arrives(cores, monkeypatch):
+    import tandem.kv_transfer.sender as sender_mod
+
+    monkeypatch.setattr(sender_mod, "PARK_GRACE_S", 0.3)
+    prefill, decode, single = cores
+    prompt = prompt_of(50, 420)
+    decode.add_request(decode_request("cd-none", prompt, pending_params(prefill, "b" * 32, prompt), 5))
+    outs = run_until([prefill, decode], finished("cd-none"))
+    assert tokens(outs, "cd-none") == single_output(single, prompt, 5)
+    wait_idle(prefill, decode)
+
+
+def test_concurrent_decode_aborted_while_parked_releases_the_later_lease(cores):
+    prefill, decode, _ = cores
+    lid, prompt = "c" * 32, prompt_of(60, 430)
+    decode.add_request(decode_request("cd-gone", prompt, pending_params(prefill, lid, prompt), 5))
+    prefill.add_request(prefill_leg("cp-gone", prompt, lid))  # expected from here on
+    step_for([decode], 0.2)
+    decode.finish_requests(["cd-gone"])
+    expired = prefill.connector.sender.stats.leases_expired
+    run_until([prefill, decode], finished("cp-gone"))
+    wait_idle(prefill, decode)  # the lease was released as soon as it existed: no 5 s expiry
+    assert prefill.connector.sender.stats.leases_expired == expired
+
+
+def test_concurrent_legs_guard_their_lease_ids_and_prompt(cores):
+    prefill, decode, single = cores
+    prompt = prompt_of(40, 440)
+    prefill.add_request(prefill_leg("cp-dup1", prompt, "d" * 32))
+    with pytest.raises(ValueError, match="in use"):
+        prefill.add_request(prefill_leg("cp-dup2", prompt, "d" * 32))
+    run_until([prefill], finished("cp-dup1"))
+    # a decode leg whose pending ticket is for another prompt than the one prefilled: recomputed locally
+    other = prompt_of(40, 441)
+    decode.add_request(decode_request("cd-other", other, pending_params(prefill, "d" * 32, other), 4))
+    outs = run_until([prefill, decode], finished("cd-other"))
+    assert tokens(outs, "cd-other") == single_output(single, other, 4)
+    with pytest.raises(TicketError, match="names no blocks"):
+        parse_ticket(resigned(pending_params(prefill, "e" * 32, prompt), block_ids=[1]), SECRET, prompt)
+    wait_idle(prefill, decode)  # the failed pull released the lease it named

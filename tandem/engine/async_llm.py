@@ -138,7 +138,7 @@ class AsyncLLM:
         return len(self._queues)
 
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
-                 priority: int = 0, remote_ticket=None, do_remote_decode: bool = False) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, remote_ticket=None, do_remote_decode: bool | str = False) -> AsyncIterator[RequestOutput]:
         """Add the request now (a bad one raises here, before any output) and return an iterator of
         cumulative RequestOutputs up to the finished one. Leaving the iterator early (client gone,
         task cancelled) aborts the request in the core."""

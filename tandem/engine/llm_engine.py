@@ -88,7 +88,7 @@ class Processor:
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
                     *, priority: int = 0, cache_salt: str | None = None,
-                    arrival_time: float | None = None, remote_ticket=None, do_remote_decode: bool = False) -> str:
+                    arrival_time: float | None = None, remote_ticket=None, do_remote_decode: bool | str = False) -> str:
         params = (params or SamplingParams()).clone()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._parents:

@@ -27,7 +27,7 @@ class AddRequest(msgspec.Struct, tag=True):
     cache_salt: str | None = None
     parent_id: str | None = None
     remote_ticket: Ticket | None = None  # decode side of a disaggregated request (verified by the API process)
-    do_remote_decode: bool = False  # prefill side: hold the blocks for a decode worker when finished
+    do_remote_decode: bool | str = False  # prefill side: hold the blocks when finished (str: under this lease id)
 
 
 class FinishRequests(msgspec.Struct, tag=True):

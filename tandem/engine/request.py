@@ -56,7 +56,7 @@ class Request:
         parent_id: str | None = None,
         max_tokens: int,
         remote_ticket=None,
-        do_remote_decode: bool = False,
+        do_remote_decode: bool | str = False,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -81,6 +81,7 @@ class Request:
         self.remote_ticket = remote_ticket
         self.kv_loaded = False
         self.kv_load_tokens = 0  # prompt tokens whose KV the current load brings
+        # True, or the lease id a router chose so that the decode leg could start before this one ended
         self.do_remote_decode = do_remote_decode
         self.kv_transfer_params: dict | None = None
         self.error: str | None = None  # why a FINISHED_ERROR request failed

@@ -92,6 +92,10 @@ class Scheduler:
             if self.connector is None or self.connector.receiver is None:
                 raise ValueError("this worker does not accept remote KV (start it with --role decode or both)")
             self.connector.watch(request.remote_ticket)
+        if isinstance(request.do_remote_decode, str):
+            if self.connector is None:
+                raise ValueError("this worker does not prefill for others (start it with --role prefill or both)")
+            self.connector.expect(request.do_remote_decode)
         self.requests[request.request_id] = request
         self._order_key[request.request_id] = self._policy_key(request)
         self._enqueue_waiting(request)
@@ -239,9 +243,10 @@ class Scheduler:
         req.kv_load_tokens = num_load
         first, last = num_hit // self.kv.block_size, cdiv(num_load, self.kv.block_size)
         local = self.kv.get_block_ids(req.request_id)[first:last]
+        remote = list(range(first, last)) if ticket.pending else ticket.block_ids[first:last]  # pending: indices
         req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         self.loading[req.request_id] = req
-        self.connector.start_load(req.request_id, ticket, ticket.block_ids[first:last], local)
+        self.connector.start_load(req.request_id, ticket, remote, local)
         return True
 
     def update_transfers(self) -> list[Request]:
@@ -265,7 +270,9 @@ class Scheduler:
                 req.num_computed_tokens = req.kv_load_tokens
                 req.kv_loaded = True
                 self.kv.cache_computed_blocks(req)
-            elif self.connector.failure_policy == "recompute":
+            elif self.connector.failure_policy == "recompute" or result.kind == "prefill_failed":
+                # prefill_failed: the prefill never happened there (concurrent legs): prefilling it
+                # here is the fallback, as the router's for a failed prefill leg
                 self.kv.free(req)
                 req.num_computed_tokens = 0
                 self.connector.stats.recomputed += 1
@@ -365,6 +372,8 @@ class Scheduler:
             self._hold_for_decode(req)
         else:
             self.kv.free(req)
+            if isinstance(req.do_remote_decode, str):
+                self.connector.abandon(req.do_remote_decode)  # its parked decode leg prefills locally
         del self.requests[req.request_id]
         self._order_key.pop(req.request_id, None)
         if req.request_id in self._seen_by_runner:
@@ -376,9 +385,10 @@ class Scheduler:
         blocks = self.kv.detach(req)
         ticket = None
         if self.connector is not None:
+            lease_id = req.do_remote_decode if isinstance(req.do_remote_decode, str) else None
             ticket = self.connector.issue_ticket(req.prompt_token_ids, min(req.num_computed_tokens,
                                                                            req.num_prompt_tokens),
-                                                 [b.block_id for b in blocks])
+                                                 [b.block_id for b in blocks], lease_id)
         if ticket is None:
             self.kv.free_blocks(blocks)
             return

@@ -31,14 +31,27 @@ class KVConnector:
         return self.config.failure_policy
 
     # -- prefill side ------------------------------------------------------------------------------------
-    def issue_ticket(self, prompt_token_ids: list[int], num_tokens: int, block_ids: list[int]) -> Ticket | None:
-        """Lease the blocks of a finished prefill; None when this worker does not send."""
+    def issue_ticket(self, prompt_token_ids: list[int], num_tokens: int, block_ids: list[int],
+                     lease_id: str | None = None) -> Ticket | None:
+        """Lease the blocks of a finished prefill (under ``lease_id`` when a router named it);
+        None when this worker does not send."""
         if self.sender is None:
             return None
-        lease = self.sender.hold(block_ids)
+        prompt = prompt_hash(prompt_token_ids)
+        lease = self.sender.hold(block_ids, prompt, lease_id)
         ticket = Ticket(True, self.sender.endpoint, lease.lease_id, list(block_ids), num_tokens, self.block_size,
-                        self.compat, prompt_hash(prompt_token_ids), self.config.lease_s, self.kv_bytes_per_token)
+                        self.compat, prompt, self.config.lease_s, self.kv_bytes_per_token)
         return sign(ticket, self.config.secret)
+
+    def expect(self, lease_id: str) -> None:
+        """A prefill under a router-named lease starts; ValueError when this worker does not send."""
+        if self.sender is None:
+            raise ValueError("this worker does not prefill for others (role decode)")
+        self.sender.expect(lease_id)
+
+    def abandon(self, lease_id: str) -> None:
+        if self.sender is not None:
+            self.sender.abandon(lease_id)
 
     def take_ended_leases(self) -> list[str]:
         return self.sender.take_ended() if self.sender is not None else []

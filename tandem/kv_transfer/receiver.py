@@ -183,7 +183,9 @@ class KVReceiver:
         engine = load.ticket.engine
         host = host_id() if self.config.transport == "auto" and engine not in self._no_shm else ""
         load.pull_sent = time.monotonic()
-        self._send(engine, Pull(load.ticket.lease_id, self.compat, load.remote_block_ids, host))
+        ticket = load.ticket
+        self._send(engine, Pull(ticket.lease_id, self.compat, load.remote_block_ids, host, ticket.pending,
+                                ticket.prompt if ticket.pending else ""))
 
     def _on_message(self, frames: list) -> None:
         try:
@@ -235,12 +237,13 @@ class KVReceiver:
             self._pull(load)
             return
         k_cache = self.kv_caches[0][0]
+        block_ids = grant.block_ids or load.remote_block_ids
         if grant.nbytes != 2 * len(self.kv_caches) * grant.num_blocks * k_cache[0].numel() * k_cache.element_size() \
-                or max(load.remote_block_ids) >= grant.num_blocks:
+                or len(block_ids) != len(load.local_index) or not 0 <= min(block_ids) <= max(block_ids) < grant.num_blocks:
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", "grant does not match the layout"))
             return
         remote = region.layers(len(self.kv_caches), tuple(k_cache.shape[1:]), grant.num_blocks, k_cache.dtype)
-        index = torch.tensor(load.remote_block_ids, dtype=torch.int64)
+        index = torch.tensor(block_ids, dtype=torch.int64)
         for layer, caches in enumerate(self.kv_caches):
             for half, cache in enumerate(caches):
                 cache.index_copy_(0, load.local_index, remote[2 * layer + half].index_select(0, index).to(cache.device))

@@ -6,6 +6,12 @@ NOTE (lease invariant): blocks are read only under ``_lock`` and only while thei
 removed the lease under the same lock, so a block is never read after its lease ended, and a
 freed (possibly reused) block is never sent. A shared-memory grant (shm.py) extends the lease by
 its full length first and tells the reader how long that holds.
+
+Concurrent legs: a router may name the lease before the prefill runs (``expect``); a pull for it
+(``Pull.pending``) is parked, with a PullWaiting keep-alive every half second, until the lease
+exists (``hold``) or the prefill ends without one (``abandon``: PullError ``prefill_failed``). A
+pull for a lease this worker never heard of is parked for ``PARK_GRACE_S`` at most (the pull may
+overtake the prefill request on its way here).
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ import zmq
 
 from tandem.kv_transfer.shm import SharedKVRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig
-from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, LayerData, Pull, PullDone, PullError, Release, Renew,
-                                     ShmGrant, ToSender, WireCodec)
+from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, LayerData, Pull, PullDone, PullError, PullWaiting, Release,
+                                     Renew, ShmGrant, ToSender, WireCodec)
 
 logger = logging.getLogger(__name__)
+
+PARK_GRACE_S = 5.0  # a pending pull waits this long for a prefill this worker has not heard of
+KEEPALIVE_S = 0.5  # PullWaiting to parked pulls this often (well below any transfer timeout)
+FORGET_S = 60.0  # abandoned lease ids are remembered this long
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (K, V), [num_blocks, block_size, heads, dim]
 
@@ -35,6 +45,7 @@ class Lease:
     lease_id: str
     block_ids: list[int]
     deadline: float
+    prompt: str = ""  # hash of the prompt whose KV the blocks hold
     released: bool = False
 
     def live(self, now: float) -> bool:
@@ -60,6 +71,16 @@ class KVSender:
         self.stats = SenderStats()
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
+        self._expected: set[str] = set()  # router-named leases whose prefill runs here now
+        self._abandoned: dict[str, float] = {}  # ... whose prefill ended without a lease -> when
+        self._released_early: set[str] = set()  # ... the decode side gave up before the lease existed
+        self._parked: dict[str, list[tuple[bytes, Pull, float]]] = {}  # sender thread only
+        self._last_keepalive = 0.0
+        self._bell_addr = f"inproc://kv-sender-{id(self)}"
+        self._bell_in = ctx.socket(zmq.PULL)
+        self._bell_in.bind(self._bell_addr)
+        self._bell_out = ctx.socket(zmq.PUSH)  # core thread only: rung when a lease appears or is abandoned
+        self._bell_out.connect(self._bell_addr)
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops at the high-water mark: never drop a layer
@@ -76,18 +97,47 @@ class KVSender:
         return port
 
     # -- core thread -------------------------------------------------------------------------------------
-    def hold(self, block_ids: list[int]) -> Lease:
-        lease = Lease(secrets.token_hex(16), list(block_ids), time.monotonic() + self.config.lease_s)
+    def expect(self, lease_id: str) -> None:
+        """A prefill under a router-named lease id starts here; ValueError if the id is in use."""
         with self._lock:
+            if lease_id in self._leases or lease_id in self._expected or lease_id in self._abandoned:
+                raise ValueError(f"KV lease id {lease_id} is already in use")
+            self._expected.add(lease_id)
+
+    def hold(self, block_ids: list[int], prompt: str = "", lease_id: str | None = None) -> Lease:
+        lease = Lease(lease_id or secrets.token_hex(16), list(block_ids), time.monotonic() + self.config.lease_s,
+                      prompt)
+        with self._lock:
+            self._expected.discard(lease.lease_id)
+            if lease.lease_id in self._released_early:  # its decode leg already gave up
+                self._released_early.discard(lease.lease_id)
+                lease.released = True
             self._leases[lease.lease_id] = lease
         self.stats.leases_issued += 1
+        self._ring()
         return lease
+
+    def abandon(self, lease_id: str) -> None:
+        """The prefill of an expected lease ended without one (aborted, failed)."""
+        with self._lock:
+            self._expected.discard(lease_id)
+            self._released_early.discard(lease_id)
+            self._abandoned[lease_id] = time.monotonic()
+        self._ring()
+
+    def _ring(self) -> None:
+        try:
+            self._bell_out.send(b"", zmq.NOBLOCK)
+        except zmq.Again:  # rings pending already: the thread will look anyway
+            pass
 
     def take_ended(self) -> list[str]:
         """Leases released by their decode worker or past their deadline, removed: their blocks
         may be freed now."""
         now = time.monotonic()
         with self._lock:
+            for lid in [lid for lid, t in self._abandoned.items() if now - t > FORGET_S]:
+                del self._abandoned[lid]
             ended = [lid for lid, lease in self._leases.items() if not lease.live(now)]
             for lid in ended:
                 lease = self._leases.pop(lid)
@@ -105,14 +155,22 @@ class KVSender:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
-        self._sock.close(0)
+        for sock in (self._sock, self._bell_in, self._bell_out):
+            sock.close(0)
 
     # -- sender thread -------------------------------------------------------------------------------------
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._bell_in, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(100):
+            ready = dict(poller.poll(100))
+            if self._bell_in in ready:
+                while self._bell_in.poll(0):
+                    self._bell_in.recv()
+            if self._parked:
+                self._service_parked()
+            if self._sock not in ready:
                 continue
             ident, *frames = self._sock.recv_multipart()
             try:
@@ -143,6 +201,8 @@ class KVSender:
                 lease = self._leases.get(msg.lease_id)
                 if lease is not None:
                     lease.released = True
+                elif msg.lease_id in self._expected:
+                    self._released_early.add(msg.lease_id)
 
     def _reply_unauthenticated(self, ident: bytes, frames: list) -> None:
         try:
@@ -155,6 +215,10 @@ class KVSender:
         self._sock.send_multipart([ident, *self.codec.encode(msg), *payload], copy=False)
 
     def _serve_pull(self, ident: bytes, pull: Pull) -> None:
+        if pull.pending:
+            pull = self._resolve_pending(ident, pull)
+            if pull is None:
+                return
         error = self._check_pull(pull)
         if error is not None:
             self._send(ident, PullError(pull.lease_id, *error))
@@ -179,6 +243,44 @@ class KVSender:
         self._send(ident, PullDone(pull.lease_id, len(self.kv_caches)))
         self.stats.pulls_served += 1
 
+    def _resolve_pending(self, ident: bytes, pull: Pull) -> Pull | None:
+        """A pending pull with the lease's block ids in place of its indices; None when it was
+        parked (no lease yet) or answered with an error."""
+        with self._lock:
+            lease = self._leases.get(pull.lease_id)
+        if lease is None:
+            self._parked.setdefault(pull.lease_id, []).append((ident, pull, time.monotonic()))
+            return None
+        if lease.prompt != pull.prompt:
+            self._send(ident, PullError(pull.lease_id, "prefill_failed", "the prefill computed another prompt"))
+            return None
+        if any(not 0 <= i < len(lease.block_ids) for i in pull.block_ids):
+            self._send(ident, PullError(pull.lease_id, "bad_blocks", "block index outside the lease"))
+            return None
+        return msgspec.structs.replace(pull, block_ids=[lease.block_ids[i] for i in pull.block_ids], pending=False)
+
+    def _service_parked(self) -> None:
+        """Serve parked pulls whose lease now exists; fail those whose prefill will not come."""
+        now = time.monotonic()
+        keepalive = now - self._last_keepalive >= KEEPALIVE_S
+        if keepalive:
+            self._last_keepalive = now
+        for lid in list(self._parked):
+            with self._lock:
+                exists, abandoned, expected = lid in self._leases, lid in self._abandoned, lid in self._expected
+            waiters = self._parked[lid]
+            if exists or abandoned or (not expected and now - waiters[0][2] > PARK_GRACE_S):
+                del self._parked[lid]
+                for ident, pull, _ in waiters:
+                    if exists:
+                        self._serve_pull(ident, pull)
+                    else:
+                        self._send(ident, PullError(lid, "prefill_failed", "the prefill for this lease did not "
+                                                    "finish here" if abandoned else "no such prefill arrived here"))
+            elif keepalive:
+                for ident, _, _ in waiters:
+                    self._send(ident, PullWaiting(lid))
+
     def _grant_shm(self, ident: bytes, pull: Pull) -> None:
         now = time.monotonic()
         with self._lock:
@@ -189,7 +291,8 @@ class KVSender:
             lease.deadline = max(lease.deadline, now + self.config.lease_s)
             valid_s = lease.deadline - now
         region, k_cache = self.region, self.kv_caches[0][0]
-        grant = ShmGrant(pull.lease_id, region.pid, region.fd, region.token, region.nbytes, k_cache.shape[0], valid_s)
+        grant = ShmGrant(pull.lease_id, region.pid, region.fd, region.token, region.nbytes, k_cache.shape[0], valid_s,
+                         pull.block_ids)
         self._send(ident, grant)
         self.stats.pulls_served += 1
         self.stats.shm_grants += 1

@@ -69,7 +69,8 @@ def prompt_hash(token_ids: list[int]) -> str:
 
 class Ticket(msgspec.Struct, forbid_unknown_fields=True):
     """The prefill side's promise: blocks ``block_ids`` on ``engine`` hold the KV of the first
-    ``num_tokens`` tokens of the prompt with hash ``prompt``, until the lease ``lease_id`` ends."""
+    ``num_tokens`` tokens of the prompt with hash ``prompt``, until the lease ``lease_id`` ends.
+    A pending ticket is a router's promise that such a lease is being computed."""
 
     do_remote_prefill: bool
     engine: str  # tcp://host:port of the prefill worker's KV sender
@@ -81,6 +82,9 @@ class Ticket(msgspec.Struct, forbid_unknown_fields=True):
     prompt: str
     lease_s: float
     kv_bytes_per_token: int
+    # issued by a router before the prefill ran (concurrent legs): no block ids yet; the decode
+    # side pulls by block index and the prefill worker answers once its lease exists
+    pending: bool = False
     mac: str = ""
 
     def __post_init__(self) -> None:
@@ -111,6 +115,10 @@ def parse_ticket(params: dict, secret: bytes, prompt_token_ids: list[int]) -> Ti
         raise TicketError("kv_transfer_params: signature does not verify (forged, or another fleet's secret)")
     if ticket.prompt != prompt_hash(prompt_token_ids):
         raise TicketError("kv_transfer_params: issued for a different prompt")
-    if ticket.num_tokens > len(prompt_token_ids) or len(ticket.block_ids) * ticket.block_size < ticket.num_tokens:
+    if ticket.num_tokens > len(prompt_token_ids):
+        raise TicketError("kv_transfer_params: num_tokens exceeds the prompt")
+    if ticket.pending and ticket.block_ids:
+        raise TicketError("kv_transfer_params: a pending ticket names no blocks")
+    if not ticket.pending and len(ticket.block_ids) * ticket.block_size < ticket.num_tokens:
         raise TicketError("kv_transfer_params: block list does not cover num_tokens")
     return ticket

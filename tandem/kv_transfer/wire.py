@@ -18,11 +18,16 @@ MAX_FRAME_BYTES = 1 << 30
 # -- decode -> prefill ----------------------------------------------------------------------------------
 class Pull(msgspec.Struct, tag=True):
     """Send the listed blocks of the lease, layer by layer; or, when ``host`` (the receiver's
-    ``shm.host_id()``) equals the sender's, grant a read of its shared-memory region instead."""
+    ``shm.host_id()``) equals the sender's, grant a read of its shared-memory region instead.
+    ``pending`` (a pending ticket): ``block_ids`` are indices into the lease's block list, the
+    lease may not exist yet (the sender parks the pull, answering PullWaiting, until it does) and
+    must be for the prompt with hash ``prompt``."""
     lease_id: str
     compat: str
     block_ids: list[int]
     host: str = ""
+    pending: bool = False
+    prompt: str = ""
 
 
 class Renew(msgspec.Struct, tag=True):
@@ -55,6 +60,12 @@ class ShmGrant(msgspec.Struct, tag=True):
     nbytes: int
     num_blocks: int
     valid_s: float
+    block_ids: list[int] = []  # the sender's ids of the pulled blocks, in the pull's order
+
+
+class PullWaiting(msgspec.Struct, tag=True):
+    """Keep-alive for a parked pull: its prefill is still queued or computing."""
+    lease_id: str
 
 
 class PullDone(msgspec.Struct, tag=True):
@@ -64,12 +75,12 @@ class PullDone(msgspec.Struct, tag=True):
 
 class PullError(msgspec.Struct, tag=True):
     lease_id: str
-    kind: str  # unknown_lease | lease_expired | incompatible | bad_blocks | unauthenticated
+    kind: str  # unknown_lease | lease_expired | incompatible | bad_blocks | unauthenticated | prefill_failed
     message: str
 
 
 ToSender = Pull | Renew | Release
-ToReceiver = LayerData | ShmGrant | PullDone | PullError
+ToReceiver = LayerData | ShmGrant | PullWaiting | PullDone | PullError
 
 
 class WireCodec:

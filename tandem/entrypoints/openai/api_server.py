@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import signal
 import json
 import logging
+import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -236,6 +237,9 @@ async def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool) -> 
     return list(ids)
 
 
+LEASE_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
 def _disaggregation(engine: AsyncLLM, body, prompts: list[list[int]]) -> dict:
     """kv_transfer_params -> keyword arguments for generate(); 400 for anything not redeemable."""
     p = body.kv_transfer_params
@@ -256,7 +260,12 @@ def _disaggregation(engine: AsyncLLM, body, prompts: list[list[int]]) -> dict:
             raise bad("this worker does not prefill for others (role decode)")
         if body.stream:
             raise bad("a prefill for a remote decode answers once: set stream to false")
-        return {"do_remote_decode": True}
+        lease_id = p.get("lease_id")
+        if lease_id is None:
+            return {"do_remote_decode": True}
+        if not isinstance(lease_id, str) or not LEASE_ID_RE.fullmatch(lease_id):
+            raise bad("lease_id must be 32 lowercase hex digits")
+        return {"do_remote_decode": lease_id}  # a decode leg already holds a pending ticket for it
     if p.get("do_remote_prefill") is True:
         if not cfg.receives:
             raise bad("this worker does not load remote KV (role prefill)")
