@@ -98,6 +98,8 @@ def test_greedy_outputs_equal_a_single_server(fleet, single):
     assert fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"') >= splits + 5
     assert fleet.metric(fleet.decode, "tandem:kv_transfers_total") >= 4
     assert fleet.metric(fleet.decode, "tandem:kv_transfers_shm_total") >= 4  # one host: shared memory
+    # after the first ticket taught the router the prefill worker's KV endpoint, both legs go at once
+    assert fleet.metric(fleet.url, "tandem_router_pd_concurrent_splits_total") >= 4
     fleet.wait_idle()
 
 

@@ -294,6 +294,10 @@ class KVReceiver:
     def _expire_stalled(self) -> None:
         now = time.monotonic()
         for load in [x for x in self._loads.values() if now - x.last_progress > self.config.transfer_timeout_s]:
+            if load.ticket.pending and not load.num_bytes:  # nothing of the prompt came: no prefill happened
+                self._finish(load, LoadResult(load.request_id, False, "prefill_failed",
+                                              f"{load.ticket.engine} went silent before its prefill was done"))
+                continue
             self._finish(load, LoadResult(load.request_id, False, "timeout",
                                           f"no data from {load.ticket.engine} for "
                                           f"{self.config.transfer_timeout_s:.1f} s (worker gone or link down)"))

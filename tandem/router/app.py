@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from tandem.kv_transfer.ticket import Ticket, prompt_hash, sign
 from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
 from tandem.router.pd import PDDecider
 from tandem.router.policy import PrefixMatcher
@@ -63,6 +66,8 @@ class RouterMetrics:
         self.pd_decisions = Counter("tandem_router_pd_decisions", "P/D decider: split (remote prefill + KV transfer), "
                                     "local (prefill on the decode worker), fallback (prefill leg failed: local)",
                                     ["decision"], registry=self.registry)
+        self.pd_concurrent = Counter("tandem_router_pd_concurrent_splits", "Splits whose decode leg was sent with "
+                                     "a pending ticket while the prefill leg ran", registry=self.registry)
         self.pd_prefill_seconds = Histogram("tandem_router_pd_prefill_seconds", "Wall time of a prefill leg",
                                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                             registry=self.registry)
@@ -90,9 +95,11 @@ class Router:
 
     def __init__(self, pool: WorkerPool, policy, tokenizer, block_size: int, matcher: PrefixMatcher,
                  approx: ApproxPrefixIndex, metrics: RouterMetrics, decision: str,
-                 pd: PDDecider | None = None) -> None:
+                 pd: PDDecider | None = None, kv_secret: bytes | None = None, pd_concurrent: bool = True) -> None:
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
         self.pd = pd  # set when some worker has role prefill: disaggregated serving
+        self.kv_secret, self.pd_concurrent = kv_secret, pd_concurrent  # signs pending tickets (concurrent legs)
+        self._tasks: set[asyncio.Task] = set()
         if pd is not None:
             metrics.watch_pd_costs(pd)
         self.block_size, self.matcher, self.approx = block_size, matcher, approx
@@ -146,6 +153,25 @@ class Router:
     def release_prefill(self, routed: Routed) -> None:
         self.first_byte(routed)
         routed.worker.in_flight -= 1
+
+    def pending_ticket(self, prefill: WorkerState, token_ids: list[int]) -> dict | None:
+        """A signed pending ticket for a lease this router names on ``prefill``, or None when
+        concurrent legs are off, the secret is unknown here, or the worker has issued no ticket yet."""
+        t = prefill.kv_ticket
+        if not (self.kv_secret and self.pd_concurrent and t):
+            return None
+        try:
+            ticket = Ticket(True, t["engine"], secrets.token_hex(16), [], len(token_ids), t["block_size"],
+                            t["compat"], prompt_hash(token_ids), t["lease_s"], t["kv_bytes_per_token"], pending=True)
+        except (TypeError, KeyError):
+            return None
+        return msgspec.to_builtins(sign(ticket, self.kv_secret))
+
+    def spawn(self, coro) -> None:
+        """Run a background task, holding a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     def count_prefill(routed: Routed, tokens: int) -> None:
@@ -304,12 +330,15 @@ def _splittable(body: dict, req: RouteRequest) -> bool:
 
 
 _PREFILL_LEG_TIMEOUT = httpx.Timeout(120.0, connect=2.0)
+PENDING_TICKET_FIELDS = ("engine", "compat", "block_size", "lease_s", "kv_bytes_per_token")
 
 
 async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, path: str, body: dict,
                        headers: dict) -> bytes | None:
-    """Ask the P/D decider; on a split, run the prefill leg and return the decode leg's body (with
-    the ticket). None: prefill locally (decided so, or the prefill leg failed)."""
+    """Ask the P/D decider; on a split, return the decode leg's body with its ticket: a pending
+    one signed here while the prefill leg runs concurrently (when the router has the fleet's
+    secret and knows the prefill worker's KV endpoint from an earlier ticket), else the prefill
+    worker's own after its leg. None: prefill locally (decided so, or the prefill leg failed)."""
     prefills = [w for w in router.pool.healthy() if w.prefills and w.url != routed.worker.url]
     plan = router.pd.plan(len(routed.req.token_ids), routed.worker, prefills, router._matched_blocks(routed.req),
                           routed.prefill_tokens)
@@ -321,33 +350,50 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
     # worker look busy, and make the next request split too)
     local_prefill_tokens = routed.prefill_tokens
     router.first_byte(routed)
-    leg = router.pick_prefill(plan.prefill, routed.req)
-    tokens_ahead = plan.prefill.pending_prefill_tokens
     prefill_body = {k: v for k, v in body.items() if k != "stream_options"}
-    prefill_body.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
-    started = time.perf_counter()
-    ticket = None
-    try:
-        resp = await http.post(plan.prefill.url + path, json=prefill_body, headers=headers,
-                               timeout=_PREFILL_LEG_TIMEOUT)
-        if resp.status_code == 200:
-            ticket = resp.json().get("kv_transfer_params")
-        elif resp.status_code >= 500:
-            router.pool.report_failure(plan.prefill.url)
-    except (httpx.HTTPError, ValueError):
-        router.pool.report_failure(plan.prefill.url)
-    finally:
-        router.release_prefill(leg)
-    elapsed = time.perf_counter() - started
-    if not isinstance(ticket, dict):
-        router.metrics.pd_decisions.labels("fallback").inc()
+    prefill_body.update(max_tokens=1, stream=False)
+    pending = router.pending_ticket(plan.prefill, routed.req.token_ids)
+    if pending is not None:  # both legs at once: the decode worker pulls as soon as the lease exists
+        prefill_body["kv_transfer_params"] = {"do_remote_decode": True, "lease_id": pending["lease_id"]}
+        router.spawn(_prefill_leg(router, http, plan.prefill, routed.req, path, prefill_body, headers))
+        router.metrics.pd_decisions.labels("split").inc()
+        router.metrics.pd_concurrent.inc()
+        return json.dumps({**body, "kv_transfer_params": pending}).encode()
+    prefill_body["kv_transfer_params"] = {"do_remote_decode": True}
+    ticket = await _prefill_leg(router, http, plan.prefill, routed.req, path, prefill_body, headers)
+    if ticket is None:
         router.count_prefill(routed, local_prefill_tokens)  # the decode worker prefills it after all
         return None
     router.metrics.pd_decisions.labels("split").inc()
+    return json.dumps({**body, "kv_transfer_params": ticket}).encode()
+
+
+async def _prefill_leg(router: Router, http: httpx.AsyncClient, worker: WorkerState, req: RouteRequest, path: str,
+                       body: dict, headers: dict) -> dict | None:
+    """POST the prefill leg; learn from it (cost per token, the worker's ticket fields). Returns
+    the ticket, or None when the leg failed (counted as a fallback: the decode worker prefills)."""
+    leg = router.pick_prefill(worker, req)
+    tokens_ahead = worker.pending_prefill_tokens
+    started = time.perf_counter()
+    ticket = None
+    try:
+        resp = await http.post(worker.url + path, json=body, headers=headers, timeout=_PREFILL_LEG_TIMEOUT)
+        if resp.status_code == 200:
+            ticket = resp.json().get("kv_transfer_params")
+        elif resp.status_code >= 500:
+            router.pool.report_failure(worker.url)
+    except (httpx.HTTPError, ValueError):
+        router.pool.report_failure(worker.url)
+    finally:
+        router.release_prefill(leg)
+    if not isinstance(ticket, dict):
+        router.metrics.pd_decisions.labels("fallback").inc()
+        return None
+    elapsed = time.perf_counter() - started
     router.metrics.pd_prefill_seconds.observe(elapsed)
     router.pd.observe_prefill(tokens_ahead, elapsed, ticket)
-    router.first_byte(routed)  # the decode worker no longer prefills this prompt
-    return json.dumps({**body, "kv_transfer_params": ticket}).encode()
+    worker.kv_ticket = {k: ticket.get(k) for k in PENDING_TICKET_FIELDS}
+    return ticket
 
 
 async def _relay(router: Router, routed: Routed, upstream: httpx.Response) -> AsyncIterator[bytes]:

@@ -67,6 +67,10 @@ def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> ar
     pd.add_argument("--pd-prefill-ms-per-token", type=float, default=0.3,
                     help="initial prefill cost per token (learned from prefill legs as they complete)")
     pd.add_argument("--pd-hop-ms", type=float, default=10.0, help="extra latency of the prefill leg's round trip")
+    pd.add_argument("--pd-concurrent", action=argparse.BooleanOptionalAction, default=True,
+                    help="send the decode leg together with the prefill leg, with a pending ticket signed here "
+                         "(needs $TANDEM_KV_TRANSFER_SECRET for a standalone router; tandem up has it); the "
+                         "decode worker then holds the prompt's blocks while the prefill runs")
     return p
 
 
@@ -78,7 +82,8 @@ def _load_tokenizer(path: str | None):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def build_router(specs: list[WorkerSpec], args, secret: bytes | None) -> tuple[Router, list[KVEventSubscriber]]:
+def build_router(specs: list[WorkerSpec], args, secret: bytes | None,
+                 kv_secret: bytes | None = None) -> tuple[Router, list[KVEventSubscriber]]:
     import random
 
     from tandem.router.policy import build_policy, load_policy_file
@@ -103,13 +108,15 @@ def build_router(specs: list[WorkerSpec], args, secret: bytes | None) -> tuple[R
     subscribers = [KVEventSubscriber(index, s.url, s.events, s.replay, secret) for s in specs if s.events]
     decision = Path(args.config).stem if args.config else args.policy
     router = Router(pool, policy, _load_tokenizer(args.tokenizer), args.block_size, matcher, approx,
-                    RouterMetrics(), decision, pd)
+                    RouterMetrics(), decision, pd, kv_secret, args.pd_concurrent)
     return router, subscribers
 
 
 def run_router(args) -> int:
     secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
-    router, subscribers = build_router(args.worker, args, secret.encode() if secret else None)
+    kv_secret = os.environ.get("TANDEM_KV_TRANSFER_SECRET")
+    router, subscribers = build_router(args.worker, args, secret.encode() if secret else None,
+                                       kv_secret.encode() if kv_secret else None)
     return asyncio.run(serve_router(router, args.host, args.port, subscribers,
                                     on_ready=lambda: print(f"router on http://{args.host}:{args.port}", flush=True)))
 
@@ -198,7 +205,7 @@ def run_up(args) -> int:
     try:
         _wait_healthy(procs, specs)
         args.tokenizer = model
-        router, subscribers = build_router(specs, args, secret.encode())
+        router, subscribers = build_router(specs, args, secret.encode(), secret.encode())
         ready = f"tandem up: {len(specs)} workers ({', '.join(f'{s.url} {s.role}' for s in specs)}) behind " \
                 f"http://{args.host}:{args.port} (policy {args.policy})"
         return asyncio.run(serve_router(router, args.host, args.port, subscribers,

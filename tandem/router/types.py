@@ -22,6 +22,9 @@ class WorkerState:
     max_num_seqs: int = 256  # capacity hint for saturation and load normalisation
     kv_transfer_bytes: float = 0.0  # decode workers: KV bytes loaded from prefill workers so far
     kv_transfer_seconds: float = 0.0  # ... and the seconds those loads took
+    # prefill workers: the fields of the last ticket it issued (endpoint, compat, block size, lease,
+    # KV bytes per token), from which the router signs pending tickets for concurrent legs
+    kv_ticket: dict | None = None
 
     @property
     def prefills(self) -> bool:

@@ -113,6 +113,7 @@ class WorkerPool:
             w.consecutive_failures = 0
         if not ok and w.healthy:
             logger.warning("worker %s is down", w.url)
+            w.kv_ticket = None  # a restarted worker may send KV from another endpoint: learn it again
             self.on_down(w.url)
         w.healthy = ok
 
