@@ -132,8 +132,9 @@ def test_disaggregated_greedy_equals_single_core(cores, length):
         assert decode.connector.stats.loads_ok + decode.connector.stats.local_skips > 0
 
 
-def test_decode_side_prefix_hit_pulls_only_missing_blocks(cores):
-    prefill, decode, single = cores
+@pytest.mark.parametrize("pair", ["cores", "shm_cores"])
+def test_decode_side_prefix_hit_pulls_only_missing_blocks(request, pair):
+    prefill, decode, single = request.getfixturevalue(pair)
     shared = prompt_of(64, 99)
     # warm the decode worker's cache with the first 64 tokens (4 full blocks)
     decode.add_request(Request("warm", shared + [5], greedy(1), max_tokens=1))
@@ -446,22 +447,6 @@ def test_shared_memory_greedy_equals_single_core(shm_cores, length):
         assert prefill.connector.sender.stats.shm_grants == grants + 1
         assert decode.connector.stats.loads_shm == shm_loads + 1
     assert prefill.connector.sender.stats.leases_expired == 0  # released by the decode side
-
-
-def test_shared_memory_prefix_hit_copies_only_missing_blocks(shm_cores):
-    prefill, decode, single = shm_cores
-    shared = prompt_of(64, 300)
-    decode.add_request(Request("swarm", shared + [5], greedy(1), max_tokens=1))
-    run_until([decode], finished("swarm"))
-    prompt = shared + prompt_of(50, 301)
-    params = prefill_ticket(prefill, "sp-hit", prompt)
-    before = decode.connector.stats.bytes_received
-    decode.add_request(decode_request("sd-hit", prompt, params, 10))
-    outs = run_until([prefill, decode], finished("sd-hit"))
-    assert outs["sd-hit"][0].num_cached_tokens == 64
-    assert (decode.connector.stats.bytes_received - before) // decode.runner.kv_bytes_per_block == 4
-    assert tokens(outs, "sd-hit") == single_output(single, prompt, 10)
-    wait_idle(prefill, decode)
 
 
 def test_unmappable_region_falls_back_to_tcp(shm_cores, monkeypatch):

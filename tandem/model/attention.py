@@ -53,7 +53,16 @@ class AttentionBackend(Protocol):
         ...
 
 
-class TorchAttentionBackend:
+class WriteThenAttend:
+    """``forward`` for backends that store this step's key/value with the reference copy."""
+
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None):
+        ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window)
+
+
+class TorchAttentionBackend(WriteThenAttend):
     """Reference backend: gather from the paged cache + scaled_dot_product_attention."""
 
     name = "torch"
@@ -61,11 +70,6 @@ class TorchAttentionBackend:
 
     def __init__(self) -> None:
         self.workspace = ref.GatherWorkspace()  # shared by all layers: they run one after another
-
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None):
-        ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window)
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None = None):

@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from tandem.kernels import paged_attention as ref
 from tandem.kernels import triton_attention as tri
 from tandem.kernels.ops import triton_ops
-from tandem.model.attention import AttentionMetadata
+from tandem.model.attention import AttentionMetadata, WriteThenAttend
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(WriteThenAttend):
     name = "triton"
 
     def __init__(self) -> None:
         self.ops = triton_ops()
         self._meta: AttentionMetadata | None = None  # the step whose prefill batch is cached below
         self._prefill_batch: tuple | None = None
-
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None):
-        ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window)
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None = None):

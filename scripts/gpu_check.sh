@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 8's GPU checks as one device run (no GPU has been lent yet; nothing here has run on one).
+# The H200 image has torch, triton, transformers, tokenizers, safetensors, jinja2, numpy, httpx;
+# carry the rest as Python 3.12 wheels in .whl (see .library/device/README.md): msgspec at least.
+#   device run:  bash scripts/gpu_check.sh        (carry: [".whl"]; results land in $OUT)
+# 1. every Triton kernel compiled for the GPU against its torch reference, and whole models on the
+#    Triton backend token for token against the torch backend (tests/test_triton_kernels.py);
+# 2. Llama-3.1-8B shape, bf16, random weights: batch-1 decode (decode_bandwidth_fraction, TTFT of
+#    one 512-token prompt = median_prefill_s) and 512 in / 128 out x 1000 prompts throughput.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 | tee "$OUT/kernels.txt"
+B=(--load-format dummy --model llama-3.1-8b --dtype bfloat16 --attention-backend triton --disable-tqdm)
+timeout 240 python3 -m tandem.cli bench latency "${B[@]}" --batch-size 1 --input-len 512 --output-len 128 \
+  --num-iters-warmup 2 --num-iters 5 --output-json "$OUT/latency-8b-b1.json" 2>&1 | tail -5
+timeout 400 python3 -m tandem.cli bench throughput "${B[@]}" --input-len 512 --output-len 128 --num-prompts 1000 \
+  --output-json "$OUT/throughput-8b-512-128.json" 2>&1 | tail -5
