@@ -53,15 +53,14 @@ def stop_fleet(proc: subprocess.Popen) -> None:
 def ttft(client: httpx.Client, prompt: list[int], max_tokens: int) -> float:
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    start = time.perf_counter()
+    start, first = time.perf_counter(), None
     with client.stream("POST", f"http://127.0.0.1:{PORT}/v1/completions", json=body, timeout=120) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {") and '"text"' in line:
+        for line in r.iter_lines():  # read to the end: the next request starts on an idle connection
+            if first is None and line.startswith("data: {") and '"text"' in line:
                 first = time.perf_counter() - start
-                for _ in r.iter_lines():  # drain
-                    pass
-                return first
-    raise RuntimeError("no token")
+    if first is None:
+        raise RuntimeError(f"no token (HTTP {r.status_code})")
+    return first
 
 
 def measure(model: str, concurrent: bool, args, rng: random.Random) -> list[float]:
