@@ -66,6 +66,10 @@ class ModelConfig:
     seed: int = 0
     device: str = "auto"
     load_format: str = "auto"  # auto: safetensors; dummy: random weights of config.json (benchmarks)
+    enforce_eager: bool = False  # True: no CUDA graphs
+    # decode batch sizes replayed from CUDA graphs (default on CUDA: 1, 2, 4, 8, 16, 32, ... up to
+    # max_num_seqs, at most 256); on a CPU only when given, and then run eagerly (tests the padding)
+    cuda_graph_sizes: list[int] | None = None
 
 
 @dataclass

@@ -56,6 +56,7 @@ class EngineCore:
         self.hf_config = self.runner.hf_config
         self.vocab_size = self.runner.args.vocab_size
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len)
+        self.runner.setup_decode_graphs(self.max_model_len, config.scheduler.max_num_seqs)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
         self.connector = self._make_connector(config)

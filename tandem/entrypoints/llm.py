@@ -34,11 +34,13 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         gpu_memory_utilization: float = 0.9, num_gpu_blocks_override: int | None = None,
                         max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                         enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
-                        load_format: str = "auto") -> EngineConfig:
+                        load_format: str = "auto", enforce_eager: bool = False,
+                        cuda_graph_sizes: list[int] | None = None) -> EngineConfig:
     """vLLM's engine arguments -> EngineConfig (shared by LLM and `tandem serve`)."""
     return EngineConfig(
         model=ModelConfig(model=str(model or default_model_path()), tokenizer=tokenizer, dtype=dtype,
-                          max_model_len=max_model_len, seed=seed, device=device, load_format=load_format),
+                          max_model_len=max_model_len, seed=seed, device=device, load_format=load_format,
+                          enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes),
         cache=CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                           kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
                           num_gpu_blocks_override=num_gpu_blocks_override),
@@ -56,7 +58,8 @@ class LLM:
                  num_gpu_blocks_override: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
-                 attention_backend: str = "torch", load_format: str = "auto") -> None:
+                 attention_backend: str = "torch", load_format: str = "auto", enforce_eager: bool = False,
+                 cuda_graph_sizes: list[int] | None = None) -> None:
         config = build_engine_config(model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                      device=device, block_size=block_size,
                                      enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
@@ -64,7 +67,8 @@ class LLM:
                                      num_gpu_blocks_override=num_gpu_blocks_override,
                                      max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                      enable_chunked_prefill=enable_chunked_prefill,
-                                     scheduling_policy=scheduling_policy, load_format=load_format)
+                                     scheduling_policy=scheduling_policy, load_format=load_format,
+                                     enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes)
         self.llm_engine = LLMEngine(config, attention_backend)
 
     def get_tokenizer(self):

@@ -57,6 +57,8 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(cache_config)
         self.kv_region = None
         self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
+        self.model_config = model_config
+        self.decode_graphs = None  # set by setup_decode_graphs once max_model_len is known
         self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device)
         self.states: dict[str, SamplingState] = {}
 
@@ -85,17 +87,19 @@ class ModelRunner:
         return num
 
     def _allocate_kv_cache(self, shared: bool) -> None:
+        """num_blocks for the pool plus one scratch block (id num_blocks) that padded rows of a
+        CUDA-graph decode write into; the pool never hands it out."""
         a = self.args
-        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        shape = (self.num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
         layers = self.model.attention_layers()
         if shared:
             from tandem.kv_transfer.shm import try_shared_region
 
-            self.kv_region = try_shared_region(self.num_blocks * self.kv_bytes_per_block)
+            self.kv_region = try_shared_region(shape[0] * self.kv_bytes_per_block)
             if self.kv_region is None:
                 logger.warning("no shared memory for the KV cache; KV transfers from here go over TCP")
         if self.kv_region is not None:
-            views = self.kv_region.layer_views(len(layers), shape[1:], self.num_blocks, self.dtype)
+            views = self.kv_region.layer_views(len(layers), shape[1:], shape[0], self.dtype)
             for attn, (k, v) in zip(layers, views):
                 attn.k_cache, attn.v_cache = k, v
         else:
@@ -104,6 +108,20 @@ class ModelRunner:
                 attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     self.num_blocks * self.kv_bytes_per_block / 2**20)
+
+    def setup_decode_graphs(self, max_model_len: int, max_num_seqs: int) -> None:
+        """Capture decode CUDA graphs (CUDA, unless enforce_eager); on a CPU only with explicit
+        ``cuda_graph_sizes``, run eagerly through the same padded buffers."""
+        cfg = self.model_config
+        cuda = self.device.type == "cuda"
+        if cfg.enforce_eager or not (cuda or cfg.cuda_graph_sizes):
+            return
+        from tandem.runner.cuda_graphs import DecodeGraphs, default_capture_sizes
+
+        sizes = cfg.cuda_graph_sizes or default_capture_sizes(max_num_seqs)
+        max_blocks = -(-max_model_len // self.block_size)
+        self.decode_graphs = DecodeGraphs(self.model, self.device, sizes, max_blocks, self.block_size,
+                                          scratch_block=self.num_blocks, capture=cuda)
 
     # -- one step -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -116,10 +134,29 @@ class ModelRunner:
             return RunnerOutput()
         # decodes first, longest context first (so decode_groups can pad each group to its own width)
         chunks = sorted(out.chunks, key=lambda c: (len(c.token_ids) != 1, -len(c.block_ids)))
+        if self._graph_step(chunks):
+            return self._run_graph_decode(chunks)
         batch = self._prepare(chunks)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         return self._sample(chunks, batch, logits)
+
+    def _graph_step(self, chunks: list[ScheduledChunk]) -> bool:
+        """A decode-only step that a captured batch size holds (prompt logprobs never are: decodes)."""
+        graphs = self.decode_graphs
+        return graphs is not None and all(len(c.token_ids) == 1 for c in chunks) \
+            and graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
+
+    def _run_graph_decode(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+        bs = self.block_size
+        pos = np.array([c.start_pos for c in chunks], dtype=np.int64)
+        slots = np.array([c.block_ids[p // bs] * bs + p % bs for c, p in zip(chunks, pos)], dtype=np.int64)
+        hidden = self.decode_graphs.run(torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.int64),
+                                        torch.from_numpy(pos), torch.from_numpy(slots),
+                                        [c.block_ids for c in chunks], torch.from_numpy(pos + 1))
+        rows = torch.arange(len(chunks), device=self.device)
+        batch = _Batch(hidden.new_empty(0), hidden.new_empty(0), None, rows, [], rows)
+        return self._sample(chunks, batch, self.model.compute_logits(hidden))
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> "_Batch":
         bs = self.block_size
