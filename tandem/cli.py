@@ -16,15 +16,25 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-backend", choices=("torch", "triton"), default="torch",
+                   help="kernels: torch references (CPU), or Triton (GPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights of config.json (no checkpoint needed)")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """The shared engine flags as build_engine_config / LLM keywords."""
+    return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+                kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+                device=args.device, seed=args.seed, enforce_eager=args.enforce_eager, load_format=args.load_format)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tandem import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-              kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=args.enable_prefix_caching, device=args.device, seed=args.seed)
+    llm = LLM(model=args.model, attention_backend=args.attention_backend, **_engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sampling_seed, ignore_eos=args.ignore_eos,
                             stop=args.stop or None)
@@ -47,11 +57,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = build_engine_config(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                                 block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 enable_prefix_caching=args.enable_prefix_caching, device=args.device,
-                                 seed=args.seed)
+    config = build_engine_config(args.model, **_engine_kwargs(args))
     config.kv_transfer = _kv_transfer_config(args)
     name = args.served_model_name or Path(config.model.model).name
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
@@ -59,7 +65,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     kv_events = {"kv_events_endpoint": args.kv_events_endpoint,
                  "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
                  "kv_events_secret": secret.encode() if secret else None}
-    return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests, kv_events))
+    return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests, kv_events,
+                             attention_backend=args.attention_backend))
 
 
 def _kv_transfer_config(args: argparse.Namespace):

@@ -147,3 +147,13 @@ def test_padded_static_decode_path_equals_eager(make_llm):
     scratch = llm.llm_engine.runner.num_blocks
     k_cache = llm.llm_engine.runner.model.attention_layers()[0].k_cache
     assert k_cache.shape[0] == scratch + 1 and k_cache[scratch].abs().sum() > 0  # padding wrote only there
+
+
+def test_triton_backend_without_gpu_or_interpreter_says_so(monkeypatch):
+    from tandem.model.attention import get_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        get_backend("triton")

@@ -4,6 +4,8 @@ and the Triton norm / activation kernels (``ops``). On CPU it runs only under TR
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tandem.kernels import triton_attention as tri
@@ -15,6 +17,9 @@ class TritonAttentionBackend(WriteThenAttend):
     name = "triton"
 
     def __init__(self) -> None:
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention backend 'triton' needs a CUDA GPU (on a CPU set TRITON_INTERPRET=1 to "
+                             "check it through Triton's interpreter, slowly; or use the 'torch' backend)")
         self.ops = triton_ops()
         self._meta: AttentionMetadata | None = None  # the step whose prefill batch is cached below
         self._prefill_batch: tuple | None = None
