@@ -28,7 +28,7 @@ run() {  # name, command...
   wait_up
   python -m tandem.cli bench serve "${BENCH[@]}" --label "$name" --result-filename "$name.json"
   curl -s "http://127.0.0.1:$PORT/metrics" >"$OUT/$name.router-metrics.txt" || true
-  grep -oE 'http://127.0.0.1:[0-9]+ (prefill|decode|both)' "$OUT/$name.log" | while read -r url role; do
+  { grep -oE 'http://127.0.0.1:[0-9]+ (prefill|decode|both)' "$OUT/$name.log" || true; } | while read -r url role; do
     curl -s "$url/metrics" >"$OUT/$name.$role.$(echo "$url" | tr -dc 0-9).metrics.txt" || true
   done
   kill -TERM -- "-$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true

@@ -17,7 +17,8 @@ SETUPS = {"pd": "tandem up --prefill 1 --decode 1 (cost-based P/D decider)",
           "replicas": "tandem up --replicas 2 (cache-aware, colocated)",
           "single": "tandem serve (one replica, chunked prefill, all cores)",
           "pd-threshold": "tandem up --prefill 1 --decode 1 --pd-threshold 512 (llm-d's fixed rule), optional",
-          "pd-w3": "tandem up --prefill 1 --decode 1 --pd-interference-weight 3 (PD_ONLY run, renamed), optional"}
+          "pd-w3": "tandem up --prefill 1 --decode 1 --pd-interference-weight 3 (PD_ONLY run, renamed), optional",
+          "pd-w8": "tandem up --prefill 1 --decode 1 --pd-interference-weight 8 (PD_ONLY run, renamed), optional"}
 KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p90_itl_ms",
         "p99_itl_ms", "completed")
 
