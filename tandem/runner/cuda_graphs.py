@@ -86,10 +86,13 @@ class DecodeGraphs:
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slots[:n].copy_(slots, non_blocking=True)
         self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
-        padded = np.zeros((bs, self.max_blocks), dtype=np.int64)
+        # NOTE: only this batch's width is written: a kernel reads a row's table only below its
+        # context length, so entries past it (left by an earlier, longer sequence) are never read
+        width = max(len(t) for t in tables)
+        padded = np.zeros((n, width), dtype=np.int64)
         for i, table in enumerate(tables):
             padded[i, :len(table)] = table
-        self.tables[:bs].copy_(torch.from_numpy(padded), non_blocking=True)
+        self.tables[:n, :width].copy_(torch.from_numpy(padded), non_blocking=True)
         # NOTE: padding rows attend to nothing (length 0) and write their KV to the scratch block
         self.input_ids[n:bs].zero_()
         self.positions[n:bs].zero_()
