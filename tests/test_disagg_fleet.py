@@ -128,6 +128,31 @@ def test_forged_ticket_through_the_router_is_refused(fleet):
     fleet.wait_idle()
 
 
+def test_clients_gone_at_any_point_of_a_concurrent_split_leave_both_workers_idle(fleet):
+    """Streams dropped right away (decode leg parked, prefill queued or computing) and after a
+    few tokens (decoding): every request ends, every lease is released, no block stays in use."""
+    _text(fleet.client, "import sys\n" * 20, 2)  # a completed split teaches the router the KV endpoint
+    concurrent = fleet.metric(fleet.url, "tandem_router_pd_concurrent_splits_total")
+    body = {"model": "tiny", "max_tokens": 40, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.Client() as client:
+        for i, keep in enumerate((0, 0, 1, 3)):  # 0: gone before the first byte (a 5 ms read timeout)
+            prompt = f"drop {i}: " + "def handler(event, context):\n    return event\n" * 6
+            timeout = httpx.Timeout(30, read=0.005 if keep == 0 else 30)
+            try:
+                with client.stream("POST", f"{fleet.url}/v1/completions", json={**body, "prompt": prompt},
+                                   timeout=timeout) as r:
+                    events = 0
+                    for line in r.iter_lines():
+                        events += line.startswith("data: {")
+                        if events >= keep:
+                            break  # leaving the block closes the connection mid-stream
+            except httpx.ReadTimeout:
+                assert keep == 0
+    fleet.wait_idle()
+    assert fleet.metric(fleet.url, "tandem_router_pd_concurrent_splits_total") >= concurrent + 4
+    assert fleet.metric(fleet.prefill, "tandem:kv_leases_expired_total") == 0
+
+
 def test_prefill_worker_killed_requests_still_complete_locally(model_dirs, single):
     fleet = Fleet(model_dirs["llama3-gqa"], "--pd-threshold", "1")
     try:
