@@ -21,14 +21,14 @@ from tandem.sampling_params import SamplingParams
 SECRET = b"s" * 32
 
 
-def make_core(model_dir, role=None, secret=SECRET, **kv) -> EngineCore:
+def make_core(model_dir, role=None, secret=SECRET, budget: int = 256, **kv) -> EngineCore:
     transfer = None
     if role is not None:
         kv.setdefault("lease_s", 5.0)
         kv.setdefault("transfer_timeout_s", 2.0)
         transfer = KVTransferConfig(role=role, secret=secret, **kv)
     config = EngineConfig(ModelConfig(str(model_dir)), CacheConfig(block_size=16, kv_cache_memory="4MiB"),
-                          SchedulerConfig(max_num_batched_tokens=256), kv_transfer=transfer)
+                          SchedulerConfig(max_num_batched_tokens=budget), kv_transfer=transfer)
     return EngineCore(config)
 
 
@@ -636,3 +636,34 @@ def test_concurrent_legs_guard_their_lease_ids_and_prompt(cores):
     with pytest.raises(TicketError, match="names no blocks"):
         parse_ticket(resigned(pending_params(prefill, "e" * 32, prompt), block_ids=[1]), SECRET, prompt)
     wait_idle(prefill, decode)  # the failed pull released the lease it named
+
+
+@pytest.mark.parametrize("abort", [False, True])
+def test_blocks_stream_while_the_prefill_runs(model_dir, cores, abort):
+    """A 16-token budget makes the 130-token prompt a 9-step prefill; a parked TCP pull receives
+    each full block as its chunk completes, before the lease exists. An abort mid-stream makes the
+    decode worker prefill locally (what it got so far is thrown away)."""
+    _, decode, single = cores
+    prefill = make_core(model_dir, "prefill", budget=16)
+    try:
+        lid, prompt = f"{0xf0 + abort:032x}", prompt_of(130, 600 + abort)
+        recomputed, loaded = decode.connector.stats.recomputed, decode.connector.stats.loads_ok
+        decode.add_request(decode_request("sd-stream", prompt, pending_params(prefill, lid, prompt), 8))
+        step_for([decode], 0.2)  # the pull is parked on the prefill worker
+        prefill.add_request(prefill_leg("sp-stream", prompt, lid))
+        for _ in range(5):  # 80 tokens: 5 full blocks computed
+            prefill.step()
+            step_for([decode], 0.05)
+        assert prefill.has_unfinished_requests()  # still prefilling ...
+        assert prefill.connector.sender.stats.streamed_blocks >= 4  # ... and most of it already sent
+        if abort:
+            prefill.finish_requests(["sp-stream"])
+        outs = run_until([prefill, decode], finished("sd-stream"))
+        assert tokens(outs, "sd-stream") == single_output(single, prompt, 8)
+        if abort:
+            assert decode.connector.stats.recomputed == recomputed + 1
+        else:
+            assert decode.connector.stats.loads_ok == loaded + 1
+        wait_idle(prefill, decode)
+    finally:
+        prefill.close()

@@ -318,6 +318,10 @@ class Scheduler:
                 continue  # finished or preempted while the step ran
             req.num_computed_tokens += len(chunk.token_ids)
             self.kv.cache_computed_blocks(req)
+            if isinstance(req.do_remote_decode, str):  # a decode leg may be waiting: stream full blocks
+                self.connector.progress(req.do_remote_decode, req.prompt_token_ids,
+                                        self.kv.get_block_ids(req.request_id),
+                                        min(req.num_computed_tokens, req.num_prompt_tokens) // self.kv.block_size)
             token = sampled.get(chunk.request_id)
             if token is None:
                 continue
@@ -356,6 +360,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        if isinstance(req.do_remote_decode, str):  # before the free: nothing may stream these blocks now
+            self.connector.progress(req.do_remote_decode, req.prompt_token_ids, [], 0)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -371,9 +377,9 @@ class Scheduler:
         if req.do_remote_decode and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self._hold_for_decode(req)
         else:
-            self.kv.free(req)
-            if isinstance(req.do_remote_decode, str):
+            if isinstance(req.do_remote_decode, str):  # before the free (streaming invariant, sender.py)
                 self.connector.abandon(req.do_remote_decode)  # its parked decode leg prefills locally
+            self.kv.free(req)
         del self.requests[req.request_id]
         self._order_key.pop(req.request_id, None)
         if req.request_id in self._seen_by_runner:

@@ -25,6 +25,7 @@ class KVConnector:
         self.sender = KVSender(config, kv_caches, compat, self.ctx, region) if config.sends else None
         self.receiver = KVReceiver(config, kv_caches, compat, self.ctx) if config.receives else None
         self.stats = TransferStats()
+        self._prompts: dict[str, str] = {}  # expected lease id -> prompt hash, while its prefill runs
 
     @property
     def failure_policy(self) -> str:
@@ -37,7 +38,7 @@ class KVConnector:
         None when this worker does not send."""
         if self.sender is None:
             return None
-        prompt = prompt_hash(prompt_token_ids)
+        prompt = self._prompts.pop(lease_id, None) or prompt_hash(prompt_token_ids)
         lease = self.sender.hold(block_ids, prompt, lease_id)
         ticket = Ticket(True, self.sender.endpoint, lease.lease_id, list(block_ids), num_tokens, self.block_size,
                         self.compat, prompt, self.config.lease_s, self.kv_bytes_per_token)
@@ -51,7 +52,17 @@ class KVConnector:
 
     def abandon(self, lease_id: str) -> None:
         if self.sender is not None:
+            self._prompts.pop(lease_id, None)
             self.sender.abandon(lease_id)
+
+    def progress(self, lease_id: str, prompt_token_ids: list[int], block_ids: list[int], num_full: int) -> None:
+        """An expected lease's prefill has its first ``num_full`` blocks computed (0: retracted)."""
+        if self.sender is None:
+            return
+        prompt = self._prompts.get(lease_id)
+        if prompt is None:
+            prompt = self._prompts[lease_id] = prompt_hash(prompt_token_ids)
+        self.sender.progress(lease_id, block_ids, num_full, prompt)
 
     def take_ended_leases(self) -> list[str]:
         return self.sender.take_ended() if self.sender is not None else []

@@ -57,7 +57,7 @@ class _Load:
     started: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
     pull_sent: float = 0.0
-    layers_done: int = 0
+    written: int = 0  # (layer, block) pieces written; complete at num_layers x blocks
     num_bytes: int = 0
 
 
@@ -205,7 +205,7 @@ class KVReceiver:
         elif isinstance(msg, ShmGrant):
             self._read_shm(load, msg)
         elif isinstance(msg, PullDone):
-            ok = load.layers_done == len(self.kv_caches) == msg.num_layers
+            ok = load.written == len(self.kv_caches) * len(load.local_index) and msg.num_layers == len(self.kv_caches)
             self._finish(load, LoadResult(load.request_id, ok, "" if ok else "bad_blocks",
                                           "" if ok else "incomplete transfer", load.num_bytes,
                                           time.monotonic() - load.started))
@@ -213,18 +213,21 @@ class KVReceiver:
             self._finish(load, LoadResult(load.request_id, False, msg.kind, msg.message))
 
     def _write_layer(self, load: _Load, msg: LayerData, payload: list) -> None:
+        """K and V of the pull's blocks [first_block, first_block + num_blocks) of one layer.
+        NOTE: the sender sends every (layer, block) once, so counting pieces detects completion."""
         k_cache, v_cache = self.kv_caches[msg.layer] if 0 <= msg.layer < len(self.kv_caches) else (None, None)
-        n = len(load.local_index)
+        n, first = msg.num_blocks, msg.first_block
         shape = (n, *k_cache.shape[1:]) if k_cache is not None else ()
         expected = n * (k_cache[0].numel() * k_cache.element_size() if k_cache is not None else 0)
-        if k_cache is None or msg.num_blocks != n or msg.nbytes != expected or len(payload) != 2 \
-                or any(len(p.buffer) != expected for p in payload):
+        if k_cache is None or n < 1 or first < 0 or first + n > len(load.local_index) or msg.nbytes != expected \
+                or len(payload) != 2 or any(len(p.buffer) != expected for p in payload):
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", f"malformed layer {msg.layer}"))
             return
+        index = load.local_index[first:first + n]
         for cache, frame in ((k_cache, payload[0]), (v_cache, payload[1])):
             data = torch.frombuffer(frame.buffer, dtype=torch.uint8).view(cache.dtype).view(shape)
-            cache.index_copy_(0, load.local_index, data.to(cache.device))
-        load.layers_done += 1
+            cache.index_copy_(0, index, data.to(cache.device))
+        load.written += n
         load.num_bytes += 2 * expected
 
     def _read_shm(self, load: _Load, grant: ShmGrant) -> None:
@@ -294,7 +297,7 @@ class KVReceiver:
     def _expire_stalled(self) -> None:
         now = time.monotonic()
         for load in [x for x in self._loads.values() if now - x.last_progress > self.config.transfer_timeout_s]:
-            if load.ticket.pending and not load.num_bytes:  # nothing of the prompt came: no prefill happened
+            if load.ticket.pending:  # the prefill worker went away before its lease was done
                 self._finish(load, LoadResult(load.request_id, False, "prefill_failed",
                                               f"{load.ticket.engine} went silent before its prefill was done"))
                 continue

@@ -11,7 +11,12 @@ Concurrent legs: a router may name the lease before the prefill runs (``expect``
 (``Pull.pending``) is parked, with a PullWaiting keep-alive every half second, until the lease
 exists (``hold``) or the prefill ends without one (``abandon``: PullError ``prefill_failed``). A
 pull for a lease this worker never heard of is parked for ``PARK_GRACE_S`` at most (the pull may
-overtake the prefill request on its way here).
+overtake the prefill request on its way here). While the prefill runs, a parked TCP pull is
+streamed the prompt's full blocks as each chunk completes them (``progress``), so the transfer
+overlaps the prefill; the rest follows once the lease is held.
+NOTE (streaming invariant): a running prefill's blocks are read only under ``_lock`` while its
+``_partial`` entry lists them; the core retracts the entry (``progress(.., [], 0)`` on preemption,
+``abandon``, ``hold``) under the same lock before it frees or re-leases them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import torch
@@ -53,12 +58,22 @@ class Lease:
 
 
 @dataclass
+class _Parked:
+    """A pending pull waiting for its lease; ``sent`` of its blocks were streamed already."""
+    ident: bytes
+    pull: Pull
+    since: float = field(default_factory=time.monotonic)
+    sent: int = 0
+
+
+@dataclass
 class SenderStats:
     leases_issued: int = 0
     leases_released: int = 0  # the decode side confirmed
     leases_expired: int = 0  # no heartbeat, no confirmation: freed at the deadline
     pulls_served: int = 0
     shm_grants: int = 0  # pulls served by a shared-memory grant (a subset of pulls_served)
+    streamed_blocks: int = 0  # blocks sent while their prefill was still running
     bytes_sent: int = 0  # by TCP, or granted for a shared-memory read
 
 
@@ -74,7 +89,8 @@ class KVSender:
         self._expected: set[str] = set()  # router-named leases whose prefill runs here now
         self._abandoned: dict[str, float] = {}  # ... whose prefill ended without a lease -> when
         self._released_early: set[str] = set()  # ... the decode side gave up before the lease existed
-        self._parked: dict[str, list[tuple[bytes, Pull, float]]] = {}  # sender thread only
+        self._partial: dict[str, tuple[list[int], int, str]] = {}  # ... running: (blocks, full ones, prompt)
+        self._parked: dict[str, list[_Parked]] = {}  # sender thread only
         self._last_keepalive = 0.0
         self._bell_addr = f"inproc://kv-sender-{id(self)}"
         self._bell_in = ctx.socket(zmq.PULL)
@@ -109,6 +125,7 @@ class KVSender:
                       prompt)
         with self._lock:
             self._expected.discard(lease.lease_id)
+            self._partial.pop(lease.lease_id, None)
             if lease.lease_id in self._released_early:  # its decode leg already gave up
                 self._released_early.discard(lease.lease_id)
                 lease.released = True
@@ -122,8 +139,23 @@ class KVSender:
         with self._lock:
             self._expected.discard(lease_id)
             self._released_early.discard(lease_id)
+            self._partial.pop(lease_id, None)
             self._abandoned[lease_id] = time.monotonic()
         self._ring()
+
+    def progress(self, lease_id: str, block_ids: list[int], num_full: int, prompt: str) -> None:
+        """The expected lease's prefill has computed its first ``num_full`` blocks (of
+        ``block_ids``); 0 retracts them (preempted: the blocks are about to be freed)."""
+        with self._lock:
+            if lease_id not in self._expected:
+                return
+            if num_full <= 0:
+                self._partial.pop(lease_id, None)
+                return
+            old = self._partial.get(lease_id)
+            self._partial[lease_id] = (list(block_ids), num_full, prompt)
+        if old is None or old[1] < num_full:
+            self._ring()
 
     def _ring(self) -> None:
         try:
@@ -214,19 +246,20 @@ class KVSender:
     def _send(self, ident: bytes, msg, payload: tuple = ()) -> None:
         self._sock.send_multipart([ident, *self.codec.encode(msg), *payload], copy=False)
 
-    def _serve_pull(self, ident: bytes, pull: Pull) -> None:
+    def _serve_pull(self, ident: bytes, pull: Pull, skip: int = 0) -> None:
+        """Answer a pull; ``skip``: its first blocks were streamed already (send the rest)."""
         if pull.pending:
-            pull = self._resolve_pending(ident, pull)
+            pull = self._resolve_pending(ident, pull, skip)
             if pull is None:
                 return
         error = self._check_pull(pull)
         if error is not None:
             self._send(ident, PullError(pull.lease_id, *error))
             return
-        if self.region is not None and pull.host and pull.host == host_id():
+        if self._grants_shm(pull) and not skip:
             self._grant_shm(ident, pull)
             return
-        index = torch.tensor(pull.block_ids, dtype=torch.int64)
+        index = torch.tensor(pull.block_ids[skip:], dtype=torch.int64)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
             with self._lock:  # see the lease invariant in the module docstring
                 lease = self._leases.get(pull.lease_id)
@@ -236,20 +269,27 @@ class KVSender:
                 lease.deadline = max(lease.deadline, time.monotonic() + self.config.lease_s)
                 k = k_cache.index_select(0, index).cpu()
                 v = v_cache.index_select(0, index).cpu()
-            nbytes = k.numel() * k.element_size()
-            header = LayerData(pull.lease_id, layer, len(pull.block_ids), nbytes)
-            self._send(ident, header, (k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy()))
-            self.stats.bytes_sent += 2 * nbytes
+            self._send_layer(ident, pull.lease_id, layer, k, v, skip)
         self._send(ident, PullDone(pull.lease_id, len(self.kv_caches)))
         self.stats.pulls_served += 1
 
-    def _resolve_pending(self, ident: bytes, pull: Pull) -> Pull | None:
+    def _send_layer(self, ident: bytes, lease_id: str, layer: int, k: torch.Tensor, v: torch.Tensor,
+                    first_block: int) -> None:
+        nbytes = k.numel() * k.element_size()
+        header = LayerData(lease_id, layer, k.shape[0], nbytes, first_block)
+        self._send(ident, header, (k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy()))
+        self.stats.bytes_sent += 2 * nbytes
+
+    def _grants_shm(self, pull: Pull) -> bool:
+        return self.region is not None and bool(pull.host) and pull.host == host_id()
+
+    def _resolve_pending(self, ident: bytes, pull: Pull, sent: int = 0) -> Pull | None:
         """A pending pull with the lease's block ids in place of its indices; None when it was
         parked (no lease yet) or answered with an error."""
         with self._lock:
             lease = self._leases.get(pull.lease_id)
         if lease is None:
-            self._parked.setdefault(pull.lease_id, []).append((ident, pull, time.monotonic()))
+            self._parked.setdefault(pull.lease_id, []).append(_Parked(ident, pull, sent=sent))
             return None
         if lease.prompt != pull.prompt:
             self._send(ident, PullError(pull.lease_id, "prefill_failed", "the prefill computed another prompt"))
@@ -258,6 +298,7 @@ class KVSender:
             self._send(ident, PullError(pull.lease_id, "bad_blocks", "block index outside the lease"))
             return None
         return msgspec.structs.replace(pull, block_ids=[lease.block_ids[i] for i in pull.block_ids], pending=False)
+
 
     def _service_parked(self) -> None:
         """Serve parked pulls whose lease now exists; fail those whose prefill will not come."""
@@ -269,17 +310,44 @@ class KVSender:
             with self._lock:
                 exists, abandoned, expected = lid in self._leases, lid in self._abandoned, lid in self._expected
             waiters = self._parked[lid]
-            if exists or abandoned or (not expected and now - waiters[0][2] > PARK_GRACE_S):
+            if exists or abandoned or (not expected and now - waiters[0].since > PARK_GRACE_S):
                 del self._parked[lid]
-                for ident, pull, _ in waiters:
+                for w in waiters:
                     if exists:
-                        self._serve_pull(ident, pull)
+                        self._serve_pull(w.ident, w.pull, w.sent)
                     else:
-                        self._send(ident, PullError(lid, "prefill_failed", "the prefill for this lease did not "
-                                                    "finish here" if abandoned else "no such prefill arrived here"))
-            elif keepalive:
-                for ident, _, _ in waiters:
-                    self._send(ident, PullWaiting(lid))
+                        self._send(w.ident, PullError(lid, "prefill_failed", "the prefill for this lease did not "
+                                                      "finish here" if abandoned else "no such prefill arrived here"))
+                continue
+            for w in waiters:
+                if not self._stream(w) and keepalive:
+                    self._send(w.ident, PullWaiting(lid))
+
+    def _stream(self, w: _Parked) -> bool:
+        """Send a parked TCP pull the blocks its running prefill has completed since the last
+        time; True when something was sent."""
+        pull = w.pull
+        if self._grants_shm(pull):
+            return False  # one shared-memory grant once the lease exists beats several rounds
+        with self._lock:  # see the streaming invariant in the module docstring
+            partial = self._partial.get(pull.lease_id)
+            if partial is None or partial[2] != pull.prompt:
+                return False
+            block_ids, num_full, _ = partial
+            ready = 0
+            for i in pull.block_ids[w.sent:]:
+                if i >= num_full or i >= len(block_ids):
+                    break
+                ready += 1
+            if not ready:
+                return False
+            index = torch.tensor([block_ids[i] for i in pull.block_ids[w.sent:w.sent + ready]], dtype=torch.int64)
+            layers = [(k.index_select(0, index).cpu(), v.index_select(0, index).cpu()) for k, v in self.kv_caches]
+        for layer, (k, v) in enumerate(layers):
+            self._send_layer(w.ident, pull.lease_id, layer, k, v, w.sent)
+        w.sent += ready
+        self.stats.streamed_blocks += ready
+        return True
 
     def _grant_shm(self, ident: bytes, pull: Pull) -> None:
         now = time.monotonic()

@@ -42,11 +42,13 @@ class Release(msgspec.Struct, tag=True):
 
 # -- prefill -> decode ----------------------------------------------------------------------------------
 class LayerData(msgspec.Struct, tag=True):
-    """Followed by two frames: K then V of ``num_blocks`` blocks of layer ``layer``."""
+    """Followed by two frames: K then V of ``num_blocks`` blocks of layer ``layer``, the pull's
+    blocks ``first_block`` onwards (a streamed pull gets each layer in several pieces)."""
     lease_id: str
     layer: int
     num_blocks: int
     nbytes: int  # of each of the two frames
+    first_block: int = 0
 
 
 class ShmGrant(msgspec.Struct, tag=True):
