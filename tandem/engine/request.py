@@ -89,6 +89,11 @@ class Request:
         self.block_hashes: list[bytes] = []
 
     @property
+    def remote_decode_lease(self) -> str | None:
+        """The lease id a router named for this prefill (concurrent legs), else None."""
+        return self.do_remote_decode if isinstance(self.do_remote_decode, str) else None
+
+    @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
 

@@ -92,10 +92,10 @@ class Scheduler:
             if self.connector is None or self.connector.receiver is None:
                 raise ValueError("this worker does not accept remote KV (start it with --role decode or both)")
             self.connector.watch(request.remote_ticket)
-        if isinstance(request.do_remote_decode, str):
+        if request.remote_decode_lease:
             if self.connector is None:
                 raise ValueError("this worker does not prefill for others (start it with --role prefill or both)")
-            self.connector.expect(request.do_remote_decode)
+            self.connector.expect(request.remote_decode_lease)
         self.requests[request.request_id] = request
         self._order_key[request.request_id] = self._policy_key(request)
         self._enqueue_waiting(request)
@@ -318,8 +318,8 @@ class Scheduler:
                 continue  # finished or preempted while the step ran
             req.num_computed_tokens += len(chunk.token_ids)
             self.kv.cache_computed_blocks(req)
-            if isinstance(req.do_remote_decode, str):  # a decode leg may be waiting: stream full blocks
-                self.connector.progress(req.do_remote_decode, req.prompt_token_ids,
+            if req.remote_decode_lease:  # a decode leg may be waiting: stream full blocks
+                self.connector.progress(req.remote_decode_lease, req.prompt_token_ids,
                                         self.kv.get_block_ids(req.request_id),
                                         min(req.num_computed_tokens, req.num_prompt_tokens) // self.kv.block_size)
             token = sampled.get(chunk.request_id)
@@ -360,8 +360,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        if isinstance(req.do_remote_decode, str):  # before the free: nothing may stream these blocks now
-            self.connector.progress(req.do_remote_decode, req.prompt_token_ids, [], 0)
+        if req.remote_decode_lease:  # before the free: nothing may stream these blocks now
+            self.connector.progress(req.remote_decode_lease, req.prompt_token_ids, [], 0)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -377,8 +377,8 @@ class Scheduler:
         if req.do_remote_decode and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self._hold_for_decode(req)
         else:
-            if isinstance(req.do_remote_decode, str):  # before the free (streaming invariant, sender.py)
-                self.connector.abandon(req.do_remote_decode)  # its parked decode leg prefills locally
+            if req.remote_decode_lease:  # before the free (streaming invariant, sender.py)
+                self.connector.abandon(req.remote_decode_lease)  # its parked decode leg prefills locally
             self.kv.free(req)
         del self.requests[req.request_id]
         self._order_key.pop(req.request_id, None)
@@ -391,10 +391,9 @@ class Scheduler:
         blocks = self.kv.detach(req)
         ticket = None
         if self.connector is not None:
-            lease_id = req.do_remote_decode if isinstance(req.do_remote_decode, str) else None
             ticket = self.connector.issue_ticket(req.prompt_token_ids, min(req.num_computed_tokens,
                                                                            req.num_prompt_tokens),
-                                                 [b.block_id for b in blocks], lease_id)
+                                                 [b.block_id for b in blocks], req.remote_decode_lease)
         if ticket is None:
             self.kv.free_blocks(blocks)
             return

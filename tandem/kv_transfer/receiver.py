@@ -26,7 +26,7 @@ import zmq
 from tandem.kv_transfer.sender import KVCaches
 from tandem.kv_transfer.shm import RemoteRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket
-from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, LayerData, Pull, PullDone, PullError, Release, Renew,
+from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, Doorbell, LayerData, Pull, PullDone, PullError, Release, Renew,
                                      ShmGrant, ToReceiver, WireCodec)
 
 logger = logging.getLogger(__name__)
@@ -65,18 +65,15 @@ class KVReceiver:
     def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, ctx: zmq.Context) -> None:
         self.config, self.kv_caches, self.compat, self.ctx = config, kv_caches, compat, ctx
         self.codec = WireCodec(config.secret, ToReceiver)
+        k_cache = kv_caches[0][0]
+        self._block_bytes = k_cache[0].numel() * k_cache.element_size()  # K (or V) of one block of one layer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._socks: dict[str, zmq.Socket] = {}  # one DEALER per prefill endpoint, all in _poller
         self._poller = zmq.Poller()
-        # doorbell: the core thread rings it after queueing a command, so a new load starts now,
-        # not at the next poll timeout (each end is used by one thread only)
-        self._bell_addr = f"inproc://kv-receiver-{id(self)}"
-        self._bell_in = ctx.socket(zmq.PULL)
-        self._bell_in.bind(self._bell_addr)
-        self._bell_out = ctx.socket(zmq.PUSH)
-        self._bell_out.connect(self._bell_addr)
-        self._poller.register(self._bell_in, zmq.POLLIN)
+        # rung by the core thread after queueing a command: a new load starts now, not at the next poll
+        self._bell = Doorbell(ctx, "kv-receiver")
+        self._poller.register(self._bell.socket, zmq.POLLIN)
         self._loads: dict[str, _Load] = {}  # lease id -> load in progress
         self._watched: dict[str, Ticket] = {}  # lease id -> ticket kept alive by heartbeats
         self._regions: dict[str, RemoteRegion] = {}  # prefill endpoint -> its mapped KV region
@@ -104,10 +101,7 @@ class KVReceiver:
 
     def _command(self, command: tuple) -> None:
         self._commands.put(command)
-        try:
-            self._bell_out.send(b"", zmq.NOBLOCK)
-        except zmq.Again:  # the bell is already full of rings: the thread will drain the queue anyway
-            pass
+        self._bell.ring()
 
     def take_results(self) -> list[LoadResult]:
         out = []
@@ -120,17 +114,17 @@ class KVReceiver:
     def close(self) -> None:
         self._stopped = True
         self._thread.join(2)
-        for sock in (*self._socks.values(), self._bell_in, self._bell_out):
+        for sock in self._socks.values():
             sock.close(0)
+        self._bell.close()
 
     # -- receiver thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped:
             self._drain_commands()
             for sock, _ in self._poller.poll(_POLL_MS):
-                if sock is self._bell_in:
-                    while sock.poll(0):
-                        sock.recv()
+                if sock is self._bell.socket:
+                    self._bell.clear()
                     continue
                 self._on_message(sock.recv_multipart(copy=False))
             self._heartbeat()
@@ -180,11 +174,10 @@ class KVReceiver:
         self._pull(load)
 
     def _pull(self, load: _Load) -> None:
-        engine = load.ticket.engine
-        host = host_id() if self.config.transport == "auto" and engine not in self._no_shm else ""
-        load.pull_sent = time.monotonic()
         ticket = load.ticket
-        self._send(engine, Pull(ticket.lease_id, self.compat, load.remote_block_ids, host, ticket.pending,
+        host = host_id() if self.config.transport == "auto" and ticket.engine not in self._no_shm else ""
+        load.pull_sent = time.monotonic()
+        self._send(ticket.engine, Pull(ticket.lease_id, self.compat, load.remote_block_ids, host, ticket.pending,
                                 ticket.prompt if ticket.pending else ""))
 
     def _on_message(self, frames: list) -> None:
@@ -218,7 +211,7 @@ class KVReceiver:
         k_cache, v_cache = self.kv_caches[msg.layer] if 0 <= msg.layer < len(self.kv_caches) else (None, None)
         n, first = msg.num_blocks, msg.first_block
         shape = (n, *k_cache.shape[1:]) if k_cache is not None else ()
-        expected = n * (k_cache[0].numel() * k_cache.element_size() if k_cache is not None else 0)
+        expected = n * self._block_bytes
         if k_cache is None or n < 1 or first < 0 or first + n > len(load.local_index) or msg.nbytes != expected \
                 or len(payload) != 2 or any(len(p.buffer) != expected for p in payload):
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", f"malformed layer {msg.layer}"))
@@ -241,7 +234,7 @@ class KVReceiver:
             return
         k_cache = self.kv_caches[0][0]
         block_ids = grant.block_ids or load.remote_block_ids
-        if grant.nbytes != 2 * len(self.kv_caches) * grant.num_blocks * k_cache[0].numel() * k_cache.element_size() \
+        if grant.nbytes != 2 * len(self.kv_caches) * grant.num_blocks * self._block_bytes \
                 or len(block_ids) != len(load.local_index) or not 0 <= min(block_ids) <= max(block_ids) < grant.num_blocks:
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", "grant does not match the layout"))
             return
@@ -253,7 +246,7 @@ class KVReceiver:
         if time.monotonic() >= load.pull_sent + grant.valid_s:  # see the lease invariant in shm.py
             self._finish(load, LoadResult(load.request_id, False, "lease_expired", "copy outlived the lease"))
             return
-        num_bytes = 2 * len(self.kv_caches) * len(index) * k_cache[0].numel() * k_cache.element_size()
+        num_bytes = 2 * len(self.kv_caches) * len(index) * self._block_bytes
         self._finish(load, LoadResult(load.request_id, True, num_bytes=num_bytes,
                                       seconds=time.monotonic() - load.started, transport="shm"))
 

@@ -33,8 +33,8 @@ import zmq
 
 from tandem.kv_transfer.shm import SharedKVRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig
-from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, LayerData, Pull, PullDone, PullError, PullWaiting, Release,
-                                     Renew, ShmGrant, ToSender, WireCodec)
+from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, Doorbell, LayerData, Pull, PullDone, PullError, PullWaiting,
+                                     Release, Renew, ShmGrant, ToSender, WireCodec)
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,7 @@ class KVSender:
         self._partial: dict[str, tuple[list[int], int, str]] = {}  # ... running: (blocks, full ones, prompt)
         self._parked: dict[str, list[_Parked]] = {}  # sender thread only
         self._last_keepalive = 0.0
-        self._bell_addr = f"inproc://kv-sender-{id(self)}"
-        self._bell_in = ctx.socket(zmq.PULL)
-        self._bell_in.bind(self._bell_addr)
-        self._bell_out = ctx.socket(zmq.PUSH)  # core thread only: rung when a lease appears or is abandoned
-        self._bell_out.connect(self._bell_addr)
+        self._bell = Doorbell(ctx, "kv-sender")  # rung by the core thread: a lease appeared or was abandoned
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops at the high-water mark: never drop a layer
@@ -131,7 +127,7 @@ class KVSender:
                 lease.released = True
             self._leases[lease.lease_id] = lease
         self.stats.leases_issued += 1
-        self._ring()
+        self._bell.ring()
         return lease
 
     def abandon(self, lease_id: str) -> None:
@@ -141,7 +137,7 @@ class KVSender:
             self._released_early.discard(lease_id)
             self._partial.pop(lease_id, None)
             self._abandoned[lease_id] = time.monotonic()
-        self._ring()
+        self._bell.ring()
 
     def progress(self, lease_id: str, block_ids: list[int], num_full: int, prompt: str) -> None:
         """The expected lease's prefill has computed its first ``num_full`` blocks (of
@@ -155,13 +151,7 @@ class KVSender:
             old = self._partial.get(lease_id)
             self._partial[lease_id] = (list(block_ids), num_full, prompt)
         if old is None or old[1] < num_full:
-            self._ring()
-
-    def _ring(self) -> None:
-        try:
-            self._bell_out.send(b"", zmq.NOBLOCK)
-        except zmq.Again:  # rings pending already: the thread will look anyway
-            pass
+            self._bell.ring()
 
     def take_ended(self) -> list[str]:
         """Leases released by their decode worker or past their deadline, removed: their blocks
@@ -187,19 +177,18 @@ class KVSender:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
-        for sock in (self._sock, self._bell_in, self._bell_out):
-            sock.close(0)
+        self._sock.close(0)
+        self._bell.close()
 
     # -- sender thread -------------------------------------------------------------------------------------
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._bell_in, zmq.POLLIN)
+        poller.register(self._bell.socket, zmq.POLLIN)
         while not self._stop.is_set():
             ready = dict(poller.poll(100))
-            if self._bell_in in ready:
-                while self._bell_in.poll(0):
-                    self._bell_in.recv()
+            if self._bell.socket in ready:
+                self._bell.clear()
             if self._parked:
                 self._service_parked()
             if self._sock not in ready:

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 
 import msgspec
+import zmq
 
 MAX_FRAME_BYTES = 1 << 30
 
@@ -83,6 +84,32 @@ class PullError(msgspec.Struct, tag=True):
 
 ToSender = Pull | Renew | Release
 ToReceiver = LayerData | ShmGrant | PullWaiting | PullDone | PullError
+
+
+class Doorbell:
+    """Wakes a thread blocked in a ZMQ poll: ``ring`` from one thread, ``socket`` registered in the
+    other's poller, ``clear`` there once woken. Each end is used by one thread only."""
+
+    def __init__(self, ctx: zmq.Context, name: str) -> None:
+        addr = f"inproc://{name}-{id(self)}"
+        self.socket = ctx.socket(zmq.PULL)
+        self.socket.bind(addr)
+        self._out = ctx.socket(zmq.PUSH)
+        self._out.connect(addr)
+
+    def ring(self) -> None:
+        try:
+            self._out.send(b"", zmq.NOBLOCK)
+        except zmq.Again:  # rings are pending already: the thread will wake anyway
+            pass
+
+    def clear(self) -> None:
+        while self.socket.poll(0):
+            self.socket.recv()
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self._out.close(0)
 
 
 class WireCodec:

@@ -139,7 +139,7 @@ class ModelRunner:
         batch = self._prepare(chunks)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        return self._sample(chunks, batch, logits)
+        return self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows)
 
     def _graph_step(self, chunks: list[ScheduledChunk]) -> bool:
         """A decode-only step that a captured batch size holds (prompt logprobs never are: decodes)."""
@@ -154,9 +154,7 @@ class ModelRunner:
         hidden = self.decode_graphs.run(torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.int64),
                                         torch.from_numpy(pos), torch.from_numpy(slots),
                                         [c.block_ids for c in chunks], torch.from_numpy(pos + 1))
-        rows = torch.arange(len(chunks), device=self.device)
-        batch = _Batch(hidden.new_empty(0), hidden.new_empty(0), None, rows, [], rows)
-        return self._sample(chunks, batch, self.model.compute_logits(hidden))
+        return self._sample(chunks, self.model.compute_logits(hidden))  # one sampled row per decode
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> "_Batch":
         bs = self.block_size
@@ -211,9 +209,11 @@ class ModelRunner:
         last_scored = c.num_prompt_tokens - 2
         return max(0, min(c.start_pos + len(c.token_ids) - 1, last_scored) - c.start_pos + 1)
 
-    def _sample(self, chunks: list[ScheduledChunk], batch: "_Batch", logits: torch.Tensor) -> RunnerOutput:
+    def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sample_rows: torch.Tensor | None = None,
+                prompt_rows: list[tuple[ScheduledChunk, int, int]] = ()) -> RunnerOutput:
+        """sample_rows: the logits rows to sample (None: every row); prompt_rows: prompt-logprob rows."""
         result = RunnerOutput()
-        for c, first, count in batch.prompt_rows:
+        for c, first, count in prompt_rows:
             state = self.states[c.request_id]
             targets = torch.tensor(state.prompt_token_ids[c.start_pos + 1:c.start_pos + 1 + count],
                                    device=self.device)
@@ -225,7 +225,7 @@ class ModelRunner:
         if not sampled_chunks:
             return result
         states = [self.states[c.request_id] for c in sampled_chunks]
-        sample_logits = logits if len(batch.sample_rows) == logits.shape[0] else logits[batch.sample_rows]
+        sample_logits = logits if sample_rows is None or len(sample_rows) == logits.shape[0] else logits[sample_rows]
         out = self.sampler(sample_logits, states)
         for c, state, token, lp in zip(sampled_chunks, states, out.token_ids, out.logprobs):
             state.output_token_ids.append(token)
