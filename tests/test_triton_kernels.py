@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tandem import SamplingParams
-from tandem.kernels import activation, paged_attention as ref, rms_norm, rope_kv, triton_attention as tri
+from tandem.kernels import activation, paged_attention as ref, rms_norm, rope_kv, sampling, triton_attention as tri
 
 
 def _cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype=torch.float32):
@@ -117,14 +117,42 @@ def test_rope_and_kv_write(dtype, heads, kv_heads, head_dim):
         torch.testing.assert_close(got, expected, **tol)
 
 
+def _sampling_rows(vocab: int, seed: int):
+    """One row per case: greedy, temperature only, top-k (1, small, V, > V), top-p, min-p, combined,
+    tied logits, rows with -inf (a min_tokens mask) and a row with one finite logit."""
+    g = torch.Generator().manual_seed(seed)
+    cases = [(0.0, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.0, 1, 1.0, 0.0), (1.0, vocab, 1.0, 0.0),
+             (1.0, vocab + 9, 1.0, 0.0), (1.0, 0, 0.5, 0.0), (1.3, 0, 0.95, 0.0), (1.0, 0, 1.0, 0.1),
+             (0.5, 40, 0.8, 0.05), (2.0, 3, 0.3, 0.0), (1.0, 0, 0.9, 0.0), (1.0, 7, 0.99, 0.0), (1.0, 2, 1.0, 0.0)]
+    logits = torch.randn(len(cases), vocab, generator=g) * 3
+    logits[11] = torch.round(logits[11])  # many ties, at the top-p cut too
+    logits[12, 1::3] = -float("inf")
+    logits[13] = -float("inf")
+    logits[13, vocab // 2] = 0.5
+    temp, k, p, minp = (torch.tensor(col) for col in zip(*cases))
+    return logits, temp.float(), k.to(torch.int32), p.float(), minp.float(), g
+
+
+@pytest.mark.parametrize("vocab", [1, 13, 257, 5000])  # 5000: more than one 4096-wide block per row
+def test_sampling_kernel_matches_reference(vocab):
+    logits, temp, k, p, minp, g = _sampling_rows(vocab, vocab)
+    for _ in range(3):
+        noise = torch.rand(logits.shape, generator=g)
+        expected = sampling.sample_ref(logits, temp, k, p, minp, noise)
+        assert sampling.sample(logits, temp, k, p, minp, noise).tolist() == expected.tolist()
+    assert sampling.sample(logits[:0], temp[:0], k[:0], p[:0], minp[:0], noise[:0]).shape == (0,)
+
+
 # -- whole models on the Triton backend --------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["llama3-gqa", "mistral-swa", "qwen3-qknorm"])
 def test_triton_backend_greedy_equals_torch_backend(make_llm, preset):
-    """Chunked prefill (16-token budget), prefix hits and batched decodes all go through the kernels."""
+    """Chunked prefill (16-token budget), prefix hits and batched decodes all go through the kernels;
+    the seeded top-k/top-p request draws through the sampling kernel from the same noise."""
     prompts = [{"prompt_token_ids": [(i * 37 + j * 11) % 500 + 3 for j in range(n)]} for i, n in
                enumerate((1, 17, 40))]
     prompts.append({"prompt_token_ids": prompts[2]["prompt_token_ids"][:32] + [7, 8, 9]})  # a prefix hit
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)] * 3 + \
+        [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=11, max_tokens=6, ignore_eos=True)]  # sampler kernel
     outs = {}
     for backend in ("torch", "triton"):
         llm = make_llm(preset, attention_backend=backend, max_num_batched_tokens=16)

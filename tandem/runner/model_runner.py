@@ -50,8 +50,9 @@ class ModelRunner:
         self.hf_config = read_hf_config(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
         torch.manual_seed(model_config.seed)
-        self.model = load_model(model_config.model, self.dtype, self.device, get_backend(attention_backend),
-                                model_config.load_format, model_config.seed)
+        backend = get_backend(attention_backend)
+        self.model = load_model(model_config.model, self.dtype, self.device, backend, model_config.load_format,
+                                model_config.seed)
         self.args = self.model.args
         self.block_size = cache_config.block_size
         self.num_blocks = self._num_blocks(cache_config)
@@ -59,7 +60,7 @@ class ModelRunner:
         self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
         self.model_config = model_config
         self.decode_graphs = None  # set by setup_decode_graphs once max_model_len is known
-        self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device)
+        self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device, backend.ops.sample)
         self.states: dict[str, SamplingState] = {}
 
     # -- KV cache ----------------------------------------------------------------------------------
