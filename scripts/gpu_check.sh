@@ -4,7 +4,9 @@
 # carry the rest as Python 3.12 wheels in .whl (see .library/device/README.md): msgspec at least.
 #   device run:  bash scripts/gpu_check.sh        (carry: [".whl"]; results land in $OUT)
 # 1. every Triton kernel compiled for the GPU against its torch reference, and whole models on the
-#    Triton backend token for token against the torch backend (tests/test_triton_kernels.py);
+#    Triton backend token for token against the torch backend (tests/test_triton_kernels.py); the
+#    Triton backend with CUDA graphs vs eager torch and transformers on the GPU, and one host sync per
+#    decode step (tests/test_gpu.py);
 # 2. Llama-3.1-8B shape, bf16, random weights: batch-1 decode (decode_bandwidth_fraction, TTFT of
 #    one 512-token prompt = median_prefill_s) and 512 in / 128 out x 1000 prompts throughput.
 set -uo pipefail
@@ -15,7 +17,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 | tee "$OUT/kernels.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu.py tests/test_sampler.py 2>&1 | tail -25 | tee "$OUT/kernels.txt"
 B=(--load-format dummy --model llama-3.1-8b --dtype bfloat16 --attention-backend triton --disable-tqdm)
 timeout 240 python3 -m tandem.cli bench latency "${B[@]}" --batch-size 1 --input-len 512 --output-len 128 \
   --num-iters-warmup 2 --num-iters 5 --output-json "$OUT/latency-8b-b1.json" 2>&1 | tail -5

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from tandem.kernels import paged_attention as ref
@@ -20,7 +21,8 @@ class PrefillSeq:
     query_start: int  # offset of the chunk's first token in the flat batch
     query_len: int
     context_len: int  # cached prefix + this chunk
-    block_table: torch.Tensor  # [num_blocks] int64
+    block_table: torch.Tensor  # [num_blocks] int64, on the device
+    host_block_table: np.ndarray | None = None  # the same on the host (read without a device sync)
 
 
 @dataclass

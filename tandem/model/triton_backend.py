@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from tandem.kernels import triton_attention as tri
 from tandem.kernels.ops import triton_ops
 from tandem.model.attention import AttentionMetadata, WriteThenAttend
+from tandem.runner.h2d import to_device
 
 
 class TritonAttentionBackend(WriteThenAttend):
@@ -45,13 +47,13 @@ class TritonAttentionBackend(WriteThenAttend):
         if self._meta is not meta:
             seqs, nd = meta.prefills, meta.num_decode_tokens
             width = max(len(s.block_table) for s in seqs)
-            tables = torch.zeros(len(seqs), width, dtype=torch.int64)
+            tables = np.zeros((len(seqs), width), dtype=np.int64)
             for i, s in enumerate(seqs):
-                tables[i, :len(s.block_table)] = s.block_table.cpu()
-            starts = torch.tensor([s.query_start - nd for s in seqs] + [seqs[-1].query_start - nd + seqs[-1].query_len],
-                                  dtype=torch.int32)
-            ctx = torch.tensor([s.context_len for s in seqs], dtype=torch.int32)
-            self._prefill_batch = (tables.to(device), starts.to(device), ctx.to(device),
-                                   max(s.query_len for s in seqs))
+                tables[i, :len(s.block_table)] = s.host_block_table if s.host_block_table is not None \
+                    else s.block_table.cpu().numpy()
+            starts = [s.query_start - nd for s in seqs] + [seqs[-1].query_start - nd + seqs[-1].query_len]
+            ctx = [s.context_len for s in seqs]
+            self._prefill_batch = (to_device(tables, device), to_device(starts, device, torch.int32),
+                                   to_device(ctx, device, torch.int32), max(s.query_len for s in seqs))
             self._meta = meta
         return self._prefill_batch

@@ -18,6 +18,7 @@ from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tandem.model.attention import AttentionMetadata, PrefillSeq, get_backend
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.runner.cpu_malloc import tune_glibc_malloc
+from tandem.runner.h2d import to_device
 from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class ModelRunner:
             pos = positions[offset:offset + n]
             slots[offset:offset + n] = table[pos // bs] * bs + pos % bs
             if n != 1:
-                prefills.append(PrefillSeq(offset, n, c.start_pos + n, torch.from_numpy(table).to(self.device)))
+                prefills.append(PrefillSeq(offset, n, c.start_pos + n, self._to_device(table), table))
             num_prompt_scored = self._num_prompt_logprob_rows(c)
             if num_prompt_scored:
                 prompt_rows.append((c, len(logits_rows), num_prompt_scored))
@@ -184,23 +185,26 @@ class ModelRunner:
                 logits_rows.append(offset + n - 1)
             offset += n
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(self.device),
+            slot_mapping=self._to_device(slots),
             num_decode_tokens=len(decodes),
             decode_block_tables=self._pad_tables([c.block_ids for c in decodes]),
-            decode_seq_lens=torch.tensor([c.start_pos + 1 for c in decodes], dtype=torch.int64, device=self.device),
+            decode_seq_lens=self._to_device([c.start_pos + 1 for c in decodes], torch.int64),
             prefills=prefills,
             decode_groups=_decode_groups([len(c.block_ids) for c in decodes]),
         )
-        return _Batch(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(positions).to(self.device),
-                      meta, torch.tensor(logits_rows, dtype=torch.int64, device=self.device), prompt_rows,
-                      torch.tensor(sample_rows, dtype=torch.int64, device=self.device))
+        return _Batch(self._to_device(input_ids), self._to_device(positions), meta,
+                      self._to_device(logits_rows, torch.int64), prompt_rows,
+                      self._to_device(sample_rows, torch.int64))
+
+    def _to_device(self, values: np.ndarray | list, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return to_device(values, self.device, dtype)
 
     def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
         width = max((len(t) for t in tables), default=0)
         arr = np.zeros((len(tables), width), dtype=np.int64)
         for i, t in enumerate(tables):
             arr[i, :len(t)] = t
-        return torch.from_numpy(arr).to(self.device)
+        return self._to_device(arr)
 
     def _num_prompt_logprob_rows(self, c: ScheduledChunk) -> int:
         """Rows in this chunk whose next token is a prompt token (position p scores token p + 1)."""
@@ -216,8 +220,7 @@ class ModelRunner:
         result = RunnerOutput()
         for c, first, count in prompt_rows:
             state = self.states[c.request_id]
-            targets = torch.tensor(state.prompt_token_ids[c.start_pos + 1:c.start_pos + 1 + count],
-                                   device=self.device)
+            targets = self._to_device(state.prompt_token_ids[c.start_pos + 1:c.start_pos + 1 + count], torch.int64)
             lp = torch.log_softmax(logits[first:first + count, : self.args.vocab_size], dim=-1)
             k = state.params.prompt_logprobs
             result.prompt_logprobs[c.request_id] = (c.start_pos + 1,

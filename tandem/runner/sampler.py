@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from tandem.kernels.sampling import sample_ref
+from tandem.runner.h2d import to_device
 from tandem.sampling_params import SamplingParams, SamplingType
 
 
@@ -89,7 +90,7 @@ class Sampler:
         logprobs: list[TopLogprobs | None] = [None] * len(states)
         rows = [i for i, k in enumerate(want_logprobs) if k is not None]
         if rows:
-            idx = torch.tensor(rows, device=logits.device)
+            idx = self._to_device(rows, torch.int64)
             entries = compute_top_logprobs(raw_logprobs[idx], token_ids[idx], [want_logprobs[i] for i in rows])
             for i, entry in zip(rows, entries):
                 logprobs[i] = entry
@@ -108,23 +109,22 @@ class Sampler:
     def _process_row(self, row: torch.Tensor, s: SamplingState) -> None:
         p = s.params
         if p.logit_bias:
-            ids = torch.tensor([t for t in p.logit_bias if t < self.vocab_size], dtype=torch.long, device=row.device)
-            vals = torch.tensor([p.logit_bias[t] for t in p.logit_bias if t < self.vocab_size],
-                                dtype=row.dtype, device=row.device)
-            row.index_add_(0, ids, vals)
+            ids = [t for t in p.logit_bias if t < self.vocab_size]
+            vals = self._to_device([p.logit_bias[t] for t in ids], row.dtype)
+            row.index_add_(0, self._to_device(ids, torch.int64), vals)
         if len(s.output_token_ids) < p.min_tokens:
             stop_ids = [t for t in p.all_stop_token_ids if t < self.vocab_size]
             if stop_ids:
-                row[torch.tensor(stop_ids, device=row.device)] = float("-inf")
+                row[self._to_device(stop_ids, torch.int64)] = float("-inf")
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(s.prompt_token_ids) | set(s.output_token_ids)), dtype=torch.long,
-                                device=row.device)
+            seen = self._to_device(sorted(set(s.prompt_token_ids) | set(s.output_token_ids)), torch.int64)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.frequency_penalty or p.presence_penalty) and s.output_token_ids:
-            counts = torch.bincount(torch.tensor(s.output_token_ids, device=row.device),
-                                    minlength=self.vocab_size)[: self.vocab_size].to(row.dtype)
+            ids = self._to_device([t for t in s.output_token_ids if t < self.vocab_size], torch.int64)
+            counts = torch.zeros_like(row).index_add_(0, ids, torch.ones(ids.shape, dtype=row.dtype, device=row.device))
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
 
     # -- sampling ------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
@@ -145,11 +145,7 @@ class Sampler:
         return self.sample_fn(logits.float(), temperature, top_k, top_p, min_p, noise)
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A small per-step host tensor onto the device without a host sync (pinned, non-blocking)."""
-        host = torch.tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return to_device(values, self.device, dtype)
 
 
 def _needs_processing(s: SamplingState) -> bool:

@@ -1,0 +1,60 @@
+"""Checks only a CUDA GPU can run (skipped elsewhere; scripts/gpu_check.sh runs them on the H200):
+the Triton backend with decode CUDA graphs against the eager torch backend and transformers, and
+the host syncs of a decode step."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tandem import SamplingParams
+from tests.test_model_parity import hf_model, prompts_for
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_triton_graphs_greedy_equals_eager_torch_and_transformers(make_llm, model_dirs):
+    path = str(model_dirs["llama3-gqa"])
+    eager = make_llm("llama3-gqa", enforce_eager=True)
+    graphs = make_llm("llama3-gqa", attention_backend="triton")
+    assert graphs.llm_engine.runner.decode_graphs.graphs  # captured
+    prompts = prompts_for(eager.llm_engine.vocab_size, [1, 5, 17, 40, 71])
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    expected = [o.outputs[0].token_ids for o in eager.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    got = [o.outputs[0].token_ids for o in graphs.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    assert got == expected
+    hf = hf_model(path).to("cuda")
+    try:
+        for prompt, tokens in zip(prompts, expected):
+            out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
+                              pad_token_id=2, eos_token_id=1)[0, len(prompt):].tolist()
+            assert (out[: out.index(1) + 1] if 1 in out else out) == tokens
+    finally:
+        hf.to("cpu")
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_decode_step_syncs_the_host_once(make_llm, graphs):
+    """The sampled ids' read-back is the one sync; inputs go up pinned and non-blocking."""
+    llm = make_llm("llama3-gqa", attention_backend="triton", enforce_eager=not graphs)
+    engine = llm.llm_engine
+    for i, params in enumerate([SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+                                SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=20, ignore_eos=True),
+                                SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True)]):
+        engine.add_request(str(i), {"prompt_token_ids": [5 + i, 9, 11, 13]}, params)
+    engine.step()  # the prefill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for _ in range(5):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.step()
+            syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+            assert len(syncs) <= 1, syncs
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_unfinished_requests():
+        engine.step()
