@@ -10,14 +10,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 2GiB")
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (CPU default 2GiB; GPU default: "
+                   "sized from --gpu-memory-utilization after a profile step)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and the KV cache")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention-backend", choices=("torch", "triton"), default="torch",
-                   help="kernels: torch references (CPU), or Triton (GPU)")
+    p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="kernels: auto (Triton on a CUDA GPU, else torch), torch references, or Triton")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights of config.json (no checkpoint needed)")
@@ -26,7 +29,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     """The shared engine flags as build_engine_config / LLM keywords."""
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-                kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+                max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
                 device=args.device, seed=args.seed, enforce_eager=args.enforce_eager, load_format=args.load_format)
 

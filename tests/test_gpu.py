@@ -58,3 +58,14 @@ def test_a_decode_step_syncs_the_host_once(make_llm, graphs):
         torch.cuda.set_sync_debug_mode("default")
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_kv_cache_is_sized_from_the_profiled_peak(make_llm):
+    total = torch.cuda.mem_get_info()[1]
+    llm = make_llm("llama3-gqa", attention_backend="triton", kv_cache_memory=None, gpu_memory_utilization=0.1)
+    runner = llm.llm_engine.runner
+    kv_bytes = runner.num_blocks * runner.kv_bytes_per_block
+    assert 0 < kv_bytes < 0.1 * total
+    assert runner.profile_run(2048, 256) > 0  # logits and sampler rows of 256 sequences at least
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0.0, max_tokens=4))
+    assert len(out[0].outputs[0].token_ids) == 4

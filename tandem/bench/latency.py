@@ -75,14 +75,17 @@ def add_latency_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                         help="dummy: random weights of the model's config.json; with dummy, --model may also "
                              "name a built-in shape (llama-3.1-8b, bench-88m), written under .cache/dummy/")
-    parser.add_argument("--attention-backend", choices=("torch", "triton"), default="torch",
-                        help="kernels: torch references, or Triton (GPU)")
+    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="kernels: auto (Triton on a CUDA GPU, else torch), torch references, or Triton")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="per-step token budget (engine default 2048)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 4GiB")
+    parser.add_argument("--kv-cache-memory", default=None,
+                        help="KV cache size, e.g. 4GiB (GPU default: sized from --gpu-memory-utilization)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                         help="default off here (unlike throughput and serve): every iteration sends the same "
                              "prompts, so with caching on all iterations after the first would skip prefill")
@@ -262,7 +265,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(Path(model).resolve()),
         "model_shape": shape,
         "load_format": args.load_format,
-        "attention_backend": args.attention_backend,
+        "attention_backend": runner.attention_backend,
         "input_len": args.input_len,
         "output_len": args.output_len,
         "batch_size": args.batch_size,

@@ -90,13 +90,16 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                         help="dummy: random weights of the model's config.json; with dummy, --model may also "
                              "name a built-in shape (llama-3.1-8b, bench-88m), written under .cache/dummy/")
-    parser.add_argument("--attention-backend", choices=("torch", "triton"), default="torch",
-                        help="kernels: torch references, or Triton (GPU)")
+    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="kernels: auto (Triton on a CUDA GPU, else torch), torch references, or Triton")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (engine default 2048)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 4GiB")
+    parser.add_argument("--kv-cache-memory", default=None,
+                        help="KV cache size, e.g. 4GiB (GPU default: sized from --gpu-memory-utilization)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
@@ -259,10 +262,12 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
+        enforce_eager=getattr(args, "enforce_eager", False),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         load_format=getattr(args, "load_format", "auto"),
-        attention_backend=getattr(args, "attention_backend", "torch"),
+        attention_backend=getattr(args, "attention_backend", "auto"),
     )
 
 
@@ -371,7 +376,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(Path(model).resolve()),
         "model_shape": loaded_shape(model, runner),
         "load_format": engine_kwargs["load_format"],
-        "attention_backend": engine_kwargs["attention_backend"],
+        "attention_backend": runner.attention_backend,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "workload": {
             "dataset": args.dataset_name,

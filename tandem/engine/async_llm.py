@@ -63,7 +63,7 @@ class _CoreClient:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch", *, kv_events_endpoint: str | None = None,
+    def __init__(self, config: EngineConfig, attention_backend: str = "auto", *, kv_events_endpoint: str | None = None,
                  kv_events_replay_endpoint: str | None = None, kv_events_secret: bytes | None = None) -> None:
         self.config = config
         self.attention_backend = attention_backend

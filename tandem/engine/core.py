@@ -47,12 +47,13 @@ KV_EVENT_BACKLOG = 1024
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch",
+    def __init__(self, config: EngineConfig, attention_backend: str = "auto",
                  kv_event_sink: Callable[[KVEventBatch], None] | None = None) -> None:
         self.config = config
         kv = config.kv_transfer
         self.runner = ModelRunner(config.model, config.cache, attention_backend,
-                                  share_kv_cache=kv is not None and kv.sends and kv.transport == "auto")
+                                  share_kv_cache=kv is not None and kv.sends and kv.transport == "auto",
+                                  scheduler_config=config.scheduler)
         self.hf_config = self.runner.hf_config
         self.vocab_size = self.runner.args.vocab_size
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len)

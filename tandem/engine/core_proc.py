@@ -41,7 +41,7 @@ class CoreAddresses:
 
 
 def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: bytes, parent_pid: int,
-                    attention_backend: str = "torch") -> None:
+                    attention_backend: str = "auto") -> None:
     """Process entry point (multiprocessing spawn target)."""
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s engine-core %(levelname)s %(message)s")

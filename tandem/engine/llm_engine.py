@@ -258,7 +258,7 @@ class Processor:
 class LLMEngine(Processor):
     """Offline engine: a Processor over an EngineCore in the same process; one step() at a time."""
 
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+    def __init__(self, config: EngineConfig, attention_backend: str = "auto") -> None:
         self.config = config
         core = EngineCore(config, attention_backend)
         super().__init__(core, config.model.model, config.model.tokenizer, core.hf_config, core.vocab_size,

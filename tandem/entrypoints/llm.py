@@ -58,7 +58,7 @@ class LLM:
                  num_gpu_blocks_override: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
-                 attention_backend: str = "torch", load_format: str = "auto", enforce_eager: bool = False,
+                 attention_backend: str = "auto", load_format: str = "auto", enforce_eager: bool = False,
                  cuda_graph_sizes: list[int] | None = None) -> None:
         config = build_engine_config(model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                      device=device, block_size=block_size,

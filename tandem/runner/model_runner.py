@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tandem.config import CacheConfig, ModelConfig
+from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
 from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tandem.model.attention import AttentionMetadata, PrefillSeq, get_backend
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.h2d import to_device
+from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -40,29 +41,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """auto: the Triton kernels on a CUDA GPU, the torch references elsewhere."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, attention_backend: str = "torch",
-                 share_kv_cache: bool = False):
+                 share_kv_cache: bool = False, scheduler_config: SchedulerConfig | None = None):
         """share_kv_cache: on CPU, keep the KV cache in a shared-memory region (``self.kv_region``)
-        that decode workers on this host can read (tandem/kv_transfer/shm.py)."""
+        that decode workers on this host can read (tandem/kv_transfer/shm.py). scheduler_config:
+        the largest step, profiled on a GPU to size the KV cache (tandem/runner/kv_sizing.py)."""
         self.device = resolve_device(model_config.device)
         if self.device.type == "cpu":
             tune_glibc_malloc()
         self.hf_config = read_hf_config(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
         torch.manual_seed(model_config.seed)
-        backend = get_backend(attention_backend)
+        self.attention_backend = resolve_backend_name(attention_backend, self.device)
+        backend = get_backend(self.attention_backend)
         self.model = load_model(model_config.model, self.dtype, self.device, backend, model_config.load_format,
                                 model_config.seed)
         self.args = self.model.args
         self.block_size = cache_config.block_size
-        self.num_blocks = self._num_blocks(cache_config)
-        self.kv_region = None
-        self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
         self.model_config = model_config
         self.decode_graphs = None  # set by setup_decode_graphs once max_model_len is known
         self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device, backend.ops.sample)
         self.states: dict[str, SamplingState] = {}
+        self.num_blocks = self._num_blocks(cache_config, scheduler_config)
+        self.kv_region = None
+        self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
 
     # -- KV cache ----------------------------------------------------------------------------------
     @property
@@ -71,15 +81,19 @@ class ModelRunner:
         elem = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
 
-    def _num_blocks(self, cfg: CacheConfig) -> int:
+    def _num_blocks(self, cfg: CacheConfig, sched: SchedulerConfig | None) -> int:
         if cfg.num_gpu_blocks_override:
             return cfg.num_gpu_blocks_override
         if cfg.kv_cache_memory is not None:
             budget = int(cfg.kv_cache_memory)
         elif self.device.type == "cuda":
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            budget = int(total * cfg.gpu_memory_utilization) - used_by_others - 2 * 2**30  # activations
+            peak = self.profile_run(sched.max_num_batched_tokens, sched.max_num_seqs) if sched else 2 * 2**30
+            budget = gpu_kv_budget(total, cfg.gpu_memory_utilization, total - free, peak)
+            logger.info("KV cache budget %.2f GiB: %.0f%% of %.1f GiB, %.2f GiB in use, activation peak %.2f GiB",
+                        budget / 2**30, 100 * cfg.gpu_memory_utilization, total / 2**30, (total - free) / 2**30,
+                        peak / 2**30)
         else:
             budget = DEFAULT_CPU_KV_CACHE_BYTES
         num = budget // self.kv_bytes_per_block
@@ -87,6 +101,36 @@ class ModelRunner:
             raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block "
                              f"({self.kv_bytes_per_block} bytes); raise kv_cache_memory")
         return num
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_seqs: int) -> int:
+        """One step at the largest batch (num_tokens over num_seqs sequences, sampled) on temporary
+        KV blocks -> bytes allocated at its peak above what was allocated before, excluding those
+        blocks (0 off CUDA). Leaves the KV cache, the runner's states and the pool as they were."""
+        step, blocks = profile_batch(num_tokens, num_seqs, self.block_size)
+        layers = self.model.attention_layers()
+        saved = [(attn.k_cache, attn.v_cache) for attn in layers]
+        a, cuda = self.args, self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device) if cuda else 0
+        shape = (blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
+        try:
+            for attn in layers:
+                attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.execute(step)
+            if not cuda:
+                return 0
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - before - shape[0] * self.kv_bytes_per_block)
+        finally:
+            for attn, (k, v) in zip(layers, saved):
+                attn.k_cache, attn.v_cache = k, v
+            self.execute(SchedulerOutput(finished_request_ids={r.request_id for r in step.new_requests}))
+            if cuda:
+                torch.cuda.empty_cache()
 
     def _allocate_kv_cache(self, shared: bool) -> None:
         """num_blocks for the pool plus one scratch block (id num_blocks) that padded rows of a

@@ -535,7 +535,7 @@ class _Server:
 
 async def serve(config, host: str, port: int, served_model_name: str, api_key: str | None = None,
                 max_queued_requests: int | None = None, kv_events: dict | None = None, on_ready=None,
-                attention_backend: str = "torch") -> int:
+                attention_backend: str = "auto") -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
     when the engine died."""
     import uvicorn
