@@ -22,6 +22,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
                    help="kernels: auto (Triton on a CUDA GPU, else torch), torch references, or Triton")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule step N+1 while the GPU runs step N (outputs arrive one step later)")
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="dummy: random weights of config.json (no checkpoint needed)")
 
@@ -32,7 +34,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
                 max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-                device=args.device, seed=args.seed, enforce_eager=args.enforce_eager, load_format=args.load_format)
+                device=args.device, seed=args.seed, enforce_eager=args.enforce_eager, load_format=args.load_format,
+                async_scheduling=args.async_scheduling)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -47,6 +47,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, as in vLLM)
+    # schedule and launch step N+1 before reading step N's sampled ids (they reach the device
+    # inputs directly); outputs arrive one step later. Pays on a GPU; on a CPU it only delays.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

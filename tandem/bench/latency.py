@@ -86,6 +86,7 @@ def add_latency_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="KV cache size, e.g. 4GiB (GPU default: sized from --gpu-memory-utilization)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    parser.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                         help="default off here (unlike throughput and serve): every iteration sends the same "
                              "prompts, so with caching on all iterations after the first would skip prefill")

@@ -100,6 +100,7 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="KV cache size, e.g. 4GiB (GPU default: sized from --gpu-memory-utilization)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    parser.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
@@ -264,6 +265,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
         enforce_eager=getattr(args, "enforce_eager", False),
+        async_scheduling=getattr(args, "async_scheduling", False),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         load_format=getattr(args, "load_format", "auto"),

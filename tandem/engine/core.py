@@ -21,8 +21,8 @@ from tandem.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.request import Request, RequestStatus
-from tandem.engine.scheduler import Scheduler
-from tandem.runner.model_runner import ModelRunner
+from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.runner.model_runner import ModelRunner, StepHandle
 from tandem.runner.sampler import TopLogprobs
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class EngineCore:
                  kv_event_sink: Callable[[KVEventBatch], None] | None = None) -> None:
         self.config = config
         kv = config.kv_transfer
+        if config.scheduler.async_scheduling and kv is not None:
+            raise ValueError("async scheduling does not combine with disaggregated prefill/decode yet")
         self.runner = ModelRunner(config.model, config.cache, attention_backend,
                                   share_kv_cache=kv is not None and kv.sends and kv.transport == "auto",
                                   scheduler_config=config.scheduler)
@@ -61,6 +63,9 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
         self.connector = self._make_connector(config)
+        self.async_scheduling = config.scheduler.async_scheduling
+        # async scheduling: the launched step whose output is applied during the next step() call
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.connector)
         self.kv_event_sink = kv_event_sink
         self._kv_event_seq = 0
@@ -97,7 +102,7 @@ class EngineCore:
             self.connector.close()
 
     def has_runnable_requests(self) -> bool:
-        return self.scheduler.has_runnable_requests()
+        return self.scheduler.has_runnable_requests() or self._in_flight is not None
 
     def has_pending_transfers(self) -> bool:
         return self.scheduler.has_pending_transfers()
@@ -110,6 +115,13 @@ class EngineCore:
         """End requests from outside the step (aborts, stop strings found by the caller); unknown
         or already finished ids are ignored."""
         self.scheduler.finish_requests(request_ids, status, stop_reason)
+        self._drop_orphaned_step()
+
+    def _drop_orphaned_step(self) -> None:
+        """A step in flight whose requests all ended has nothing to apply: wait for it, drop it."""
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
+            self._in_flight[1].resolve()
+            self._in_flight = None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -119,7 +131,15 @@ class EngineCore:
         for req in self.scheduler.update_transfers():
             outputs[req.request_id] = CoreOutput(req.request_id, [], finish_reason="error", error=req.error)
         sched_out = self.scheduler.schedule()
-        result = self.runner.execute(sched_out)
+        handle = self.runner.launch(sched_out)
+        if self.async_scheduling:
+            # the device runs this step while the host reads and applies the previous one
+            previous, self._in_flight = self._in_flight, (sched_out, handle) if sched_out.chunks else None
+            if previous is None:
+                self._flush_kv_events()
+                return list(outputs.values())
+            sched_out, handle = previous
+        result = handle.resolve()
         updated = self.scheduler.update_from_output(sched_out, result.sampled)
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)
@@ -134,6 +154,7 @@ class EngineCore:
                 out.finish_reason = req.status.finish_reason
                 out.stop_reason = req.stop_reason
                 out.kv_transfer_params = req.kv_transfer_params
+        self._drop_orphaned_step()
         self._flush_kv_events()
         return list(outputs.values())
 
@@ -159,5 +180,6 @@ class EngineCore:
     def assert_idle(self) -> None:
         """No request in flight: every block free, every reference count 0."""
         assert not self.scheduler.has_unfinished_requests(), "scheduler still holds requests"
+        assert self._in_flight is None, "a step is still in flight"
         assert not self.scheduler.has_pending_transfers(), "KV leases or loads still hold blocks"
         self.kv.pool.assert_idle()

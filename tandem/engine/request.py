@@ -36,12 +36,18 @@ _FINISH_REASON = {
 }
 
 
+PLACEHOLDER_TOKEN = -1  # a chunk's token sampled by the step before it, filled in on the device
+
+
 class Request:
     """One sequence being generated.
 
     NOTE: ``all_token_ids == prompt_token_ids + output_token_ids`` and
     ``0 <= num_computed_tokens <= num_tokens``; KV for the first ``num_computed_tokens`` tokens is
-    in the cache blocks listed in the KV cache manager for this request.
+    in the cache blocks listed in the KV cache manager for this request. Under asynchronous
+    scheduling a step may be scheduled before the previous one's output is applied: its
+    ``num_in_flight_tokens`` follow the computed ones, and ``num_pending_tokens`` were sampled by
+    steps in flight, their values not known yet (PLACEHOLDER_TOKEN in the chunk that follows).
     """
 
     def __init__(
@@ -73,6 +79,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
+        self.num_in_flight_tokens = 0  # scheduled, not yet applied by update_from_output
+        self.num_pending_tokens = 0  # sampled by steps in flight, values unknown
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
         # Disaggregation. Decode side: a verified Ticket for the prompt's KV on a prefill worker,

@@ -27,7 +27,7 @@ import msgspec
 from tandem.config import SchedulerConfig
 from tandem.engine.block_pool import KVCacheBlock
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
-from tandem.engine.request import Request, RequestStatus
+from tandem.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 from tandem.sampling_params import SamplingParams
 
 
@@ -153,7 +153,10 @@ class Scheduler:
         for req in self.running:
             n = scheduled.get(req.request_id)
             if n:
-                out.chunks.append(self._make_chunk(req, n))
+                chunk = self._make_chunk(req, n)
+                out.chunks.append(chunk)
+                req.num_in_flight_tokens += n
+                req.num_pending_tokens += chunk.sample
                 if req.request_id not in self._seen_by_runner:
                     self._seen_by_runner.add(req.request_id)
                     out.new_requests.append(
@@ -165,11 +168,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(self._num_unscheduled(req), budget)
             if num_new <= 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, num_new):
+            while not self.kv.allocate_slots(req, req.num_in_flight_tokens + num_new):
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
                     i -= 1  # an already scheduled request gives back its budget and its slot
@@ -188,10 +191,14 @@ class Scheduler:
     def _schedule_waiting(self, scheduled: dict[str, int], budget: int) -> None:
         prefilling_parents = {r.parent_id for r in self.running
                               if r.parent_id and self._computes_shared_prompt(r)
-                              and r.num_computed_tokens + scheduled.get(r.request_id, 0) < r.num_prompt_tokens}
+                              and r.num_computed_tokens + r.num_in_flight_tokens + scheduled.get(r.request_id, 0)
+                              < r.num_prompt_tokens}
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            # a request preempted with a token in flight is resumed only after that token arrived
+            # (update_from_output runs between two schedules, and a step that preempts admits none)
+            assert not req.num_pending_tokens and not req.num_in_flight_tokens, req
             if self._should_wait_for_sibling(req, prefilling_parents):
                 deferred.append(self.waiting.pop(0))
                 continue
@@ -295,14 +302,24 @@ class Scheduler:
         """True when this child computes (rather than hits) its prompt's full blocks."""
         return req.num_cached_tokens < (req.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
 
+    def _num_unscheduled(self, req: Request) -> int:
+        """Tokens of a running request not computed or in flight; 0 when the token in flight will
+        end it by length (so no step is spent on a token that would be dropped)."""
+        total = req.num_tokens + req.num_pending_tokens
+        if req.num_pending_tokens and (req.num_output_tokens + req.num_pending_tokens >= req.max_tokens
+                                       or total >= self.max_model_len):
+            return 0
+        return total - req.num_computed_tokens - req.num_in_flight_tokens
+
     def _make_chunk(self, req: Request, n: int) -> ScheduledChunk:
-        start = req.num_computed_tokens
+        start = req.num_computed_tokens + req.num_in_flight_tokens
+        known = req.all_token_ids[start:start + n]
         return ScheduledChunk(
             request_id=req.request_id,
-            token_ids=req.all_token_ids[start:start + n],
+            token_ids=known + [PLACEHOLDER_TOKEN] * (n - len(known)),
             start_pos=start,
             block_ids=self.kv.get_block_ids(req.request_id),
-            sample=start + n == req.num_tokens,
+            sample=start + n == req.num_tokens + req.num_pending_tokens,
             num_prompt_tokens=req.num_prompt_tokens,
         )
 
@@ -314,24 +331,39 @@ class Scheduler:
         updated = []
         for chunk in out.chunks:
             req = self.requests.get(chunk.request_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # finished or preempted while the step ran
+            if req is None:
+                continue  # finished (or aborted) while the step ran
+            if req.status != RequestStatus.RUNNING:
+                # preempted after this step was scheduled (asynchronous scheduling): its KV is gone,
+                # but a token it sampled is part of its output
+                if chunk.sample and self._take_token(req, sampled[chunk.request_id]):
+                    self.waiting.remove(req)
+                    self._finish(req, req.status)
+                    updated.append(req)
+                continue
+            req.num_in_flight_tokens -= len(chunk.token_ids)
             req.num_computed_tokens += len(chunk.token_ids)
             self.kv.cache_computed_blocks(req)
             if req.remote_decode_lease:  # a decode leg may be waiting: stream full blocks
                 self.connector.progress(req.remote_decode_lease, req.prompt_token_ids,
                                         self.kv.get_block_ids(req.request_id),
                                         min(req.num_computed_tokens, req.num_prompt_tokens) // self.kv.block_size)
-            token = sampled.get(chunk.request_id)
-            if token is None:
+            if not chunk.sample:
                 continue
-            req.append_output_token(token)
-            status = self._check_stop(req, token)
-            if status is not None:
+            if self._take_token(req, sampled[chunk.request_id]):
                 self.running.remove(req)
-                self._finish(req, status)
+                self._finish(req, req.status)
             updated.append(req)
         return updated
+
+    def _take_token(self, req: Request, token: int) -> bool:
+        """Append a sampled token; True (status set) when it ends the request."""
+        req.num_pending_tokens -= 1
+        req.append_output_token(token)
+        status = self._check_stop(req, token)
+        if status is not None:
+            req.status = status
+        return status is not None
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params
@@ -365,6 +397,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_in_flight_tokens = 0  # recomputed from scratch; a pending token is still applied
         req.kv_loaded = False
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -35,7 +35,7 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                         enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
                         load_format: str = "auto", enforce_eager: bool = False,
-                        cuda_graph_sizes: list[int] | None = None) -> EngineConfig:
+                        cuda_graph_sizes: list[int] | None = None, async_scheduling: bool = False) -> EngineConfig:
     """vLLM's engine arguments -> EngineConfig (shared by LLM and `tandem serve`)."""
     return EngineConfig(
         model=ModelConfig(model=str(model or default_model_path()), tokenizer=tokenizer, dtype=dtype,
@@ -46,7 +46,7 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                           num_gpu_blocks_override=num_gpu_blocks_override),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens or 2048,
                                   max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill,
-                                  policy=scheduling_policy),
+                                  policy=scheduling_policy, async_scheduling=async_scheduling),
     )
 
 
@@ -59,7 +59,7 @@ class LLM:
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                  enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
                  attention_backend: str = "auto", load_format: str = "auto", enforce_eager: bool = False,
-                 cuda_graph_sizes: list[int] | None = None) -> None:
+                 cuda_graph_sizes: list[int] | None = None, async_scheduling: bool = False) -> None:
         config = build_engine_config(model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                      device=device, block_size=block_size,
                                      enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
@@ -68,7 +68,8 @@ class LLM:
                                      max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                      enable_chunked_prefill=enable_chunked_prefill,
                                      scheduling_policy=scheduling_policy, load_format=load_format,
-                                     enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes)
+                                     enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes,
+                                     async_scheduling=async_scheduling)
         self.llm_engine = LLMEngine(config, attention_backend)
 
     def get_tokenizer(self):

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
+from tandem.engine.request import PLACEHOLDER_TOKEN
 from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tandem.model.attention import AttentionMetadata, PrefillSeq, get_backend
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.h2d import to_device
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
-from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs
+from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs, needs_processing
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ModelRunner:
         self.decode_graphs = None  # set by setup_decode_graphs once max_model_len is known
         self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device, backend.ops.sample)
         self.states: dict[str, SamplingState] = {}
+        self._last = StepHandle()  # the latest launched step (placeholders refer to its samples)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self.kv_region = None
         self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
@@ -170,22 +172,44 @@ class ModelRunner:
                                           scratch_block=self.num_blocks, capture=cuda)
 
     # -- one step -------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        return self.launch(out).resolve()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> StepHandle:
+        """Queue one step on the device; its sampled ids are read back by ``resolve()``. A chunk's
+        PLACEHOLDER_TOKEN is the id the previous launched step sampled for that request."""
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
         for new in out.new_requests:
             self.states[new.request_id] = self.sampler.make_state(new.sampling_params, new.prompt_token_ids)
         if out.is_empty:
-            return RunnerOutput()
+            return StepHandle(result=RunnerOutput())
         # decodes first, longest context first (so decode_groups can pad each group to its own width)
         chunks = sorted(out.chunks, key=lambda c: (len(c.token_ids) != 1, -len(c.block_ids)))
+        if any(needs_processing(self.states[c.request_id]) for c in chunks if c.sample):
+            self._last.resolve()  # penalties and min_tokens read every earlier output token
         if self._graph_step(chunks):
-            return self._run_graph_decode(chunks)
-        batch = self._prepare(chunks)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        return self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows)
+            handle = self._run_graph_decode(chunks)
+        else:
+            batch = self._prepare(chunks)
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows)
+        self._last = handle
+        return handle
+
+    def _input_ids(self, chunks: list[ScheduledChunk], ids: np.ndarray) -> torch.Tensor:
+        """The flat input ids on the device, placeholders replaced by the previous step's samples
+        (device to device: no host sync)."""
+        dev = self._to_device(ids)
+        holes = np.flatnonzero(ids == PLACEHOLDER_TOKEN)
+        if len(holes):
+            ends = np.cumsum([len(c.token_ids) for c in chunks]) - 1  # a placeholder is a chunk's last token
+            owner = {int(e): c.request_id for e, c in zip(ends, chunks)}
+            rows = [self._last.row_of[owner[int(h)]] for h in holes]
+            dev[self._to_device(holes)] = self._last.tokens[self._to_device(rows, torch.int64)]
+        return dev
 
     def _graph_step(self, chunks: list[ScheduledChunk]) -> bool:
         """A decode-only step that a captured batch size holds (prompt logprobs never are: decodes)."""
@@ -193,12 +217,12 @@ class ModelRunner:
         return graphs is not None and all(len(c.token_ids) == 1 for c in chunks) \
             and graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
 
-    def _run_graph_decode(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+    def _run_graph_decode(self, chunks: list[ScheduledChunk]) -> StepHandle:
         bs = self.block_size
         pos = np.array([c.start_pos for c in chunks], dtype=np.int64)
         slots = np.array([c.block_ids[p // bs] * bs + p % bs for c, p in zip(chunks, pos)], dtype=np.int64)
-        hidden = self.decode_graphs.run(torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.int64),
-                                        torch.from_numpy(pos), torch.from_numpy(slots),
+        ids = self._input_ids(chunks, np.array([c.token_ids[0] for c in chunks], dtype=np.int64))
+        hidden = self.decode_graphs.run(ids, torch.from_numpy(pos), torch.from_numpy(slots),
                                         [c.block_ids for c in chunks], torch.from_numpy(pos + 1))
         return self._sample(chunks, self.model.compute_logits(hidden))  # one sampled row per decode
 
@@ -236,7 +260,7 @@ class ModelRunner:
             prefills=prefills,
             decode_groups=_decode_groups([len(c.block_ids) for c in decodes]),
         )
-        return _Batch(self._to_device(input_ids), self._to_device(positions), meta,
+        return _Batch(self._input_ids(chunks, input_ids), self._to_device(positions), meta,
                       self._to_device(logits_rows, torch.int64), prompt_rows,
                       self._to_device(sample_rows, torch.int64))
 
@@ -259,7 +283,7 @@ class ModelRunner:
         return max(0, min(c.start_pos + len(c.token_ids) - 1, last_scored) - c.start_pos + 1)
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sample_rows: torch.Tensor | None = None,
-                prompt_rows: list[tuple[ScheduledChunk, int, int]] = ()) -> RunnerOutput:
+                prompt_rows: list[tuple[ScheduledChunk, int, int]] = ()) -> StepHandle:
         """sample_rows: the logits rows to sample (None: every row); prompt_rows: prompt-logprob rows."""
         result = RunnerOutput()
         for c, first, count in prompt_rows:
@@ -271,16 +295,36 @@ class ModelRunner:
                                                     compute_top_logprobs(lp, targets, [k] * count))
         sampled_chunks = [c for c in chunks if c.sample]
         if not sampled_chunks:
-            return result
+            return StepHandle(result=result)
         states = [self.states[c.request_id] for c in sampled_chunks]
         sample_logits = logits if sample_rows is None or len(sample_rows) == logits.shape[0] else logits[sample_rows]
-        out = self.sampler(sample_logits, states)
-        for c, state, token, lp in zip(sampled_chunks, states, out.token_ids, out.logprobs):
-            state.output_token_ids.append(token)
-            result.sampled[c.request_id] = token
+        tokens, logprobs = self.sampler.sample_on_device(sample_logits, states)
+        for c, lp in zip(sampled_chunks, logprobs):
             if lp is not None:
                 result.logprobs[c.request_id] = lp
-        return result
+        return StepHandle([c.request_id for c in sampled_chunks], tokens, states, result)
+
+
+class StepHandle:
+    """A launched step. ``tokens`` (device) holds its sampled ids in ``request_ids`` order;
+    ``resolve()`` reads them back (the step's one host sync), appends them to the sampling states
+    and returns the RunnerOutput. Resolving twice returns the same output."""
+
+    def __init__(self, request_ids: list[str] = (), tokens: torch.Tensor | None = None,
+                 states: list[SamplingState] = (), result: RunnerOutput | None = None) -> None:
+        self.row_of = {rid: i for i, rid in enumerate(request_ids)}
+        self.tokens = tokens
+        self._states = states
+        self._result = result if result is not None else RunnerOutput()
+        self._resolved = tokens is None
+
+    def resolve(self) -> RunnerOutput:
+        if not self._resolved:
+            self._resolved = True
+            for (rid, row), state, token in zip(self.row_of.items(), self._states, self.tokens.tolist()):
+                state.output_token_ids.append(token)
+                self._result.sampled[rid] = token
+        return self._result
 
 
 def _decode_groups(num_blocks: list[int], max_waste: float = 0.25) -> list[tuple[int, int, int]]:

@@ -82,6 +82,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
         """logits [R, V] float32, one row per state."""
+        token_ids, logprobs = self.sample_on_device(logits, states)
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def sample_on_device(self, logits: torch.Tensor,
+                         states: list[SamplingState]) -> tuple[torch.Tensor, list[TopLogprobs | None]]:
+        """As __call__, the sampled ids left on the device (no host sync unless a row asks for
+        logprobs). The caller appends them to the states' output_token_ids once read."""
         logits = logits[:, : self.vocab_size]
         want_logprobs = [s.params.logprobs for s in states]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
@@ -94,15 +101,15 @@ class Sampler:
             entries = compute_top_logprobs(raw_logprobs[idx], token_ids[idx], [want_logprobs[i] for i in rows])
             for i, entry in zip(rows, entries):
                 logprobs[i] = entry
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return token_ids, logprobs
 
     # -- logits processors ---------------------------------------------------------------------
     def _apply_processors(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        if not any(_needs_processing(s) for s in states):
+        if not any(needs_processing(s) for s in states):
             return logits
         logits = logits.clone()
         for i, s in enumerate(states):
-            if _needs_processing(s):
+            if needs_processing(s):
                 self._process_row(logits[i], s)
         return logits
 
@@ -148,7 +155,7 @@ class Sampler:
         return to_device(values, self.device, dtype)
 
 
-def _needs_processing(s: SamplingState) -> bool:
+def needs_processing(s: SamplingState) -> bool:
     p = s.params
     return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
                 or len(s.output_token_ids) < p.min_tokens)
