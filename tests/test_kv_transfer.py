@@ -621,6 +621,22 @@ def test_concurrent_decode_aborted_while_parked_releases_the_later_lease(cores):
     assert prefill.connector.sender.stats.leases_expired == expired
 
 
+def test_concurrent_decode_aborted_before_the_prefill_leg_arrived_releases_the_later_lease(cores):
+    """The client left so early that the decode worker's release reaches the prefill worker before
+    its prefill leg does: the release is remembered and the lease ends as soon as it exists."""
+    prefill, decode, _ = cores
+    lid, prompt = "f" * 32, prompt_of(60, 450)
+    decode.add_request(decode_request("cd-early", prompt, pending_params(prefill, lid, prompt), 5))
+    step_for([decode], 0.1)
+    decode.finish_requests(["cd-early"])
+    step_for([decode, prefill], 0.3)  # the release arrives at a worker that has not heard of the lease
+    expired = prefill.connector.sender.stats.leases_expired
+    prefill.add_request(prefill_leg("cp-early", prompt, lid))
+    run_until([prefill, decode], finished("cp-early"))
+    wait_idle(prefill, decode)
+    assert prefill.connector.sender.stats.leases_expired == expired
+
+
 def test_concurrent_legs_guard_their_lease_ids_and_prompt(cores):
     prefill, decode, single = cores
     prompt = prompt_of(40, 440)

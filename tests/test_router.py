@@ -101,6 +101,29 @@ def test_shared_prefix_lands_on_the_worker_that_cached_it(fleet):
     assert _metric_sum(text, "tandem_router_requests_total") >= 5
 
 
+def test_clients_gone_before_the_first_byte_release_their_worker(fleet):
+    """A stream whose client left before the router relayed anything (even before the response
+    started) still ends on the worker and leaves the router's in-flight count."""
+    url, _, worker_urls = fleet
+    body = {"model": "tiny", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.Client() as client:
+        for i in range(6):
+            try:
+                with client.stream("POST", f"{url}/v1/completions", json={**body, "prompt": f"gone {i} " * 30},
+                                   timeout=httpx.Timeout(30, read=0.002)) as r:
+                    next(r.iter_lines())
+            except httpx.ReadTimeout:
+                pass
+    deadline = time.monotonic() + 20
+    while True:
+        in_flight = _metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_in_flight")
+        running = sum(_metric_sum(httpx.get(f"{w}/metrics").text, "vllm:num_requests_running") for w in worker_urls)
+        if in_flight == 0 and running == 0:
+            break
+        assert time.monotonic() < deadline, f"router in flight {in_flight}, workers running {running}"
+        time.sleep(0.3)
+
+
 def test_killing_a_worker_under_load_leaves_no_hung_request(fleet):
     url, workers, worker_urls = fleet
 

@@ -13,7 +13,9 @@ exists (``hold``) or the prefill ends without one (``abandon``: PullError ``pref
 pull for a lease this worker never heard of is parked for ``PARK_GRACE_S`` at most (the pull may
 overtake the prefill request on its way here). While the prefill runs, a parked TCP pull is
 streamed the prompt's full blocks as each chunk completes them (``progress``), so the transfer
-overlaps the prefill; the rest follows once the lease is held.
+overlaps the prefill; the rest follows once the lease is held. A release for a lease that does
+not exist yet (the decode leg was aborted first, perhaps before the prefill leg even arrived) is
+remembered for ``FORGET_S`` and ends that lease the moment it is held.
 NOTE (streaming invariant): a running prefill's blocks are read only under ``_lock`` while its
 ``_partial`` entry lists them; the core retracts the entry (``progress(.., [], 0)`` on preemption,
 ``abandon``, ``hold``) under the same lock before it frees or re-leases them.
@@ -88,7 +90,9 @@ class KVSender:
         self._leases: dict[str, Lease] = {}
         self._expected: set[str] = set()  # router-named leases whose prefill runs here now
         self._abandoned: dict[str, float] = {}  # ... whose prefill ended without a lease -> when
-        self._released_early: set[str] = set()  # ... the decode side gave up before the lease existed
+        # ... the decode side gave up before the lease existed -> when; kept FORGET_S, because its
+        # release may even arrive before the prefill leg (expect) does
+        self._released_early: dict[str, float] = {}
         self._partial: dict[str, tuple[list[int], int, str]] = {}  # ... running: (blocks, full ones, prompt)
         self._parked: dict[str, list[_Parked]] = {}  # sender thread only
         self._last_keepalive = 0.0
@@ -122,8 +126,7 @@ class KVSender:
         with self._lock:
             self._expected.discard(lease.lease_id)
             self._partial.pop(lease.lease_id, None)
-            if lease.lease_id in self._released_early:  # its decode leg already gave up
-                self._released_early.discard(lease.lease_id)
+            if self._released_early.pop(lease.lease_id, None) is not None:  # its decode leg already gave up
                 lease.released = True
             self._leases[lease.lease_id] = lease
         self.stats.leases_issued += 1
@@ -134,7 +137,7 @@ class KVSender:
         """The prefill of an expected lease ended without one (aborted, failed)."""
         with self._lock:
             self._expected.discard(lease_id)
-            self._released_early.discard(lease_id)
+            self._released_early.pop(lease_id, None)
             self._partial.pop(lease_id, None)
             self._abandoned[lease_id] = time.monotonic()
         self._bell.ring()
@@ -158,8 +161,9 @@ class KVSender:
         may be freed now."""
         now = time.monotonic()
         with self._lock:
-            for lid in [lid for lid, t in self._abandoned.items() if now - t > FORGET_S]:
-                del self._abandoned[lid]
+            for remembered in (self._abandoned, self._released_early):
+                for lid in [lid for lid, t in remembered.items() if now - t > FORGET_S]:
+                    del remembered[lid]
             ended = [lid for lid, lease in self._leases.items() if not lease.live(now)]
             for lid in ended:
                 lease = self._leases.pop(lid)
@@ -222,8 +226,8 @@ class KVSender:
                 lease = self._leases.get(msg.lease_id)
                 if lease is not None:
                     lease.released = True
-                elif msg.lease_id in self._expected:
-                    self._released_early.add(msg.lease_id)
+                elif msg.lease_id not in self._abandoned:  # expected, or its prefill leg not here yet
+                    self._released_early[msg.lease_id] = time.monotonic()
 
     def _reply_unauthenticated(self, ident: bytes, frames: list) -> None:
         try:

@@ -72,6 +72,12 @@ class RouterMetrics:
                                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                             registry=self.registry)
 
+    def watch_workers(self, pool: WorkerPool) -> None:
+        gauge = Gauge("tandem_router_requests_in_flight", "Requests (and prefill legs) sent to a worker and not yet "
+                      "ended, as the router counts them", ["worker"], registry=self.registry)
+        for url, worker in pool.workers.items():
+            gauge.labels(url).set_function(lambda w=worker: w.in_flight)
+
     def watch_pd_costs(self, decider: PDDecider) -> None:
         for name, doc, attr in [
             ("tandem_router_pd_prefill_seconds_per_token", "Learned prefill cost per uncached token",
@@ -100,6 +106,7 @@ class Router:
         self.pd = pd  # set when some worker has role prefill: disaggregated serving
         self.kv_secret, self.pd_concurrent = kv_secret, pd_concurrent  # signs pending tickets (concurrent legs)
         self._tasks: set[asyncio.Task] = set()
+        metrics.watch_workers(pool)
         if pd is not None:
             metrics.watch_pd_costs(pd)
         self.block_size, self.matcher, self.approx = block_size, matcher, approx
