@@ -197,3 +197,16 @@ def test_kv_events_report_stored_blocks(llm, prompts):
     stored = [e for e in events if type(e).__name__ == "BlockStored"]
     assert len(stored) == 2 and stored[0].token_ids == prompts[2][:16]
     assert stored[1].parent_block_hash == stored[0].block_hashes[0]
+
+
+def test_request_phases_follow_the_schedule(make_llm):
+    """RequestOutput.metrics carries the core's queue / prefill / decode times: with one running
+    sequence at a time, the second request queues for at least the whole first one."""
+    llm = make_llm("llama3-gqa", max_num_seqs=1)
+    prompts = prompts_for(llm.llm_engine.vocab_size, [12, 12], seed=5)
+    first, second = llm.generate([ids(p) for p in prompts], SamplingParams(max_tokens=5, ignore_eos=True),
+                                 use_tqdm=False)
+    for out in (first, second):
+        assert all(out.metrics[k] >= 0 for k in ("queue_time", "prefill_time", "decode_time"))
+        assert out.metrics["decode_time"] > 0
+    assert second.metrics["queue_time"] >= first.metrics["prefill_time"] + first.metrics["decode_time"]

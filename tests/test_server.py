@@ -295,6 +295,25 @@ def test_metrics_have_vllm_names(server, client):
     assert 'block_size="16"' in text
 
 
+def test_request_phase_histograms_add_up(server, client):
+    """Queue, prefill and decode time (vLLM's names) per finished request, from the core's clock:
+    prefill + decode is the inference time and fits inside the end-to-end latency."""
+    before = httpx.get(f"{server}/metrics").text
+    client.completions.create(model="tiny", prompt="phases " * 20, max_tokens=6, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = _wait_idle(server)
+
+    def delta(name: str) -> float:
+        return _metric(after, name) - _metric(before, name)
+
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert delta(f"vllm:request_{phase}_time_seconds_count") == 1, phase
+    prefill, decode = delta("vllm:request_prefill_time_seconds_sum"), delta("vllm:request_decode_time_seconds_sum")
+    assert prefill > 0 and decode > 0 and delta("vllm:request_queue_time_seconds_sum") >= 0
+    assert delta("vllm:request_inference_time_seconds_sum") == pytest.approx(prefill + decode)
+    assert prefill + decode <= delta("vllm:e2e_request_latency_seconds_sum")
+
+
 def _wait_idle(base: str, timeout_s: float = 30) -> str:
     """Poll /metrics until nothing runs, nothing waits and no KV block is held; return the text."""
     deadline = time.monotonic() + timeout_s

@@ -200,7 +200,8 @@ class AsyncLLM:
     def _dispatch(self, msg: StepOutputs) -> None:
         outs = [CoreOutput(o.request_id, o.new_token_ids, o.new_logprobs,
                            (o.prompt_logprobs_start, o.prompt_logprobs) if o.prompt_logprobs is not None else None,
-                           o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error)
+                           o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error,
+                           o.phase_times)
                 for o in msg.outputs]
         for out in self.processor.process_outputs(outs):
             queue = self._queues.get(out.request_id)

@@ -40,6 +40,7 @@ class CoreOutput:
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None  # prefill side: the ticket for the decode worker
     error: str | None = None  # finish_reason "error": what went wrong
+    phase_times: tuple[float, float, float] | None = None  # finished: (queue, prefill, decode) seconds
 
 
 # Without a sink, the newest batches are kept for take_kv_events(); older ones are dropped.
@@ -154,6 +155,7 @@ class EngineCore:
                 out.finish_reason = req.status.finish_reason
                 out.stop_reason = req.stop_reason
                 out.kv_transfer_params = req.kv_transfer_params
+                out.phase_times = req.phase_times(time.monotonic())
         self._drop_orphaned_step()
         self._flush_kv_events()
         return list(outputs.values())

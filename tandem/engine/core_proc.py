@@ -172,4 +172,5 @@ def _to_wire(o: CoreOutput) -> WireOutput:
     return WireOutput(o.request_id, o.new_token_ids,
                       [_lp(x) for x in o.new_logprobs] if o.new_logprobs else None,
                       prompt[0] if prompt else None, [_lp(x) for x in prompt[1]] if prompt else None,
-                      o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error)
+                      o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error,
+                      o.phase_times)

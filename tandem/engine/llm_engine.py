@@ -24,6 +24,9 @@ from tandem.runner.sampler import TopLogprobs
 from tandem.sampling_params import ParamError, SamplingParams
 from tandem.tokenizer import eos_token_ids, load_tokenizer
 
+# RequestOutput.metrics keys of CoreOutput.phase_times (seconds, measured by the engine core)
+PHASES = ("queue_time", "prefill_time", "decode_time")
+
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict
@@ -193,6 +196,8 @@ class Processor:
                 parent.kv_transfer_params = out.kv_transfer_params
             if out.error is not None:
                 parent.error = out.error
+            if out.phase_times is not None:  # n > 1: the child that finished last
+                parent.metrics.update(zip(PHASES, out.phase_times))
         outputs = [self._make_output(p) for p in touched.values()]
         for parent in touched.values():
             if parent.finished:

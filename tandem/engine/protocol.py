@@ -64,6 +64,7 @@ class WireOutput(msgspec.Struct, array_like=True):
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None
     error: str | None = None
+    phase_times: tuple[float, float, float] | None = None  # finished: (queue, prefill, decode) seconds
 
 
 class TransferStats(msgspec.Struct):

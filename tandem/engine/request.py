@@ -95,6 +95,19 @@ class Request:
         self.error: str | None = None  # why a FINISHED_ERROR request failed
         # Chained block hashes of this request's full blocks, extended as tokens arrive.
         self.block_hashes: list[bytes] = []
+        # Phases on the core's monotonic clock: queued (added), scheduled (first admitted to run;
+        # a disaggregated decode leg's KV load counts as queueing), first token.
+        self.queued_time = time.monotonic()
+        self.scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    def phase_times(self, now: float) -> tuple[float, float, float] | None:
+        """(queue, prefill, decode) seconds of a request that finished at ``now`` with a token,
+        as vLLM's request_{queue,prefill,decode}_time_seconds define them."""
+        if self.scheduled_time is None or self.first_token_time is None:
+            return None
+        return (self.scheduled_time - self.queued_time, self.first_token_time - self.scheduled_time,
+                now - self.first_token_time)
 
     @property
     def remote_decode_lease(self) -> str | None:

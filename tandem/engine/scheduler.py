@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -96,6 +97,7 @@ class Scheduler:
             if self.connector is None:
                 raise ValueError("this worker does not prefill for others (start it with --role prefill or both)")
             self.connector.expect(request.remote_decode_lease)
+        request.queued_time = time.monotonic()
         self.requests[request.request_id] = request
         self._order_key[request.request_id] = self._policy_key(request)
         self._enqueue_waiting(request)
@@ -225,6 +227,7 @@ class Scheduler:
                 req.num_cached_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             req.kv_loaded = False
+            req.scheduled_time = req.scheduled_time or time.monotonic()
             self.running.append(req)
             scheduled[req.request_id] = num_new
             budget -= num_new
@@ -360,6 +363,7 @@ class Scheduler:
         """Append a sampled token; True (status set) when it ends the request."""
         req.num_pending_tokens -= 1
         req.append_output_token(token)
+        req.first_token_time = req.first_token_time or time.monotonic()
         status = self._check_stop(req, token)
         if status is not None:
             req.status = status

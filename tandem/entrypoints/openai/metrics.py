@@ -90,6 +90,13 @@ class ServerMetrics:
         self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token")
         self.itl = hist("vllm:inter_token_latency_seconds", "Time between consecutive output tokens")
         self.e2e = hist("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish")
+        self.phases = {  # measured by the engine core: queued -> first scheduled -> first token -> finished
+            "queue_time": hist("vllm:request_queue_time_seconds", "Time waiting before first scheduled "
+                               "(a disaggregated decode leg: including its KV load)"),
+            "prefill_time": hist("vllm:request_prefill_time_seconds", "First scheduled to first token"),
+            "decode_time": hist("vllm:request_decode_time_seconds", "First token to finish"),
+        }
+        self.inference = hist("vllm:request_inference_time_seconds", "First scheduled to finish")
         # prometheus_client appends _total to counters
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", label, registry=self.registry)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", label, registry=self.registry)
@@ -99,6 +106,13 @@ class ServerMetrics:
         self.transfer_time = Histogram("tandem:kv_transfer_duration_seconds", "Duration of one KV load",
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
                                        registry=self.registry)
+
+    def _observe_phases(self, metrics: dict[str, float]) -> None:
+        if not all(p in metrics for p in self.phases):
+            return  # ended without a token from the core (aborted, failed before its first token)
+        for phase, h in self.phases.items():
+            h.labels(self.model_name).observe(metrics[phase])
+        self.inference.labels(self.model_name).observe(metrics["prefill_time"] + metrics["decode_time"])
 
     def render(self) -> bytes:
         durations, self.engine.transfer_durations = self.engine.transfer_durations, []
@@ -129,4 +143,5 @@ class ServerMetrics:
                 self.generation_tokens.labels(m).inc(tokens)
                 for c in out.outputs:
                     self.success.labels(m, c.finish_reason or "abort").inc()
+                self._observe_phases(out.metrics)
             yield out
