@@ -66,6 +66,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = build_engine_config(args.model, **_engine_kwargs(args))
     config.kv_transfer = _kv_transfer_config(args)
+    if config.kv_transfer is not None and config.scheduler.async_scheduling:
+        raise ValueError("--async-scheduling does not combine with disaggregated serving (--role prefill|decode, "
+                         "or role both with $TANDEM_KV_TRANSFER_SECRET set)")
     name = args.served_model_name or Path(config.model.model).name
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
     secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")

@@ -101,6 +101,54 @@ def test_async_engine_equals_sync_engine(make_llm, engine_kw):
         assert asyn.llm_engine.scheduler.num_preemptions > 0
 
 
+def test_long_outputs_through_preemption_lose_no_late_token(make_llm):
+    """A preempted request's in-flight token reaches the output stream (its whole length), not
+    only its internal token list."""
+    kw = dict(num_gpu_blocks_override=6, block_size=16, max_num_batched_tokens=64)
+    sync = make_llm("llama3-gqa", **kw)
+    prompts = prompts_for(sync.llm_engine.vocab_size, [10, 12, 14], seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = _generate(sync, prompts, params)
+    asyn = make_llm("llama3-gqa", async_scheduling=True, **kw)
+    assert _generate(asyn, prompts, params) == expected
+    assert asyn.llm_engine.scheduler.num_preemptions > 0
+    assert [len(r[0][0]) for r in expected] == [40, 40, 40]
+
+
+def test_n_siblings_hit_the_prompt_their_first_child_computed(make_llm):
+    results = []
+    for async_mode in (False, True):
+        llm = make_llm("llama3-gqa", async_scheduling=async_mode, block_size=16)
+        prompt = prompts_for(llm.llm_engine.vocab_size, [40], seed=3)[0]
+        out = llm.generate([{"prompt_token_ids": prompt}],
+                           SamplingParams(temperature=0.0, max_tokens=4, n=2, ignore_eos=True), use_tqdm=False)[0]
+        results.append(([o.token_ids for o in out.outputs], out.num_cached_tokens))
+    assert results[0] == results[1]
+    assert results[1][1] == 32  # the sibling found both full blocks of the prompt cached
+
+
+def test_a_reused_request_id_never_receives_the_old_requests_token(make_llm):
+    """Abort x while a step holding x is in flight, add a new x at once: the old step's token is
+    not applied to the new request."""
+    outputs = []
+    for async_mode in (False, True):
+        engine = make_llm("llama3-gqa", async_scheduling=async_mode).llm_engine
+        first, second = prompts_for(engine.vocab_size, [9, 9], seed=5)
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        engine.add_request("x", {"prompt_token_ids": first}, params)
+        engine.add_request("y", {"prompt_token_ids": first}, SamplingParams(temperature=0.0, max_tokens=20,
+                                                                            ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        engine.abort_request("x")
+        engine.add_request("x", {"prompt_token_ids": second}, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        outputs.append(done)
+    assert outputs[0] == outputs[1]
+
+
 def test_stop_tokens_found_one_step_late_still_end_the_output_there(make_llm):
     sync = make_llm("llama3-gqa")
     prompts = prompts_for(sync.llm_engine.vocab_size, [7, 15], seed=2)
@@ -135,3 +183,11 @@ def test_async_scheduling_refuses_disaggregation(model_dirs):
     config.kv_transfer = KVTransferConfig(role="decode", secret=b"s" * 32)
     with pytest.raises(ValueError, match="async scheduling does not combine"):
         EngineCore(config)
+
+
+def test_serve_refuses_async_scheduling_with_a_role_before_loading(model_dirs, monkeypatch, capsys):
+    from tandem.cli import main
+
+    monkeypatch.setenv("TANDEM_KV_TRANSFER_SECRET", "0123456789abcdef0123")
+    assert main(["serve", str(model_dirs["llama3-gqa"]), "--role", "decode", "--async-scheduling"]) == 2
+    assert "--async-scheduling does not combine" in capsys.readouterr().err

@@ -35,6 +35,20 @@ def test_triton_graphs_greedy_equals_eager_torch_and_transformers(make_llm, mode
         hf.to("cpu")
 
 
+def test_async_scheduling_on_the_gpu_equals_sync(make_llm):
+    """Step N+1 launched before step N's ids are read (pinned copy + event per step) gives the
+    synchronous tokens, with CUDA graphs, seeded sampling and a penalty row that resolves early."""
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_k=50, seed=11, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=16, repetition_penalty=1.3)]
+    outs = []
+    for async_mode in (False, True):
+        llm = make_llm("llama3-gqa", attention_backend="triton", async_scheduling=async_mode)
+        prompts = prompts_for(llm.llm_engine.vocab_size, [3, 17, 40], seed=7)
+        outs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)])
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_decode_step_syncs_the_host_once(make_llm, graphs):
     """The sampled ids' read-back is the one sync; inputs go up pinned and non-blocking."""

@@ -177,6 +177,21 @@ def test_padded_static_decode_path_equals_eager(make_llm):
     assert k_cache.shape[0] == scratch + 1 and k_cache[scratch].abs().sum() > 0  # padding wrote only there
 
 
+def test_padded_decode_path_samples_only_the_chunks_that_sample(make_llm):
+    """A one-token prompt chunk that does not sample yet (the rest of its prompt came from the
+    prefix cache) rides in a decode-only step: its logits row must not shift the others' tokens."""
+    outs = []
+    for graph_sizes in (None, [1, 2, 4, 8]):
+        llm = make_llm("llama3-gqa", cuda_graph_sizes=graph_sizes, max_num_batched_tokens=3, block_size=4)
+        cached = [(j * 37) % 400 + 5 for j in range(18)]
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": cached}], params, use_tqdm=False)
+        prompts = [[11], [12], cached[:16] + [5, 6]]  # the third: 16 cached, two 1-token chunks
+        outs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                                  use_tqdm=False)])
+    assert outs[0] == outs[1]
+
+
 def test_triton_backend_without_gpu_or_interpreter_says_so(monkeypatch):
     from tandem.model.attention import get_backend
 

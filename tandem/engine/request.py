@@ -83,6 +83,7 @@ class Request:
         self.num_pending_tokens = 0  # sampled by steps in flight, values unknown
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
+        self.serial = 0  # set by the scheduler on add: unique per scheduler, unlike a reusable request_id
         # Disaggregation. Decode side: a verified Ticket for the prompt's KV on a prefill worker,
         # cleared once loaded (kv_loaded until admitted) or given up. Prefill side: hold the blocks
         # under a lease when the request finishes, and report the ticket in kv_transfer_params.

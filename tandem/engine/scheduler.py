@@ -49,6 +49,7 @@ class ScheduledChunk:
     block_ids: list[int]  # the request's whole block table
     sample: bool  # the chunk reaches the last known token: sample the next one
     num_prompt_tokens: int
+    serial: int = 0  # Request.serial: a step in flight never applies to a later request reusing the id
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Scheduler:
         self._seen_by_runner: set[str] = set()
         self._finished_since_last_step: set[str] = set()
         self._order = itertools.count()  # tie-breaker for the priority order
+        self._serials = itertools.count(1)  # Request.serial
         self._order_key: dict[str, tuple] = {}
         self.num_preemptions = 0
 
@@ -98,6 +100,7 @@ class Scheduler:
                 raise ValueError("this worker does not prefill for others (start it with --role prefill or both)")
             self.connector.expect(request.remote_decode_lease)
         request.queued_time = time.monotonic()
+        request.serial = next(self._serials)
         self.requests[request.request_id] = request
         self._order_key[request.request_id] = self._policy_key(request)
         self._enqueue_waiting(request)
@@ -193,8 +196,9 @@ class Scheduler:
     def _schedule_waiting(self, scheduled: dict[str, int], budget: int) -> None:
         prefilling_parents = {r.parent_id for r in self.running
                               if r.parent_id and self._computes_shared_prompt(r)
-                              and r.num_computed_tokens + r.num_in_flight_tokens + scheduled.get(r.request_id, 0)
-                              < r.num_prompt_tokens}
+                              and r.num_computed_tokens + scheduled.get(r.request_id, 0) < r.num_prompt_tokens}
+        # NOTE: in-flight prompt tokens still count as prefilling: their blocks are cached only
+        # when the step is applied, and a sibling admitted before that would compute them again
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -324,6 +328,7 @@ class Scheduler:
             block_ids=self.kv.get_block_ids(req.request_id),
             sample=start + n == req.num_tokens + req.num_pending_tokens,
             num_prompt_tokens=req.num_prompt_tokens,
+            serial=req.serial,
         )
 
     # -- after the model ran -----------------------------------------------------------------------
@@ -334,14 +339,15 @@ class Scheduler:
         updated = []
         for chunk in out.chunks:
             req = self.requests.get(chunk.request_id)
-            if req is None:
-                continue  # finished (or aborted) while the step ran
+            if req is None or req.serial != chunk.serial:
+                continue  # finished (or aborted) while the step ran; perhaps its id was reused since
             if req.status != RequestStatus.RUNNING:
                 # preempted after this step was scheduled (asynchronous scheduling): its KV is gone,
                 # but a token it sampled is part of its output
-                if chunk.sample and self._take_token(req, sampled[chunk.request_id]):
-                    self.waiting.remove(req)
-                    self._finish(req, req.status)
+                if chunk.sample:
+                    if self._take_token(req, sampled[chunk.request_id]):
+                        self.waiting.remove(req)
+                        self._finish(req, req.status)
                     updated.append(req)
                 continue
             req.num_in_flight_tokens -= len(chunk.token_ids)

@@ -224,7 +224,9 @@ class ModelRunner:
         ids = self._input_ids(chunks, np.array([c.token_ids[0] for c in chunks], dtype=np.int64))
         hidden = self.decode_graphs.run(ids, torch.from_numpy(pos), torch.from_numpy(slots),
                                         [c.block_ids for c in chunks], torch.from_numpy(pos + 1))
-        return self._sample(chunks, self.model.compute_logits(hidden))  # one sampled row per decode
+        rows = [i for i, c in enumerate(chunks) if c.sample]  # a 1-token prompt chunk need not sample
+        sample_rows = None if len(rows) == len(chunks) else self._to_device(rows, torch.int64)
+        return self._sample(chunks, self.model.compute_logits(hidden), sample_rows)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> "_Batch":
         bs = self.block_size
@@ -317,11 +319,21 @@ class StepHandle:
         self._states = states
         self._result = result if result is not None else RunnerOutput()
         self._resolved = tokens is None
+        self._host, self._copied = tokens, None
+        if tokens is not None and tokens.is_cuda:
+            # queued right behind this step's sampling: resolve() waits for this step only, not
+            # for a later one launched meanwhile (asynchronous scheduling)
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def resolve(self) -> RunnerOutput:
         if not self._resolved:
             self._resolved = True
-            for (rid, row), state, token in zip(self.row_of.items(), self._states, self.tokens.tolist()):
+            if self._copied is not None:
+                self._copied.synchronize()
+            for (rid, row), state, token in zip(self.row_of.items(), self._states, self._host.tolist()):
                 state.output_token_ids.append(token)
                 self._result.sampled[rid] = token
         return self._result
