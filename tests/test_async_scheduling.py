@@ -89,7 +89,7 @@ def _generate(llm, prompts, params):
 def test_async_engine_equals_sync_engine(make_llm, engine_kw):
     sync = make_llm("llama3-gqa", **engine_kw)
     prompts = prompts_for(sync.llm_engine.vocab_size, [1, 9, 23, 40, 17], seed=4)
-    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias={7: 3.0}),  # no history
               SamplingParams(temperature=0.0, max_tokens=1),
               SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=10, n=2),  # seeded: batch-independent
               SamplingParams(temperature=0.0, max_tokens=9, repetition_penalty=1.5, min_tokens=4),  # waits for ids

@@ -21,7 +21,7 @@ from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.h2d import to_device
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
-from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs, needs_processing
+from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs, needs_history
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class ModelRunner:
             return StepHandle(result=RunnerOutput())
         # decodes first, longest context first (so decode_groups can pad each group to its own width)
         chunks = sorted(out.chunks, key=lambda c: (len(c.token_ids) != 1, -len(c.block_ids)))
-        if any(needs_processing(self.states[c.request_id]) for c in chunks if c.sample):
+        if any(needs_history(self.states[c.request_id]) for c in chunks if c.sample):
             self._last.resolve()  # penalties and min_tokens read every earlier output token
         if self._graph_step(chunks):
             handle = self._run_graph_decode(chunks)

@@ -155,7 +155,12 @@ class Sampler:
         return to_device(values, self.device, dtype)
 
 
-def needs_processing(s: SamplingState) -> bool:
+def needs_history(s: SamplingState) -> bool:
+    """The logits processing reads the request's earlier output ids (penalties, min_tokens)."""
     p = s.params
-    return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+    return bool(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
                 or len(s.output_token_ids) < p.min_tokens)
+
+
+def needs_processing(s: SamplingState) -> bool:
+    return bool(s.params.logit_bias) or needs_history(s)
