@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8's GPU checks as one device run (no GPU has been lent yet; nothing here has run on one).
 # The H200 image has torch, triton, transformers, tokenizers, safetensors, jinja2, numpy, httpx;
-# carry the rest as Python 3.12 wheels in .whl (see .library/device/README.md): msgspec at least.
+# the one package these checks need beyond it is msgspec: `bash scripts/gpu_wheels.sh` puts its Python 3.12
+# wheel in .whl (checked: with fastapi, pydantic, uvicorn, zmq and openai blocked, the engine still runs).
 #   device run:  bash scripts/gpu_check.sh [STAGE]   (carry: [".whl"]; results land in $OUT)
 # STAGE: kernels | latency | throughput | floor | all (default). One device call may run 10 minutes at most:
 # call the stages one by one when all of them would not fit (kernels ~3 min with Triton compiles,
