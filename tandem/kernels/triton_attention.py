@@ -20,15 +20,19 @@ import triton.language as tl
 @triton.jit
 def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, scale,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
-                         stride_pb, stride_ph, stride_ps, num_heads, num_splits, tokens_per_split, window,
+                         stride_pb, stride_ph, stride_ps, num_heads, num_splits, window,
                          GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_len = tl.load(seq_lens + b)
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, seq_len)
+    seq_len = tl.load(seq_lens + b).to(tl.int32)  # int32 throughout: a branch may not change a type
+    first = 0  # the first visible position
     if window > 0:
-        lo = tl.maximum(lo, seq_len - window)
+        first = tl.maximum(seq_len - window, 0)
+    # NOTE: splits divide this sequence's visible span (not the table's width), so a short context
+    # in a wide table still spreads over every split; the grid stays fixed for CUDA graphs
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), TILE) * TILE
+    lo = first + split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, seq_len)
     heads = kvh * GROUP + tl.arange(0, GROUP_P2)
     head_ok = tl.arange(0, GROUP_P2) < GROUP
     d = tl.arange(0, D_P2)
@@ -100,8 +104,8 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                            max_context: int | None = None) -> torch.Tensor:
     """query [B, heads, head_dim]; block_tables [B, max_blocks]; seq_lens [B] (context incl. the
     query token) -> [B, heads, head_dim]. A sequence of length 0 attends to nothing: zeros.
-    ``max_context`` (default: the block table's width in tokens) bounds the split sizes without a
-    device-to-host read of ``seq_lens``."""
+    ``max_context`` (default: the block table's width in tokens) sets the number of splits
+    without a device-to-host read of ``seq_lens``; each sequence divides its own context among them."""
     b, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(query)
@@ -111,7 +115,6 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     max_context = max_context or block_tables.shape[1] * block_size
     num_splits = num_splits or default_num_splits(b, max_context, num_kv_heads)
     tile = min(64, _pow2(block_size, 16))
-    tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), tile) * tile
     d_p2 = _pow2(head_dim, 16)
     part_out = torch.empty(b, num_heads, num_splits, d_p2, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(b, num_heads, num_splits, dtype=torch.float32, device=query.device)
@@ -119,7 +122,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     _decode_split_kernel[(b, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), num_heads, num_splits, tokens_per_split,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), num_heads, num_splits,
         sliding_window or 0, GROUP=group, GROUP_P2=_pow2(group), HEAD_DIM=head_dim, D_P2=d_p2,
         BLOCK_SIZE=block_size, TILE=tile)
     _decode_reduce_kernel[(b, num_heads)](
@@ -135,11 +138,11 @@ def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr):
     seq, h, m_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(query_start + seq)
-    q_len = tl.load(query_start + seq + 1) - q_start
+    q_start = tl.load(query_start + seq).to(tl.int32)  # int32 whatever the index dtype: see `lo`
+    q_len = tl.load(query_start + seq + 1).to(tl.int32) - q_start
     if m_block * BLOCK_M >= q_len:
         return
-    ctx = tl.load(context_lens + seq)
+    ctx = tl.load(context_lens + seq).to(tl.int32)
     prefix = ctx - q_len  # cached tokens before this chunk
     kvh = h // GROUP
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)

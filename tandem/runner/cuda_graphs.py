@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tandem.model.attention import AttentionMetadata
+from tandem.runner.h2d import copy_into
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +83,17 @@ class DecodeGraphs:
         n = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= n)
         self.steps += 1
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slots[:n].copy_(slots, non_blocking=True)
-        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        copy_into(self.input_ids[:n], input_ids)
+        copy_into(self.positions[:n], positions)
+        copy_into(self.slots[:n], slots)
+        copy_into(self.seq_lens[:n], seq_lens)
         # NOTE: only this batch's width is written: a kernel reads a row's table only below its
         # context length, so entries past it (left by an earlier, longer sequence) are never read
         width = max(len(t) for t in tables)
         padded = np.zeros((n, width), dtype=np.int64)
         for i, table in enumerate(tables):
             padded[i, :len(table)] = table
-        self.tables[:n, :width].copy_(torch.from_numpy(padded), non_blocking=True)
+        copy_into(self.tables[:n, :width], torch.from_numpy(padded))
         # NOTE: padding rows attend to nothing (length 0) and write their KV to the scratch block
         self.input_ids[n:bs].zero_()
         self.positions[n:bs].zero_()

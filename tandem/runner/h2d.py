@@ -18,3 +18,11 @@ def to_device(values: np.ndarray | list, device: torch.device, dtype: torch.dtyp
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` without a host sync: a host source bound for a CUDA tensor is staged
+    in pinned memory first (a pageable non-blocking copy would make the CPU wait)."""
+    if dst.is_cuda and not src.is_cuda:
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)

@@ -1,0 +1,113 @@
+"""Every Triton kernel compiles for Hopper (sm_90) with the argument types a GPU run gives it.
+
+The interpreter (how CI runs the kernels) does not type-check: a kernel can pass every CPU test
+and still fail to compile on the GPU. So this test records each kernel launch of a bf16 model on
+the Triton backend (prefill, decode with and without the padded graph path, sliding window,
+sampling with top-k/top-p) plus the attention wrappers at head_dim 128, maps the arguments to
+Triton's signature types, and compiles each distinct launch for sm_90 in a subprocess without the
+interpreter (Triton ships ptxas, so no GPU is needed)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tandem import SamplingParams
+from tandem.kernels import triton_attention as tri
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+          torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def _signature(fn, args: tuple, kwargs: dict) -> tuple[str, str, dict, dict]:
+    params = inspect.signature(fn).parameters
+    bound = dict(zip(params, args)) | kwargs
+    types, consts = {}, {}
+    for name, param in params.items():
+        value = bound.get(name, param.default)
+        if "constexpr" in str(param.annotation) or value is None:
+            consts[name] = value
+        elif isinstance(value, torch.Tensor):
+            types[name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            types[name] = "i1"
+        elif isinstance(value, int):
+            types[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            types[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}.{name}: cannot type {type(value).__name__}")
+    return fn.__module__, fn.__name__, types, consts
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The distinct (module, kernel, types, constexprs) launched while the fixture is live."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: dict[str, tuple] = {}
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        sig = _signature(self.fn, args, kwargs)
+        seen.setdefault(json.dumps(sig, sort_keys=True, default=str), sig)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return seen
+
+
+_COMPILE = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+failed = []
+for module, name, types, consts in json.loads(sys.stdin.read()):
+    fn = getattr(importlib.import_module(module), name)
+    sig = {a: types.get(a, "constexpr") for a in fn.arg_names}
+    try:
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+    except Exception as e:  # noqa: BLE001 - report every kernel that fails, not only the first
+        failed.append(f"{name} {types} {consts}: {type(e).__name__}: {str(e)[-800:]}")
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def _compile_for_sm90(launches: dict) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(list(launches.values())), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on a random bf16 model
+def test_every_kernel_compiles_for_hopper_as_a_gpu_run_launches_it(make_llm, launches):
+    pytest.importorskip("triton.backends.nvidia")
+    for graphs in (None, [1, 2, 4]):
+        llm = make_llm("llama3-gqa", attention_backend="triton", dtype="bfloat16", cuda_graph_sizes=graphs)
+        prompts = [{"prompt_token_ids": [(i * 37 + j) % 400 + 3 for j in range(n)]} for i, n in enumerate((3, 21))]
+        llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                               SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=3,
+                                              ignore_eos=True)], use_tqdm=False)
+    # the 8B shape's attention: head_dim 128, 4 query heads per KV head, block 16, int64 lengths
+    # as the runner passes them, with and without a sliding window
+    k, v = (torch.randn(8, 16, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+    tables = torch.arange(8, dtype=torch.int64).view(2, 4)
+    for window in (None, 7):
+        tri.paged_decode_attention(torch.randn(2, 8, 128, dtype=torch.bfloat16), k, v, tables,
+                                   torch.tensor([40, 9]), 0.088, sliding_window=window)
+        tri.paged_prefill_attention_varlen(torch.randn(12, 8, 128, dtype=torch.bfloat16), k, v, tables,
+                                           torch.tensor([0, 5, 12], dtype=torch.int32),
+                                           torch.tensor([30, 7], dtype=torch.int32), 0.088, sliding_window=window)
+    names = {sig[1] for sig in launches.values()}
+    assert {"_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_rope_kv_kernel",
+            "_rms_norm_kernel", "_silu_and_mul_kernel", "_sample_kernel"} <= names, names
+    _compile_for_sm90(launches)
