@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# NOTE: values that change from step to step (table width, split count, window) are not
+# specialized on (Triton compiles a variant for 1 and for multiples of 16): no compile mid-run
+@triton.jit(do_not_specialize=["stride_bt", "num_splits", "window"])
 def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, scale,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
                          stride_pb, stride_ph, stride_ps, num_heads, num_splits, window,
@@ -70,7 +72,7 @@ def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, sc
     tl.store(part_lse + (b * num_heads + heads) * num_splits + split, lse, mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(part_out, part_lse, Out, num_splits, stride_pb, stride_ph, stride_ps,
                           stride_ob, stride_oh, num_heads, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                           SPLITS_P2: tl.constexpr):
@@ -140,7 +142,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "window"])
 def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
                     window, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
