@@ -25,7 +25,10 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
 
-def _signature(fn, args: tuple, kwargs: dict) -> tuple[str, str, dict, dict]:
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def _signature(fn, args: tuple, kwargs: dict) -> tuple[str, str, dict, dict, dict]:
     params = inspect.signature(fn).parameters
     bound = dict(zip(params, args)) | kwargs
     types, consts = {}, {}
@@ -43,7 +46,8 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[str, str, dict, dict]:
             types[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}.{name}: cannot type {type(value).__name__}")
-    return fn.__module__, fn.__name__, types, consts
+    options = {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}
+    return fn.__module__, fn.__name__, types, consts, options
 
 
 @pytest.fixture
@@ -69,11 +73,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 failed = []
-for module, name, types, consts in json.loads(sys.stdin.read()):
+for module, name, types, consts, options in json.loads(sys.stdin.read()):
     fn = getattr(importlib.import_module(module), name)
     sig = {a: types.get(a, "constexpr") for a in fn.arg_names}
     try:
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001 - report every kernel that fails, not only the first
         failed.append(f"{name} {types} {consts}: {type(e).__name__}: {str(e)[-800:]}")
 print("\\n".join(failed))

@@ -212,7 +212,9 @@ def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     block_m = 16 if max_query_len <= 16 else 32 if max_query_len <= 32 else 64
-    block_n = max(16, min(64, _pow2(block_size)))
+    # NOTE: at head_dim 128 in bf16 for sm_90, 8 warps and these key tiles compile to 162-192
+    # registers without spills (4 warps and 16-key tiles: 250); K/V tiles may span cache blocks
+    block_n = 64 if block_m == 64 and head_dim <= 128 else 32
     q = query.contiguous()
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefill_kernel[grid](
@@ -220,5 +222,5 @@ def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), sliding_window or 0, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         D_P2=_pow2(head_dim, 16), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=_precision(query.dtype))
+        PRECISION=_precision(query.dtype), num_warps=8)
     return out
