@@ -1,9 +1,10 @@
 """Sampling one token per row from processed logits: temperature, min-p, top-k, top-p, then an
 exponential race. A torch reference and a Triton kernel with the same signature.
 
-The kernel needs no sort and no host sync: it finds each cut-off by bisection over the float32
-bit pattern (a monotone int key), one pass over the row per probe, so a row costs about 70 passes
-over its logits whatever its vocabulary.
+The kernel needs no sort and no host sync: it finds each cut-off by a search over the float32
+bit pattern (a monotone int key) that probes PROBES thresholds per pass over the row (16: about
+four bits per pass), so top-k and top-p together cost about 20 passes over a row, not the ~56 of
+a bisection.
 
 Semantics (both implementations; they agree except where float sums differ in the last bit):
 - ``temperature[r] == 0``: greedy, the first index of the largest logit.
@@ -64,7 +65,15 @@ def _key(x):
 
 
 @triton.jit
-def _sample_kernel(L, U, TEMP, TOPK, TOPP, MINP, OUT, V, stride_l, stride_u, BLOCK: tl.constexpr):
+def _probes(lo, hi, PROBES: tl.constexpr):
+    """PROBES thresholds splitting the integer range (lo, hi) into PROBES + 1 parts, increasing."""
+    j = tl.arange(0, PROBES).to(tl.int64) + 1
+    return lo + ((hi - lo) * j) // (PROBES + 1)
+
+
+@triton.jit
+def _sample_kernel(L, U, TEMP, TOPK, TOPP, MINP, OUT, V, stride_l, stride_u, BLOCK: tl.constexpr,
+                   PROBES: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     temp = tl.load(TEMP + row)
@@ -87,7 +96,8 @@ def _sample_kernel(L, U, TEMP, TOPK, TOPP, MINP, OUT, V, stride_l, stride_u, BLO
         lo_key = tl.minimum(lo_key, tl.min(tl.where(start + cols < V, _key(x * inv_t), 0x7FFFFFFF), axis=0))
     z_max = best * inv_t
     max_key = _key(z_max)
-    # the lower cut: min-p and top-k (largest key t with count(key >= t) >= k), bisected
+    # the lower cut: min-p and top-k (largest key t with count(key >= t) >= k); invariant:
+    # count(key >= lo) >= k > count(key >= hi), the range shrinking PROBES + 1 fold per pass
     cut = tl.full((), -0x7FFFFFFF - 2, tl.int64)
     if min_p > 0:
         cut = _key(z_max + tl.log(min_p))
@@ -95,15 +105,14 @@ def _sample_kernel(L, U, TEMP, TOPK, TOPP, MINP, OUT, V, stride_l, stride_u, BLO
         lo = lo_key
         hi = max_key + 1
         while hi - lo > 1:
-            mid = (lo + hi) // 2
-            count = 0
+            t = _probes(lo, hi, PROBES)
+            count = tl.zeros([PROBES], tl.int64)
             for start in range(0, V, BLOCK):
-                x = tl.load(lrow + start + cols, mask=start + cols < V, other=-float("inf"))
-                count += tl.sum(((_key(x * inv_t) >= mid) & (start + cols < V)).to(tl.int32), axis=0)
-            if count >= k:
-                lo = mid
-            else:
-                hi = mid
+                ok = start + cols < V
+                key = _key(tl.load(lrow + start + cols, mask=ok, other=-float("inf")) * inv_t)
+                count += tl.sum(((key[None, :] >= t[:, None]) & ok[None, :]).to(tl.int64), axis=1)
+            lo = tl.maximum(lo, tl.max(tl.where(count >= k, t, lo), axis=0))
+            hi = tl.minimum(hi, tl.min(tl.where(count < k, t, hi), axis=0))
         cut = tl.maximum(cut, lo)
     cut = tl.minimum(cut, max_key)  # the largest logit always survives
     # top-p: the smallest t with mass(key > t) < p x mass(key >= cut), bisected over [cut - 1, max]
@@ -112,18 +121,19 @@ def _sample_kernel(L, U, TEMP, TOPK, TOPP, MINP, OUT, V, stride_l, stride_u, BLO
         for start in range(0, V, BLOCK):
             z = tl.load(lrow + start + cols, mask=start + cols < V, other=-float("inf")) * inv_t
             total += tl.sum(tl.where(_key(z) >= cut, tl.exp(z - z_max), 0.0), axis=0)
+        # invariant: mass(key > lo) >= p x total > mass(key > hi)
         lo = cut - 1
         hi = max_key
         while hi - lo > 1:
-            mid = (lo + hi) // 2
-            mass = 0.0
+            t = _probes(lo, hi, PROBES)
+            mass = tl.zeros([PROBES], tl.float32)
             for start in range(0, V, BLOCK):
                 z = tl.load(lrow + start + cols, mask=start + cols < V, other=-float("inf")) * inv_t
-                mass += tl.sum(tl.where(_key(z) > mid, tl.exp(z - z_max), 0.0), axis=0)
-            if mass < top_p * total:
-                hi = mid
-            else:
-                lo = mid
+                w = tl.exp(z - z_max)
+                mass += tl.sum(tl.where(_key(z)[None, :] > t[:, None], w[None, :], 0.0), axis=1)
+            below = mass < top_p * total
+            hi = tl.minimum(hi, tl.min(tl.where(below, t, hi), axis=0))
+            lo = tl.maximum(lo, tl.max(tl.where(below, lo, t), axis=0))
         cut = tl.maximum(cut, hi)
     # the race among survivors
     urow = U + row * stride_u
@@ -149,7 +159,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         assert logits.stride(1) == 1 and noise.stride(1) == 1 and logits.dtype == torch.float32
-        block = min(4096, triton.next_power_of_2(vocab))
+        block = min(512, triton.next_power_of_2(vocab))  # x PROBES compares per chunk: 128 registers on sm_90
         _sample_kernel[(rows,)](logits, noise, temperature, top_k, top_p, min_p, out, vocab, logits.stride(0),
-                                noise.stride(0), BLOCK=block)
+                                noise.stride(0), BLOCK=block, PROBES=16, num_warps=8)
     return out
