@@ -683,3 +683,130 @@ def test_blocks_stream_while_the_prefill_runs(model_dir, cores, abort):
         wait_idle(prefill, decode)
     finally:
         prefill.close()
+
+
+# -- review findings: each of these hung, leaked or failed before its fix ---------------------------------
+def _small_decode_core(model_dir, mem: str = "32KiB", **kv) -> EngineCore:
+    """A decode worker with a tiny cache (32 KiB: 4 blocks of 16 tokens)."""
+    transfer = KVTransferConfig(role="decode", secret=SECRET, lease_s=5.0, transfer_timeout_s=2.0, **kv)
+    config = EngineConfig(ModelConfig(str(model_dir)), CacheConfig(block_size=16, kv_cache_memory=mem),
+                          SchedulerConfig(max_num_batched_tokens=256), kv_transfer=transfer)
+    return EngineCore(config)
+
+
+def test_loads_that_fill_the_decode_cache_do_not_deadlock(model_dir, cores):
+    """Two 33-token prompts on a 4-block decode worker: each load holds the blocks of its whole
+    prompt, so a loaded request is admitted without asking for one more block."""
+    prefill, _, single = cores
+    decode = _small_decode_core(model_dir, transport="tcp")
+    try:
+        prompts = [prompt_of(33, 900 + i) for i in range(2)]
+        for i, p in enumerate(prompts):
+            decode.add_request(decode_request(f"dl{i}", p, prefill_ticket(prefill, f"pl{i}", p), 4))
+        outs = run_until([prefill, decode], finished("dl0", "dl1"), timeout_s=20)
+        assert [tokens(outs, f"dl{i}") for i in range(2)] == [single_output(single, p, 4) for p in prompts]
+        wait_idle(prefill, decode)
+    finally:
+        decode.close()
+
+
+def test_a_ticket_redeemed_twice_on_one_worker_is_refused(cores):
+    prefill, decode, single = cores
+    prompt = prompt_of(120, 55)
+    ticket = prefill_ticket(prefill, "p-dup", prompt)
+    decode.add_request(decode_request("d-dup1", prompt, ticket, 4))
+    with pytest.raises(ValueError, match="already being redeemed"):
+        decode.add_request(decode_request("d-dup2", prompt, ticket, 4))
+    outs = run_until([prefill, decode], finished("d-dup1"))
+    assert tokens(outs, "d-dup1") == single_output(single, prompt, 4)
+    wait_idle(prefill, decode)
+
+
+def test_a_reused_request_id_releases_its_own_ticket(model_dir, cores):
+    """Abort r while it loads, add a new r with another ticket, abort that one while queued: the
+    second ticket is released too (it was skipped as if it were the orphaned load's)."""
+    prefill, decode, _ = cores
+    prompt = prompt_of(120, 77)
+    decode.add_request(decode_request("r-reuse", prompt, prefill_ticket(prefill, "p-reuse1", prompt), 4))
+    decode.step()
+    assert "r-reuse" in decode.scheduler.loading
+    decode.finish_requests(["r-reuse"])
+    decode.add_request(decode_request("r-reuse", prompt, prefill_ticket(prefill, "p-reuse2", prompt), 4))
+    decode.finish_requests(["r-reuse"])
+    expired = prefill.connector.sender.stats.leases_expired
+    wait_idle(prefill, decode, timeout_s=4)  # a lease kept alive by heartbeats never gets here
+    assert prefill.connector.sender.stats.leases_expired == expired
+
+
+def test_a_shared_memory_grant_after_a_long_park_is_accepted(model_dir):
+    """The pull waited on the prefill worker longer than a lease before the prefill ran: the grant
+    counts its validity from when it was sent, not from when the pull was."""
+    prefill, decode = make_core(model_dir, "prefill", lease_s=1.0), make_core(model_dir, "decode")
+    try:
+        lid, prompt = "9" * 32, prompt_of(70, 321)
+        decode.add_request(decode_request("cd-park", prompt, pending_params(prefill, lid, prompt), 5))
+        step_for([decode, prefill], 1.5)
+        prefill.add_request(prefill_leg("cp-park", prompt, lid))
+        outs = run_until([prefill, decode], finished("cd-park", "cp-park"))
+        assert outs["cd-park"][-1].finish_reason == "length", outs["cd-park"][-1].error
+        assert decode.connector.stats.loads_shm >= 1
+        wait_idle(prefill, decode)
+    finally:
+        for core in (prefill, decode):
+            core.close()
+
+
+def test_the_receiver_never_blocks_on_a_peer_that_does_not_read(model_dir):
+    """Messages to an endpoint nobody serves fill its queue; the receiver drops the rest instead
+    of blocking its thread (which would stop every load on the worker)."""
+    from tandem.kv_transfer.wire import Release
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    core = make_core(model_dir, "decode", transport="tcp")
+    try:
+        receiver = core.connector.receiver
+        receiver._stopped = True  # noqa: SLF001 - its thread owns the sockets: stop it, then act as it
+        receiver._thread.join(2)  # noqa: SLF001
+        sent = [receiver._send(dead, Release(f"{i:032x}")) for i in range(1500)]  # noqa: SLF001
+        assert sent[0] and not sent[-1]
+    finally:
+        core.close()
+
+
+def test_a_release_does_not_free_blocks_another_shared_memory_reader_still_copies(model_dir, cores):
+    """The same ticket redeemed on two decode workers on this host (a replay): the first one's
+    release must not free the blocks while the second still holds a grant to copy them."""
+    single = cores[2]
+    prefill = make_core(model_dir, "prefill")
+    first, second = make_core(model_dir, "decode"), make_core(model_dir, "decode")
+    try:
+        prompt = prompt_of(40, 31)
+        ticket = prefill_ticket(prefill, "p-two", prompt)
+        gate, entered = threading.Event(), threading.Event()
+        receiver = second.connector.receiver
+        read = receiver._read_shm  # noqa: SLF001
+
+        def late_read(load, grant):  # the second reader starts copying late
+            entered.set()
+            gate.wait(10)
+            return read(load, grant)
+
+        receiver._read_shm = late_read  # noqa: SLF001
+        second.add_request(decode_request("d-late", prompt, ticket, 6))
+        second.step()
+        assert entered.wait(5)
+        first.add_request(decode_request("d-first", prompt, ticket, 6))
+        outs = run_until([prefill, first], finished("d-first"))
+        step_for([prefill], 0.2)
+        assert prefill.connector.num_leases == 1  # released by one reader, still granted to the other
+        gate.set()
+        outs |= run_until([prefill, second], finished("d-late"))
+        want = single_output(single, prompt, 6)
+        assert tokens(outs, "d-first") == want and tokens(outs, "d-late") == want
+        wait_idle(prefill, first, second)
+    finally:
+        gate.set()
+        for core in (prefill, first, second):
+            core.close()

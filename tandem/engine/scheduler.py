@@ -74,7 +74,7 @@ class Scheduler:
         self.connector = connector  # tandem.kv_transfer.connector.KVConnector, or None
         self.loading: dict[str, Request] = {}  # pulling their prompt's KV from a prefill worker
         self.held: dict[str, list[KVCacheBlock]] = {}  # lease id -> blocks of a finished prefill
-        self._orphans: dict[str, list[KVCacheBlock]] = {}  # aborted while loading: freed on its result
+        self._orphans: dict[str, list[KVCacheBlock]] = {}  # _load_key -> blocks of an aborted load, freed on its result
         self.kv = kv
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -94,6 +94,9 @@ class Scheduler:
         if request.remote_ticket is not None:
             if self.connector is None or self.connector.receiver is None:
                 raise ValueError("this worker does not accept remote KV (start it with --role decode or both)")
+            lease_id = request.remote_ticket.lease_id
+            if any(r.remote_ticket is not None and r.remote_ticket.lease_id == lease_id for r in self.requests.values()):
+                raise ValueError("this KV ticket is already being redeemed on this worker")
             self.connector.watch(request.remote_ticket)
         if request.remote_decode_lease:
             if self.connector is None:
@@ -119,8 +122,9 @@ class Scheduler:
             elif req in self.waiting:
                 self.waiting.remove(req)
             elif self.loading.pop(rid, None) is not None:
-                self._orphans[rid] = self.kv.detach(req)
-                self.connector.cancel(rid)
+                self._orphans[_load_key(req)] = self.kv.detach(req)
+                self.connector.cancel(_load_key(req))  # the receiver releases the lease
+                req.remote_ticket = None
             req.stop_reason = stop_reason
             self._finish(req, status)
             done.append(req)
@@ -250,7 +254,9 @@ class Scheduler:
             self.connector.stats.local_skips += 1
             req.remote_ticket = None
             return False
-        if not self.kv.allocate_slots(req, num_load - num_hit, hits):
+        # NOTE: blocks for the whole prompt (its last token too): a loaded request then needs no
+        # new block to be admitted, so loads waiting with their blocks cannot starve each other
+        if not self.kv.allocate_slots(req, req.num_prompt_tokens - num_hit, hits):
             return None
         req.num_computed_tokens = num_hit
         req.num_cached_tokens = num_hit
@@ -260,7 +266,7 @@ class Scheduler:
         remote = list(range(first, last)) if ticket.pending else ticket.block_ids[first:last]  # pending: indices
         req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         self.loading[req.request_id] = req
-        self.connector.start_load(req.request_id, ticket, remote, local)
+        self.connector.start_load(_load_key(req), ticket, remote, local)
         return True
 
     def update_transfers(self) -> list[Request]:
@@ -276,9 +282,10 @@ class Scheduler:
             if orphan is not None:
                 self.kv.free_blocks(orphan)
                 continue
-            req = self.loading.pop(result.request_id, None)
-            if req is None:
+            req = self.loading.get(result.request_id.rpartition("#")[0])
+            if req is None or _load_key(req) != result.request_id:
                 continue
+            del self.loading[req.request_id]
             req.remote_ticket = None
             if result.ok:
                 req.num_computed_tokens = req.kv_load_tokens
@@ -415,7 +422,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
-        if req.remote_ticket is not None and req.request_id not in self._orphans:
+        if req.remote_ticket is not None:
             self.connector.release(req.remote_ticket)  # never loaded: the prefill side may free now
         if req.do_remote_decode and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self._hold_for_decode(req)
@@ -442,3 +449,9 @@ class Scheduler:
             return
         self.held[ticket.lease_id] = blocks
         req.kv_transfer_params = msgspec.to_builtins(ticket)
+
+
+def _load_key(req: Request) -> str:
+    """Names one KV load in the connector and in ``_orphans``: a request id may be reused while
+    an aborted load of the earlier request is still winding down."""
+    return f"{req.request_id}#{req.serial}"

@@ -89,8 +89,8 @@ class KVReceiver:
         self._command(("watch", ticket))
 
     def load(self, request_id: str, ticket: Ticket, remote_block_ids: list[int], local_block_ids: list[int]) -> None:
-        self._command(("load", _Load(request_id, ticket, remote_block_ids,
-                                          torch.tensor(local_block_ids, dtype=torch.int64))))
+        index = torch.tensor(local_block_ids, dtype=torch.int64, device=self.kv_caches[0][0].device)
+        self._command(("load", _Load(request_id, ticket, remote_block_ids, index)))
 
     def cancel(self, request_id: str) -> None:
         self._command(("cancel", request_id))
@@ -121,14 +121,17 @@ class KVReceiver:
     # -- receiver thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped:
-            self._drain_commands()
-            for sock, _ in self._poller.poll(_POLL_MS):
-                if sock is self._bell.socket:
-                    self._bell.clear()
-                    continue
-                self._on_message(sock.recv_multipart(copy=False))
-            self._heartbeat()
-            self._expire_stalled()
+            try:
+                self._drain_commands()
+                for sock, _ in self._poller.poll(_POLL_MS):
+                    if sock is self._bell.socket:
+                        self._bell.clear()
+                        continue
+                    self._on_message(sock.recv_multipart(copy=False))
+                self._heartbeat()
+                self._expire_stalled()
+            except Exception:  # noqa: BLE001 - the thread must outlive one bad message or load
+                logger.exception("KV receiver step failed")
 
     def _sock(self, endpoint: str) -> zmq.Socket:
         sock = self._socks.get(endpoint)
@@ -141,8 +144,15 @@ class KVReceiver:
             self._socks[endpoint] = sock
         return sock
 
-    def _send(self, endpoint: str, msg) -> None:
-        self._sock(endpoint).send_multipart(self.codec.encode(msg))
+    def _send(self, endpoint: str, msg) -> bool:
+        """Never blocks: a peer that stopped reading (or never connected) fills its queue
+        (SNDHWM) and further messages to it are dropped; its loads then time out."""
+        try:
+            self._sock(endpoint).send_multipart(self.codec.encode(msg), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            logger.warning("KV receiver: %s is not reading; dropped %s", endpoint, type(msg).__name__)
+            return False
 
     def _drain_commands(self) -> None:
         while True:
@@ -154,7 +164,11 @@ class KVReceiver:
                 self._watched[arg.lease_id] = arg
                 self._sock(arg.engine)
             elif verb == "load":
-                self._start(arg)
+                try:
+                    self._start(arg)
+                except Exception as e:  # noqa: BLE001 - fail this load, not the receiver
+                    logger.exception("KV load %s failed to start", arg.request_id)
+                    self._finish(arg, LoadResult(arg.request_id, False, "internal", str(e)))
             elif verb == "cancel":
                 for load in [x for x in self._loads.values() if x.request_id == arg]:
                     self._finish(load, LoadResult(arg, False, "cancelled", "request aborted during the transfer"))
@@ -193,6 +207,13 @@ class KVReceiver:
         if load is None:
             return  # a load we already gave up on
         load.last_progress = time.monotonic()
+        try:
+            self._apply(load, msg, payload)
+        except Exception as e:  # noqa: BLE001 - fail this load, not the receiver
+            logger.exception("KV load %s failed", load.request_id)
+            self._finish(load, LoadResult(load.request_id, False, "internal", str(e)))
+
+    def _apply(self, load: _Load, msg, payload: list) -> None:
         if isinstance(msg, LayerData):
             self._write_layer(load, msg, payload)
         elif isinstance(msg, ShmGrant):
@@ -243,7 +264,9 @@ class KVReceiver:
         for layer, caches in enumerate(self.kv_caches):
             for half, cache in enumerate(caches):
                 cache.index_copy_(0, load.local_index, remote[2 * layer + half].index_select(0, index).to(cache.device))
-        if time.monotonic() >= load.pull_sent + grant.valid_s:  # see the lease invariant in shm.py
+        # see the lease invariant in shm.py; held_s: how long the sender held the pull (parked
+        # until its prefill ended) before granting, so the bound still starts before the grant
+        if time.monotonic() >= load.pull_sent + grant.held_s + grant.valid_s:
             self._finish(load, LoadResult(load.request_id, False, "lease_expired", "copy outlived the lease"))
             return
         num_bytes = 2 * len(self.kv_caches) * len(index) * self._block_bytes

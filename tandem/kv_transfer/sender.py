@@ -54,9 +54,16 @@ class Lease:
     deadline: float
     prompt: str = ""  # hash of the prompt whose KV the blocks hold
     released: bool = False
+    # shared-memory readers (ROUTER identity) -> until when their grant lets them read the blocks:
+    # a Release from one reader must not free blocks another reader is still copying
+    grants: dict[bytes, float] = field(default_factory=dict)
 
     def live(self, now: float) -> bool:
         return not self.released and now < self.deadline
+
+    def ended(self, now: float) -> bool:
+        """No reader may touch the blocks any more: they may be freed."""
+        return not self.live(now) and all(until <= now for until in self.grants.values())
 
 
 @dataclass
@@ -164,7 +171,7 @@ class KVSender:
             for remembered in (self._abandoned, self._released_early):
                 for lid in [lid for lid, t in remembered.items() if now - t > FORGET_S]:
                     del remembered[lid]
-            ended = [lid for lid, lease in self._leases.items() if not lease.live(now)]
+            ended = [lid for lid, lease in self._leases.items() if lease.ended(now)]
             for lid in ended:
                 lease = self._leases.pop(lid)
                 if lease.released:
@@ -226,6 +233,7 @@ class KVSender:
                 lease = self._leases.get(msg.lease_id)
                 if lease is not None:
                     lease.released = True
+                    lease.grants.pop(ident, None)  # this reader is done; others keep their grant
                 elif msg.lease_id not in self._abandoned:  # expected, or its prefill leg not here yet
                     self._released_early[msg.lease_id] = time.monotonic()
 
@@ -239,8 +247,9 @@ class KVSender:
     def _send(self, ident: bytes, msg, payload: tuple = ()) -> None:
         self._sock.send_multipart([ident, *self.codec.encode(msg), *payload], copy=False)
 
-    def _serve_pull(self, ident: bytes, pull: Pull, skip: int = 0) -> None:
-        """Answer a pull; ``skip``: its first blocks were streamed already (send the rest)."""
+    def _serve_pull(self, ident: bytes, pull: Pull, skip: int = 0, since: float | None = None) -> None:
+        """Answer a pull; ``skip``: its first blocks were streamed already (send the rest);
+        ``since``: when a parked pull arrived."""
         if pull.pending:
             pull = self._resolve_pending(ident, pull, skip)
             if pull is None:
@@ -250,9 +259,9 @@ class KVSender:
             self._send(ident, PullError(pull.lease_id, *error))
             return
         if self._grants_shm(pull) and not skip:
-            self._grant_shm(ident, pull)
+            self._grant_shm(ident, pull, 0.0 if since is None else time.monotonic() - since)
             return
-        index = torch.tensor(pull.block_ids[skip:], dtype=torch.int64)
+        index = torch.tensor(pull.block_ids[skip:], dtype=torch.int64, device=self.kv_caches[0][0].device)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
             with self._lock:  # see the lease invariant in the module docstring
                 lease = self._leases.get(pull.lease_id)
@@ -307,14 +316,23 @@ class KVSender:
                 del self._parked[lid]
                 for w in waiters:
                     if exists:
-                        self._serve_pull(w.ident, w.pull, w.sent)
+                        self._guarded(w, lambda w=w: self._serve_pull(w.ident, w.pull, w.sent, w.since))
                     else:
                         self._send(w.ident, PullError(lid, "prefill_failed", "the prefill for this lease did not "
                                                       "finish here" if abandoned else "no such prefill arrived here"))
                 continue
             for w in waiters:
-                if not self._stream(w) and keepalive:
+                if not self._guarded(w, lambda w=w: self._stream(w)) and keepalive:
                     self._send(w.ident, PullWaiting(lid))
+
+    def _guarded(self, w: _Parked, serve) -> bool:
+        """``serve()``; an exception fails that pull (the decode side hears why), not the sender."""
+        try:
+            return bool(serve())
+        except Exception as e:  # noqa: BLE001
+            logger.exception("KV sender failed on a parked pull for %s", w.pull.lease_id)
+            self._send(w.ident, PullError(w.pull.lease_id, "internal", str(e)))
+            return True
 
     def _stream(self, w: _Parked) -> bool:
         """Send a parked TCP pull the blocks its running prefill has completed since the last
@@ -334,7 +352,8 @@ class KVSender:
                 ready += 1
             if not ready:
                 return False
-            index = torch.tensor([block_ids[i] for i in pull.block_ids[w.sent:w.sent + ready]], dtype=torch.int64)
+            index = torch.tensor([block_ids[i] for i in pull.block_ids[w.sent:w.sent + ready]], dtype=torch.int64,
+                                 device=self.kv_caches[0][0].device)
             layers = [(k.index_select(0, index).cpu(), v.index_select(0, index).cpu()) for k, v in self.kv_caches]
         for layer, (k, v) in enumerate(layers):
             self._send_layer(w.ident, pull.lease_id, layer, k, v, w.sent)
@@ -342,7 +361,7 @@ class KVSender:
         self.stats.streamed_blocks += ready
         return True
 
-    def _grant_shm(self, ident: bytes, pull: Pull) -> None:
+    def _grant_shm(self, ident: bytes, pull: Pull, held_s: float = 0.0) -> None:
         now = time.monotonic()
         with self._lock:
             lease = self._leases.get(pull.lease_id)
@@ -350,10 +369,11 @@ class KVSender:
                 self._send(ident, PullError(pull.lease_id, "lease_expired", "lease ended before the pull"))
                 return
             lease.deadline = max(lease.deadline, now + self.config.lease_s)
+            lease.grants[ident] = lease.deadline
             valid_s = lease.deadline - now
         region, k_cache = self.region, self.kv_caches[0][0]
         grant = ShmGrant(pull.lease_id, region.pid, region.fd, region.token, region.nbytes, k_cache.shape[0], valid_s,
-                         pull.block_ids)
+                         pull.block_ids, held_s)
         self._send(ident, grant)
         self.stats.pulls_served += 1
         self.stats.shm_grants += 1

@@ -64,6 +64,7 @@ class ShmGrant(msgspec.Struct, tag=True):
     num_blocks: int
     valid_s: float
     block_ids: list[int] = []  # the sender's ids of the pulled blocks, in the pull's order
+    held_s: float = 0.0  # how long the pull waited here (parked until its prefill ended) before this
 
 
 class PullWaiting(msgspec.Struct, tag=True):
