@@ -122,12 +122,15 @@ class ServerMetrics:
 
     async def observe(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """Pass a request's outputs through, timing its tokens (one ITL sample per token; a step that
-        brings several tokens spreads its gap over them, as vLLM does)."""
+        brings several tokens spreads its gap over them, as vLLM does). TTFT and end-to-end latency
+        count from the request's arrival (it is added before its stream is first read)."""
         start = last = time.monotonic()
         seen = 0
         m = self.model_name
         async for out in stream:
             now = time.monotonic()
+            if seen == 0:
+                start = last = min(start, out.metrics.get("arrival_time", start))
             tokens = sum(len(c.token_ids) for c in out.outputs)
             if tokens > seen:
                 if seen == 0:
