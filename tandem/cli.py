@@ -91,7 +91,7 @@ def _kv_transfer_config(args: argparse.Namespace):
     if not secret:
         raise ValueError(f"--role {args.role} needs $TANDEM_KV_TRANSFER_SECRET (the same on every worker)")
     return KVTransferConfig(role=args.role, host=args.kv_transfer_host, port=args.kv_transfer_port,
-                            secret=secret.encode(), lease_s=args.kv_lease_s,
+                            secret=secret.encode(), lease_s=args.kv_lease_s, max_hold_s=args.kv_lease_max_s,
                             transfer_timeout_s=args.kv_transfer_timeout_s, failure_policy=args.kv_failure_policy,
                             transport=args.kv_transport)
 
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--kv-transfer-port", type=int, default=0, help="KV sender port (0: any free port)")
     dis.add_argument("--kv-lease-s", type=float, default=10.0,
                      help="a leased prefill's blocks are freed this long after the last heartbeat")
+    dis.add_argument("--kv-lease-max-s", type=float, default=120.0,
+                     help="heartbeats stop extending a lease this long after it was issued (a decode worker "
+                          "that has not pulled by then gets lease_expired)")
     dis.add_argument("--kv-transfer-timeout-s", type=float, default=10.0,
                      help="a KV load with no data for this long fails (kind timeout)")
     dis.add_argument("--kv-failure-policy", choices=("fail", "recompute"), default="fail",

@@ -810,3 +810,24 @@ def test_a_release_does_not_free_blocks_another_shared_memory_reader_still_copie
         gate.set()
         for core in (prefill, first, second):
             core.close()
+
+
+def test_heartbeats_stop_extending_a_lease_after_its_maximum_hold(model_dir, recompute_decode):
+    """A decode worker that keeps a ticket waiting for longer than the prefill worker's maximum
+    hold loses the lease (the prefill worker's blocks are not held for ever) and, under policy
+    recompute, prefills the prompt itself."""
+    prefill = make_core(model_dir, "prefill", lease_s=0.3, max_hold_s=0.8)
+    try:
+        prompt = prompt_of(50, 6)
+        recompute_decode.add_request(decode_request("d-max", prompt, prefill_ticket(prefill, "p-max", prompt), 5))
+        deadline = time.monotonic() + 1.6  # heartbeats arrive, but the decode side never steps
+        while time.monotonic() < deadline:
+            prefill.step()
+            time.sleep(0.02)
+        assert prefill.connector.sender.stats.leases_expired == 1
+        outs = run_until([prefill, recompute_decode], finished("d-max"))
+        assert len(tokens(outs, "d-max")) == 5
+        assert recompute_decode.connector.stats.recomputed >= 1
+        wait_idle(prefill, recompute_decode)
+    finally:
+        prefill.close()

@@ -57,6 +57,7 @@ class Lease:
     # shared-memory readers (ROUTER identity) -> until when their grant lets them read the blocks:
     # a Release from one reader must not free blocks another reader is still copying
     grants: dict[bytes, float] = field(default_factory=dict)
+    issued: float = field(default_factory=time.monotonic)
 
     def live(self, now: float) -> bool:
         return not self.released and now < self.deadline
@@ -222,12 +223,13 @@ class KVSender:
         if isinstance(msg, Pull):
             self._serve_pull(ident, msg)
         elif isinstance(msg, Renew):
-            deadline = time.monotonic() + self.config.lease_s
+            now = time.monotonic()
             with self._lock:
                 for lid in msg.lease_ids:
                     lease = self._leases.get(lid)
-                    if lease is not None and lease.live(time.monotonic()):
-                        lease.deadline = deadline
+                    if lease is not None and lease.live(now):
+                        cap = lease.issued + self.config.max_hold_s  # heartbeats end here; pulls may not
+                        lease.deadline = max(lease.deadline, min(now + self.config.lease_s, cap))
         elif isinstance(msg, Release):
             with self._lock:
                 lease = self._leases.get(msg.lease_id)

@@ -34,6 +34,10 @@ class KVTransferConfig:
     transfer_timeout_s: float = 10.0  # a pull with no progress for this long fails ("timeout")
     failure_policy: str = "fail"  # fail: the request errors; recompute: decode prefills locally
     transport: str = "auto"
+    # heartbeats stop extending a lease this long after it was issued: a decode worker too busy to
+    # pull for minutes must not hold the prefill worker's blocks for ever (its pull then fails
+    # lease_expired, and the failure policy decides)
+    max_hold_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -44,8 +48,8 @@ class KVTransferConfig:
             raise ValueError(f"kv transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if len(self.secret) < 16:
             raise ValueError("the KV transfer secret must be at least 16 bytes ($TANDEM_KV_TRANSFER_SECRET)")
-        if self.lease_s <= 0 or self.transfer_timeout_s <= 0:
-            raise ValueError("lease_s and transfer_timeout_s must be positive")
+        if self.lease_s <= 0 or self.transfer_timeout_s <= 0 or self.max_hold_s <= 0:
+            raise ValueError("lease_s, transfer_timeout_s and max_hold_s must be positive")
 
     @property
     def sends(self) -> bool:
