@@ -151,3 +151,15 @@ def test_random_workload_keeps_invariants():
         if rng.random() < 0.1 and s.running:
             s.finish_requests([rng.choice(s.running).request_id], RequestStatus.FINISHED_ABORTED)
     run_to_completion(s)
+
+
+def test_a_request_waiting_for_blocks_is_counted_once_in_the_prefix_cache_statistics():
+    s = make_sched(num_blocks=6, block_size=4, budget=64, max_seqs=4)
+    s.add_request(make_req("big", 20, max_tokens=3))  # 5 of the 6 blocks, then 6 while decoding
+    s.add_request(make_req("next", 8, max_tokens=2, first_token=100))  # must wait for big to finish
+    for _ in range(3):
+        fake_step(s)
+    assert s.requests["next"].status == RequestStatus.WAITING  # asked for its prefix every step
+    while s.has_unfinished_requests():
+        fake_step(s)
+    assert s.kv.stats.requests == 2 and s.kv.stats.queries == 20 + 8

@@ -66,7 +66,8 @@ class KVCacheManager:
                 break
             hits.append(block)
         num_hit_tokens = len(hits) * bs
-        if request.num_preemptions == 0:  # count each prompt once, as vLLM does
+        if not request.prefix_queried:  # count each prompt once (not again while it waits, nor on resume)
+            request.prefix_queried = True
             self.stats.requests += 1
             self.stats.queries += request.num_tokens
             self.stats.hits += num_hit_tokens

@@ -82,6 +82,7 @@ class Request:
         self.num_in_flight_tokens = 0  # scheduled, not yet applied by update_from_output
         self.num_pending_tokens = 0  # sampled by steps in flight, values unknown
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
+        self.prefix_queried = False  # counted in the prefix-cache statistics
         self.num_preemptions = 0
         self.serial = 0  # set by the scheduler on add: unique per scheduler, unlike a reusable request_id
         # Disaggregation. Decode side: a verified Ticket for the prompt's KV on a prefill worker,
