@@ -97,7 +97,7 @@ class Request:
         self.error: str | None = None  # why a FINISHED_ERROR request failed
         # Chained block hashes of this request's full blocks, extended as tokens arrive.
         self.block_hashes: list[bytes] = []
-        # Phases on the core's monotonic clock: queued (added), scheduled (first admitted to run;
+        # Phases on the core's monotonic clock: queued (created in the core), scheduled (first admitted to run;
         # a disaggregated decode leg's KV load counts as queueing), first token.
         self.queued_time = time.monotonic()
         self.scheduled_time: float | None = None

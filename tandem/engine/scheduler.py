@@ -102,7 +102,6 @@ class Scheduler:
             if self.connector is None:
                 raise ValueError("this worker does not prefill for others (start it with --role prefill or both)")
             self.connector.expect(request.remote_decode_lease)
-        request.queued_time = time.monotonic()
         request.serial = next(self._serials)
         self.requests[request.request_id] = request
         self._order_key[request.request_id] = self._policy_key(request)

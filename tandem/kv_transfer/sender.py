@@ -91,6 +91,7 @@ class KVSender:
     def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, ctx: zmq.Context,
                  region: SharedKVRegion | None = None) -> None:
         self.config, self.kv_caches, self.compat = config, kv_caches, compat
+        self.device = kv_caches[0][0].device  # block indices go where the cache is
         self.region = region if config.transport == "auto" else None  # the caches are views of it
         self.codec = WireCodec(config.secret, ToSender)
         self.stats = SenderStats()
@@ -263,7 +264,7 @@ class KVSender:
         if self._grants_shm(pull) and not skip:
             self._grant_shm(ident, pull, 0.0 if since is None else time.monotonic() - since)
             return
-        index = torch.tensor(pull.block_ids[skip:], dtype=torch.int64, device=self.kv_caches[0][0].device)
+        index = torch.tensor(pull.block_ids[skip:], dtype=torch.int64, device=self.device)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
             with self._lock:  # see the lease invariant in the module docstring
                 lease = self._leases.get(pull.lease_id)
@@ -355,7 +356,7 @@ class KVSender:
             if not ready:
                 return False
             index = torch.tensor([block_ids[i] for i in pull.block_ids[w.sent:w.sent + ready]], dtype=torch.int64,
-                                 device=self.kv_caches[0][0].device)
+                                 device=self.device)
             layers = [(k.index_select(0, index).cpu(), v.index_select(0, index).cpu()) for k, v in self.kv_caches]
         for layer, (k, v) in enumerate(layers):
             self._send_layer(w.ident, pull.lease_id, layer, k, v, w.sent)
