@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 _GREEDY_EPS = 1e-5
+_INT32_MAX = 2**31 - 1
 
 
 class SamplingType(Enum):
@@ -61,8 +62,8 @@ class SamplingParams:
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be an int >= 1, got {self.n!r}")
         _check(self.temperature >= 0.0, "temperature", f"temperature must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
-               f"top_k must be -1 (disabled), 0 (disabled) or a positive int, got {self.top_k!r}")
+        _check(isinstance(self.top_k, int) and 0 <= self.top_k <= _INT32_MAX, "top_k",
+               f"top_k must be -1 (disabled), 0 (disabled) or a positive int < 2**31, got {self.top_k!r}")
         _check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
@@ -88,7 +89,8 @@ class SamplingParams:
             for tok, bias in self.logit_bias.items():
                 _check(tok >= 0, "logit_bias", f"logit_bias token id must be >= 0, got {tok}")
                 _check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", f"seed must be an int, got {self.seed!r}")
+        _check(self.seed is None or isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64, "seed",
+               f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
 
     @property
     def sampling_type(self) -> SamplingType:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -28,4 +29,30 @@ def eos_token_ids(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, hf_
             ids.add(src)
         elif isinstance(src, list):
             ids.update(int(x) for x in src)
+    return ids
+
+
+# Private-use code points that stand in for message contents while the template renders.
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
+
+
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]],
+                   add_generation_prompt: bool) -> list[int]:
+    """The chat template applied and tokenized. NOTE: control tokens come only from the template:
+    a message whose content holds a special token's text (``<|eos|>``, a role marker) has that text
+    tokenized as plain text, so a user cannot forge turns or end the prompt."""
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    if not any(s in m["content"] for m in conversation for s in specials):
+        return list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False,
+                                                  add_generation_prompt=add_generation_prompt))
+    stand_ins = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(conversation)]
+    text = tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=add_generation_prompt)
+    ids: list[int] = []
+    for i, piece in enumerate(_SENTINEL_RE.split(text)):
+        if i % 2 == 0:  # the template's own text: its markers are special
+            ids += tokenizer.encode(piece, add_special_tokens=False) if piece else []
+        else:
+            ids += tokenizer.encode(conversation[int(piece)]["content"], add_special_tokens=False,
+                                    split_special_tokens=True)
     return ids

@@ -16,7 +16,6 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator
 
 import zmq
 import zmq.asyncio
@@ -62,6 +61,43 @@ class _CoreClient:
         self._send(Shutdown())
 
 
+class RequestStream:
+    """One request's outputs, as an async iterator. NOTE: the request counts as in flight from
+    generate() until the stream ends or is closed; ``aclose()`` works whether or not the stream
+    was ever read, so a response that is never sent cannot leak its request."""
+
+    def __init__(self, engine: AsyncLLM, request_id: str, num_sequences: int) -> None:
+        self.engine, self.request_id, self.num_sequences = engine, request_id, num_sequences
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.closed:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self._close(finished=False)
+            raise
+        if isinstance(item, BaseException):
+            self._close(finished=False)
+            raise item
+        if item.finished:
+            self._close(finished=True)
+        return item
+
+    async def aclose(self) -> None:
+        self._close(finished=False)
+
+    def _close(self, finished: bool) -> None:
+        if not self.closed:
+            self.closed = True
+            self.engine._close_stream(self, finished)  # noqa: SLF001 - the engine owns the bookkeeping
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, attention_backend: str = "auto", *, kv_events_endpoint: str | None = None,
                  kv_events_replay_endpoint: str | None = None, kv_events_secret: bytes | None = None) -> None:
@@ -72,6 +108,7 @@ class AsyncLLM:
         self.stats: EngineStats | None = None
         self.transfer_durations: list[float] = []  # KV loads not yet observed by the metrics
         self._queues: dict[str, asyncio.Queue] = {}
+        self._num_sequences = 0
         self._reader: asyncio.Task | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
 
@@ -135,36 +172,32 @@ class AsyncLLM:
     # -- requests -----------------------------------------------------------------------------------
     @property
     def num_in_flight(self) -> int:
-        return len(self._queues)
+        """Sequences in flight (a request with n = 4 counts 4): what admission control bounds."""
+        return self._num_sequences
 
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
-                 priority: int = 0, remote_ticket=None, do_remote_decode: bool | str = False) -> AsyncIterator[RequestOutput]:
-        """Add the request now (a bad one raises here, before any output) and return an iterator of
-        cumulative RequestOutputs up to the finished one. Leaving the iterator early (client gone,
-        task cancelled) aborts the request in the core."""
+                 priority: int = 0, remote_ticket=None, do_remote_decode: bool | str = False) -> RequestStream:
+        """Add the request now (a bad one raises here, before any output) and return its stream of
+        cumulative RequestOutputs up to the finished one. Closing the stream early (client gone,
+        task cancelled), even before reading from it, aborts the request in the core."""
         if self.errored:
             raise EngineDeadError(self.errored)
-        queue: asyncio.Queue = asyncio.Queue()
         self.processor.add_request(request_id, prompt, params, priority=priority, remote_ticket=remote_ticket,
                                    do_remote_decode=do_remote_decode)
-        self._queues[request_id] = queue
-        return self._stream(request_id, queue)
+        stream = RequestStream(self, request_id, params.n)
+        self._queues[request_id] = stream.queue
+        self._num_sequences += params.n
+        return stream
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished and not self.errored:
-                self.processor.abort_request(request_id)
+    @property
+    def num_tracked_requests(self) -> int:
+        return self.processor.num_requests if hasattr(self, "processor") else 0
+
+    def _close_stream(self, stream: RequestStream, finished: bool) -> None:
+        if self._queues.pop(stream.request_id, None) is not None:
+            self._num_sequences -= stream.num_sequences
+        if not finished and not self.errored:
+            self.processor.abort_request(stream.request_id)
 
     def abort(self, request_id: str) -> None:
         self.processor.abort_request(request_id)

@@ -22,7 +22,7 @@ from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
-from tandem.runner.model_runner import ModelRunner, StepHandle
+from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from tandem.runner.sampler import TopLogprobs
 
 logger = logging.getLogger(__name__)
@@ -132,15 +132,18 @@ class EngineCore:
         for req in self.scheduler.update_transfers():
             outputs[req.request_id] = CoreOutput(req.request_id, [], finish_reason="error", error=req.error)
         sched_out = self.scheduler.schedule()
-        handle = self.runner.launch(sched_out)
-        if self.async_scheduling:
-            # the device runs this step while the host reads and applies the previous one
-            previous, self._in_flight = self._in_flight, (sched_out, handle) if sched_out.chunks else None
-            if previous is None:
-                self._flush_kv_events()
-                return list(outputs.values())
-            sched_out, handle = previous
-        result = handle.resolve()
+        try:
+            handle = self.runner.launch(sched_out)
+            if self.async_scheduling:
+                # the device runs this step while the host reads and applies the previous one
+                previous, self._in_flight = self._in_flight, (sched_out, handle) if sched_out.chunks else None
+                if previous is None:
+                    self._flush_kv_events()
+                    return list(outputs.values())
+                sched_out, handle = previous
+            result = handle.resolve()
+        except Exception as e:  # noqa: BLE001 - NOTE: a failing step ends only the requests that fail
+            result = self._recover_failed_step(sched_out, e, outputs)
         updated = self.scheduler.update_from_output(sched_out, result.sampled)
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)
@@ -159,6 +162,42 @@ class EngineCore:
         self._drop_orphaned_step()
         self._flush_kv_events()
         return list(outputs.values())
+
+    def _recover_failed_step(self, sched_out: SchedulerOutput, error: Exception,
+                             outputs: dict[str, CoreOutput]) -> RunnerOutput:
+        """A step raised. Rerun each of its chunks alone (a chunk's KV writes are idempotent, and
+        nothing of the failed step was applied), keep what succeeds, and end each request whose
+        own chunk fails with an error; the engine keeps serving. With async scheduling the steps
+        in flight cannot be replayed: their requests all fail."""
+        logger.exception("a step of %d chunks failed; isolating the request(s) at fault", len(sched_out.chunks))
+        if self.async_scheduling:
+            failed = {c.request_id for c in sched_out.chunks}
+            if self._in_flight is not None:
+                failed |= {c.request_id for c in self._in_flight[0].chunks}
+                self._in_flight = None
+            for rid in failed:
+                self._fail_request(rid, error, outputs)
+            return RunnerOutput()
+        new = {n.request_id: n for n in sched_out.new_requests}
+        result = RunnerOutput()
+        for chunk in sched_out.chunks:
+            alone = SchedulerOutput(chunks=[chunk], new_requests=[new[chunk.request_id]] if chunk.request_id in new
+                                    else [])
+            try:
+                part = self.runner.execute(alone)
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                self._fail_request(chunk.request_id, e, outputs)
+                continue
+            result.sampled.update(part.sampled)
+            result.logprobs.update(part.logprobs)
+            result.prompt_logprobs.update(part.prompt_logprobs)
+        return result
+
+    def _fail_request(self, request_id: str, error: Exception, outputs: dict[str, CoreOutput]) -> None:
+        message = f"request failed in the engine: {type(error).__name__}: {error}"
+        logger.error("request %s: %s", request_id, message)
+        if self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ERROR):
+            outputs[request_id] = CoreOutput(request_id, [], finish_reason="error", error=message)
 
     def _flush_kv_events(self) -> None:
         """One sequence-numbered batch per step that changed the cache (seq counts batches)."""

@@ -118,8 +118,16 @@ class Processor:
             parent.children.append(child)
             self._children[child_id] = (parent, child)
         self._parents[request_id] = parent
-        for child in parent.children:
-            self.core.add_request(child.request)
+        sent: list[str] = []
+        try:
+            for child in parent.children:
+                self.core.add_request(child.request)
+                sent.append(child.request.request_id)
+        except BaseException:  # NOTE: a request the core did not take is not tracked here either
+            if sent:
+                self.core.finish_requests(sent, RequestStatus.FINISHED_ABORTED)
+            self._release(parent)
+            raise
         return request_id
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -171,7 +179,9 @@ class Processor:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
-    def get_num_unfinished_requests(self) -> int:
+    @property
+    def num_requests(self) -> int:
+        """Requests tracked here: added and not yet finished, aborted or failed."""
         return len(self._parents)
 
     # -- the step ---------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ import time
 from tandem.sampling_params import SamplingParams
 
 
+# Request.error of a request whose KV transfer failed starts with this (the API answers 502 for it;
+# any other error is the engine's own failure on that request: 500).
+KV_TRANSFER_FAILED = "KV transfer failed"
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1

@@ -28,7 +28,7 @@ import msgspec
 from tandem.config import SchedulerConfig
 from tandem.engine.block_pool import KVCacheBlock
 from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
-from tandem.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
+from tandem.engine.request import KV_TRANSFER_FAILED, PLACEHOLDER_TOKEN, Request, RequestStatus
 from tandem.sampling_params import SamplingParams
 
 
@@ -297,7 +297,7 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 self.connector.stats.recomputed += 1
             else:
-                req.error = f"KV transfer failed ({result.kind}): {result.message}"
+                req.error = f"{KV_TRANSFER_FAILED} ({result.kind}): {result.message}"
                 self._finish(req, RequestStatus.FINISHED_ERROR)
                 failed.append(req)
                 continue

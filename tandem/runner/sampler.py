@@ -146,7 +146,7 @@ class Sampler:
                 noise[row].uniform_(generator=s.generator)
         greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
         temperature = self._to_device([0.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32)
-        top_k = self._to_device([p.top_k for p in params], torch.int32)
+        top_k = self._to_device([min(p.top_k, self.vocab_size) for p in params], torch.int32)  # k >= V: all
         top_p = self._to_device([p.top_p for p in params], torch.float32)
         min_p = self._to_device([p.min_p for p in params], torch.float32)
         return self.sample_fn(logits.float(), temperature, top_k, top_p, min_p, noise)

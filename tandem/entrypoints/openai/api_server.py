@@ -17,24 +17,30 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tandem
-from tandem.engine.async_llm import AsyncLLM, EngineDeadError
+from tandem.entrypoints.http_protocol import BoundedH11Protocol
+from tandem.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from tandem.engine.request import KV_TRANSFER_FAILED
 from tandem.entrypoints.openai.metrics import ServerMetrics
 from tandem.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 OpenAIError, TokenizeRequest)
 from tandem.kv_transfer.ticket import TicketError, parse_ticket
 from tandem.outputs import RequestOutput
+from tandem.tokenizer import chat_token_ids
 from tandem.sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20
 MAX_HEADER_BYTES = 64 * 2**10  # 431 beyond it (h11 also refuses an incomplete head past this size)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -85,6 +91,23 @@ class SizeLimits:
             await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
 
 
+class ApiKeyCheck:
+    """ASGI middleware: every path but /health and /metrics needs `Authorization: Bearer KEY`.
+    Pure ASGI (not BaseHTTPMiddleware), so handlers still see the client's disconnect."""
+
+    OPEN_PATHS = ("/health", "/metrics")
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await _error(401, "invalid or missing API key", "authentication_error")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
               max_queued_requests: int | None = None) -> FastAPI:
     app = FastAPI(title="tandem", version=tandem.__version__)
@@ -99,13 +122,14 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
             raise OpenAIError(503, f"server is at capacity ({capacity} requests in flight); retry shortly",
                               "ServiceUnavailableError", code="overloaded")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key and request.url.path not in ("/health", "/metrics"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "invalid or missing API key", "authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException):
+        # unknown routes, wrong methods, bodies FastAPI could not parse (deep nesting, bad UTF-8)
+        return _error(exc.status_code, str(exc.detail), "NotFoundError" if exc.status_code == 404
+                      else "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError):
@@ -144,10 +168,14 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
         if body.messages is not None:
             ids = await _chat_ids(engine, body.messages, True)
         elif body.prompt is not None:
-            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            encode = functools.partial(engine.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await _off_loop(encode) if len(body.prompt) > TOKENIZE_INLINE_CHARS else encode()
         else:
             raise OpenAIError(400, "give prompt or messages", param="prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        answer = {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        if len(ids) <= TOKENIZE_INLINE_CHARS:
+            return answer
+        return Response(await _off_loop(json.dumps, answer), media_type="application/json")  # a big answer
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -158,25 +186,27 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
-        prompts = [await _prompt_ids(engine, p) for p in body.prompts()]
+        prompts = await _prompt_ids(engine, body.prompts())
         disagg = _disaggregation(engine, body, prompts)
-        admit(len(prompts))
+        admit(len(prompts) * body.n)
         params = [_params(body, body.max_tokens, body.logprobs, len(ids), engine.max_model_len, disagg)
                   for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = []
+        streams: list[RequestStream] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
-                streams.append(metrics.observe(_start(engine, {"prompt_token_ids": ids}, p, f"{rid}-{i}",
-                                                      body.priority, disagg)))
+                streams.append(_start(engine, {"prompt_token_ids": ids}, p, f"{rid}-{i}", body.priority, disagg))
         except OpenAIError:
-            for i in range(len(streams)):  # all or nothing
-                engine.abort(f"{rid}-{i}")
+            await _close_all(streams)  # all or nothing
             raise
+        outputs = [metrics.observe(_engine_errors_as_openai(s)) for s in streams]
         created = int(time.time())
         if body.stream:
-            return _sse(_completion_chunks(engine, streams, body, rid, created, served_model_name))
-        outs = await _unless_disconnected(raw, asyncio.gather(*[_last(s) for s in streams]))
+            return _sse(_completion_chunks(engine, outputs, body, rid, created, served_model_name), streams)
+        try:
+            outs = await _unless_disconnected(raw, asyncio.gather(*[_last(s) for s in outputs]))
+        finally:
+            await _close_all(streams)
         return _completion_response(engine, outs, body, rid, created, served_model_name)
 
     @app.post("/v1/chat/completions")
@@ -184,16 +214,20 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
         _check_model(body.model, served_model_name)
         ids = await _chat_ids(engine, body.messages, body.add_generation_prompt)
         disagg = _disaggregation(engine, body, [ids])
-        admit(1)
+        admit(body.n)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, max_tokens, logprobs, len(ids), engine.max_model_len, disagg)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = metrics.observe(_start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg))
+        stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg)
+        output = metrics.observe(_engine_errors_as_openai(stream))
         created = int(time.time())
         if body.stream:
-            return _sse(_chat_chunks(engine, stream, body, rid, created, served_model_name))
-        out = await _unless_disconnected(raw, _last(stream))
+            return _sse(_chat_chunks(engine, output, body, rid, created, served_model_name), [stream])
+        try:
+            out = await _unless_disconnected(raw, _last(output))
+        finally:
+            await stream.aclose()
         return _chat_response(engine, out, body, rid, created, served_model_name)
 
     return app
@@ -211,27 +245,41 @@ def _check_ids(ids: list[int], vocab: int, param: str) -> None:
         raise OpenAIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param=param)
 
 
-async def _prompt_ids(engine: AsyncLLM, prompt: str | dict) -> list[int]:
-    if isinstance(prompt, str):
-        if not prompt:
-            raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        # long prompts tokenize off the event loop
-        ids = await asyncio.to_thread(engine.tokenizer.encode, prompt) if len(prompt) > 4096 \
-            else engine.tokenizer.encode(prompt)
-    else:
-        ids = prompt["prompt_token_ids"]
-    if not ids:
+# Inputs longer than this (characters in all) are tokenized on a worker thread, never on the loop.
+TOKENIZE_INLINE_CHARS = 4096
+_tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+
+async def _off_loop(fn, *args):
+    """Run a tokenizer call on the tokenize pool (Rust tokenizers release the GIL while encoding)."""
+    return await asyncio.get_running_loop().run_in_executor(_tokenize_pool, functools.partial(fn, *args))
+
+
+async def _prompt_ids(engine: AsyncLLM, prompts: list[str | dict]) -> list[list[int]]:
+    """Every prompt of a request -> its token ids (texts tokenized together, off the loop when long)."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    if any(not t for t in texts):
         raise OpenAIError(400, "prompt must not be empty", param="prompt")
-    _check_ids(ids, engine.vocab_size, "prompt")
-    return ids
+    encode = functools.partial(_encode_all, engine.tokenizer)
+    encoded = iter(await _off_loop(encode, texts) if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS
+                   else encode(texts))
+    all_ids = [next(encoded) if isinstance(p, str) else p["prompt_token_ids"] for p in prompts]
+    for ids in all_ids:
+        if not ids:
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        _check_ids(ids, engine.vocab_size, "prompt")
+    return all_ids
+
+
+def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer.encode(t) for t in texts]
 
 
 async def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool) -> list[int]:
     conv = [{"role": m.role, "content": m.text()} for m in messages]
-    render = functools.partial(engine.tokenizer.apply_chat_template, conv, tokenize=True, return_dict=False,
-                               add_generation_prompt=add_generation_prompt)
+    render = functools.partial(chat_token_ids, engine.tokenizer, conv, add_generation_prompt)
     try:  # long conversations render and tokenize off the event loop
-        ids = await asyncio.to_thread(render) if sum(len(m["content"]) for m in conv) > 4096 else render()
+        ids = await _off_loop(render) if sum(len(m["content"]) for m in conv) > TOKENIZE_INLINE_CHARS else render()
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault (e.g. role order)
         raise OpenAIError(400, f"chat template failed: {e}", param="messages") from None
     return list(ids)
@@ -296,7 +344,7 @@ def _params(body, max_tokens: int | None, logprobs: int | None, prompt_len: int,
 
 
 def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
-           priority: int, disagg: dict | None = None) -> AsyncIterator[RequestOutput]:
+           priority: int, disagg: dict | None = None) -> RequestStream:
     """Add the request (errors surface now, as HTTP errors) and return its output stream."""
     try:
         stream = engine.generate(prompt, params, rid, priority=priority, **(disagg or {}))
@@ -304,15 +352,23 @@ def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
         raise OpenAIError(400, str(e), param=e.param) from None
     except EngineDeadError as e:
         raise OpenAIError(503, f"engine is not running: {e}", "ServiceUnavailableError") from None
-    return _engine_errors_as_openai(stream)
+    return stream
+
+
+async def _close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        await stream.aclose()
 
 
 async def _engine_errors_as_openai(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """A dead engine -> 503; a request that finished with an error (failed KV load) -> 502."""
+    """A dead engine -> 503; a request that finished with an error: a failed KV load -> 502, the
+    engine's own failure on this request (the engine serves on) -> 500."""
     try:
         async for out in stream:
             if out.finished and out.error is not None:
-                raise OpenAIError(502, out.error, "ServiceUnavailableError", code="kv_transfer_failed")
+                if out.error.startswith(KV_TRANSFER_FAILED):
+                    raise OpenAIError(502, out.error, "ServiceUnavailableError", code="kv_transfer_failed")
+                raise OpenAIError(500, out.error, "InternalServerError", code="request_failed")
             yield out
     except EngineDeadError as e:
         raise OpenAIError(503, f"engine died: {e}", "ServiceUnavailableError") from None
@@ -504,7 +560,7 @@ async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, cr
         yield {**base, "choices": [], "usage": _usage([final])}
 
 
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict], streams: list[RequestStream]) -> StreamingResponse:
     async def body():
         try:
             async for chunk in chunks:
@@ -513,8 +569,22 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return _ClosingStreamingResponse(body(), streams, media_type="text/event-stream")
 
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """NOTE: closes its requests' streams however the response ends (sent, client gone before or
+    during the body, or never started), so an abandoned stream never stays in flight."""
+
+    def __init__(self, content, streams: list[RequestStream], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _close_all(self.streams)
 
 
 # -- process --------------------------------------------------------------------------------------
@@ -544,7 +614,8 @@ async def serve(config, host: str, port: int, served_model_name: str, api_key: s
     await engine.start()
     app = build_app(engine, served_model_name, api_key, max_queued_requests)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
-                                    http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES))
+                                    http=BoundedH11Protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                                    timeout_keep_alive=KEEP_ALIVE_S))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # drain: stop accepting, finish in-flight, stop the core
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

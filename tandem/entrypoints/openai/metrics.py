@@ -29,6 +29,10 @@ class _EngineCollector:
             ("vllm:num_requests_running", "Requests in the running batch", s.num_running if s else 0),
             ("vllm:num_requests_waiting", "Requests waiting to be scheduled", s.num_waiting if s else 0),
             ("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full", s.kv_cache_usage if s else 0.0),
+            ("tandem:api_sequences_in_flight", "Sequences the API process has accepted and not yet ended "
+             "(what --max-queued-requests bounds)", self.engine.num_in_flight),
+            ("tandem:api_requests_tracked", "Requests the API process tracks (tokenized, not yet ended)",
+             self.engine.num_tracked_requests),
         ]:
             g = GaugeMetricFamily(name, doc, labels=names)
             g.add_metric([self.labels["model_name"]], value)

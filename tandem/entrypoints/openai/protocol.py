@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -9,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tandem.sampling_params import SamplingParams
 
 MAX_TOKENS_CAP = 2**31 - 1
+INT32_MAX = 2**31 - 1  # bound of every integer sampling field: the engine keeps them in int32/int64 tensors
+MAX_PROMPTS = 256  # prompts in one completion request
+MAX_SEQUENCES = 512  # n x prompts in one request: the sequences one request may put in flight
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 
 
 class OpenAIError(Exception):
@@ -27,7 +32,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+def _reject_unencodable(value: Any, depth: int = 0) -> None:
+    """Raise ValueError if any string in a parsed JSON body is not valid Unicode text (a lone
+    surrogate such as "\\ud800" parses, but no tokenizer or encoder can take it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode (a lone surrogate is not)") from None
+    elif depth < 64 and isinstance(value, dict):
+        for k, v in value.items():
+            _reject_unencodable(k, depth + 1)
+            _reject_unencodable(v, depth + 1)
+    elif depth < 64 and isinstance(value, list):
+        for v in value:
+            _reject_unencodable(v, depth + 1)
+
+
+class _Body(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _reject_unencodable(data)
+        return data
+
+
+class _SamplingFields(_Body):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored, as OpenAI does
 
     model: str | None = None
@@ -44,13 +74,13 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     # vLLM extensions
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_CAP)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=2)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0
+    priority: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
     # Disaggregated serving (vLLM's field): {"do_remote_decode": true} on a prefill worker returns a
     # ticket in the response's kv_transfer_params; that ticket on a decode worker loads the prompt's KV.
     kv_transfer_params: dict[str, Any] | None = None
@@ -69,8 +99,8 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _logit_bias(cls, v):
         for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key) or int(key) > INT32_MAX:
+                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
@@ -101,7 +131,16 @@ class CompletionRequest(_SamplingFields):
             return v
         if not v:
             raise ValueError("prompt must not be empty")
+        if len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return v
+
+    @model_validator(mode="after")
+    def _bounded_fan_out(self):
+        prompts = 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt)
+        if prompts * self.n > MAX_SEQUENCES:
+            raise ValueError(f"n x prompts = {prompts * self.n} sequences; at most {MAX_SEQUENCES} in one request")
+        return self
 
     def prompts(self) -> list[str | dict[str, Any]]:
         p = self.prompt
@@ -112,14 +151,28 @@ class CompletionRequest(_SamplingFields):
         return [x if isinstance(x, str) else {"prompt_token_ids": list(x)} for x in p]
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        for part in v if isinstance(v, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" and isinstance(kind, str):  # e.g. image_url: refused, never silently dropped
+                raise ValueError(f"content parts of type {kind[:40]!r} are not supported; only 'text'")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
@@ -138,13 +191,13 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
