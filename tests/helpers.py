@@ -81,3 +81,12 @@ def server_idle(base: str) -> bool:
     text = httpx.get(f"{base}/metrics").text
     return all(metric(text, m) == 0 for m in
                ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"))
+
+
+def api_idle(base: str, headers: dict | None = None) -> bool:
+    """Idle in the core (nothing running or waiting, no block held) and in the API process (no
+    sequence in flight, no request tracked, every accepted request ended exactly once)."""
+    text = httpx.get(f"{base}/metrics", headers=headers).text
+    return (server_idle(base) and metric(text, "tandem:api_sequences_in_flight") == 0
+            and metric(text, "tandem:api_requests_tracked") == 0
+            and metric(text, "tandem:api_requests_accepted_total") == metric(text, "tandem:api_requests_ended_total"))

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import metric, server_idle, start_server, stop_server, wait_until
+from tests.helpers import api_idle, metric, server_idle, start_server, stop_server, wait_until
 
 KEY = "sekret"
 
@@ -31,12 +31,6 @@ def guarded(model_dirs):
                               "--max-queued-requests", "0", env={"TANDEM_REQUEST_READ_TIMEOUT_S": "2"})
     yield base
     stop_server(proc)
-
-
-def _api_idle(base: str, headers: dict | None = None) -> bool:
-    text = httpx.get(f"{base}/metrics", headers=headers).text
-    return (server_idle(base) and metric(text, "tandem:api_sequences_in_flight") == 0
-            and metric(text, "tandem:api_requests_tracked") == 0)
 
 
 def _serves(base: str, headers: dict | None = None) -> bool:
@@ -88,7 +82,7 @@ def test_nan_bias_and_huge_detokenize_ids_answer_400_and_nothing_stays_tracked(s
     for extreme in ({"top_k": 2**31}, {"priority": -1e30}, {"logit_bias": {"²": 1}}):
         _assert_openai_error(httpx.post(f"{server}/v1/chat/completions", json={**chat, **extreme}), 400)
     assert _serves(server)
-    wait_until(lambda: _api_idle(server), 10, what="nothing tracked in the API process")
+    wait_until(lambda: api_idle(server), 10, what="nothing tracked in the API process")
 
 
 def test_a_request_that_fails_in_the_core_fails_alone(make_llm):
@@ -134,7 +128,7 @@ def test_non_streaming_client_gone_aborts_every_sequence(server, how):
             pass
     else:
         _post_then_reset(server, "/v1/completions", body, after_s=1.5)
-    wait_until(lambda: _api_idle(server), 15, what="every sequence aborted and every block free")
+    wait_until(lambda: api_idle(server), 15, what="every sequence aborted and every block free")
     assert _serves(server)
 
 
@@ -154,7 +148,7 @@ def test_non_streaming_client_gone_aborts_behind_the_api_key_check(guarded):
     auth = {"authorization": f"Bearer {KEY}"}
     body = {"model": "tiny", "prompt": "a b c", "max_tokens": 400, "ignore_eos": True, "n": 4}
     _post_then_reset(guarded, "/v1/completions", body, 1.5, headers=f"authorization: Bearer {KEY}\r\n")
-    wait_until(lambda: _api_idle(guarded, auth), 15, what="every sequence aborted")
+    wait_until(lambda: api_idle(guarded, auth), 15, what="every sequence aborted")
 
 
 def test_fan_out_is_bounded_and_admission_counts_sequences(server, guarded):
@@ -264,7 +258,7 @@ def test_unparseable_bodies_and_unknown_routes_answer_in_openai_shape(server):
 def test_text_that_is_not_text_answers_400(server, path, body):
     r = httpx.post(f"{server}{path}", content=body.encode(), headers={"content-type": "application/json"})
     _assert_openai_error(r, 400)
-    wait_until(lambda: _api_idle(server), 10, what="nothing tracked in the API process")
+    wait_until(lambda: api_idle(server), 10, what="nothing tracked in the API process")
 
 
 def test_chat_content_cannot_forge_control_tokens(server, model_dirs):

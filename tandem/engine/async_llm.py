@@ -80,22 +80,22 @@ class RequestStream:
         try:
             item = await self.queue.get()
         except BaseException:  # cancelled while waiting: the consumer is gone
-            self._close(finished=False)
+            self._close("aborted")
             raise
         if isinstance(item, BaseException):
-            self._close(finished=False)
+            self._close("failed")
             raise item
         if item.finished:
-            self._close(finished=True)
+            self._close("failed" if item.error is not None else "finished")
         return item
 
     async def aclose(self) -> None:
-        self._close(finished=False)
+        self._close("aborted")
 
-    def _close(self, finished: bool) -> None:
+    def _close(self, outcome: str) -> None:
         if not self.closed:
             self.closed = True
-            self.engine._close_stream(self, finished)  # noqa: SLF001 - the engine owns the bookkeeping
+            self.engine._close_stream(self, outcome)  # noqa: SLF001 - the engine owns the bookkeeping
 
 
 class AsyncLLM:
@@ -109,6 +109,8 @@ class AsyncLLM:
         self.transfer_durations: list[float] = []  # KV loads not yet observed by the metrics
         self._queues: dict[str, asyncio.Queue] = {}
         self._num_sequences = 0
+        self.requests_accepted = 0  # == sum(requests_ended.values()) whenever nothing is in flight
+        self.requests_ended = {"finished": 0, "aborted": 0, "failed": 0}
         self._reader: asyncio.Task | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
 
@@ -187,16 +189,19 @@ class AsyncLLM:
         stream = RequestStream(self, request_id, params.n)
         self._queues[request_id] = stream.queue
         self._num_sequences += params.n
+        self.requests_accepted += 1
         return stream
 
     @property
     def num_tracked_requests(self) -> int:
         return self.processor.num_requests if hasattr(self, "processor") else 0
 
-    def _close_stream(self, stream: RequestStream, finished: bool) -> None:
+    def _close_stream(self, stream: RequestStream, outcome: str) -> None:
+        """NOTE: every accepted request ends here exactly once: finished, aborted or failed."""
         if self._queues.pop(stream.request_id, None) is not None:
             self._num_sequences -= stream.num_sequences
-        if not finished and not self.errored:
+        self.requests_ended[outcome] += 1
+        if outcome == "aborted" and not self.errored:
             self.processor.abort_request(stream.request_id)
 
     def abort(self, request_id: str) -> None:

@@ -45,6 +45,15 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc, labels=names)
             c.add_metric([self.labels["model_name"]], value)
             yield c
+        accepted = CounterMetricFamily("tandem:api_requests_accepted", "Requests the API process accepted")
+        accepted.add_metric([], self.engine.requests_accepted)
+        yield accepted
+        ended = CounterMetricFamily("tandem:api_requests_ended", "Accepted requests that ended, by outcome "
+                                    "(finished, aborted, failed); equal in sum to accepted when idle",
+                                    labels=["outcome"])
+        for outcome, count in self.engine.requests_ended.items():
+            ended.add_metric([outcome], count)
+        yield ended
         yield from _transfer_metrics(s.transfer if s else None)
         info = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration",
                                  labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
