@@ -53,7 +53,8 @@ def _alive(pid: int) -> bool:
 
 def _engine_core_pid(api_pid: int) -> int:
     """The multiprocessing (spawn) child that runs the engine core; not the resource tracker."""
-    cores = [c for c in _children(api_pid) if "multiprocessing" in _cmdline(c) and "resource_tracker" not in _cmdline(c)]
+    cores = [c for c in _children(api_pid)
+             if "multiprocessing" in _cmdline(c) and "resource_tracker" not in _cmdline(c)]
     assert len(cores) == 1, [(c, _cmdline(c)) for c in _children(api_pid)]
     return cores[0]
 
@@ -106,10 +107,11 @@ def serve(model_dirs, tmp_path):
 
 def test_engine_core_exits_when_idle_api_process_is_killed(serve):
     proc, base, core = serve()
-    assert httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}).status_code == 200
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
+    assert httpx.post(f"{base}/v1/completions", json=body).status_code == 200
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _wait_gone(core, EXIT_DEADLINE_S), f"engine core {core} still alive {EXIT_DEADLINE_S} s after its parent died"
+    assert _wait_gone(core, EXIT_DEADLINE_S), f"engine core {core} alive {EXIT_DEADLINE_S} s after its parent died"
 
 
 def test_engine_core_exits_when_busy_api_process_is_killed(serve):
@@ -135,7 +137,7 @@ def test_engine_core_exits_when_busy_api_process_is_killed(serve):
     assert proc.poll() is None, "the generation must still be running when the API process dies"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _wait_gone(core, EXIT_DEADLINE_S), f"engine core {core} still alive {EXIT_DEADLINE_S} s after its parent died"
+    assert _wait_gone(core, EXIT_DEADLINE_S), f"engine core {core} alive {EXIT_DEADLINE_S} s after its parent died"
     client.join(10)
 
 

@@ -14,8 +14,11 @@ import msgspec
 import zmq
 
 # Frame caps (ZMQ_MAXMSGSIZE on every socket that receives from a peer): ZMQ reads a frame's length
-# before its bytes and drops the connection of a peer that announces more, so an unauthenticated
-# peer cannot make a worker allocate more than the cap before the MAC is checked. A control message
+# before its bytes and drops the connection of a peer that announces more, so no single frame from
+# an unauthenticated peer costs more than the cap. NOT covered: ZMQ buffers a multipart message
+# whole before delivering it and has no limit on its number of parts (1,000 capped frames to the
+# sender: +117 MiB peak), so a peer that can connect can still make the process buffer; closing
+# that needs the handshake itself to require the secret (ZMQ PLAIN + ZAP or CURVE). A control message
 # (Pull, Renew, Release, ShmGrant, ...) lists at most one block id (<= 9 bytes packed) or one lease
 # id (32 hex digits, 34 bytes packed) per block of the cache (a lease holds >= 1 block), so
 # CONTROL_BYTES_PER_BLOCK per block plus a fixed allowance bounds every legitimate one.
