@@ -62,6 +62,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tandem.entrypoints.llm import build_engine_config
     from tandem.entrypoints.openai.api_server import serve
 
+    secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
+    if (args.kv_events_endpoint or args.kv_events_replay_endpoint) and not secret:
+        # the events carry the token ids of cached prompt blocks: never publish them unsigned
+        raise ValueError("--kv-events-endpoint/--kv-events-replay-endpoint need $TANDEM_KV_EVENTS_SECRET (the "
+                         "batches are HMAC-signed with it; the router verifies them with the same value)")
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = build_engine_config(args.model, **_engine_kwargs(args))
@@ -71,7 +76,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          "or role both with $TANDEM_KV_TRANSFER_SECRET set)")
     name = args.served_model_name or Path(config.model.model).name
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
-    secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
     kv_events = {"kv_events_endpoint": args.kv_events_endpoint,
                  "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
                  "kv_events_secret": secret.encode() if secret else None}
@@ -173,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queued-requests", type=int, default=None,
                      help="beyond max-num-seqs running plus this many queued, answer 503 with Retry-After")
     srv.add_argument("--kv-events-endpoint", default=None,
-                     help="publish KV cache events (ZMQ PUB), e.g. tcp://127.0.0.1:5557; "
-                          "HMAC-signed with $TANDEM_KV_EVENTS_SECRET when set")
+                     help="publish KV cache events (ZMQ PUB), e.g. tcp://127.0.0.1:5557; they carry the token "
+                          "ids of cached prompt blocks; HMAC-signed with $TANDEM_KV_EVENTS_SECRET (required)")
     srv.add_argument("--kv-events-replay-endpoint", default=None,
                      help="ZMQ ROUTER answering replay requests for missed KV event batches")
     dis = srv.add_argument_group("disaggregated prefill/decode (secret: $TANDEM_KV_TRANSFER_SECRET)")

@@ -3,14 +3,24 @@
 Two ZMQ sockets over ipc:// in a private (0700) directory: PULL for inputs from the API process,
 PUSH for outputs. Messages are msgspec (tandem/engine/protocol.py) with a shared secret frame;
 anything else is dropped and logged. The loop blocks on the input socket only when idle.
-The parent is watched: if it dies, the core exits instead of lingering.
+
+NOTE (parent invariant): the core never outlives its API process, however that died. On Linux the
+kernel kills it (PR_SET_PDEATHSIG, SIGKILL: it works even inside a long step). Portably, the loop
+checks the parent at least once a second, busy or idle, and no send blocks for longer than that
+(a PUSH whose reader is gone blocks once its queue is full); a watchdog thread hard-exits the
+process if the orderly exit has not finished EXIT_GRACE_S after the parent was found gone, and
+the cleanup on the way out is bounded the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -29,6 +39,79 @@ logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 200
 _TRANSFER_POLL_MS = 2
+PARENT_CHECK_S = 1.0  # the loop, its blocking sends and the watchdog look at the parent this often
+EXIT_GRACE_S = 5.0  # cleanup on the way out (threads, sockets, contexts) may take this long, no more
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class ParentGone(Exception):
+    """The API process that started this core is gone: nobody will read what it sends."""
+
+
+class ParentWatch:
+    """``os.getppid()`` changes when the parent dies (the orphan is re-parented), whatever killed it."""
+
+    def __init__(self, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+        self._next_check = 0.0
+
+    def gone(self) -> bool:
+        return os.getppid() != self.parent_pid
+
+    def check(self) -> None:
+        """Raise ParentGone if the parent is gone; looks at most once per PARENT_CHECK_S."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + PARENT_CHECK_S
+        if self.gone():
+            raise ParentGone(f"API process {self.parent_pid} is gone")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux), then exit at once if
+    the parent died before that was set. The signal follows the parent *thread* that started us:
+    AsyncLLM.start runs on the server's event-loop thread, which lives as long as the server.
+    Elsewhere the loop's checks and the watchdog (start_watchdog) do the same, a little later."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as e:
+            logger.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
+    if os.getppid() != parent_pid:
+        os._exit(1)  # noqa: SLF001 - the parent is already gone: nothing to clean up or report to
+
+
+def start_watchdog(watch: ParentWatch) -> None:
+    """Daemon thread: once the parent is gone, give the orderly exit EXIT_GRACE_S, then end the
+    process whatever the main thread is doing (a step that does not return, a hung cleanup)."""
+
+    def _watch() -> None:
+        while not watch.gone():
+            time.sleep(PARENT_CHECK_S)
+        time.sleep(EXIT_GRACE_S)
+        logger.error("API process %d is gone and the core has not exited; exiting now", watch.parent_pid)
+        os._exit(1)  # noqa: SLF001
+
+    threading.Thread(target=_watch, name="parent-watchdog", daemon=True).start()
+
+
+def send(sock: zmq.Socket, frames: list[bytes], watch: ParentWatch) -> None:
+    """Blocking send that cannot outlive the parent: a PUSH blocks once its queue is full, and
+    it stays full for ever when the reader died. Raises ParentGone instead."""
+    while not sock.poll(int(PARENT_CHECK_S * 1000), zmq.POLLOUT):
+        watch.check()
+    sock.send_multipart(frames)
+
+
+def _bounded(cleanup, timeout_s: float) -> bool:
+    """Run ``cleanup`` in a daemon thread; False if it did not finish in time (left behind)."""
+    thread = threading.Thread(target=cleanup, name="core-cleanup", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive()
 
 
 @dataclass
@@ -43,8 +126,11 @@ class CoreAddresses:
 def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: bytes, parent_pid: int,
                     attention_backend: str = "auto") -> None:
     """Process entry point (multiprocessing spawn target)."""
+    die_with_parent(parent_pid)
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s engine-core %(levelname)s %(message)s")
+    watch = ParentWatch(parent_pid)
+    start_watchdog(watch)
     ctx = zmq.Context()
     inputs, outputs = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     for sock in (inputs, outputs):
@@ -54,42 +140,62 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
     outputs.connect(addresses.outputs)
     out_codec = Codec(secret, CoreMessage)
     publisher = None
-    try:
-        if addresses.kv_events:
-            publisher = KVEventPublisher(ctx, addresses.kv_events, addresses.kv_events_replay,
-                                         addresses.kv_events_secret)
-        core = EngineCore(config, attention_backend, publisher.publish if publisher else None)
-    except Exception as e:  # noqa: BLE001 - reported to the API process, which exits with it
-        logger.exception("engine core failed to start")
-        outputs.send_multipart(out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")))
-        return
-    outputs.send_multipart(out_codec.encode(Ready(core.max_model_len, core.vocab_size, core.runner.num_blocks,
-                                                  config.cache.block_size, json.dumps(core.hf_config))))
-    try:
-        _busy_loop(core, inputs, outputs, Codec(secret, CoreInput), out_codec, parent_pid, publisher)
-    except Exception as e:  # noqa: BLE001
-        logger.exception("engine core died")
-        outputs.send_multipart(out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")))
-        raise
-    finally:
-        core.close()
+    core = None
+    parent_gone = False
+
+    def _cleanup() -> None:
+        if core is not None:
+            core.close()
         inputs.close(0)
-        outputs.close()
+        outputs.close(0 if parent_gone else None)  # nobody reads any more: do not linger
         if publisher is not None:
             publisher.close()
         ctx.term()
 
+    try:
+        try:
+            if addresses.kv_events:
+                publisher = KVEventPublisher(ctx, addresses.kv_events, addresses.kv_events_replay,
+                                             addresses.kv_events_secret)
+            core = EngineCore(config, attention_backend, publisher.publish if publisher else None)
+        except Exception as e:  # noqa: BLE001 - reported to the API process, which exits with it
+            logger.exception("engine core failed to start")
+            send(outputs, out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")), watch)
+            return
+        send(outputs, out_codec.encode(Ready(core.max_model_len, core.vocab_size, core.runner.num_blocks,
+                                             config.cache.block_size, json.dumps(core.hf_config))), watch)
+        try:
+            _busy_loop(core, inputs, outputs, Codec(secret, CoreInput), out_codec, watch, publisher)
+        except ParentGone:
+            raise
+        except Exception as e:  # noqa: BLE001
+            logger.exception("engine core died")
+            send(outputs, out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")), watch)
+            raise
+    except ParentGone as e:
+        parent_gone = True
+        logger.error("%s; engine core exits", e)
+    finally:
+        if not _bounded(_cleanup, EXIT_GRACE_S):
+            logger.error("engine core cleanup did not finish in %.0f s; exiting anyway", EXIT_GRACE_S)
+            os._exit(1)  # noqa: SLF001
+    if parent_gone:  # skip multiprocessing's exit handling too: nothing is waiting for this process
+        logging.shutdown()
+        os._exit(0)  # noqa: SLF001
+
 
 def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_codec: Codec, out_codec: Codec,
-               parent_pid: int, publisher: KVEventPublisher | None) -> None:
+               watch: ParentWatch, publisher: KVEventPublisher | None) -> None:
+    """Until Shutdown; ParentGone (raised by ``watch`` on any iteration, busy or idle, or by a
+    send that cannot complete) when the API process died."""
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)
     if publisher is not None and publisher.replay is not None:
         poller.register(publisher.replay, zmq.POLLIN)
-    last_parent_check = time.monotonic()
     last_transfers = _transfer_state(core)
     refused: list[CoreOutput] = []  # requests add_request refused: reported as failed with the next step
     while True:
+        watch.check()  # every iteration; the check itself is rate-limited
         # Spin while there is compute to do; poll briefly while only KV transfers or leases are
         # pending (their threads need the CPU, and leases must be freed on time); else block.
         timeout = 0 if core.has_runnable_requests() else \
@@ -109,15 +215,10 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
             refused = []
             transfers = _transfer_state(core)
             if outs or runnable or handled or transfers != last_transfers:
-                outputs.send_multipart(out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))))
+                send(outputs, out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))), watch)
             last_transfers = transfers
         elif handled:  # e.g. the last request was aborted: report the idle state
-            outputs.send_multipart(out_codec.encode(StepOutputs([], stats(core))))
-        elif time.monotonic() - last_parent_check > 1.0:
-            last_parent_check = time.monotonic()
-            if os.getppid() != parent_pid:
-                logger.error("API process %d is gone; engine core exits", parent_pid)
-                return
+            send(outputs, out_codec.encode(StepOutputs([], stats(core))), watch)
 
 
 def _handle(core: EngineCore, frames: list[bytes], codec: Codec, refused: list[CoreOutput]) -> bool:

@@ -26,8 +26,8 @@ import zmq
 from tandem.kv_transfer.sender import KVCaches
 from tandem.kv_transfer.shm import RemoteRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket
-from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, Doorbell, LayerData, Pull, PullDone, PullError, Release, Renew,
-                                     ShmGrant, ToReceiver, WireCodec)
+from tandem.kv_transfer.wire import (Doorbell, LayerData, Pull, PullDone, PullError, Release, Renew,
+                                     ShmGrant, ToReceiver, WireCodec, data_frame_cap)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class KVReceiver:
         self.codec = WireCodec(config.secret, ToReceiver)
         k_cache = kv_caches[0][0]
         self._block_bytes = k_cache[0].numel() * k_cache.element_size()  # K (or V) of one block of one layer
+        self._frame_cap = data_frame_cap(k_cache.shape[0], self._block_bytes)  # no legitimate frame is larger
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._socks: dict[str, zmq.Socket] = {}  # one DEALER per prefill endpoint, all in _poller
@@ -138,7 +139,7 @@ class KVReceiver:
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._frame_cap)
             sock.connect(endpoint)
             self._poller.register(sock, zmq.POLLIN)
             self._socks[endpoint] = sock

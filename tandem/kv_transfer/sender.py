@@ -35,8 +35,8 @@ import zmq
 
 from tandem.kv_transfer.shm import SharedKVRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig
-from tandem.kv_transfer.wire import (MAX_FRAME_BYTES, Doorbell, LayerData, Pull, PullDone, PullError, PullWaiting,
-                                     Release, Renew, ShmGrant, ToSender, WireCodec)
+from tandem.kv_transfer.wire import (Doorbell, LayerData, Pull, PullDone, PullError, PullWaiting,
+                                     Release, Renew, ShmGrant, ToSender, WireCodec, control_frame_cap)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,9 @@ class KVSender:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops at the high-water mark: never drop a layer
-        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        # peers send only control messages, each within this (the connection of one that announces
+        # a larger frame is dropped by ZMQ before any of it is buffered)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, control_frame_cap(kv_caches[0][0].shape[0]))
         base = f"tcp://{config.host}"
         port = self._sock.bind_to_random_port(base) if config.port == 0 else self._bind(base, config.port)
         self.endpoint = f"{base}:{port}"
@@ -207,8 +209,11 @@ class KVSender:
             if self._sock not in ready:
                 continue
             ident, *frames = self._sock.recv_multipart()
+            if len(frames) != 2:  # [header, mac]: no message to the sender carries payload frames
+                logger.warning("KV sender dropped a message of %d frames", len(frames))
+                continue
             try:
-                msg, _ = self.codec.decode(frames)
+                msg, _ = self.codec.decode(frames)  # verifies the MAC before decoding the header
             except PermissionError:
                 self._reply_unauthenticated(ident, frames)
                 continue

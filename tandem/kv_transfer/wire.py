@@ -13,7 +13,28 @@ import hmac
 import msgspec
 import zmq
 
-MAX_FRAME_BYTES = 1 << 30
+# Frame caps (ZMQ_MAXMSGSIZE on every socket that receives from a peer): ZMQ reads a frame's length
+# before its bytes and drops the connection of a peer that announces more, so no single frame from
+# an unauthenticated peer costs more than the cap. NOT covered: ZMQ buffers a multipart message
+# whole before delivering it and has no limit on its number of parts (1,000 capped frames to the
+# sender: +117 MiB peak), so a peer that can connect can still make the process buffer; closing
+# that needs the handshake itself to require the secret (ZMQ PLAIN + ZAP or CURVE). A control message
+# (Pull, Renew, Release, ShmGrant, ...) lists at most one block id (<= 9 bytes packed) or one lease
+# id (32 hex digits, 34 bytes packed) per block of the cache (a lease holds >= 1 block), so
+# CONTROL_BYTES_PER_BLOCK per block plus a fixed allowance bounds every legitimate one.
+CONTROL_BASE_BYTES = 64 << 10
+CONTROL_BYTES_PER_BLOCK = 64
+
+
+def control_frame_cap(num_blocks: int) -> int:
+    """The largest frame a legitimate control message needs, for a cache of ``num_blocks`` blocks."""
+    return CONTROL_BASE_BYTES + CONTROL_BYTES_PER_BLOCK * num_blocks
+
+
+def data_frame_cap(num_blocks: int, block_bytes: int) -> int:
+    """The largest legitimate frame on the data path: K (or V) of one layer for every block of the
+    receiving cache (a pull never asks for more blocks than it has room for), or a control message."""
+    return max(control_frame_cap(num_blocks), num_blocks * block_bytes)
 
 
 # -- decode -> prefill ----------------------------------------------------------------------------------

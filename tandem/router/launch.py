@@ -49,7 +49,8 @@ def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> ar
     if with_workers:
         p.add_argument("--worker", action="append", required=True, type=WorkerSpec.parse,
                        help="http://host:port[,events=tcp://...][,replay=tcp://...][,role=prefill|decode|both]; "
-                            "repeat per worker. KV events are verified with $TANDEM_KV_EVENTS_SECRET")
+                            "repeat per worker. KV events are verified with $TANDEM_KV_EVENTS_SECRET (required "
+                            "with events=)")
         p.add_argument("--tokenizer", default=None,
                        help="local tokenizer directory (prefix-aware routing needs the workers' token ids)")
     p.add_argument("--policy", choices=POLICIES, default="cache-aware")
@@ -114,6 +115,10 @@ def build_router(specs: list[WorkerSpec], args, secret: bytes | None,
 
 def run_router(args) -> int:
     secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
+    if not secret and any(s.events or s.replay for s in args.worker):
+        # unsigned batches could be forged by anyone who reaches the endpoint; workers refuse to
+        # publish without a secret anyway
+        raise ValueError("KV events (events=/replay= in --worker) need $TANDEM_KV_EVENTS_SECRET, the workers' value")
     kv_secret = os.environ.get("TANDEM_KV_TRANSFER_SECRET")
     router, subscribers = build_router(args.worker, args, secret.encode() if secret else None,
                                        kv_secret.encode() if kv_secret else None)
@@ -200,7 +205,7 @@ def run_up(args) -> int:
 
     roles = _roles(args)
     model = args.model or default_model_path()
-    secret = secrets.token_hex(32)
+    secret = secrets.token_hex(32)  # fresh per fleet: signs every worker's KV events (and KV transfers)
     procs, specs = _start_workers(model, roles, shlex.split(args.worker_args), secret)
     try:
         _wait_healthy(procs, specs)

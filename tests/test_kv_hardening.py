@@ -1,0 +1,210 @@
+"""Hardening of the KV side channels against peers without the fleet's secret (issue 17).
+
+KV events: never published unsigned (they carry the token ids of cached prompt blocks).
+KV transfer: the prefill worker's sender drops oversized or unsigned frames without growing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_server import _free_port
+
+
+def _cli(*argv: str, env_drop: tuple[str, ...] = (), timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    return subprocess.run([sys.executable, "-m", "tandem.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# -- item 8: KV events ------------------------------------------------------------------------------------
+def test_serve_refuses_kv_events_without_secret(model_dirs):
+    """Before the fix this started a server publishing token ids unsigned (the run timed out)."""
+    port = _free_port()
+    for flag in ("--kv-events-endpoint", "--kv-events-replay-endpoint"):
+        out = _cli("serve", str(model_dirs["llama3-gqa"]), "--port", str(port), "--kv-cache-memory", "8MiB",
+                   flag, f"tcp://127.0.0.1:{_free_port()}", env_drop=("TANDEM_KV_EVENTS_SECRET",))
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "TANDEM_KV_EVENTS_SECRET" in out.stderr
+
+
+def test_router_refuses_unsigned_kv_events():
+    """A router without the secret would take any batch on the events socket as true."""
+    spec = f"http://127.0.0.1:{_free_port()},events=tcp://127.0.0.1:{_free_port()}"
+    out = _cli("router", "--worker", spec, env_drop=("TANDEM_KV_EVENTS_SECRET",))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "TANDEM_KV_EVENTS_SECRET" in out.stderr
+
+
+def test_up_gives_every_worker_a_fresh_kv_events_secret(monkeypatch):
+    """`tandem up` starts each worker with KV events and the fleet's secret (run_up makes a fresh
+    one, secrets.token_hex(32)), whatever the caller's environment holds."""
+    import secrets
+
+    from tandem.router import launch
+
+    started: list[tuple[list[str], dict]] = []
+
+    class FakePopen:
+        def __init__(self, cmd, env=None, **_):
+            started.append((cmd, env))
+
+    monkeypatch.delenv("TANDEM_KV_EVENTS_SECRET", raising=False)
+    monkeypatch.setattr(launch.subprocess, "Popen", FakePopen)
+    for roles in (["both", "both"], ["prefill", "decode"]):
+        started.clear()
+        secret = secrets.token_hex(32)
+        launch._start_workers("model", roles, [], secret)  # noqa: SLF001
+        assert len(started) == 2
+        for cmd, env in started:
+            assert "--kv-events-endpoint" in cmd
+            assert env["TANDEM_KV_EVENTS_SECRET"] == secret
+
+
+# -- item 9: the KV sender against peers without the secret ------------------------------------------------
+SECRET = b"k" * 32
+
+
+def _vm_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> None:
+    """VmHWM := VmRSS (Linux >= 4.0), so the next peak is measured from here."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+@pytest.fixture
+def sender():
+    """A real KVSender (TCP) over a small cache: 2 layers of 64 blocks; blocks 1 and 2 leased."""
+    import torch
+    import zmq
+
+    from tandem.kv_transfer.sender import KVSender
+    from tandem.kv_transfer.ticket import KVTransferConfig
+
+    caches = [(torch.full((64, 16, 2, 8), float(i + 1)), torch.full((64, 16, 2, 8), -float(i + 1))) for i in range(2)]
+    ctx = zmq.Context()
+    s = KVSender(KVTransferConfig(role="prefill", secret=SECRET, transport="tcp", lease_s=30.0), caches, "compat", ctx)
+    lease = s.hold([1, 2])
+    yield s, lease.lease_id, ctx
+    s.close()
+    ctx.term()
+
+
+def _pull(ctx, endpoint: str, lease_id: str, secret: bytes = SECRET, timeout_ms: int = 10_000) -> list:
+    """One pull from a fresh DEALER; the messages received until PullDone/PullError (or silence)."""
+    import zmq
+
+    from tandem.kv_transfer.wire import Pull, PullDone, PullError, ToReceiver, WireCodec
+
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    codec = WireCodec(secret, ToReceiver)
+    got = []
+    try:
+        dealer.send_multipart(codec.encode(Pull(lease_id, "compat", [1, 2])))
+        while dealer.poll(timeout_ms):
+            frames = dealer.recv_multipart()
+            msg, payload = WireCodec(SECRET, ToReceiver).decode(frames)
+            got.append((msg, payload))
+            if isinstance(msg, (PullDone, PullError)):
+                break
+    finally:
+        dealer.close(0)
+    return got
+
+
+def _disconnected(ctx, endpoint: str, frames: list, timeout_s: float) -> bool:
+    """Send ``frames`` from a fresh DEALER; True once the peer has closed that connection."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RECONNECT_IVL, 60_000)  # one connection: its close is what we wait for
+    monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        dealer.connect(endpoint)
+        dealer.send_multipart(frames, copy=False)
+        return bool(monitor.poll(int(timeout_s * 1000))) and \
+            recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        dealer.disable_monitor()
+        monitor.close(0)
+        dealer.close(0)
+
+
+def test_sender_drops_oversized_frame_without_growing(sender):
+    """Before the fix the sender took a frame up to 1 GiB from anyone who could connect: a 64 MB
+    junk frame was received whole (peak RSS +64 MB or more) before the MAC was even looked at."""
+    from tandem.kv_transfer.wire import LayerData, PullDone
+
+    s, lease_id, ctx = sender
+    junk = b"\x00" * (64 << 20)
+    _reset_peak_rss()
+    base = _vm_kib("VmHWM")
+    # the socket refuses the frame at its length prefix and closes the connection; before the
+    # fix nothing closes it (the wait ends at its deadline) and the sender thread decodes it
+    _disconnected(ctx, s.endpoint, [junk], timeout_s=10)
+    got = _pull(ctx, s.endpoint, lease_id)  # the sender thread has passed the junk if it took it
+    grown_mib = (_vm_kib("VmHWM") - base) / 1024
+    assert grown_mib < 16, f"peak RSS grew {grown_mib:.0f} MiB for a junk frame"
+    assert s._thread.is_alive()  # noqa: SLF001
+    layers = [m for m, _ in got if isinstance(m, LayerData)]
+    assert len(layers) == 2 and isinstance(got[-1][0], PullDone)  # a legitimate pull still works
+
+
+def test_sender_refuses_forged_and_malformed_messages(sender):
+    """Well-formed but signed with another secret: answered unauthenticated, the lease untouched;
+    extra frames or a header over the cap: dropped; a legitimate pull still works afterwards."""
+    import zmq
+
+    from tandem.kv_transfer.wire import LayerData, PullDone, PullError, Release, Renew, ToReceiver, WireCodec
+
+    s, lease_id, ctx = sender
+    got = _pull(ctx, s.endpoint, lease_id, secret=b"x" * 32)
+    assert [(type(m), m.kind) for m, _ in got] == [(PullError, "unauthenticated")]
+    forged = WireCodec(b"x" * 32, ToReceiver)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(s.endpoint)
+    try:
+        dealer.send_multipart(forged.encode(Release(lease_id)))  # would end the lease if believed
+        signed = WireCodec(SECRET, ToReceiver).encode(Release(lease_id))
+        dealer.send_multipart([*signed, b"\x00" * 1024])  # a control message never has payload frames
+        dealer.send_multipart(WireCodec(SECRET, ToReceiver).encode(Renew(["0" * 32] * 100_000)))  # 3.4 MB header
+    finally:
+        dealer.close(0)
+    got = _pull(ctx, s.endpoint, lease_id)
+    assert sum(isinstance(m, LayerData) for m, _ in got) == 2 and isinstance(got[-1][0], PullDone)
+    assert s.num_leases == 1 and not s._leases[lease_id].released  # noqa: SLF001
+
+
+def test_receiver_caps_frames_at_the_largest_layer():
+    """The decode side's DEALER takes no frame larger than one layer of its whole cache."""
+    import torch
+    import zmq
+
+    from tandem.kv_transfer.receiver import KVReceiver
+    from tandem.kv_transfer.ticket import KVTransferConfig
+
+    caches = [(torch.zeros(64, 16, 2, 8), torch.zeros(64, 16, 2, 8)) for _ in range(2)]
+    ctx = zmq.Context()
+    receiver = KVReceiver(KVTransferConfig(role="decode", secret=SECRET, transport="tcp"), caches, "compat", ctx)
+    try:
+        sock = receiver._sock("tcp://127.0.0.1:1")  # noqa: SLF001 - the socket it would pull with
+        cap = sock.getsockopt(zmq.MAXMSGSIZE)
+        assert 64 * 16 * 2 * 8 * 4 <= cap <= 1 << 20
+    finally:
+        receiver.close()
+        ctx.term()
