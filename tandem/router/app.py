@@ -152,7 +152,8 @@ class RouterMetrics:
         self.prompt_tokens = Counter("tandem_router_prompt_tokens", "Prompt tokens routed (per usage)",
                                      registry=self.registry)
         self.pd_decisions = Counter("tandem_router_pd_decisions", "P/D decider: split (remote prefill + KV transfer), "
-                                    "local (prefill on the decode worker), fallback (prefill leg failed: local)",
+                                    "local (prefill on the decode worker), fallback (prefill leg failed: local), "
+                                    "failed (the prefill worker failed on the request: 502, not run again)",
                                     ["decision"], registry=self.registry)
         self.pd_concurrent = Counter("tandem_router_pd_concurrent_splits", "Splits whose decode leg was sent with "
                                      "a pending ticket while the prefill leg ran", registry=self.registry)
@@ -620,9 +621,10 @@ async def _prefill_leg(router: Router, http: httpx.AsyncClient, worker: WorkerSt
     finally:
         router.release_prefill(leg)
     if not isinstance(ticket, dict):
-        router.metrics.pd_decisions.labels("fallback" if fatal is None else "failed").inc()
         if fatal is not None and raise_fatal:
+            router.metrics.pd_decisions.labels("failed").inc()
             raise fatal
+        router.metrics.pd_decisions.labels("fallback").inc()  # concurrent legs: the decode leg is under way already
         return None
     elapsed = time.perf_counter() - started
     router.metrics.pd_prefill_seconds.observe(elapsed)
