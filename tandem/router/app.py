@@ -32,9 +32,15 @@ import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tandem.kv_transfer.ticket import Ticket, prompt_hash, sign
 from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
@@ -693,7 +699,10 @@ def bounded_h11_protocol(head_timeout_s: float) -> type:
 
 async def serve_router(router: Router, host: str, port: int, subscribers: list, on_ready=None,
                        api_key: str | None = None, head_timeout_s: float = HEAD_TIMEOUT_S,
-                       body_timeout_s: float = BODY_TIMEOUT_S, keep_alive_timeout_s: float = KEEP_ALIVE_TIMEOUT_S) -> int:
+                       body_timeout_s: float = BODY_TIMEOUT_S,
+                       keep_alive_timeout_s: float = KEEP_ALIVE_TIMEOUT_S) -> int:
+    """Serve until SIGINT/SIGTERM. ``api_key``: required of every client but on OPEN_PATHS (None:
+    open). Timeouts: see HEAD_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S."""
     import signal
 
     import uvicorn
