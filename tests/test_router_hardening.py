@@ -127,9 +127,10 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def _fleet(modes=("ok", "ok"), router_kwargs: dict | None = None, router_args: tuple = ()) -> Iterator[Fleet]:
-    """Fake workers (one per mode) and a router in front; on exit the router must have nothing in
-    flight, and every process is stopped."""
+def _fleet(modes=("ok", "ok"), router_kwargs: dict | None = None, router_args: tuple = (),
+           roles: tuple | None = None) -> Iterator[Fleet]:
+    """Fake workers (one per mode, with the given roles) and a router in front; on exit the router
+    must have nothing in flight, and every process is stopped."""
     procs: list[subprocess.Popen] = []
     try:
         workers = []
@@ -141,7 +142,9 @@ def _fleet(modes=("ok", "ok"), router_kwargs: dict | None = None, router_args: t
             _wait_healthy(url, proc)
         port = _free_port()
         procs.append(_spawn("router", str(port), json.dumps(router_kwargs or {}), "--policy", "round-robin",
-                            "--seed", "0", *router_args, *[a for w in workers for a in ("--worker", w)]))
+                            "--seed", "0", *router_args,
+                            *[a for w, role in zip(workers, roles or ["both"] * len(workers))
+                              for a in ("--worker", f"{w},role={role}")]))
         fleet = Fleet(f"http://127.0.0.1:{port}", port, workers, procs[:-1])
         _wait_healthy(fleet.url, procs[-1])  # the router serves once its pool has checked every worker
         yield fleet
@@ -256,6 +259,18 @@ def test_an_overloaded_worker_503_with_retry_after_is_retried_elsewhere(make_fle
     for i in range(4):  # round robin: half land on the busy worker first
         assert fleet.post({"model": MODEL, "prompt": f"p{i}", "max_tokens": 1}).status_code == 200
     assert len(fleet.seen(fleet.workers[0])) >= 1 and len(fleet.seen(fleet.workers[1])) == 4
+
+
+def test_a_prefill_leg_that_kills_its_worker_is_not_run_on_the_decode_worker(make_fleet, tokenizer_dir):
+    fleet = make_fleet(roles=("prefill", "decode"),
+                       router_args=("--tokenizer", tokenizer_dir, "--pd-threshold", "1", "--no-pd-concurrent"))
+    prefill, decode = fleet.workers
+    r = fleet.post({"model": MODEL, "prompt": "crash " * 40, "max_tokens": 1})
+    _openai_error(r, 502, "worker_failed")
+    assert fleet.procs[0].poll() is not None and fleet.procs[1].poll() is None
+    assert fleet.seen(decode) == []
+    # the prefill worker is gone: prompts are prefilled on the decode worker again
+    assert fleet.post({"model": MODEL, "prompt": "fine " * 40, "max_tokens": 1}).status_code == 200
 
 
 # --------------------------------------------------------------------------- 2. token ids, types, no model
