@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+if __name__ != "__main__":  # the fake worker and router processes run this file: they need no engine
+    from tests.test_router import fleet  # noqa: F401 - real `tandem serve` workers behind `tandem router`
+
 MODEL = "tiny"
 ROUTER_IDLE_DEADLINE_S = 20
 
@@ -264,7 +267,7 @@ def test_an_overloaded_worker_503_with_retry_after_is_retried_elsewhere(make_fle
 def test_a_prefill_leg_that_kills_its_worker_is_not_run_on_the_decode_worker(make_fleet, tokenizer_dir):
     fleet = make_fleet(roles=("prefill", "decode"),
                        router_args=("--tokenizer", tokenizer_dir, "--pd-threshold", "1", "--no-pd-concurrent"))
-    prefill, decode = fleet.workers
+    decode = fleet.workers[1]
     r = fleet.post({"model": MODEL, "prompt": "crash " * 40, "max_tokens": 1})
     _openai_error(r, 502, "worker_failed")
     assert fleet.procs[0].poll() is not None and fleet.procs[1].poll() is None
@@ -280,6 +283,17 @@ def test_prompts_that_cannot_be_token_ids_are_400(fleet1, prompt):
     fleet = fleet1
     err = _openai_error(fleet.post({"model": MODEL, "prompt": prompt, "max_tokens": 1}), 400)
     assert err["type"] == "invalid_request_error"
+
+
+def test_out_of_vocabulary_ids_are_judged_by_a_real_worker(fleet):
+    """Ids that may be token ids pass the router; a real worker answers 400 for its vocabulary."""
+    url, _, _ = fleet
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [2**31 - 1] * 32, "max_tokens": 1},
+                   timeout=60)
+    assert r.status_code == 400 and "error" in r.json(), r.text
+    for prompt in ([2**70] * 32, [[2**70] * 32], [-1] * 32):
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400 and "error" in r.json(), r.text
 
 
 @pytest.mark.parametrize("body", [[1, 2], "just a string", 3, None])
