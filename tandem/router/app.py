@@ -2,15 +2,25 @@
 
 Per request: parse the body, tokenize the prompt (local tokenizer; chat through its template),
 hash its full blocks as the engine does, let the policy pick a worker among the healthy ones,
-and pass the worker's response through unchanged (streaming bytes as they arrive). A request
-that fails before its first byte (connection error, 5xx) is retried once on another worker;
-after the first byte the client sees the worker's stream as is. Every request the router sends
-is released exactly once (in_flight and the policy's per-prefix counts go back down).
+and pass the worker's response through unchanged (streaming bytes as they arrive). A request is
+retried once on another worker only when the first worker cannot have run it: the connection
+failed before any byte reached it, or it answered 503 with Retry-After (overloaded). A worker that
+dropped the request after receiving it, or answered 500, may have been broken by that very
+request: the client gets 502 `worker_failed` and no other worker sees it. 4xx answers pass through
+as is. After the first byte the client sees the worker's stream as is. Every request the router
+sends is released exactly once (in_flight and the policy's per-prefix counts go back down).
+
+What a client sends is bounded before it costs anything (issue 17): the API key (when set) is
+checked before the body is read; the body is counted as it arrives (MAX_BODY_BYTES, 413) and must
+arrive within BODY_TIMEOUT_S (408); a connection must send a complete request head within
+HEAD_TIMEOUT_S; prompts are validated (token ids, types) before hashing, and tokenized off the
+event loop, and not at all above ROUTE_TOKENIZE_MAX_CHARS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import secrets
@@ -23,10 +33,12 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tandem.kv_transfer.ticket import Ticket, prompt_hash, sign
 from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
-from tandem.router.pd import PDDecider
+from tandem.router.pd import PDDecider, PDPlan
 from tandem.router.policy import PrefixMatcher
 from tandem.router.types import RouteRequest, WorkerState
 from tandem.router.workers import WorkerPool
@@ -35,11 +47,87 @@ logger = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-session-id"
 MAX_BODY_BYTES = 4 * 2**20
+TOKEN_ID_LIMIT = 2**31  # token ids the router hashes are ints in [0, TOKEN_ID_LIMIT); the worker judges the vocabulary
+# Invariant: RouteRequest.token_ids is either the prompt's exact, full tokenization or empty (route
+# by load), never a part of it: P/D pending tickets hash the whole prompt. So a prompt longer than
+# this many characters is not tokenized here at all (it would cost ~1 s per MB of a CPU core) and
+# is routed by load, without prefix affinity and without a P/D split.
+ROUTE_TOKENIZE_MAX_CHARS = 131_072
+OFF_LOOP_CHARS = 4096  # prompts longer than this are tokenized in a thread, not on the event loop
+HEAD_TIMEOUT_S = 10.0  # a connection with no request in progress must send a complete head within this
+BODY_TIMEOUT_S = 30.0  # a request's body must have fully arrived this long after its head (else 408)
+KEEP_ALIVE_TIMEOUT_S = 5.0  # an idle keep-alive connection is closed after this
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
+_CLOSE = {"Connection": "close"}  # the body was not read to its end: the connection cannot be reused
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                        status_code=status)
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class ClientError(Exception):
+    """A request the router refuses itself; ``response`` is its answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.response = _error(status, message, param=param, headers=headers)
+
+
+def _is_token_id(x: object) -> bool:
+    return type(x) is int and 0 <= x < TOKEN_ID_LIMIT  # type(): bools are not token ids
+
+
+def check_prompt(prompt: object) -> None:
+    """Raise ClientError unless ``prompt`` has a shape the workers accept (str, [str], [id],
+    [[id]]) with every id a possible token id. Empty or absent prompts are the worker's to judge."""
+    if prompt is None or isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list):
+        raise ClientError(400, "prompt must be a string, a list of strings or a list of token ids", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return
+    rows = prompt if prompt and isinstance(prompt[0], list) else [prompt]
+    if not all(isinstance(r, list) and all(_is_token_id(t) for t in r) for r in rows):
+        raise ClientError(400, f"prompt token ids must be integers in [0, {TOKEN_ID_LIMIT})", "prompt")
+
+
+def check_messages(messages: object) -> None:
+    """Raise ClientError unless ``messages`` is a list of objects whose content is a string, a
+    list of content parts (objects) or absent."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ClientError(400, "messages must be a list of message objects", "messages")
+    for m in messages:
+        content = m.get("content")
+        if not (content is None or isinstance(content, str)
+                or isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+            raise ClientError(400, "message content must be a string or a list of content parts", "messages")
+
+
+def check_body(body: object, chat: bool) -> dict:
+    """The request body as a dict, or ClientError for what no worker could serve."""
+    if not isinstance(body, dict):
+        raise ClientError(400, "request body must be a JSON object")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ClientError(400, "model must be a string", "model")
+    if chat:
+        check_messages(body.get("messages"))
+    else:
+        check_prompt(body.get("prompt"))
+    return body
+
+
+def prompt_chars(body: dict, chat: bool) -> int:
+    """Characters the router would tokenize for routing (call after check_body)."""
+    if chat:
+        return sum(len(m.get("content")) if isinstance(m.get("content"), str)
+                   else sum(len(str(p.get("text", ""))) for p in m.get("content") or [])
+                   for m in body.get("messages") or [])
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ""
+    return len(prompt) if isinstance(prompt, str) else 0
 
 
 class RouterMetrics:
@@ -64,7 +152,8 @@ class RouterMetrics:
         self.prompt_tokens = Counter("tandem_router_prompt_tokens", "Prompt tokens routed (per usage)",
                                      registry=self.registry)
         self.pd_decisions = Counter("tandem_router_pd_decisions", "P/D decider: split (remote prefill + KV transfer), "
-                                    "local (prefill on the decode worker), fallback (prefill leg failed: local)",
+                                    "local (prefill on the decode worker), fallback (prefill leg failed: local), "
+                                    "failed (the prefill worker failed on the request: 502, not run again)",
                                     ["decision"], registry=self.registry)
         self.pd_concurrent = Counter("tandem_router_pd_concurrent_splits", "Splits whose decode leg was sent with "
                                      "a pending ticket while the prefill leg ran", registry=self.registry)
@@ -113,16 +202,26 @@ class Router:
         self.metrics, self.decision = metrics, decision
 
     def route_request(self, body: dict, chat: bool, session: str | None) -> RouteRequest:
-        ids = self._token_ids(body, chat)
-        return RouteRequest(str(body.get("model", "")), ids, prompt_block_hashes(ids, self.block_size), session)
+        """The policy's view of a checked body (check_body). No model: any worker may take it."""
+        ids = self._token_ids(body, chat) if prompt_chars(body, chat) <= ROUTE_TOKENIZE_MAX_CHARS else []
+        model = body.get("model")
+        return RouteRequest(model if isinstance(model, str) else "", ids, prompt_block_hashes(ids, self.block_size),
+                            session)
+
+    async def route_request_async(self, body: dict, chat: bool, session: str | None) -> RouteRequest:
+        """route_request, in a thread when the prompt is long enough to hold the event loop."""
+        if self.tokenizer is not None and prompt_chars(body, chat) > OFF_LOOP_CHARS:
+            return await asyncio.to_thread(self.route_request, body, chat, session)
+        return self.route_request(body, chat, session)
 
     def _token_ids(self, body: dict, chat: bool) -> list[int]:
+        """The prompt's token ids (body checked by check_body: ids given are valid token ids)."""
         if self.tokenizer is None:
             return []
         try:
             if chat:
                 msgs = [{"role": m.get("role"), "content": m.get("content") if isinstance(m.get("content"), str)
-                         else "".join(p.get("text", "") for p in m.get("content") or [])}
+                         else "".join(str(p.get("text", "")) for p in m.get("content") or [])}
                         for m in body.get("messages") or []]
                 return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
                                                                return_dict=False))
@@ -135,26 +234,46 @@ class Router:
         except Exception:  # noqa: BLE001 - a prompt we cannot parse is routed by load; the worker judges it
             return []
 
-    def pick(self, req: RouteRequest, exclude: set[str]) -> Routed | None:
+    def pick(self, req: RouteRequest, exclude: set[str], *, record: bool = True) -> Routed | None:
+        """A worker for ``req``, accounted (release it once). ``record=False`` leaves the prefix out
+        of the routing history until ``record``: the P/D decision must see the index as it was."""
         candidates = [w for w in self.pool.healthy() if w.url not in exclude and (self.pd is None or w.decodes)]
         worker = self.policy.pick(req, candidates)
         if worker is None:
             return None
-        return self._account(worker, req)  # the policy recorded the pick itself (session, per-prefix counts)
+        routed = self._account(worker, req)  # the policy recorded the pick itself (session, per-prefix counts)
+        if record:
+            self.record(routed)
+        return routed
+
+    def serves_model(self, model: str) -> bool:
+        """Whether some healthy worker serves ``model`` (or might: a worker whose models are unknown)."""
+        return not model or any(not w.models or model in w.models for w in self.pool.healthy())
+
+    def plan_split(self, routed: Routed) -> PDPlan:
+        """The P/D decider's plan for a request picked (not yet recorded) on a decode worker."""
+        prefills = [w for w in self.pool.healthy() if w.prefills and w.url != routed.worker.url]
+        return self.pd.plan(len(routed.req.token_ids), routed.worker, prefills, self._matched_blocks(routed.req),
+                            routed.prefill_tokens)
+
+    def record(self, routed: Routed) -> None:
+        """Remember that the worker will hold the request's prefix (routing history, for workers
+        without KV events)."""
+        if routed.req.block_hashes:
+            self.approx.record(routed.worker.url, routed.req.block_hashes)
 
     def pick_prefill(self, worker: WorkerState, req: RouteRequest) -> Routed:
         """Account a prefill leg on ``worker`` (outside the policy: no session or prefix counts)."""
-        return self._account(worker, req)
+        routed = self._account(worker, req)
+        self.record(routed)
+        return routed
 
     def _account(self, worker: WorkerState, req: RouteRequest) -> Routed:
-        """Count the request on the worker: in flight, its uncached prompt as pending prefill, and
-        its prefix in the routing history."""
+        """Count the request on the worker: in flight, and its uncached prompt as pending prefill."""
         predicted = self._matched_blocks(req).get(worker.url, 0)
         prefill = max(0, len(req.token_ids) - predicted * self.block_size)
         worker.in_flight += 1
         worker.pending_prefill_tokens += prefill
-        if req.block_hashes:
-            self.approx.record(worker.url, req.block_hashes)
         return Routed(worker, req, predicted, prefill)
 
     def release_prefill(self, routed: Routed) -> None:
@@ -225,8 +344,72 @@ def _usage_from_sse(buffer: bytes) -> dict | None:
     return usage
 
 
-def build_router_app(router: Router, http: httpx.AsyncClient) -> FastAPI:
+class ApiKeyMiddleware:
+    """ASGI: every path but OPEN_PATHS needs `Authorization: Bearer KEY`, checked before anything
+    of the body is read (an unauthenticated request costs the router its head only)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def read_body(raw: Request, limit: int, deadline: float) -> bytes:
+    """The request body, counted as it arrives: ClientError 413 as soon as it passes ``limit``
+    bytes (a Content-Length over it: before reading any), 408 when it has not fully arrived by
+    ``deadline`` (loop time). Either closes the connection (the rest of the body is never read)."""
+    declared = raw.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ClientError(413 if declared.isdigit() else 400,
+                          f"request body larger than {limit} bytes" if declared.isdigit() else "bad Content-Length",
+                          headers=_CLOSE)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in raw.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ClientError(413, f"request body larger than {limit} bytes", headers=_CLOSE)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ClientError(408, "request body not received in time", headers=_CLOSE) from None
+    except ClientDisconnect:
+        raise ClientError(400, "client disconnected before sending its body", headers=_CLOSE) from None
+    return b"".join(chunks)
+
+
+def parse_body(body_bytes: bytes, chat: bool) -> dict:
+    """The checked JSON object, or ClientError 400 (invalid JSON or UTF-8, nesting too deep,
+    shapes no worker serves)."""
+    try:
+        body = json.loads(body_bytes)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ClientError(400, "request body must be a JSON object") from None
+    return check_body(body, chat)
+
+
+def build_router_app(router: Router, http: httpx.AsyncClient, api_key: str | None = None,
+                     body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     app = FastAPI(title="tandem router")
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
+                      headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception):
+        logger.exception("router: unexpected error")
+        return _error(500, f"router error: {type(exc).__name__}", "internal_error")
 
     @app.get("/health")
     async def health():
@@ -243,29 +426,35 @@ def build_router_app(router: Router, http: httpx.AsyncClient) -> FastAPI:
                                            for n in names]}
 
     async def forward(raw: Request, path: str, chat: bool):
-        body_bytes = await raw.body()
-        if len(body_bytes) > MAX_BODY_BYTES:
-            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        deadline = asyncio.get_running_loop().time() + body_timeout_s
         try:
-            body = json.loads(body_bytes)
-            assert isinstance(body, dict)
-        except (ValueError, AssertionError):
-            return _error(400, "request body must be a JSON object")
+            body_bytes = await read_body(raw, MAX_BODY_BYTES, deadline)
+            body = parse_body(body_bytes, chat)
+        except ClientError as e:
+            return e.response
         started = time.perf_counter()
-        req = router.route_request(body, chat, raw.headers.get(SESSION_HEADER))
+        req = await router.route_request_async(body, chat, raw.headers.get(SESSION_HEADER))
+        if not router.serves_model(req.model):
+            return _error(404, f"The model `{req.model}` does not exist.", "NotFoundError", "model_not_found",
+                          "model")
         headers = {k: v for k, v in raw.headers.items() if k.lower() in ("authorization", "content-type")}
         tried: set[str] = set()
         for attempt in range(2):
-            routed = router.pick(req, tried)
+            routed = router.pick(req, tried, record=False)
             if routed is None:
                 break
             if attempt == 0:
                 router.metrics.routing_latency.observe(time.perf_counter() - started)
             tried.add(routed.worker.url)
             if attempt == 0 and router.pd is not None and _splittable(body, req):
-                split_body = await _maybe_split(router, http, routed, path, body, headers)
-                body_bytes = split_body or body_bytes
-            response = await _send(router, http, routed, path, body_bytes, headers, bool(body.get("stream")))
+                try:
+                    body_bytes = await _maybe_split(router, http, routed, path, body, headers) or body_bytes
+                except WorkerFailed as e:
+                    router.release(routed)
+                    return e.response()
+            router.record(routed)  # after the P/D decision, which must not see this request as cached
+            response = await _send(router, http, routed, path, body_bytes, headers, bool(body.get("stream")),
+                                   may_retry=attempt == 0)
             if response is not None:
                 router.metrics.requests.labels(routed.worker.url, router.decision).inc()
                 return response
@@ -292,36 +481,68 @@ def build_router_app(router: Router, http: httpx.AsyncClient) -> FastAPI:
     return app
 
 
+# Errors raised before any byte of the request reached the worker: another worker may take it.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class WorkerFailed(Exception):
+    """The worker dropped the request after receiving it, or answered 500: the request may be
+    what broke it, so it goes to no other worker; the client gets 502 ``worker_failed``."""
+
+    def __init__(self, url: str, what: str) -> None:
+        super().__init__(f"{url}: {what}")
+        self.what = what
+
+    def response(self) -> JSONResponse:
+        return _error(502, f"the worker failed on this request ({self.what}); it was not retried",
+                      "ServiceUnavailableError", "worker_failed")
+
+
+def _retryable(resp: httpx.Response) -> bool:
+    """An overloaded worker's answer: it did not run the request."""
+    return resp.status_code == 503 and "retry-after" in resp.headers
+
+
+def _fatal(resp: httpx.Response) -> bool:
+    """A worker error that may have been caused by the request (502 is a failed KV load, the
+    client's answer; 503 the worker's own refusal)."""
+    return resp.status_code == 500 or resp.status_code >= 504
+
+
 async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: str, body: bytes,
-                headers: dict, stream: bool) -> Response | None:
-    """The worker's response, or None when it failed before its first byte (the caller retries)."""
+                headers: dict, stream: bool, may_retry: bool = True) -> Response | None:
+    """The response for the client, or None when the caller may retry on another worker: the
+    connection failed before the worker got the request, or (``may_retry``) the worker answered
+    503 with Retry-After. Releases ``routed`` exactly once (here, or when the stream ends)."""
     url = routed.worker.url + path
     try:
         upstream = await http.send(http.build_request("POST", url, content=body, headers=headers), stream=True)
-    except httpx.HTTPError:
+    except httpx.HTTPError as e:
         router.pool.report_failure(routed.worker.url)
         router.release(routed)
-        return None
-    if upstream.status_code >= 500 and upstream.status_code != 502:  # 502: a failed KV load, the client's answer
+        return None if isinstance(e, _NOT_SENT) else WorkerFailed(url, type(e).__name__).response()
+    if upstream.status_code >= 500 and upstream.status_code != 502:
+        router.pool.report_failure(routed.worker.url)
+    else:
+        router.pool.report_success(routed.worker.url)
+    if _fatal(upstream) or (may_retry and _retryable(upstream)):
         await upstream.aclose()
-        router.pool.report_failure(routed.worker.url)
         router.release(routed)
-        return None
-    router.pool.report_success(routed.worker.url)
+        return None if _retryable(upstream) else WorkerFailed(url, f"HTTP {upstream.status_code}").response()
     passthrough = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
     if not stream:
         try:
             content = await upstream.aread()
-        except httpx.HTTPError:
+        except httpx.HTTPError as e:
             router.pool.report_failure(routed.worker.url)
-            return None
+            return WorkerFailed(url, type(e).__name__).response()
         finally:
             await upstream.aclose()
             router.release(routed)
         if upstream.status_code == 200:
             try:
                 router.observe_usage(routed, json.loads(content).get("usage"))
-            except ValueError:
+            except (ValueError, AttributeError):
                 pass
         return Response(content, status_code=upstream.status_code, headers=passthrough)
     return StreamingResponse(_relay(router, routed, upstream), status_code=upstream.status_code,
@@ -345,10 +566,10 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
     """Ask the P/D decider; on a split, return the decode leg's body with its ticket: a pending
     one signed here while the prefill leg runs concurrently (when the router has the fleet's
     secret and knows the prefill worker's KV endpoint from an earlier ticket), else the prefill
-    worker's own after its leg. None: prefill locally (decided so, or the prefill leg failed)."""
-    prefills = [w for w in router.pool.healthy() if w.prefills and w.url != routed.worker.url]
-    plan = router.pd.plan(len(routed.req.token_ids), routed.worker, prefills, router._matched_blocks(routed.req),
-                          routed.prefill_tokens)
+    worker's own after its leg. None: prefill locally (decided so, or the prefill leg failed before
+    the prefill worker ran it). WorkerFailed: the prefill worker failed on the request (it goes to
+    no other worker). ``routed`` is not yet recorded in the routing history."""
+    plan = router.plan_split(routed)
     if not plan.split:
         router.metrics.pd_decisions.labels("local").inc()
         return None
@@ -367,7 +588,7 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
         router.metrics.pd_concurrent.inc()
         return json.dumps({**body, "kv_transfer_params": pending}).encode()
     prefill_body["kv_transfer_params"] = {"do_remote_decode": True}
-    ticket = await _prefill_leg(router, http, plan.prefill, routed.req, path, prefill_body, headers)
+    ticket = await _prefill_leg(router, http, plan.prefill, routed.req, path, prefill_body, headers, raise_fatal=True)
     if ticket is None:
         router.count_prefill(routed, local_prefill_tokens)  # the decode worker prefills it after all
         return None
@@ -376,25 +597,34 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
 
 
 async def _prefill_leg(router: Router, http: httpx.AsyncClient, worker: WorkerState, req: RouteRequest, path: str,
-                       body: dict, headers: dict) -> dict | None:
+                       body: dict, headers: dict, raise_fatal: bool = False) -> dict | None:
     """POST the prefill leg; learn from it (cost per token, the worker's ticket fields). Returns
-    the ticket, or None when the leg failed (counted as a fallback: the decode worker prefills)."""
+    the ticket, or None when the leg failed (counted as a fallback: the decode worker prefills).
+    With ``raise_fatal``, a failure the request may have caused (dropped after sending, 500)
+    raises WorkerFailed instead: the decode worker must not run it too."""
     leg = router.pick_prefill(worker, req)
     tokens_ahead = worker.pending_prefill_tokens
     started = time.perf_counter()
-    ticket = None
+    ticket, fatal = None, None
     try:
         resp = await http.post(worker.url + path, json=body, headers=headers, timeout=_PREFILL_LEG_TIMEOUT)
         if resp.status_code == 200:
             ticket = resp.json().get("kv_transfer_params")
-        elif resp.status_code >= 500:
+        elif resp.status_code >= 500 and resp.status_code != 502:
             router.pool.report_failure(worker.url)
-    except (httpx.HTTPError, ValueError):
+            fatal = WorkerFailed(worker.url, f"HTTP {resp.status_code}") if _fatal(resp) else None
+    except httpx.HTTPError as e:
         router.pool.report_failure(worker.url)
+        fatal = None if isinstance(e, _NOT_SENT) else WorkerFailed(worker.url, type(e).__name__)
+    except ValueError:
+        pass
     finally:
         router.release_prefill(leg)
     if not isinstance(ticket, dict):
-        router.metrics.pd_decisions.labels("fallback").inc()
+        if fatal is not None and raise_fatal:
+            router.metrics.pd_decisions.labels("failed").inc()
+            raise fatal
+        router.metrics.pd_decisions.labels("fallback").inc()  # concurrent legs: the decode leg is under way already
         return None
     elapsed = time.perf_counter() - started
     router.metrics.pd_prefill_seconds.observe(elapsed)
@@ -423,19 +653,66 @@ async def _relay(router: Router, routed: Routed, upstream: httpx.Response) -> As
         router.observe_usage(routed, _usage_from_sse(tail))
 
 
-async def serve_router(router: Router, host: str, port: int, subscribers: list, on_ready=None) -> int:
+def bounded_h11_protocol(head_timeout_s: float) -> type:
+    """uvicorn's h11 protocol, plus: a connection with no request in progress (just opened, or
+    idle or sending a new head after a response) is closed ``head_timeout_s`` after it opened or
+    its last response ended. uvicorn alone never times out a head (its keep-alive timer is
+    cancelled by any byte received) nor a connection that sends nothing. A request in progress is
+    the app's to bound (BODY_TIMEOUT_S, then the response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedHeadH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            self._arm_head_timer()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(head_timeout_s, self._on_head_timeout)
+
+        def _on_head_timeout(self) -> None:
+            self._head_timer = None
+            in_progress = self.cycle is not None and not self.cycle.response_complete
+            if not in_progress and not self.transport.is_closing():
+                self.transport.close()
+
+    return BoundedHeadH11Protocol
+
+
+async def serve_router(router: Router, host: str, port: int, subscribers: list, on_ready=None,
+                       api_key: str | None = None, head_timeout_s: float = HEAD_TIMEOUT_S,
+                       body_timeout_s: float = BODY_TIMEOUT_S,
+                       keep_alive_timeout_s: float = KEEP_ALIVE_TIMEOUT_S) -> int:
+    """Serve until SIGINT/SIGTERM. ``api_key``: required of every client but on OPEN_PATHS (None:
+    open). Timeouts: see HEAD_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S."""
     import signal
 
     import uvicorn
 
     from tandem.entrypoints.openai.api_server import _Server
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    # keep-alive to workers shorter than their (uvicorn's 5 s) so a pooled connection is not reused
+    # just as the worker closes it: that would look like a worker dropping the request (no retry)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits) as http:
         await router.pool.start()
         tasks = [asyncio.create_task(s.run()) for s in subscribers]
-        app = build_router_app(router, http)
-        server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http="h11"))
+        app = build_router_app(router, http, api_key, body_timeout_s)
+        server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                        http=bounded_h11_protocol(head_timeout_s),
+                                        timeout_keep_alive=keep_alive_timeout_s))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

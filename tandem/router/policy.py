@@ -118,11 +118,14 @@ class NotSaturatedFilter:
 
 
 class ModelServedFilter:
-    """Keep workers serving the requested model; an empty ``models`` set means unknown -> keep."""
+    """Keep workers serving the requested model; an empty ``models`` set means unknown -> keep.
+    A request naming no model (``model`` empty) may go to any worker, as a worker serves it."""
 
     name = "model_served"
 
     def __call__(self, req: RouteRequest, workers: list[WorkerState]) -> list[WorkerState]:
+        if not req.model:
+            return list(workers)
         return [w for w in workers if not w.models or req.model in w.models]
 
 
