@@ -48,12 +48,16 @@ BAD_BODIES: list[Any] = [
 class Tally:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> outcome -> n
     server_errors: list[str] = field(default_factory=list)
+    failure_times: list[float] = field(default_factory=list)  # monotonic clock
+    started: float = field(default_factory=time.monotonic)
 
     def add(self, kind: str, outcome: str, detail: str = "") -> None:
         per_kind = self.counts.setdefault(kind, {})
         per_kind[outcome] = per_kind.get(outcome, 0) + 1
-        if outcome == "failed" and len(self.server_errors) < 50:
-            self.server_errors.append(f"{time.strftime('%H:%M:%S')} {kind}: {detail[:200]}")
+        if outcome == "failed":
+            self.failure_times.append(time.monotonic() - self.started)
+            if len(self.server_errors) < 50:
+                self.server_errors.append(f"t={self.failure_times[-1]:.1f}s {kind}: {detail[:200]}")
 
 
 # -- processes ----------------------------------------------------------------------------------------
@@ -277,7 +281,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _drive(args: argparse.Namespace, base: str, fleet_pid: int, workers: list[Worker]) -> dict[str, Any]:
     tally = Tally()
-    started = time.monotonic()
+    started = tally.started
     deadline = started + args.duration_s
     clients = [asyncio.create_task(_client(base, args.served_model_name, args.seed + i, deadline, tally))
                for i in range(args.concurrency)]
@@ -303,6 +307,7 @@ async def _drive(args: argparse.Namespace, base: str, fleet_pid: int, workers: l
                      "kill_at_s": args.kill_at_s, "warmup_s": warmup, "max_num_seqs": args.max_num_seqs,
                      "kv_cache_memory": args.kv_cache_memory},
         "requests_sent": sent, "outcomes": tally.counts, "failed_samples": tally.server_errors,
+        "failed_outside_kill_window": _outside(tally.failure_times, kill),
         "worker_accounts_at_end": accounts, "idle_after_s": idle_after,
         "router_in_flight_at_end": _metrics(base).get("tandem_router_requests_in_flight", 0.0),
         "kill": kill,
@@ -311,6 +316,12 @@ async def _drive(args: argparse.Namespace, base: str, fleet_pid: int, workers: l
         "memory_samples": {name: [(round(t), round(m, 1)) for t, m in s] for name, s in memory.items()},
         "_restarted": restarted,
     }
+
+
+def _outside(times: list[float], kill: dict[str, Any], grace_s: float = 5.0) -> int:
+    """Failures not explained by the kill: outside [killed, restarted + grace]."""
+    start, end = kill.get("killed_at_s", float("inf")), kill.get("restarted_at_s", float("inf")) + grace_s
+    return sum(1 for t in times if not start <= t <= end)
 
 
 def _sample_memory(memory: dict[str, list[tuple[float, float]]], elapsed: float, fleet_pid: int,
@@ -384,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_json or f"benchmarks/results/soak-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("requests_sent", "outcomes", "worker_accounts_at_end", "kill",
+    print(json.dumps({k: report[k] for k in ("requests_sent", "outcomes", "failed_outside_kill_window",
+                                             "worker_accounts_at_end", "kill",
                                              "memory", "idle_after_s", "router_in_flight_at_end") if k in report},
                      indent=2))
     print(f"wrote {out}")
