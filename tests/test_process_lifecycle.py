@@ -163,3 +163,30 @@ def test_blocked_send_gives_up_when_parent_is_gone():
     finally:
         push.close(0)
         ctx.term()
+
+
+def _up(model_dirs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", str(model_dirs["llama3-gqa"]), "--replicas",
+                             "2", "--port", str(_free_port()), "--worker-args", "--kv-cache-memory 8MiB"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _workers_of(up: subprocess.Popen, count: int = 2) -> list[int]:
+    deadline = time.monotonic() + 60
+    while len(workers := [c for c in _children(up.pid) if " serve " in _cmdline(c)]) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert len(workers) == count, [_cmdline(c) for c in _children(up.pid)]
+    return workers
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_tandem_up_stopped_while_its_workers_start_leaves_none_behind(model_dirs, sig):
+    """SIGTERM before the router runs still stops the workers (its finally runs); SIGKILL, which
+    runs nothing, reaches them through the parent-death signal."""
+    up = _up(model_dirs)
+    workers = _workers_of(up)
+    up.send_signal(sig)
+    up.wait(60)
+    for pid in workers:
+        assert _wait_gone(pid, 40.0), f"worker {pid} outlived tandem up ({sig.name})"

@@ -14,7 +14,6 @@ the cleanup on the way out is bounded the same way.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from tandem.engine.protocol import (MAX_MESSAGE_BYTES, AddRequest, Codec, CoreFa
                                     EngineStats, FinishRequests, Ready, Shutdown, StepOutputs, TransferStats,
                                     WireLogprobs, WireOutput)
 from tandem.engine.request import Request, RequestStatus
+from tandem.lifecycle import set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ _IDLE_POLL_MS = 200
 _TRANSFER_POLL_MS = 2
 PARENT_CHECK_S = 1.0  # the loop, its blocking sends and the watchdog look at the parent this often
 EXIT_GRACE_S = 5.0  # cleanup on the way out (threads, sockets, contexts) may take this long, no more
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ParentGone(Exception):
@@ -73,13 +72,8 @@ def die_with_parent(parent_pid: int) -> None:
     the parent died before that was set. The signal follows the parent *thread* that started us:
     AsyncLLM.start runs on the server's event-loop thread, which lives as long as the server.
     Elsewhere the loop's checks and the watchdog (start_watchdog) do the same, a little later."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-                logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-        except (OSError, AttributeError) as e:
-            logger.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
+    if not set_parent_death_signal(signal.SIGKILL) and sys.platform.startswith("linux"):
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: the loop's checks and the watchdog stand in")
     if os.getppid() != parent_pid:
         os._exit(1)  # noqa: SLF001 - the parent is already gone: nothing to clean up or report to
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from tandem.lifecycle import exit_on_sigterm, terminate_with_parent
 from tandem.router.app import Router, RouterMetrics, serve_router
 from tandem.router.index import ApproxPrefixIndex, KVEventSubscriber, PrefixIndex
 from tandem.router.pd import PDCosts, PDDecider, kv_bytes_per_token_from_config
@@ -154,7 +155,7 @@ def _start_workers(model: str, roles: list[str], extra: list[str],
         port, events, replay = _free_port(), f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
         cmd = [sys.executable, "-m", "tandem.cli", "serve", model, "--port", str(port), "--role", role,
                "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay, *extra]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=terminate_with_parent))
         specs.append(WorkerSpec(f"http://127.0.0.1:{port}", events, replay, role))
     return procs, specs
 
@@ -205,6 +206,7 @@ def run_up(args) -> int:
 
     roles = _roles(args)
     model = args.model or default_model_path()
+    exit_on_sigterm()  # a SIGTERM while the workers start still stops them (the finally below)
     secret = secrets.token_hex(32)  # fresh per fleet: signs every worker's KV events (and KV transfers)
     procs, specs = _start_workers(model, roles, shlex.split(args.worker_args), secret)
     try:
