@@ -188,5 +188,9 @@ def test_tandem_up_stopped_while_its_workers_start_leaves_none_behind(model_dirs
     workers = _workers_of(up)
     up.send_signal(sig)
     up.wait(60)
-    for pid in workers:
-        assert _wait_gone(pid, 40.0), f"worker {pid} outlived tandem up ({sig.name})"
+    try:
+        for pid in workers:
+            assert _wait_gone(pid, 40.0), f"worker {pid} outlived tandem up ({sig.name})"
+    finally:
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
