@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tandem.entrypoints.http_protocol import add_timeout_args
+
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
@@ -60,6 +62,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tandem.entrypoints.llm import build_engine_config
+    from tandem.entrypoints.http_protocol import HTTPTimeouts
     from tandem.entrypoints.openai.api_server import serve
 
     secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
@@ -80,7 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
                  "kv_events_secret": secret.encode() if secret else None}
     return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests, kv_events,
-                             attention_backend=args.attention_backend))
+                             attention_backend=args.attention_backend, timeouts=HTTPTimeouts.from_args(args)))
 
 
 def _kv_transfer_config(args: argparse.Namespace):
@@ -181,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "ids of cached prompt blocks; HMAC-signed with $TANDEM_KV_EVENTS_SECRET (required)")
     srv.add_argument("--kv-events-replay-endpoint", default=None,
                      help="ZMQ ROUTER answering replay requests for missed KV event batches")
+    add_timeout_args(srv)
     dis = srv.add_argument_group("disaggregated prefill/decode (secret: $TANDEM_KV_TRANSFER_SECRET)")
     dis.add_argument("--role", choices=("prefill", "decode", "both"), default="both",
                      help="prefill: lease finished prompts' KV to decode workers; decode: load it from them; "

@@ -39,22 +39,22 @@ bodies = st.fixed_dictionaries(
 )
 
 
-def _post(base: str, body: dict) -> httpx.Response:
+def _post(base: str, body: dict, headers: dict | None = None) -> httpx.Response:
     if isinstance(body.get("n"), int) and 2 < body["n"] <= 512:
         body["n"] = 2  # within the bounds, a wide fan-out only makes the fuzz slow
     payload = json.dumps(body, allow_nan=True)  # NaN and Infinity literals too: Python's JSON parser takes them
-    return httpx.post(f"{base}/v1/completions", content=payload, headers={"content-type": "application/json"},
-                      timeout=120)
+    return httpx.post(f"{base}/v1/completions", content=payload,
+                      headers={"content-type": "application/json", **(headers or {})}, timeout=120)
 
 
-def _fuzz(base: str, max_examples: int) -> dict[int, int]:
+def _fuzz(base: str, max_examples: int, headers: dict | None = None) -> dict[int, int]:
     seen: dict[int, int] = {}
 
     @given(body=bodies)
     @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck), database=None,
               derandomize=True)  # the same cases every run
     def one(body):
-        r = _post(base, body)
+        r = _post(base, body, headers)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (body, r.text[:500])
         if r.status_code >= 400:
@@ -78,15 +78,17 @@ def test_extreme_sampling_fields_through_the_server(model_dirs):
 
 @pytest.mark.slow
 def test_extreme_sampling_fields_through_tandem_up(model_dirs):
+    """With --api-key: the router refuses clients without it, and the workers accept the router's."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", str(model_dirs["llama3-gqa"]), "--replicas",
-                             "2", "--port", str(port), "--worker-args",
+                             "2", "--port", str(port), "--api-key", "fleet-key", "--worker-args",
                              "--kv-cache-memory 8MiB --served-model-name tiny"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _healthy(base, proc), 240, 0.3, "tandem up's router")
-        seen = _fuzz(base, max_examples=60)
+        assert _post(base, {"model": "tiny", "prompt": "x"}).status_code == 401  # the key is the fleet's
+        seen = _fuzz(base, max_examples=60, headers={"authorization": "Bearer fleet-key"})
         assert seen.get(200) and seen.get(400), seen
         text = httpx.get(f"{base}/metrics").text
         workers = sorted({line.split('worker="')[1].split('"')[0] for line in text.splitlines()

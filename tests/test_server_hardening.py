@@ -28,7 +28,7 @@ def server(model_dirs):
 def guarded(model_dirs):
     """An API key, room for 4 sequences and no queue, and 2 s to send a whole request."""
     proc, base = start_server(model_dirs["llama3-gqa"], "--api-key", KEY, "--max-num-seqs", "4",
-                              "--max-queued-requests", "0", env={"TANDEM_REQUEST_READ_TIMEOUT_S": "2"})
+                              "--max-queued-requests", "0", "--head-timeout-s", "2", "--body-timeout-s", "2")
     yield base
     stop_server(proc)
 
@@ -222,9 +222,13 @@ def test_slow_and_idle_connections_are_closed(guarded):
     slow_body = socket.create_connection((host, int(port)))
     slow_body.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nauthorization: Bearer {KEY}\r\n"
                       "content-type: application/json\r\ncontent-length: 100\r\n\r\n{".encode())
-    for sock in (idle, slow_head, slow_body):
+    for sock in (idle, slow_head):
         assert _closed_by_server(sock, within_s=15), sock
         sock.close()
+    slow_body.settimeout(15)
+    assert slow_body.recv(4096).startswith(b"HTTP/1.1 408 ")
+    assert _closed_by_server(slow_body, within_s=15)
+    slow_body.close()
     assert _serves(guarded, {"authorization": f"Bearer {KEY}"})
 
 

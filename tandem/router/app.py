@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import httpx
 import msgspec
@@ -36,12 +36,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from tandem.entrypoints.http_protocol import ApiKeyCheck, HTTPTimeouts, uvicorn_kwargs
 from tandem.kv_transfer.ticket import Ticket, prompt_hash, sign
 from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
 from tandem.router.pd import PDDecider, PDPlan
 from tandem.router.policy import PrefixMatcher
 from tandem.router.types import RouteRequest, WorkerState
 from tandem.router.workers import WorkerPool
+from tandem.tokenizer import chat_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +56,7 @@ TOKEN_ID_LIMIT = 2**31  # token ids the router hashes are ints in [0, TOKEN_ID_L
 # is routed by load, without prefix affinity and without a P/D split.
 ROUTE_TOKENIZE_MAX_CHARS = 131_072
 OFF_LOOP_CHARS = 4096  # prompts longer than this are tokenized in a thread, not on the event loop
-HEAD_TIMEOUT_S = 10.0  # a connection with no request in progress must send a complete head within this
-BODY_TIMEOUT_S = 30.0  # a request's body must have fully arrived this long after its head (else 408)
-KEEP_ALIVE_TIMEOUT_S = 5.0  # an idle keep-alive connection is closed after this
+HEAD_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S = astuple(HTTPTimeouts())  # tandem/entrypoints/http_protocol.py
 OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
 _CLOSE = {"Connection": "close"}  # the body was not read to its end: the connection cannot be reused
 
@@ -223,8 +223,8 @@ class Router:
                 msgs = [{"role": m.get("role"), "content": m.get("content") if isinstance(m.get("content"), str)
                          else "".join(str(p.get("text", "")) for p in m.get("content") or [])}
                         for m in body.get("messages") or []]
-                return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                               return_dict=False))
+                # the workers' own rendering (tandem/tokenizer.py): P/D tickets hash these exact ids
+                return chat_token_ids(self.tokenizer, msgs, body.get("add_generation_prompt", True) is not False)
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
                 return prompt
@@ -344,22 +344,6 @@ def _usage_from_sse(buffer: bytes) -> dict | None:
     return usage
 
 
-class ApiKeyMiddleware:
-    """ASGI: every path but OPEN_PATHS needs `Authorization: Bearer KEY`, checked before anything
-    of the body is read (an unauthenticated request costs the router its head only)."""
-
-    def __init__(self, app, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = _error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
 async def read_body(raw: Request, limit: int, deadline: float) -> bytes:
     """The request body, counted as it arrives: ClientError 413 as soon as it passes ``limit``
     bytes (a Content-Length over it: before reading any), 408 when it has not fully arrived by
@@ -399,7 +383,7 @@ def build_router_app(router: Router, http: httpx.AsyncClient, api_key: str | Non
                      body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     app = FastAPI(title="tandem router")
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException):
@@ -653,44 +637,6 @@ async def _relay(router: Router, routed: Routed, upstream: httpx.Response) -> As
         router.observe_usage(routed, _usage_from_sse(tail))
 
 
-def bounded_h11_protocol(head_timeout_s: float) -> type:
-    """uvicorn's h11 protocol, plus: a connection with no request in progress (just opened, or
-    idle or sending a new head after a response) is closed ``head_timeout_s`` after it opened or
-    its last response ended. uvicorn alone never times out a head (its keep-alive timer is
-    cancelled by any byte received) nor a connection that sends nothing. A request in progress is
-    the app's to bound (BODY_TIMEOUT_S, then the response)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class BoundedHeadH11Protocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm_head_timer()
-
-        def on_response_complete(self) -> None:
-            self._arm_head_timer()
-            super().on_response_complete()
-
-        def connection_lost(self, exc) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            super().connection_lost(exc)
-
-        def _arm_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(head_timeout_s, self._on_head_timeout)
-
-        def _on_head_timeout(self) -> None:
-            self._head_timer = None
-            in_progress = self.cycle is not None and not self.cycle.response_complete
-            if not in_progress and not self.transport.is_closing():
-                self.transport.close()
-
-    return BoundedHeadH11Protocol
-
-
 async def serve_router(router: Router, host: str, port: int, subscribers: list, on_ready=None,
                        api_key: str | None = None, head_timeout_s: float = HEAD_TIMEOUT_S,
                        body_timeout_s: float = BODY_TIMEOUT_S,
@@ -710,9 +656,8 @@ async def serve_router(router: Router, host: str, port: int, subscribers: list, 
         await router.pool.start()
         tasks = [asyncio.create_task(s.run()) for s in subscribers]
         app = build_router_app(router, http, api_key, body_timeout_s)
-        server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                        http=bounded_h11_protocol(head_timeout_s),
-                                        timeout_keep_alive=keep_alive_timeout_s))
+        timeouts = HTTPTimeouts(head_timeout_s, body_timeout_s, keep_alive_timeout_s)
+        server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_kwargs(timeouts)))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

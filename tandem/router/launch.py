@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from tandem.entrypoints.http_protocol import add_timeout_args
 from tandem.lifecycle import exit_on_sigterm, terminate_with_parent
 from tandem.router.app import Router, RouterMetrics, serve_router
 from tandem.router.index import ApproxPrefixIndex, KVEventSubscriber, PrefixIndex
@@ -60,6 +61,10 @@ def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> ar
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=None, help="seed the picker's tie-breaks")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' of clients, checked here before "
+                                                   "the body is read (or $TANDEM_API_KEY); tandem up gives it to the "
+                                                   "workers too")
+    add_timeout_args(p)
     pd = p.add_argument_group("P/D decider (when some worker has role prefill or decode)")
     pd.add_argument("--pd-threshold", type=int, default=None,
                     help="split iff the decode worker lacks at least N prompt tokens (llm-d's rule) "
@@ -114,6 +119,16 @@ def build_router(specs: list[WorkerSpec], args, secret: bytes | None,
     return router, subscribers
 
 
+def _api_key(args) -> str | None:
+    return args.api_key or os.environ.get("TANDEM_API_KEY")
+
+
+def _client_bounds(args) -> dict:
+    """serve_router's keyword arguments for the API key and the client time bounds."""
+    return {"api_key": _api_key(args), "head_timeout_s": args.head_timeout_s, "body_timeout_s": args.body_timeout_s,
+            "keep_alive_timeout_s": args.keep_alive_timeout_s}
+
+
 def run_router(args) -> int:
     secret = os.environ.get("TANDEM_KV_EVENTS_SECRET")
     if not secret and any(s.events or s.replay for s in args.worker):
@@ -124,7 +139,8 @@ def run_router(args) -> int:
     router, subscribers = build_router(args.worker, args, secret.encode() if secret else None,
                                        kv_secret.encode() if kv_secret else None)
     return asyncio.run(serve_router(router, args.host, args.port, subscribers,
-                                    on_ready=lambda: print(f"router on http://{args.host}:{args.port}", flush=True)))
+                                    on_ready=lambda: print(f"router on http://{args.host}:{args.port}", flush=True),
+                                    **_client_bounds(args)))
 
 
 # --------------------------------------------------------------------------- tandem up
@@ -144,10 +160,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_workers(model: str, roles: list[str], extra: list[str],
-                   secret: str) -> tuple[list[subprocess.Popen], list[WorkerSpec]]:
+def _start_workers(model: str, roles: list[str], extra: list[str], secret: str,
+                   api_key: str | None = None) -> tuple[list[subprocess.Popen], list[WorkerSpec]]:
     threads = max(1, (os.cpu_count() or 1) // len(roles))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TANDEM_KV_EVENTS_SECRET": secret}
+    if api_key:  # the router passes the client's Authorization header on: the same key everywhere
+        env["TANDEM_API_KEY"] = api_key
     if any(r != "both" for r in roles):
         env["TANDEM_KV_TRANSFER_SECRET"] = secret
     procs, specs = [], []
@@ -208,7 +226,7 @@ def run_up(args) -> int:
     model = args.model or default_model_path()
     exit_on_sigterm()  # a SIGTERM while the workers start still stops them (the finally below)
     secret = secrets.token_hex(32)  # fresh per fleet: signs every worker's KV events (and KV transfers)
-    procs, specs = _start_workers(model, roles, shlex.split(args.worker_args), secret)
+    procs, specs = _start_workers(model, roles, shlex.split(args.worker_args), secret, _api_key(args))
     try:
         _wait_healthy(procs, specs)
         args.tokenizer = model
@@ -216,6 +234,6 @@ def run_up(args) -> int:
         ready = f"tandem up: {len(specs)} workers ({', '.join(f'{s.url} {s.role}' for s in specs)}) behind " \
                 f"http://{args.host}:{args.port} (policy {args.policy})"
         return asyncio.run(serve_router(router, args.host, args.port, subscribers,
-                                        on_ready=lambda: print(ready, flush=True)))
+                                        on_ready=lambda: print(ready, flush=True), **_client_bounds(args)))
     finally:
         _stop_workers(procs)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tandem
-from tandem.entrypoints.http_protocol import BoundedH11Protocol
+from tandem.entrypoints.http_protocol import ApiKeyCheck, HTTPTimeouts, error_response, uvicorn_kwargs
 from tandem.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from tandem.engine.request import KV_TRANSFER_FAILED
 from tandem.entrypoints.openai.metrics import ServerMetrics
@@ -40,25 +40,27 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20
 MAX_HEADER_BYTES = 64 * 2**10  # 431 beyond it (h11 also refuses an incomplete head past this size)
-KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse(OpenAIError(status, message, type_, param, code).body(), status_code=status)
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return error_response(status, message, type_, param, code, headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 class SizeLimits:
     """ASGI middleware: headers over MAX_HEADER_BYTES get 431; a body over `limit` bytes gets 413
     whether or not it declares its length (a chunked upload is counted as it arrives, so it is
-    never buffered past the limit)."""
+    never buffered past the limit); a body not all here `body_timeout_s` after the head gets 408.
+    413 and 408 close the connection (the rest of the body is never read)."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, body_timeout_s: float = HTTPTimeouts().body_s) -> None:
+        self.app, self.limit, self.body_timeout_s = app, limit, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -68,50 +70,42 @@ class SizeLimits:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
-        received, too_large = 0, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        received, refused, body_done = 0, None, False
 
-        async def counted_receive():
-            nonlocal received, too_large
-            message = await receive()
+        async def bounded_receive():
+            nonlocal received, refused, body_done
+            if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                refused = _BodyRefused(408, f"request body not received within {self.body_timeout_s:g} s")
+                raise refused from None
             received += len(message.get("body", b""))
+            body_done = not message.get("more_body", False)
             if received > self.limit:
-                too_large = True
-                raise _BodyTooLarge  # the app turns this into some error response, replaced below
+                refused = _BodyRefused(413, f"request body larger than {self.limit} bytes")
+                raise refused
             return message
 
         async def guarded_send(message):
-            if not too_large:
+            if refused is None:
                 await send(message)
 
         try:
-            await self.app(scope, counted_receive, guarded_send)
-        except _BodyTooLarge:
+            await self.app(scope, bounded_receive, guarded_send)
+        except _BodyRefused:
             pass
-        if too_large:
-            await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
-
-
-class ApiKeyCheck:
-    """ASGI middleware: every path but /health and /metrics needs `Authorization: Bearer KEY`.
-    Pure ASGI (not BaseHTTPMiddleware), so handlers still see the client's disconnect."""
-
-    OPEN_PATHS = ("/health", "/metrics")
-
-    def __init__(self, app, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                return await _error(401, "invalid or missing API key", "authentication_error")(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if refused is not None:
+            await _error(refused.status, refused.message, headers={"Connection": "close"})(scope, receive, send)
 
 
 def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
-              max_queued_requests: int | None = None) -> FastAPI:
+              max_queued_requests: int | None = None, timeouts: HTTPTimeouts = HTTPTimeouts()) -> FastAPI:
     app = FastAPI(title="tandem", version=tandem.__version__)
-    app.add_middleware(SizeLimits)
+    app.add_middleware(SizeLimits, body_timeout_s=timeouts.body_s)
     app.state.engine = engine
     metrics = ServerMetrics(engine, served_model_name)
     # admission: at most a full batch running plus this many queued; beyond it, 503 + Retry-After
@@ -605,17 +599,16 @@ class _Server:
 
 async def serve(config, host: str, port: int, served_model_name: str, api_key: str | None = None,
                 max_queued_requests: int | None = None, kv_events: dict | None = None, on_ready=None,
-                attention_backend: str = "auto") -> int:
+                attention_backend: str = "auto", timeouts: HTTPTimeouts = HTTPTimeouts()) -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
     when the engine died."""
     import uvicorn
 
     engine = AsyncLLM(config, attention_backend, **(kv_events or {}))
     await engine.start()
-    app = build_app(engine, served_model_name, api_key, max_queued_requests)
+    app = build_app(engine, served_model_name, api_key, max_queued_requests, timeouts)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
-                                    http=BoundedH11Protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                                    timeout_keep_alive=KEEP_ALIVE_S))
+                                    h11_max_incomplete_event_size=MAX_HEADER_BYTES, **uvicorn_kwargs(timeouts)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # drain: stop accepting, finish in-flight, stop the core
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
