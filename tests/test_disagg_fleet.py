@@ -172,3 +172,35 @@ def test_prefill_worker_killed_requests_still_complete_locally(model_dirs, singl
     finally:
         fleet.proc.send_signal(signal.SIGTERM)
         fleet.proc.wait(60)
+
+
+def test_workers_with_different_secrets_are_never_split_across(model_dirs, single):
+    """A prefill and a decode worker whose $TANDEM_KV_TRANSFER_SECRET differ cannot redeem each
+    other's tickets: that is the fleet's misconfiguration, not the client's fault. The router sees
+    their key fingerprints differ, prefills locally, logs it and counts it; the client gets its answer."""
+    from tests.helpers import free_port, start_server, stop_server, wait_until
+
+    model = model_dirs["llama3-gqa"]
+    prefill, p_url = start_server(model, "--role", "prefill", env={"TANDEM_KV_TRANSFER_SECRET": "a" * 64})
+    decode, d_url = start_server(model, "--role", "decode", env={"TANDEM_KV_TRANSFER_SECRET": "b" * 64})
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "tandem.cli", "router", "--port", str(port), "--tokenizer",
+                               str(model), "--pd-threshold", "1", "--worker", f"{p_url},role=prefill",
+                               "--worker", f"{d_url},role=decode"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url, router)
+        wait_until(lambda: "tandem_router_requests_in_flight" in httpx.get(f"{url}/metrics").text, 10)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        prompt = "def handler(event, context):\n    return event\n" * 4
+        assert _text(client, prompt, 8) == _text(single, prompt, 8)
+        text = httpx.get(f"{url}/metrics").text
+        assert _metric_sum(text, "tandem_router_pd_key_mismatches_total") >= 1
+        assert _metric_sum(text, "tandem_router_pd_decisions_total", 'decision="split"') == 0
+    finally:
+        router.send_signal(signal.SIGTERM)
+        out, _ = router.communicate(timeout=30)
+        stop_server(prefill)
+        stop_server(decode)
+    assert "different $TANDEM_KV_TRANSFER_SECRET" in out

@@ -99,6 +99,12 @@ class Ticket(msgspec.Struct, forbid_unknown_fields=True):
         return _enc.encode(fields)
 
 
+def key_id(secret: bytes) -> str:
+    """A public fingerprint of a KV transfer secret: workers publish it (``tandem:kv_transfer_key_info``)
+    so a router can tell that two of them cannot redeem each other's tickets, without the secret."""
+    return hmac.new(secret, b"tandem kv transfer key id", hashlib.sha256).hexdigest()[:16]
+
+
 def sign(ticket: Ticket, secret: bytes) -> Ticket:
     ticket.mac = hmac.new(secret, ticket.signed_payload(), hashlib.sha256).hexdigest()
     return ticket
@@ -116,7 +122,8 @@ def parse_ticket(params: dict, secret: bytes, prompt_token_ids: list[int]) -> Ti
         raise TicketError(f"kv_transfer_params: {e}") from None
     expected = hmac.new(secret, ticket.signed_payload(), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, ticket.mac):
-        raise TicketError("kv_transfer_params: signature does not verify (forged, or another fleet's secret)")
+        raise TicketError("kv_transfer_params: signature does not verify (forged, or signed by a worker or router "
+                          "that does not share this worker's $TANDEM_KV_TRANSFER_SECRET)")
     if ticket.prompt != prompt_hash(prompt_token_ids):
         raise TicketError("kv_transfer_params: issued for a different prompt")
     if ticket.num_tokens > len(prompt_token_ids):

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from tandem.entrypoints.http_protocol import ApiKeyCheck, HTTPTimeouts, uvicorn_kwargs
-from tandem.kv_transfer.ticket import Ticket, prompt_hash, sign
+from tandem.kv_transfer.ticket import Ticket, key_id, prompt_hash, sign
 from tandem.router.index import ApproxPrefixIndex, prompt_block_hashes
 from tandem.router.pd import PDDecider, PDPlan
 from tandem.router.policy import PrefixMatcher
@@ -157,6 +157,9 @@ class RouterMetrics:
                                     ["decision"], registry=self.registry)
         self.pd_concurrent = Counter("tandem_router_pd_concurrent_splits", "Splits whose decode leg was sent with "
                                      "a pending ticket while the prefill leg ran", registry=self.registry)
+        self.pd_key_mismatches = Counter("tandem_router_pd_key_mismatches", "Splits not made because the prefill "
+                                         "and decode workers publish different KV transfer key fingerprints "
+                                         "(a misconfigured fleet)", registry=self.registry)
         self.pd_prefill_seconds = Histogram("tandem_router_pd_prefill_seconds", "Wall time of a prefill leg",
                                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                             registry=self.registry)
@@ -195,6 +198,7 @@ class Router:
         self.pd = pd  # set when some worker has role prefill: disaggregated serving
         self.kv_secret, self.pd_concurrent = kv_secret, pd_concurrent  # signs pending tickets (concurrent legs)
         self._tasks: set[asyncio.Task] = set()
+        self._key_mismatches: set[tuple[str, str]] = set()  # (prefill, decode) pairs already logged
         metrics.watch_workers(pool)
         if pd is not None:
             metrics.watch_pd_costs(pd)
@@ -252,7 +256,8 @@ class Router:
 
     def plan_split(self, routed: Routed) -> PDPlan:
         """The P/D decider's plan for a request picked (not yet recorded) on a decode worker."""
-        prefills = [w for w in self.pool.healthy() if w.prefills and w.url != routed.worker.url]
+        prefills = [w for w in self.pool.healthy() if w.prefills and w.url != routed.worker.url
+                    and self.shares_kv_secret(w, routed.worker)]
         return self.pd.plan(len(routed.req.token_ids), routed.worker, prefills, self._matched_blocks(routed.req),
                             routed.prefill_tokens)
 
@@ -280,12 +285,28 @@ class Router:
         self.first_byte(routed)
         routed.worker.in_flight -= 1
 
-    def pending_ticket(self, prefill: WorkerState, token_ids: list[int]) -> dict | None:
+    def shares_kv_secret(self, prefill: WorkerState, decode: WorkerState) -> bool:
+        """False when both workers publish key fingerprints and they differ: a misconfigured fleet
+        (its tickets would not verify). Logged once per pair and counted; the request prefills locally."""
+        if prefill.kv_key_id is None or decode.kv_key_id is None or prefill.kv_key_id == decode.kv_key_id:
+            return True
+        pair = (prefill.url, decode.url)
+        if pair not in self._key_mismatches:
+            self._key_mismatches.add(pair)
+            logger.error("workers %s and %s have different $TANDEM_KV_TRANSFER_SECRET: no split between them "
+                         "(their tickets would not verify); fix the fleet's configuration", *pair)
+        self.metrics.pd_key_mismatches.inc()
+        return False
+
+    def pending_ticket(self, prefill: WorkerState, decode: WorkerState, token_ids: list[int]) -> dict | None:
         """A signed pending ticket for a lease this router names on ``prefill``, or None when
-        concurrent legs are off, the secret is unknown here, or the worker has issued no ticket yet."""
+        concurrent legs are off, the secret is unknown here (or not the decode worker's), or the
+        worker has issued no ticket yet."""
         t = prefill.kv_ticket
         if not (self.kv_secret and self.pd_concurrent and t):
             return None
+        if decode.kv_key_id is not None and decode.kv_key_id != key_id(self.kv_secret):
+            return None  # the decode worker would not verify it: sequential legs (the prefill worker signs)
         try:
             ticket = Ticket(True, t["engine"], secrets.token_hex(16), [], len(token_ids), t["block_size"],
                             t["compat"], prompt_hash(token_ids), t["lease_s"], t["kv_bytes_per_token"], pending=True)
@@ -564,7 +585,7 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
     router.first_byte(routed)
     prefill_body = {k: v for k, v in body.items() if k != "stream_options"}
     prefill_body.update(max_tokens=1, stream=False)
-    pending = router.pending_ticket(plan.prefill, routed.req.token_ids)
+    pending = router.pending_ticket(plan.prefill, routed.worker, routed.req.token_ids)
     if pending is not None:  # both legs at once: the decode worker pulls as soon as the lease exists
         prefill_body["kv_transfer_params"] = {"do_remote_decode": True, "lease_id": pending["lease_id"]}
         router.spawn(_prefill_leg(router, http, plan.prefill, routed.req, path, prefill_body, headers))

@@ -25,6 +25,8 @@ class WorkerState:
     # prefill workers: the fields of the last ticket it issued (endpoint, compat, block size, lease,
     # KV bytes per token), from which the router signs pending tickets for concurrent legs
     kv_ticket: dict | None = None
+    # fingerprint of the worker's KV transfer secret (tandem:kv_transfer_key_info); None: not published
+    kv_key_id: str | None = None
 
     @property
     def prefills(self) -> bool:

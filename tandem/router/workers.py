@@ -27,6 +27,7 @@ _GAUGES = {"vllm:num_requests_running": "num_running", "vllm:num_requests_waitin
            "vllm:kv_cache_usage_perc": "kv_usage",
            # disaggregated decode workers: measured link speed for the P/D decider
            "tandem:kv_transfer_bytes_total": "kv_transfer_bytes", "tandem:kv_transfer_seconds_total": "kv_transfer_seconds"}
+_KEY_ID = re.compile(r'^tandem:kv_transfer_key_info\{key_id="([0-9a-f]{16})"\}', re.M)
 _LINE = re.compile(r"^((?:vllm|tandem):[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
 
 
@@ -100,6 +101,8 @@ class WorkerPool:
                 metrics = await self._http.get(f"{w.url}/metrics")
                 for field, value in parse_load(metrics.text).items():
                     setattr(w, field, value)
+                key = _KEY_ID.search(metrics.text)
+                w.kv_key_id = key.group(1) if key else None
                 if not w.models:
                     models = await self._http.get(f"{w.url}/v1/models")
                     w.models = {m["id"] for m in models.json().get("data", [])}

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from tandem.kv_transfer.ticket import key_id
 from tandem.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -55,6 +56,11 @@ class _EngineCollector:
             ended.add_metric([outcome], count)
         yield ended
         yield from _transfer_metrics(s.transfer if s else None)
+        if self.engine.config.kv_transfer is not None:  # a router never splits across different secrets
+            key = GaugeMetricFamily("tandem:kv_transfer_key_info", "Fingerprint of this worker's KV transfer "
+                                    "secret (tandem.kv_transfer.ticket.key_id)", labels=["key_id"])
+            key.add_metric([key_id(self.engine.config.kv_transfer.secret)], 1.0)
+            yield key
         info = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration",
                                  labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
         info.add_metric([str(self.engine.block_size), str(self.engine.num_blocks),
