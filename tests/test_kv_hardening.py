@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tandem.kv_transfer.wire import KV_TRANSFER_CHANNEL
+from tandem.zmq_auth import present_secret
 from tests.test_server import _free_port
 
 
@@ -108,6 +110,7 @@ def _pull(ctx, endpoint: str, lease_id: str, secret: bytes = SECRET, timeout_ms:
 
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    present_secret(dealer, secret, KV_TRANSFER_CHANNEL)
     dealer.connect(endpoint)
     codec = WireCodec(secret, ToReceiver)
     got = []
@@ -124,7 +127,7 @@ def _pull(ctx, endpoint: str, lease_id: str, secret: bytes = SECRET, timeout_ms:
     return got
 
 
-def _disconnected(ctx, endpoint: str, frames: list, timeout_s: float) -> bool:
+def _disconnected(ctx, endpoint: str, frames: list, timeout_s: float, secret: bytes | None = SECRET) -> bool:
     """Send ``frames`` from a fresh DEALER; True once the peer has closed that connection."""
     import zmq
     from zmq.utils.monitor import recv_monitor_message
@@ -133,6 +136,8 @@ def _disconnected(ctx, endpoint: str, frames: list, timeout_s: float) -> bool:
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RECONNECT_IVL, 60_000)  # one connection: its close is what we wait for
     monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    if secret is not None:  # an authenticated peer sending junk (else: refused at the handshake)
+        present_secret(dealer, secret, KV_TRANSFER_CHANNEL)
     try:
         dealer.connect(endpoint)
         dealer.send_multipart(frames, copy=False)
@@ -172,11 +177,11 @@ def test_sender_refuses_forged_and_malformed_messages(sender):
     from tandem.kv_transfer.wire import LayerData, PullDone, PullError, Release, Renew, ToReceiver, WireCodec
 
     s, lease_id, ctx = sender
-    got = _pull(ctx, s.endpoint, lease_id, secret=b"x" * 32)
-    assert [(type(m), m.kind) for m, _ in got] == [(PullError, "unauthenticated")]
+    assert _pull(ctx, s.endpoint, lease_id, secret=b"x" * 32, timeout_ms=2000) == []  # refused at login
     forged = WireCodec(b"x" * 32, ToReceiver)
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    present_secret(dealer, SECRET, KV_TRANSFER_CHANNEL)  # logged in, yet its messages' MACs are forged
     dealer.connect(s.endpoint)
     try:
         dealer.send_multipart(forged.encode(Release(lease_id)))  # would end the lease if believed
@@ -207,4 +212,56 @@ def test_receiver_caps_frames_at_the_largest_layer():
         assert 64 * 16 * 2 * 8 * 4 <= cap <= 1 << 20
     finally:
         receiver.close()
+        ctx.term()
+
+
+def test_a_peer_without_the_secret_cannot_make_the_sender_buffer_anything(sender):
+    """Frames are capped, but ZMQ buffers a whole multi-frame message before anyone checks it:
+    1,000 frames just under the cap cost the sender 117 MiB before connections needed the
+    secret's password. Now such a peer never gets past the handshake."""
+    s, lease_id, ctx = sender
+    frame = b"\x00" * (60 << 10)
+    _reset_peak_rss()
+    base = _vm_kib("VmHWM")
+    for _ in range(2):
+        _disconnected(ctx, s.endpoint, [frame] * 1000, timeout_s=2, secret=None)
+    grown_mib = (_vm_kib("VmHWM") - base) / 1024
+    assert grown_mib < 16, f"peak RSS grew {grown_mib:.0f} MiB for an unauthenticated peer's message"
+    got = _pull(ctx, s.endpoint, lease_id)
+    assert sum(type(m).__name__ == "LayerData" for m, _ in got) == 2  # a legitimate pull still works
+
+
+def test_kv_events_are_read_only_with_the_secret():
+    """Signed is not secret: the events carry prompts' token ids. A subscriber (or replay client)
+    without the secret's password gets nothing; one with it gets every batch."""
+    import zmq
+
+    from tandem.engine.kv_events import BlockStored, KVEventBatch
+    from tandem.engine.kv_publisher import KV_EVENTS_CHANNEL, TOPIC, KVEventPublisher
+
+    ctx = zmq.Context()
+    endpoint, replay = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    publisher = KVEventPublisher(ctx, endpoint, replay, SECRET)
+    subs = {}
+    try:
+        for name, secret in (("stranger", None), ("wrong", b"y" * 32), ("fleet", SECRET)):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            if secret is not None:
+                present_secret(sub, secret, KV_EVENTS_CHANNEL)
+            sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+            sub.connect(endpoint)
+            subs[name] = sub
+        got: dict[str, int] = {name: 0 for name in subs}
+        for seq in range(40):  # PUB drops until a subscription has arrived: publish for a while
+            publisher.publish(KVEventBatch(seq, 0.0, [BlockStored([seq.to_bytes(8, "big")], None, [1, 2, 3], 16)]))
+            for name, sub in subs.items():
+                while sub.poll(50):
+                    sub.recv_multipart()
+                    got[name] += 1
+        assert got["fleet"] > 0 and got["stranger"] == got["wrong"] == 0, got
+    finally:
+        for sub in subs.values():
+            sub.close(0)
+        publisher.close()
         ctx.term()

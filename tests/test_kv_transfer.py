@@ -508,8 +508,12 @@ def test_copy_that_outlives_its_grant_is_discarded(model_dir):
         k.fill_(1.0)
         v.fill_(2.0)
     local = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
+    from tandem.kv_transfer.wire import KV_TRANSFER_CHANNEL
+    from tandem.zmq_auth import release, require_secret
+
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
+    router = ctx.socket(zmq.ROUTER)  # stands in for the prefill worker's sender: the same login
+    require_secret(router, SECRET, KV_TRANSFER_CHANNEL)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     config = KVTransferConfig(role="decode", secret=SECRET, lease_s=5.0, transfer_timeout_s=2.0)
     receiver = KVReceiver(config, local, "compat", ctx)
@@ -538,6 +542,7 @@ def test_copy_that_outlives_its_grant_is_discarded(model_dir):
         assert local[1][0][3].eq(1.0).all() and local[1][1][0].eq(2.0).all()
     finally:
         receiver.close()
+        release(router)
         router.close(0)
         ctx.term()
 

@@ -387,7 +387,8 @@ def test_kv_events_published_signed_and_replayable(model_dirs):
     import zmq
 
     from tandem.engine.kv_events import BlockStored, KVEventBatch
-    from tandem.engine.kv_publisher import END_OF_REPLAY, TOPIC, sign
+    from tandem.engine.kv_publisher import END_OF_REPLAY, KV_EVENTS_CHANNEL, TOPIC, sign
+    from tandem.zmq_auth import present_secret
 
     pub_port, replay_port = _free_port(), _free_port()
     secret = b"s3cret"
@@ -399,6 +400,8 @@ def test_kv_events_published_signed_and_replayable(model_dirs):
         del os.environ["TANDEM_KV_EVENTS_SECRET"]
     ctx = zmq.Context()
     sub, dealer = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER)
+    for sock in (sub, dealer):  # the publisher's ports admit only holders of the secret (ZMQ PLAIN)
+        present_secret(sock, secret, KV_EVENTS_CHANNEL)
     try:
         sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
         sub.connect(f"tcp://127.0.0.1:{pub_port}")

@@ -6,7 +6,9 @@ Replay request:  DEALER sends [b"", start_seq (8 bytes)]; the reply is one messa
                  batch with seq >= start_seq, [b"", seq, payload, mac], then [b"", -1 (8 bytes), b"", b""].
                  A start_seq older than the buffer gets what is left: the subscriber sees the
                  gap in seq and knows to resynchronise fully (e.g. drop the worker's index).
-mac = HMAC-SHA256(secret, seq || payload) when a secret is configured, else b"".
+mac = HMAC-SHA256(secret, seq || payload) when a secret is configured, else b"". With a secret,
+both sockets also take only peers that log in with its password (tandem/zmq_auth.py): nobody
+without it reads the events, which carry the token ids of cached prompt blocks.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import msgspec
 import zmq
 
 from tandem.engine.kv_events import KVEventBatch
+from tandem.zmq_auth import release, require_secret
 
 TOPIC = b"kv-events"
+KV_EVENTS_CHANNEL = "kv-events"  # the PLAIN password's purpose (tandem/zmq_auth.py)
 END_OF_REPLAY = (-1).to_bytes(8, "big", signed=True)
 
 
@@ -35,10 +39,15 @@ class KVEventPublisher:
         self.encoder = msgspec.msgpack.Encoder()
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.MAXMSGSIZE, 256)  # subscribers send only their (short) subscriptions
+        self._guard(self.pub)
         self.pub.bind(endpoint)
         self.replay = None
         if replay_endpoint:
             self.replay = ctx.socket(zmq.ROUTER)
+            # a replay request is an empty frame and 8 bytes; the cap also bounds the PLAIN HELLO (~100 bytes)
+            self.replay.setsockopt(zmq.MAXMSGSIZE, 256)
+            self._guard(self.replay)
             self.replay.bind(replay_endpoint)
         self.buffer: deque[tuple[int, bytes, bytes]] = deque(maxlen=buffer_batches)
 
@@ -63,7 +72,14 @@ class KVEventPublisher:
                     self.replay.send_multipart([identity, b"", seq.to_bytes(8, "big", signed=True), payload, mac])
             self.replay.send_multipart([identity, b"", END_OF_REPLAY, b"", b""])
 
+    def _guard(self, sock: zmq.Socket) -> None:
+        """Only peers holding the secret connect: the events carry prompts' token ids."""
+        if self.secret is not None:
+            require_secret(sock, self.secret, KV_EVENTS_CHANNEL)
+
     def close(self) -> None:
-        self.pub.close(0)
-        if self.replay is not None:
-            self.replay.close(0)
+        for sock in (self.pub, self.replay):
+            if sock is not None:
+                if self.secret is not None:
+                    release(sock)
+                sock.close(0)

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from tandem.kv_transfer.sender import KVCaches
 from tandem.kv_transfer.shm import RemoteRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket
-from tandem.kv_transfer.wire import (Doorbell, LayerData, Pull, PullDone, PullError, Release, Renew,
-                                     ShmGrant, ToReceiver, WireCodec, data_frame_cap)
+from tandem.kv_transfer.wire import (KV_TRANSFER_CHANNEL, Doorbell, LayerData, Pull, PullDone, PullError, Release,
+                                     Renew, ShmGrant, ToReceiver, WireCodec, data_frame_cap)
+from tandem.zmq_auth import present_secret
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class KVReceiver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._socks: dict[str, zmq.Socket] = {}  # one DEALER per prefill endpoint, all in _poller
+        self._monitors: dict[zmq.Socket, str] = {}  # handshake-failure monitor of each DEALER -> its endpoint
         self._poller = zmq.Poller()
         # rung by the core thread after queueing a command: a new load starts now, not at the next poll
         self._bell = Doorbell(ctx, "kv-receiver")
@@ -116,7 +119,10 @@ class KVReceiver:
         self._stopped = True
         self._thread.join(2)
         for sock in self._socks.values():
+            sock.disable_monitor()
             sock.close(0)
+        for monitor in self._monitors:
+            monitor.close(0)
         self._bell.close()
 
     # -- receiver thread ------------------------------------------------------------------------------------
@@ -127,6 +133,10 @@ class KVReceiver:
                 for sock, _ in self._poller.poll(_POLL_MS):
                     if sock is self._bell.socket:
                         self._bell.clear()
+                        continue
+                    if sock in self._monitors:
+                        recv_monitor_message(sock)
+                        self._fail_refused(self._monitors[sock])
                         continue
                     self._on_message(sock.recv_multipart(copy=False))
                 self._heartbeat()
@@ -140,6 +150,10 @@ class KVReceiver:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self._frame_cap)
+            present_secret(sock, self.config.secret, KV_TRANSFER_CHANNEL)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)  # refused our password
+            self._monitors[monitor] = endpoint
+            self._poller.register(monitor, zmq.POLLIN)
             sock.connect(endpoint)
             self._poller.register(sock, zmq.POLLIN)
             self._socks[endpoint] = sock
@@ -279,6 +293,12 @@ class KVReceiver:
         if region is None or region.token != grant.token:  # first grant, or the worker restarted
             region = self._regions[engine] = RemoteRegion(grant.pid, grant.fd, grant.token, grant.nbytes)
         return region
+
+    def _fail_refused(self, endpoint: str) -> None:
+        """The prefill worker at ``endpoint`` refused this worker's password: every load from it fails."""
+        for load in [x for x in self._loads.values() if x.ticket.engine == endpoint]:
+            self._finish(load, LoadResult(load.request_id, False, "unauthenticated",
+                                          "the prefill worker does not share this worker's secret"))
 
     def _fail_unauthenticated(self, frames: list) -> None:
         try:

@@ -35,8 +35,9 @@ import zmq
 
 from tandem.kv_transfer.shm import SharedKVRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig
-from tandem.kv_transfer.wire import (Doorbell, LayerData, Pull, PullDone, PullError, PullWaiting,
-                                     Release, Renew, ShmGrant, ToSender, WireCodec, control_frame_cap)
+from tandem.kv_transfer.wire import (KV_TRANSFER_CHANNEL, Doorbell, LayerData, Pull, PullDone, PullError,
+                                     PullWaiting, Release, Renew, ShmGrant, ToSender, WireCodec, control_frame_cap)
+from tandem.zmq_auth import release, require_secret
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ class KVSender:
         # peers send only control messages, each within this (the connection of one that announces
         # a larger frame is dropped by ZMQ before any of it is buffered)
         self._sock.setsockopt(zmq.MAXMSGSIZE, control_frame_cap(kv_caches[0][0].shape[0]))
+        # and only decode workers holding the fleet's secret connect at all: ZMQ caps frames, not
+        # frames per message, so an open port could still be made to buffer many capped frames
+        require_secret(self._sock, config.secret, KV_TRANSFER_CHANNEL)
         base = f"tcp://{config.host}"
         port = self._sock.bind_to_random_port(base) if config.port == 0 else self._bind(base, config.port)
         self.endpoint = f"{base}:{port}"
@@ -192,6 +196,7 @@ class KVSender:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
+        release(self._sock)
         self._sock.close(0)
         self._bell.close()
 

@@ -22,6 +22,7 @@ import zmq
 # (Pull, Renew, Release, ShmGrant, ...) lists at most one block id (<= 9 bytes packed) or one lease
 # id (32 hex digits, 34 bytes packed) per block of the cache (a lease holds >= 1 block), so
 # CONTROL_BYTES_PER_BLOCK per block plus a fixed allowance bounds every legitimate one.
+KV_TRANSFER_CHANNEL = "kv-transfer"  # the PLAIN password's purpose (tandem/zmq_auth.py)
 CONTROL_BASE_BYTES = 64 << 10
 CONTROL_BYTES_PER_BLOCK = 64
 

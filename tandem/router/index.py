@@ -30,7 +30,8 @@ import zmq.asyncio
 
 from tandem.engine.block_pool import hash_block_tokens
 from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
-from tandem.engine.kv_publisher import END_OF_REPLAY, TOPIC, sign
+from tandem.engine.kv_publisher import END_OF_REPLAY, KV_EVENTS_CHANNEL, TOPIC, sign
+from tandem.zmq_auth import present_secret
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class KVEventSubscriber:
             return
         self._task = asyncio.current_task()
         self._sub = self.ctx.socket(zmq.SUB)
+        self._log_in(self._sub)
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
         self._sub.connect(self.endpoint)
@@ -330,6 +332,10 @@ class KVEventSubscriber:
             self._apply(batch)
         return True
 
+    def _log_in(self, sock: zmq.Socket) -> None:
+        if self.secret is not None:  # the worker's sockets take only peers with its password
+            present_secret(sock, self.secret, KV_EVENTS_CHANNEL)
+
     async def _replay(self, start: int) -> list[KVEventBatch] | None:
         """Verified batches with seq >= start from the replay socket, or None when there is no
         replay endpoint or it does not answer in time. A fresh DEALER per request, so a late reply
@@ -337,6 +343,7 @@ class KVEventSubscriber:
         if not self.replay_endpoint:
             return None
         dealer = self.ctx.socket(zmq.DEALER)
+        self._log_in(dealer)
         try:
             dealer.connect(self.replay_endpoint)
             await dealer.send_multipart([b"", start.to_bytes(8, "big", signed=True)])
