@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = bench.add_parser("compare", help="result JSON files side by side, with ratios to the first")
     add_compare_args(cmp_)
     cmp_.set_defaults(func=_cmd_bench_compare)
+    from tandem.bench.soak import add_soak_args, soak_command
+
+    soak = bench.add_parser("soak", help="a fleet under steady load for a long time, a worker killed half-way: "
+                                         "leaks, stuck requests and memory growth")
+    add_soak_args(soak)
+    soak.set_defaults(func=soak_command)
 
     from tandem.router.launch import add_router_args, add_up_args
 

@@ -387,8 +387,8 @@ def add_soak_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = add_soak_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv)
+def soak_command(args: argparse.Namespace) -> int:
+    """``tandem bench soak``: run the soak, write its report, print the headline fields."""
     if args.kill_at_s is None:
         args.kill_at_s = args.duration_s / 2
     report = run_soak(args)
@@ -401,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
                      indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return soak_command(add_soak_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv))
 
 
 if __name__ == "__main__":
