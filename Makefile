@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve bench clean
+.PHONY: install lint test serve bench clean
 
 install: $(STAMP)
 
@@ -14,11 +14,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the local CPU build, so nothing later pulls the CUDA wheels
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,lint]"
 	touch $(STAMP)
 
+# Types and style: both must report nothing (.ci/run runs this before the tests).
+lint: install
+	$(VENV)/bin/ruff check tandem tests
+	$(VENV)/bin/mypy
+
+# The suite, with its total time and slowest tests at the end.
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 # Serves the bundled demo model (models/tandem-demo) on http://127.0.0.1:8000 with the OpenAI API.
 serve: install
