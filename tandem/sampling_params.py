@@ -82,8 +82,8 @@ class SamplingParams:
         _check(self.prompt_logprobs is None
                or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
                "prompt_logprobs", f"prompt_logprobs must be an int >= 0 or None, got {self.prompt_logprobs!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(isinstance(s, str) and s for s in self.stop or ()), "stop", "stop strings must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids or ()), "stop_token_ids",
                "stop_token_ids must be non-negative ints")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
@@ -105,7 +105,7 @@ class SamplingParams:
             ids |= self._eos_token_ids
         return ids
 
-    def clone(self) -> "SamplingParams":
+    def clone(self) -> SamplingParams:
         copy = SamplingParams.__new__(SamplingParams)
         copy.__dict__.update(self.__dict__)
         copy.stop = list(self.stop or [])

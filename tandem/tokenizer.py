@@ -47,7 +47,7 @@ def chat_token_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[s
         return list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False,
                                                   add_generation_prompt=add_generation_prompt))
     stand_ins = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(conversation)]
-    text = tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = str(tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=add_generation_prompt))
     ids: list[int] = []
     for i, piece in enumerate(_SENTINEL_RE.split(text)):
         if i % 2 == 0:  # the template's own text: its markers are special

@@ -10,8 +10,8 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run through Triton's interpreter (set before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tandem import LLM  # noqa: E402
-from tandem.testing import PRESETS, build_preset  # noqa: E402
+from tandem import LLM
+from tandem.testing import PRESETS, build_preset
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

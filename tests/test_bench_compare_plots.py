@@ -9,10 +9,8 @@ import sys
 
 import pytest
 
-from tandem.bench.compare import (DEFAULT_METRICS, add_compare_args, compare_results, format_ratio,
-                                  run_compare)
-from tandem.bench.plots import (plot_goodput_vs_rate, plot_latency_cdfs, plot_token_timeline,
-                                request_tpots)
+from tandem.bench.compare import DEFAULT_METRICS, add_compare_args, compare_results, format_ratio, run_compare
+from tandem.bench.plots import plot_goodput_vs_rate, plot_latency_cdfs, plot_token_timeline, request_tpots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import api_idle, free_port, metric, server_idle, start_server, stop_server, wait_until
+from tests.helpers import api_idle, free_port, metric, start_server, stop_server, wait_until
 
 BIG_INTS = [0, 1, -1, 2, 2**31 - 1, 2**31, -(2**31) - 1, 2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 2**70,
             10**30]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,7 +61,7 @@ def test_up_gives_every_worker_a_fresh_kv_events_secret(monkeypatch):
     for roles in (["both", "both"], ["prefill", "decode"]):
         started.clear()
         secret = secrets.token_hex(32)
-        launch._start_workers("model", roles, [], secret)  # noqa: SLF001
+        launch._start_workers("model", roles, [], secret)
         assert len(started) == 2
         for cmd, env in started:
             assert "--kv-events-endpoint" in cmd
@@ -72,7 +73,7 @@ SECRET = b"k" * 32
 
 
 def _vm_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
@@ -164,7 +165,7 @@ def test_sender_drops_oversized_frame_without_growing(sender):
     got = _pull(ctx, s.endpoint, lease_id)  # the sender thread has passed the junk if it took it
     grown_mib = (_vm_kib("VmHWM") - base) / 1024
     assert grown_mib < 16, f"peak RSS grew {grown_mib:.0f} MiB for a junk frame"
-    assert s._thread.is_alive()  # noqa: SLF001
+    assert s._thread.is_alive()
     layers = [m for m, _ in got if isinstance(m, LayerData)]
     assert len(layers) == 2 and isinstance(got[-1][0], PullDone)  # a legitimate pull still works
 
@@ -174,7 +175,7 @@ def test_sender_refuses_forged_and_malformed_messages(sender):
     extra frames or a header over the cap: dropped; a legitimate pull still works afterwards."""
     import zmq
 
-    from tandem.kv_transfer.wire import LayerData, PullDone, PullError, Release, Renew, ToReceiver, WireCodec
+    from tandem.kv_transfer.wire import LayerData, PullDone, Release, Renew, ToReceiver, WireCodec
 
     s, lease_id, ctx = sender
     assert _pull(ctx, s.endpoint, lease_id, secret=b"x" * 32, timeout_ms=2000) == []  # refused at login
@@ -192,7 +193,7 @@ def test_sender_refuses_forged_and_malformed_messages(sender):
         dealer.close(0)
     got = _pull(ctx, s.endpoint, lease_id)
     assert sum(isinstance(m, LayerData) for m, _ in got) == 2 and isinstance(got[-1][0], PullDone)
-    assert s.num_leases == 1 and not s._leases[lease_id].released  # noqa: SLF001
+    assert s.num_leases == 1 and not s._leases[lease_id].released
 
 
 def test_receiver_caps_frames_at_the_largest_layer():
@@ -207,7 +208,7 @@ def test_receiver_caps_frames_at_the_largest_layer():
     ctx = zmq.Context()
     receiver = KVReceiver(KVTransferConfig(role="decode", secret=SECRET, transport="tcp"), caches, "compat", ctx)
     try:
-        sock = receiver._sock("tcp://127.0.0.1:1")  # noqa: SLF001 - the socket it would pull with
+        sock = receiver._sock("tcp://127.0.0.1:1")
         cap = sock.getsockopt(zmq.MAXMSGSIZE)
         assert 64 * 16 * 2 * 8 * 4 <= cap <= 1 << 20
     finally:

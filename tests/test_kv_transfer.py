@@ -14,7 +14,7 @@ import torch
 
 from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tandem.engine.core import EngineCore
-from tandem.engine.request import Request, RequestStatus
+from tandem.engine.request import Request
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, TicketError, parse_ticket, sign
 from tandem.sampling_params import SamplingParams
 
@@ -416,7 +416,7 @@ def test_a_worker_without_the_receiving_half_refuses_tickets(model_dir, cores):
         single.add_request(decode_request("x", prompt, params, 3))
     with pytest.raises(ValueError, match="does not accept remote KV"):
         prefill.add_request(decode_request("y", prompt, params, 3))
-    prefill.connector.sender._leases[params["lease_id"]].released = True  # noqa: SLF001 - as a decode would
+    prefill.connector.sender._leases[params["lease_id"]].released = True
     wait_idle(prefill)
 
 
@@ -468,7 +468,7 @@ def test_unmappable_region_falls_back_to_tcp(shm_cores, monkeypatch):
             outs = run_until([prefill, decode], finished(f"sd-fb{i}"))
             assert tokens(outs, f"sd-fb{i}") == single_output(single, prompt, 6)
         assert decode.connector.stats.loads_ok == 2 and decode.connector.stats.loads_shm == 0
-        assert decode.connector.receiver._no_shm == {params["engine"]}  # noqa: SLF001 - not asked again
+        assert decode.connector.receiver._no_shm == {params["engine"]}
         wait_idle(prefill, decode)
     finally:
         decode.close()
@@ -772,9 +772,9 @@ def test_the_receiver_never_blocks_on_a_peer_that_does_not_read(model_dir):
     core = make_core(model_dir, "decode", transport="tcp")
     try:
         receiver = core.connector.receiver
-        receiver._stopped = True  # noqa: SLF001 - its thread owns the sockets: stop it, then act as it
-        receiver._thread.join(2)  # noqa: SLF001
-        sent = [receiver._send(dead, Release(f"{i:032x}")) for i in range(1500)]  # noqa: SLF001
+        receiver._stopped = True
+        receiver._thread.join(2)
+        sent = [receiver._send(dead, Release(f"{i:032x}")) for i in range(1500)]
         assert sent[0] and not sent[-1]
     finally:
         core.close()
@@ -791,14 +791,14 @@ def test_a_release_does_not_free_blocks_another_shared_memory_reader_still_copie
         ticket = prefill_ticket(prefill, "p-two", prompt)
         gate, entered = threading.Event(), threading.Event()
         receiver = second.connector.receiver
-        read = receiver._read_shm  # noqa: SLF001
+        read = receiver._read_shm
 
         def late_read(load, grant):  # the second reader starts copying late
             entered.set()
             gate.wait(10)
             return read(load, grant)
 
-        receiver._read_shm = late_read  # noqa: SLF001
+        receiver._read_shm = late_read
         second.add_request(decode_request("d-late", prompt, ticket, 6))
         second.step()
         assert entered.wait(5)

@@ -9,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tandem import SamplingParams
-from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
+from tandem.engine.scheduler import ScheduledChunk
 from tests.conftest import ALL_PRESETS
 
 PROMPT_LENGTHS = [1, 5, 16, 17, 40, 71]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -247,7 +247,7 @@ def test_engine_death_turns_health_503_and_server_exits_nonzero(model_dirs):
     try:
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         engine_pids = [int(p) for p in children  # the spawned engine core, not the resource tracker
-                       if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+                       if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert engine_pids
         max_len = httpx.get(f"{base}/v1/models").json()["data"][0]["max_model_len"]
         body = {"model": "tiny", "prompt": "a", "max_tokens": max_len - 8, "n": 4, "ignore_eos": True, "stream": True}
@@ -346,7 +346,7 @@ def test_disconnecting_clients_abort_and_free_blocks(server):
     async def one(http: httpx.AsyncClient, i: int, hang_up_after: float | None) -> str:
         try:
             chunks = await asyncio.wait_for(stream(http, i), hang_up_after)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "disconnected"  # wait_for cancels the stream, which closes the connection
         assert chunks == 80 * (1 + i % 2), (i, chunks)
         return "finished"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import api_idle, metric, server_idle, start_server, stop_server, wait_until
+from tests.helpers import api_idle, start_server, stop_server, wait_until
 
 KEY = "sekret"
 
@@ -210,7 +210,7 @@ def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
                 return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

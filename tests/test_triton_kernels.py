@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from tandem import SamplingParams
-from tandem.kernels import activation, paged_attention as ref, rms_norm, rope_kv, sampling, triton_attention as tri
+from tandem.kernels import activation, rms_norm, rope_kv, sampling
+from tandem.kernels import paged_attention as ref
+from tandem.kernels import triton_attention as tri
 
 
 def _cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype=torch.float32):
@@ -67,7 +69,7 @@ def test_paged_prefill_attention_varlen_matches_reference(head_dim, heads, kv_he
     q = torch.randn(int(starts[-1]), heads, head_dim, generator=torch.Generator().manual_seed(2))
     ctx = torch.tensor([c for _, c in chunks], dtype=torch.int32)
     got = tri.paged_prefill_attention_varlen(q, k, v, tables, starts, ctx, head_dim ** -0.5, window)
-    for i, (q_len, ctx_len) in enumerate(chunks):
+    for i, (_, ctx_len) in enumerate(chunks):
         sl = slice(int(starts[i]), int(starts[i + 1]))
         # the reference reads only the blocks the context covers
         table = tables[i][:-(-ctx_len // block_size)]

@@ -242,7 +242,7 @@ def _render(header: list[str], rows: list[list[str]]) -> str:
 def _setup_notes(headers: list[str], datas: list[dict]) -> list[str]:
     notes = []
     runs = [d["sweep"][0] if is_sweep(d) and d["sweep"] else d for d in datas]
-    keys = _SETUP_KEYS
+    keys: tuple[str, ...] = _SETUP_KEYS
     if is_sweep(datas[0]):
         keys = tuple(k for k in keys if k != "request_rate")
         slos = [d.get("goodput_slos_ms") for d in datas]
@@ -261,13 +261,13 @@ def _setup_notes(headers: list[str], datas: list[dict]) -> list[str]:
 
 def compare_results(paths: list[str | Path], metrics: list[str] | None = None) -> str:
     """The comparison table (and setup notes) as text. Raises ValueError on bad input."""
-    paths = [Path(p) for p in paths]
-    if len(paths) < 2:
+    files = [Path(p) for p in paths]
+    if len(files) < 2:
         raise ValueError("compare needs at least two result JSONs")
-    datas = [load_result(p) for p in paths]
+    datas = [load_result(p) for p in files]
     sweeps = [is_sweep(d) for d in datas]
     if any(sweeps) and not all(sweeps):
-        which = ", ".join(str(p) for p, s in zip(paths, sweeps) if s)
+        which = ", ".join(str(p) for p, s in zip(files, sweeps) if s)
         raise ValueError(f"cannot compare a sweep with a single run ({which} is a sweep); "
                          "compare sweeps with sweeps, or single results with single results")
 
@@ -281,7 +281,7 @@ def compare_results(paths: list[str | Path], metrics: list[str] | None = None) -
             raise ValueError(f"metric(s) not in any file: {', '.join(unknown)}")
         explicit = True
 
-    headers = _headers(paths, datas)
+    headers = _headers(files, datas)
     order, per_file = _table_rows(datas, metrics)
     if explicit:
         # Asked-for metrics always get a row; group and per-rate rows only where some file has them.

@@ -15,15 +15,21 @@ import json
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from tandem.bench.serve_datasets import ServeRequest, add_dataset_args, build_requests
-from tandem.bench.serve_metrics import (DEFAULT_METRIC_PERCENTILES, DEFAULT_PERCENTILE_METRICS, RequestResult,
-                                        compute_metrics, max_goodput, parse_goodput)
+from tandem.bench.serve_metrics import (
+    DEFAULT_METRIC_PERCENTILES,
+    DEFAULT_PERCENTILE_METRICS,
+    RequestResult,
+    compute_metrics,
+    max_goodput,
+    parse_goodput,
+)
 
 ENDPOINTS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 
@@ -164,9 +170,10 @@ async def _run_schedule(http, url, args, model, requests: list[ServeRequest], pr
         tasks.append(asyncio.create_task(one(i)))
     await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
-    for r in results:
+    done = [r for r in results if r is not None]  # gather returned: every slot is filled
+    for r in done:
         r.start_time -= start
-    return results, duration
+    return done, duration
 
 
 # --------------------------------------------------------------------------- server info
@@ -236,7 +243,7 @@ def _result_json(args, model: str, results: list[RequestResult], duration: float
                                                                             "shared_prefix", "sharegpt",
                                                                             "interference"))},
         "flags": " ".join(sys.argv[1:]),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if len(groups) > 1 and args.dataset_name == "interference":
         out["groups"] = {g: compute_metrics([r for r in results if r.group == g], duration, percentiles, slos or None)
@@ -292,7 +299,7 @@ def _parse_sweep(spec: str) -> list[float]:
 def _save(args, result: dict, kind: str) -> Path:
     name = args.result_filename or \
         f"serve-{kind}-{args.backend}-{re.sub(r'[^A-Za-z0-9._-]', '_', str(result.get('model_id', 'model')))}-" \
-        f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+        f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path = Path(args.result_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -274,7 +274,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
                 w.wait(60)
     report.pop("_restarted", None)
     report.update(benchmark="soak: tandem up --replicas 2, mixed traffic, aborts, bad inputs, a worker killed",
-                  date=dt.datetime.now(dt.timezone.utc).isoformat(), device=describe_device(),
+                  date=dt.datetime.now(dt.UTC).isoformat(), device=describe_device(),
                   model=model_shape(args.model), flags=" ".join(sys.argv[1:]), fleet_command=" ".join(cmd[2:]))
     return report
 
@@ -392,7 +392,7 @@ def soak_command(args: argparse.Namespace) -> int:
     if args.kill_at_s is None:
         args.kill_at_s = args.duration_s / 2
     report = run_soak(args)
-    out = Path(args.output_json or f"benchmarks/results/soak-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json")
+    out = Path(args.output_json or f"benchmarks/results/soak-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("requests_sent", "outcomes", "failed_outside_kill_window",

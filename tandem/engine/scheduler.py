@@ -212,7 +212,8 @@ class Scheduler:
                 deferred.append(self.waiting.pop(0))
                 continue
             if req.kv_loaded:
-                hits, num_hit_tokens = [], req.num_computed_tokens
+                hits: list = []
+                num_hit_tokens = req.num_computed_tokens
             else:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(req)
                 if req.remote_ticket is not None:
@@ -385,7 +386,7 @@ class Scheduler:
         params = req.sampling_params
         if req.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
             # vLLM: stop_reason is the token for stop_token_ids, None for EOS
-            req.stop_reason = token if token in params.stop_token_ids else None
+            req.stop_reason = token if token in (params.stop_token_ids or ()) else None
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH

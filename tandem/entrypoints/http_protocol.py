@@ -51,7 +51,7 @@ def bounded_h11_protocol(head_timeout_s: float) -> type[H11Protocol]:
     class BoundedHeadH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_timer()
 

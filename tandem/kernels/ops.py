@@ -4,8 +4,8 @@ carries the set it pairs with (``backend.ops``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from tandem.kernels.activation import silu_and_mul_ref
 from tandem.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref

@@ -150,7 +150,7 @@ def _sample_kernel(L, U, TEMP, TOPK, TOPP, MINP, OUT, V, stride_l, stride_u, BLO
             if m > win:
                 win = m
                 win_idx = start + i
-    tl.store(OUT + row, win_idx.to(tl.int64))
+    tl.store(OUT + row, win_idx.to(tl.int64))  # type: ignore[attr-defined]  # a Triton tensor inside @jit
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -38,7 +38,7 @@ class KVConnector:
         None when this worker does not send."""
         if self.sender is None:
             return None
-        prompt = self._prompts.pop(lease_id, None) or prompt_hash(prompt_token_ids)
+        prompt = (self._prompts.pop(lease_id, None) if lease_id else None) or prompt_hash(prompt_token_ids)
         lease = self.sender.hold(block_ids, prompt, lease_id)
         ticket = Ticket(True, self.sender.endpoint, lease.lease_id, list(block_ids), num_tokens, self.block_size,
                         self.compat, prompt, self.config.lease_s, self.kv_bytes_per_token)

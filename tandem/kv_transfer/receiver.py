@@ -27,8 +27,21 @@ from zmq.utils.monitor import recv_monitor_message
 from tandem.kv_transfer.sender import KVCaches
 from tandem.kv_transfer.shm import RemoteRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket
-from tandem.kv_transfer.wire import (KV_TRANSFER_CHANNEL, Doorbell, LayerData, Pull, PullDone, PullError, Release,
-                                     Renew, ShmGrant, ToReceiver, WireCodec, data_frame_cap)
+from tandem.kv_transfer.wire import (
+    KV_TRANSFER_CHANNEL,
+    Doorbell,
+    LayerData,
+    Pull,
+    PullDone,
+    PullError,
+    PullWaiting,
+    Release,
+    Renew,
+    ShmGrant,
+    ToReceiver,
+    WireCodec,
+    data_frame_cap,
+)
 from tandem.zmq_auth import present_secret
 
 logger = logging.getLogger(__name__)
@@ -141,7 +154,7 @@ class KVReceiver:
                     self._on_message(sock.recv_multipart(copy=False))
                 self._heartbeat()
                 self._expire_stalled()
-            except Exception:  # noqa: BLE001 - the thread must outlive one bad message or load
+            except Exception:
                 logger.exception("KV receiver step failed")
 
     def _sock(self, endpoint: str) -> zmq.Socket:
@@ -181,7 +194,7 @@ class KVReceiver:
             elif verb == "load":
                 try:
                     self._start(arg)
-                except Exception as e:  # noqa: BLE001 - fail this load, not the receiver
+                except Exception as e:
                     logger.exception("KV load %s failed to start", arg.request_id)
                     self._finish(arg, LoadResult(arg.request_id, False, "internal", str(e)))
             elif verb == "cancel":
@@ -218,13 +231,16 @@ class KVReceiver:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             logger.warning("KV receiver dropped a bad message: %s", e)
             return
+        if not isinstance(msg, (LayerData, ShmGrant, PullWaiting, PullDone, PullError)):
+            logger.warning("KV receiver dropped a %s, which only a sender receives", type(msg).__name__)
+            return
         load = self._loads.get(msg.lease_id)
         if load is None:
             return  # a load we already gave up on
         load.last_progress = time.monotonic()
         try:
             self._apply(load, msg, payload)
-        except Exception as e:  # noqa: BLE001 - fail this load, not the receiver
+        except Exception as e:
             logger.exception("KV load %s failed", load.request_id)
             self._finish(load, LoadResult(load.request_id, False, "internal", str(e)))
 
@@ -248,12 +264,13 @@ class KVReceiver:
         n, first = msg.num_blocks, msg.first_block
         shape = (n, *k_cache.shape[1:]) if k_cache is not None else ()
         expected = n * self._block_bytes
-        if k_cache is None or n < 1 or first < 0 or first + n > len(load.local_index) or msg.nbytes != expected \
-                or len(payload) != 2 or any(len(p.buffer) != expected for p in payload):
+        if k_cache is None or v_cache is None or n < 1 or first < 0 or first + n > len(load.local_index) \
+                or msg.nbytes != expected or len(payload) != 2 or any(len(p.buffer) != expected for p in payload):
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", f"malformed layer {msg.layer}"))
             return
         index = load.local_index[first:first + n]
         for cache, frame in ((k_cache, payload[0]), (v_cache, payload[1])):
+            assert cache is not None
             data = torch.frombuffer(frame.buffer, dtype=torch.uint8).view(cache.dtype).view(shape)
             cache.index_copy_(0, index, data.to(cache.device))
         load.written += n
@@ -271,7 +288,8 @@ class KVReceiver:
         k_cache = self.kv_caches[0][0]
         block_ids = grant.block_ids or load.remote_block_ids
         if grant.nbytes != 2 * len(self.kv_caches) * grant.num_blocks * self._block_bytes \
-                or len(block_ids) != len(load.local_index) or not 0 <= min(block_ids) <= max(block_ids) < grant.num_blocks:
+                or len(block_ids) != len(load.local_index) \
+                or not 0 <= min(block_ids) <= max(block_ids) < grant.num_blocks:
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", "grant does not match the layout"))
             return
         remote = region.layers(len(self.kv_caches), tuple(k_cache.shape[1:]), grant.num_blocks, k_cache.dtype)

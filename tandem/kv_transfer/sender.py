@@ -35,8 +35,21 @@ import zmq
 
 from tandem.kv_transfer.shm import SharedKVRegion, host_id
 from tandem.kv_transfer.ticket import KVTransferConfig
-from tandem.kv_transfer.wire import (KV_TRANSFER_CHANNEL, Doorbell, LayerData, Pull, PullDone, PullError,
-                                     PullWaiting, Release, Renew, ShmGrant, ToSender, WireCodec, control_frame_cap)
+from tandem.kv_transfer.wire import (
+    KV_TRANSFER_CHANNEL,
+    Doorbell,
+    LayerData,
+    Pull,
+    PullDone,
+    PullError,
+    PullWaiting,
+    Release,
+    Renew,
+    ShmGrant,
+    ToSender,
+    WireCodec,
+    control_frame_cap,
+)
 from tandem.zmq_auth import release, require_secret
 
 logger = logging.getLogger(__name__)
@@ -227,7 +240,7 @@ class KVSender:
                 continue
             try:
                 self._handle(ident, msg)
-            except Exception:  # noqa: BLE001 - one bad pull must not stop the sender
+            except Exception:
                 logger.exception("KV sender failed on %s", type(msg).__name__)
 
     def _handle(self, ident: bytes, msg) -> None:
@@ -264,9 +277,10 @@ class KVSender:
         """Answer a pull; ``skip``: its first blocks were streamed already (send the rest);
         ``since``: when a parked pull arrived."""
         if pull.pending:
-            pull = self._resolve_pending(ident, pull, skip)
-            if pull is None:
+            resolved = self._resolve_pending(ident, pull, skip)
+            if resolved is None:
                 return
+            pull = resolved
         error = self._check_pull(pull)
         if error is not None:
             self._send(ident, PullError(pull.lease_id, *error))
@@ -342,7 +356,7 @@ class KVSender:
         """``serve()``; an exception fails that pull (the decode side hears why), not the sender."""
         try:
             return bool(serve())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             logger.exception("KV sender failed on a parked pull for %s", w.pull.lease_id)
             self._send(w.ident, PullError(w.pull.lease_id, "internal", str(e)))
             return True
@@ -385,6 +399,7 @@ class KVSender:
             lease.grants[ident] = lease.deadline
             valid_s = lease.deadline - now
         region, k_cache = self.region, self.kv_caches[0][0]
+        assert region is not None  # shared memory is granted only by a sender that has a region
         grant = ShmGrant(pull.lease_id, region.pid, region.fd, region.token, region.nbytes, k_cache.shape[0], valid_s,
                          pull.block_ids, held_s)
         self._send(ident, grant)

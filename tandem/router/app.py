@@ -20,13 +20,13 @@ event loop, and not at all above ROUTE_TOKENIZE_MAX_CHARS.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import astuple, dataclass
+from functools import partial
 
 import httpx
 import msgspec
@@ -62,7 +62,7 @@ _CLOSE = {"Connection": "close"}  # the body was not read to its end: the connec
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-           param: str | None = None, headers: dict | None = None) -> JSONResponse:
+           param: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
@@ -168,7 +168,7 @@ class RouterMetrics:
         gauge = Gauge("tandem_router_requests_in_flight", "Requests (and prefill legs) sent to a worker and not yet "
                       "ended, as the router counts them", ["worker"], registry=self.registry)
         for url, worker in pool.workers.items():
-            gauge.labels(url).set_function(lambda w=worker: w.in_flight)
+            gauge.labels(url).set_function(partial(_in_flight, worker))
 
     def watch_pd_costs(self, decider: PDDecider) -> None:
         for name, doc, attr in [
@@ -177,7 +177,15 @@ class RouterMetrics:
             ("tandem_router_pd_kv_bytes_per_token", "KV bytes per token (from the workers' tickets)",
              "kv_bytes_per_token"),
         ]:
-            Gauge(name, doc, registry=self.registry).set_function(lambda a=attr: getattr(decider.costs, a))
+            Gauge(name, doc, registry=self.registry).set_function(partial(_cost, decider, attr))
+
+
+def _in_flight(worker: WorkerState) -> float:
+    return worker.in_flight
+
+
+def _cost(decider: PDDecider, attr: str) -> float:
+    return getattr(decider.costs, attr)
 
 
 @dataclass
@@ -258,6 +266,7 @@ class Router:
         """The P/D decider's plan for a request picked (not yet recorded) on a decode worker."""
         prefills = [w for w in self.pool.healthy() if w.prefills and w.url != routed.worker.url
                     and self.shares_kv_secret(w, routed.worker)]
+        assert self.pd is not None  # only a fleet with prefill workers plans splits
         return self.pd.plan(len(routed.req.token_ids), routed.worker, prefills, self._matched_blocks(routed.req),
                             routed.prefill_tokens)
 
@@ -575,7 +584,7 @@ async def _maybe_split(router: Router, http: httpx.AsyncClient, routed: Routed, 
     the prefill worker ran it). WorkerFailed: the prefill worker failed on the request (it goes to
     no other worker). ``routed`` is not yet recorded in the routing history."""
     plan = router.plan_split(routed)
-    if not plan.split:
+    if not plan.split or plan.prefill is None:
         router.metrics.pd_decisions.labels("local").inc()
         return None
     # NOTE: from here the decode worker will not prefill this prompt: while the prefill leg runs, its
@@ -633,7 +642,8 @@ async def _prefill_leg(router: Router, http: httpx.AsyncClient, worker: WorkerSt
         return None
     elapsed = time.perf_counter() - started
     router.metrics.pd_prefill_seconds.observe(elapsed)
-    router.pd.observe_prefill(tokens_ahead, elapsed, ticket)
+    if router.pd is not None:
+        router.pd.observe_prefill(tokens_ahead, elapsed, ticket)
     worker.kv_ticket = {k: ticket.get(k) for k in PENDING_TICKET_FIELDS}
     return ticket
 
@@ -668,7 +678,7 @@ async def serve_router(router: Router, host: str, port: int, subscribers: list, 
 
     import uvicorn
 
-    from tandem.entrypoints.openai.api_server import _Server
+    from tandem.entrypoints.openai.api_server import uvicorn_server
 
     # keep-alive to workers shorter than their (uvicorn's 5 s) so a pooled connection is not reused
     # just as the worker closes it: that would look like a worker dropping the request (no retry)
@@ -678,7 +688,7 @@ async def serve_router(router: Router, host: str, port: int, subscribers: list, 
         tasks = [asyncio.create_task(s.run()) for s in subscribers]
         app = build_router_app(router, http, api_key, body_timeout_s)
         timeouts = HTTPTimeouts(head_timeout_s, body_timeout_s, keep_alive_timeout_s)
-        server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_kwargs(timeouts)))
+        server = uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_kwargs(timeouts)))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

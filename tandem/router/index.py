@@ -22,6 +22,7 @@ import asyncio
 import hmac
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -50,7 +51,7 @@ def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str |
     return hashes
 
 
-def _leading_matches(blocks, block_hashes: list[bytes]) -> int:
+def _leading_matches(blocks, block_hashes: Sequence[bytes]) -> int:
     """Consecutive hits from the first block: O(matched + 1) lookups."""
     n = 0
     for h in block_hashes:
@@ -85,6 +86,7 @@ class PrefixIndex:
             return OK
         if seq > expected:
             return GAP
+        assert entry is not None  # expected is None without an entry
         return RESTART if (seq == 0 or ts > entry.last_ts) else STALE
 
     def apply(self, worker: str, batch: KVEventBatch) -> str:
@@ -105,7 +107,7 @@ class PrefixIndex:
         entry = self._workers.get(worker)
         return entry.next_seq if entry else None
 
-    def match_blocks(self, block_hashes: list[bytes]) -> dict[str, int]:
+    def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         """Every known worker -> how many leading blocks of the request it holds. A worker without
         the first block costs one set lookup."""
         return {w: _leading_matches(e.blocks, block_hashes) for w, e in self._workers.items()}
@@ -161,7 +163,7 @@ class ApproxPrefixIndex:
         while len(lru) > self.capacity_blocks:
             lru.popitem(last=False)
 
-    def match_blocks(self, block_hashes: list[bytes]) -> dict[str, int]:
+    def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         return {w: _leading_matches(lru, block_hashes) for w, lru in self._workers.items()}
 
     def remove_worker(self, worker: str) -> None:

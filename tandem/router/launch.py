@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -39,7 +40,7 @@ class CombinedMatcher:
     def __init__(self, index: PrefixIndex, approx: ApproxPrefixIndex, evented: set[str]) -> None:
         self.index, self.approx, self.evented = index, approx, evented
 
-    def match_blocks(self, block_hashes: list[bytes]) -> dict[str, int]:
+    def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         exact = self.index.match_blocks(block_hashes)
         guessed = self.approx.match_blocks(block_hashes)
         out = {w: n for w, n in guessed.items() if w not in self.evented}

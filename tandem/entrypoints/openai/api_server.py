@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import re
@@ -19,22 +18,28 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tandem
-from tandem.entrypoints.http_protocol import ApiKeyCheck, HTTPTimeouts, error_response, uvicorn_kwargs
 from tandem.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from tandem.engine.request import KV_TRANSFER_FAILED
+from tandem.entrypoints.http_protocol import ApiKeyCheck, HTTPTimeouts, error_response, uvicorn_kwargs
 from tandem.entrypoints.openai.metrics import ServerMetrics
-from tandem.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                OpenAIError, TokenizeRequest)
+from tandem.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+)
 from tandem.kv_transfer.ticket import TicketError, parse_ticket
 from tandem.outputs import RequestOutput
-from tandem.tokenizer import chat_token_ids
 from tandem.sampling_params import ParamError, SamplingParams
+from tandem.tokenizer import chat_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +359,7 @@ async def _close_all(streams: list[RequestStream]) -> None:
         await stream.aclose()
 
 
-async def _engine_errors_as_openai(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+async def _engine_errors_as_openai(stream: RequestStream) -> AsyncIterator[RequestOutput]:
     """A dead engine -> 503; a request that finished with an error: a failed KV load -> 502, the
     engine's own failure on this request (the engine serves on) -> 500."""
     try:
@@ -582,19 +587,16 @@ class _ClosingStreamingResponse(StreamingResponse):
 
 
 # -- process --------------------------------------------------------------------------------------
-class _Server:
+def uvicorn_server(config: uvicorn.Config) -> uvicorn.Server:
     """uvicorn.Server without its signal capture (it re-raises SIGTERM after shutdown, which would
     skip stopping the engine core); serve() installs its own handlers."""
 
-    def __new__(cls, config):
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                yield
-
-        return Server(config)
+    return Server(config)
 
 
 async def serve(config, host: str, port: int, served_model_name: str, api_key: str | None = None,
@@ -602,12 +604,11 @@ async def serve(config, host: str, port: int, served_model_name: str, api_key: s
                 attention_backend: str = "auto", timeouts: HTTPTimeouts = HTTPTimeouts()) -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
     when the engine died."""
-    import uvicorn
 
     engine = AsyncLLM(config, attention_backend, **(kv_events or {}))
     await engine.start()
     app = build_app(engine, served_model_name, api_key, max_queued_requests, timeouts)
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
+    server = uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                                     h11_max_incomplete_event_size=MAX_HEADER_BYTES, **uvicorn_kwargs(timeouts)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # drain: stop accepting, finish in-flight, stop the core

@@ -146,9 +146,9 @@ class CompletionRequest(_SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and isinstance(p[0], int):
-            return [{"prompt_token_ids": list(p)}]
-        return [x if isinstance(x, str) else {"prompt_token_ids": list(x)} for x in p]
+        if all(isinstance(x, int) for x in p):
+            return [{"prompt_token_ids": [x for x in p if isinstance(x, int)]}]
+        return [x if isinstance(x, str) else {"prompt_token_ids": list(x)} for x in p if not isinstance(x, int)]
 
 
 class TextPart(BaseModel):
