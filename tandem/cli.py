@@ -10,7 +10,6 @@ from tandem.entrypoints.http_protocol import add_timeout_args
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tandem import LLM, SamplingParams
-
     from tandem.engine.arg_utils import EngineArgs
 
     llm = LLM(**vars(EngineArgs.from_cli_args(args)))

@@ -43,13 +43,13 @@ MODEL_FORM = {("generate",): "positional", ("serve",): "positional", ("bench", "
 def _subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
     parser = build_parser()
     for name in path:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = sub.choices[name]
     return parser
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.dest != "help"}  # noqa: SLF001
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
 @pytest.mark.parametrize("path", list(OWN_FLAGS), ids=" ".join)

@@ -45,8 +45,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tandem.bench.throughput import (bench_engine_args, describe_device, engine_flags, loaded_shape,
-                                     resolve_bench_model)
+from tandem.bench.throughput import bench_engine_args, describe_device, engine_flags, loaded_shape, resolve_bench_model
 from tandem.engine.arg_utils import EngineArgs
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)

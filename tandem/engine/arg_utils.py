@@ -57,7 +57,7 @@ def _positive_ints(v: Sequence[int]) -> str | None:
     return None if all(x >= 1 for x in v) else "must all be >= 1"
 
 
-def _arg(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - the argparse word
+def _arg(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 

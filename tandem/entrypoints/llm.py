@@ -16,7 +16,6 @@ from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
 
-
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tandem-demo"
 
 
