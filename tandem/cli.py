@@ -8,42 +8,11 @@ import sys
 from tandem.entrypoints.http_protocol import add_timeout_args
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (CPU default 2GiB; GPU default: "
-                   "sized from --gpu-memory-utilization after a profile step)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of GPU memory for weights, activations and the KV cache")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="kernels: auto (Triton on a CUDA GPU, else torch), torch references, or Triton")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="schedule step N+1 while the GPU runs step N (outputs arrive one step later)")
-    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
-                   help="dummy: random weights of config.json (no checkpoint needed)")
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    """The shared engine flags as build_engine_config / LLM keywords."""
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-                kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-                device=args.device, seed=args.seed, enforce_eager=args.enforce_eager, load_format=args.load_format,
-                async_scheduling=args.async_scheduling)
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tandem import LLM, SamplingParams
+    from tandem.engine.arg_utils import EngineArgs
 
-    llm = LLM(model=args.model, attention_backend=args.attention_backend, **_engine_kwargs(args))
+    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sampling_seed, ignore_eos=args.ignore_eos,
                             stop=args.stop or None)
@@ -61,7 +30,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from tandem.entrypoints.llm import build_engine_config
+    from tandem.engine.arg_utils import EngineArgs
     from tandem.entrypoints.http_protocol import HTTPTimeouts
     from tandem.entrypoints.openai.api_server import serve
 
@@ -72,7 +41,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          "batches are HMAC-signed with it; the router verifies them with the same value)")
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = build_engine_config(args.model, **_engine_kwargs(args))
+    config = EngineArgs.from_cli_args(args).create_engine_config()
     config.kv_transfer = _kv_transfer_config(args)
     if config.kv_transfer is not None and config.scheduler.async_scheduling:
         raise ValueError("--async-scheduling does not combine with disaggregated serving (--role prefill|decode, "
@@ -83,7 +52,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
                  "kv_events_secret": secret.encode() if secret else None}
     return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests, kv_events,
-                             attention_backend=args.attention_backend, timeouts=HTTPTimeouts.from_args(args)))
+                             timeouts=HTTPTimeouts.from_args(args)))
 
 
 def _kv_transfer_config(args: argparse.Namespace):
@@ -152,12 +121,12 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tandem.engine.arg_utils import EngineArgs
+
     parser = argparse.ArgumentParser(prog="tandem", description="LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts offline and print the text")
-    gen.add_argument("model", nargs="?", default=None,
-                     help="Hugging Face model directory (default: $TANDEM_MODEL or the bundled models/tandem-demo)")
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable); default: stdin")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -167,12 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
-    _add_engine_args(gen)
+    EngineArgs.add_cli_args(gen, model="positional")
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    srv.add_argument("model", nargs="?", default=None,
-                     help="Hugging Face model directory (default: $TANDEM_MODEL or the bundled models/tandem-demo)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
@@ -204,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--kv-transport", choices=("auto", "tcp"), default="auto",
                      help="auto (default): workers on one host copy KV through shared memory, others "
                           "over TCP; tcp: always TCP")
-    _add_engine_args(srv)
+    EngineArgs.add_cli_args(srv, model="positional")
     srv.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)

@@ -176,10 +176,10 @@ def test_aborts_with_a_step_in_flight_free_everything(make_llm):
 
 def test_async_scheduling_refuses_disaggregation(model_dirs):
     from tandem.engine.core import EngineCore
-    from tandem.entrypoints.llm import build_engine_config
+    from tandem.engine.arg_utils import EngineArgs
     from tandem.kv_transfer.ticket import KVTransferConfig
 
-    config = build_engine_config(str(model_dirs["llama3-gqa"]), async_scheduling=True)
+    config = EngineArgs(str(model_dirs["llama3-gqa"]), async_scheduling=True).create_engine_config()
     config.kv_transfer = KVTransferConfig(role="decode", secret=b"s" * 32)
     with pytest.raises(ValueError, match="async scheduling does not combine"):
         EngineCore(config)

@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tandem.bench.throughput import _engine_kwargs, describe_device, loaded_shape, resolve_bench_model
+from tandem.bench.throughput import bench_engine_args, describe_device, engine_flags, loaded_shape, resolve_bench_model
+from tandem.engine.arg_utils import EngineArgs
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
@@ -54,42 +55,23 @@ PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
 def add_latency_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``vllm bench latency`` that tandem supports, plus the engine flags of throughput."""
-    parser.add_argument("--model", default=None,
-                        help="Hugging Face model directory (default: $TANDEM_MODEL or the bundled demo model)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    """Flags of ``vllm bench latency`` that tandem supports, plus EngineArgs' engine flags (prefix
+    caching off by default here)."""
+    parser.add_argument("--model", default=None, help="Hugging Face model directory, or with --load-format dummy "
+                                                      "a built-in shape (default: $TANDEM_MODEL or the bundled demo)")
     parser.add_argument("--input-len", type=int, default=32, help="prompt length in tokens (default 32)")
     parser.add_argument("--output-len", type=int, default=128, help="output length in tokens (default 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
     parser.add_argument("--num-iters-warmup", type=int, default=10, help="untimed batches first (default 10)")
     parser.add_argument("--num-iters", type=int, default=30, help="timed batches (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt and engine seed (default 0)")
     parser.add_argument("--output-json", default=None,
                         help="result file (default: benchmarks/results/latency-<model>-<UTC time>.json)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    # engine
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
-                        help="dummy: random weights of the model's config.json; with dummy, --model may also "
-                             "name a built-in shape (llama-3.1-8b, bench-88m), written under .cache/dummy/")
-    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
-                        help="kernels: auto (Triton on a CUDA GPU, else torch), torch references, or Triton")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="per-step token budget (engine default 2048)")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", default=None,
-                        help="KV cache size, e.g. 4GiB (GPU default: sized from --gpu-memory-utilization)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    parser.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                        help="default off here (unlike throughput and serve): every iteration sends the same "
-                             "prompts, so with caching on all iterations after the first would skip prefill")
+    EngineArgs.add_cli_args(parser, model=None)
+    # NOTE: the one engine default that differs here: every iteration sends the same prompts, so with
+    # prefix caching on, all iterations after the first would skip their prefill
+    parser.set_defaults(enable_prefix_caching=False)
     return parser
 
 
@@ -161,7 +143,7 @@ def _build_llm(args: argparse.Namespace):
     from tandem import LLM
 
     model = resolve_bench_model(args)
-    llm = LLM(model=model, **_engine_kwargs(args))
+    llm = LLM(**vars(bench_engine_args(args, model)))
     needed = args.input_len + args.output_len
     if needed > llm.llm_engine.max_model_len:
         raise ValueError(f"max_model_len {llm.llm_engine.max_model_len} < input_len + output_len ({needed}); "
@@ -274,7 +256,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         "workload": {"batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
                      "n": args.n, "iters": args.num_iters, "warmup_iters": args.num_iters_warmup,
                      "seed": args.seed, "sampling": {"temperature": 1.0, "top_p": 1.0, "ignore_eos": True}},
-        "flags": {**_engine_kwargs(args), "resolved": {
+        "flags": {**engine_flags(llm.engine_args), "resolved": {
             "max_model_len": llm.llm_engine.max_model_len,
             "max_num_batched_tokens": llm.llm_engine.config.scheduler.max_num_batched_tokens,
             "num_kv_blocks": runner.num_blocks}},

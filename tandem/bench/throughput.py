@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from tandem.engine.arg_utils import EngineArgs
+
 DATASETS = ("random",)
 # vLLM's gen_prompt_decode_to_target_len default.
 _MAX_RETOKENIZE_TRIES = 10
@@ -64,9 +66,10 @@ def _range_ratio(value: str) -> float | dict[str, float]:
 
 
 def add_throughput_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``vllm bench throughput`` that tandem supports (same names, same defaults)."""
-    parser.add_argument("--model", default=None, help="Hugging Face model directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    """Flags of ``vllm bench throughput`` that tandem supports (same names, same defaults); the
+    engine flags (--model, --tokenizer, --seed, --max-num-seqs, ...) are EngineArgs'."""
+    parser.add_argument("--model", default=None, help="Hugging Face model directory, or with --load-format dummy "
+                                                      "a built-in shape (default: $TANDEM_MODEL or the bundled demo)")
     parser.add_argument("--dataset-name", choices=DATASETS, default="random",
                         help="synthetic dataset (only vLLM's 'random' for now)")
     # vLLM also has --random-input-len / --random-output-len; both spellings set the same value here.
@@ -80,28 +83,10 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--num-prompts", type=int, default=1000, help="number of requests (default 1000)")
     parser.add_argument("--num-warmups", type=int, default=0,
                         help="untimed warm-up requests before the timed run (dataset seed + 1, as vLLM)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset and engine seed (default 0)")
     parser.add_argument("--output-json", default=None,
                         help="result file (default: benchmarks/results/throughput-<model>-<UTC time>.json)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    # engine
-    parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
-                        help="dummy: random weights of the model's config.json; with dummy, --model may also "
-                             "name a built-in shape (llama-3.1-8b, bench-88m), written under .cache/dummy/")
-    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
-                        help="kernels: auto (Triton on a CUDA GPU, else torch), torch references, or Triton")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="per-step token budget (engine default 2048)")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", default=None,
-                        help="KV cache size, e.g. 4GiB (GPU default: sized from --gpu-memory-utilization)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    parser.add_argument("--async-scheduling", action="store_true", help="schedule step N+1 while step N runs")
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    EngineArgs.add_cli_args(parser, model=None)
     return parser
 
 
@@ -253,24 +238,18 @@ def default_output_json(model: str | Path, now: datetime | None = None) -> Path:
 # --------------------------------------------------------------------------- run
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
-        enforce_eager=getattr(args, "enforce_eager", False),
-        async_scheduling=getattr(args, "async_scheduling", False),
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        load_format=getattr(args, "load_format", "auto"),
-        attention_backend=getattr(args, "attention_backend", "auto"),
-    )
+def bench_engine_args(args: argparse.Namespace, model: str) -> EngineArgs:
+    """The run's EngineArgs, with the model resolved by resolve_bench_model."""
+    engine_args = EngineArgs.from_cli_args(args)
+    engine_args.model = model
+    return engine_args
+
+
+def engine_flags(engine_args: EngineArgs) -> dict[str, Any]:
+    """The engine flags a results file records (the model is recorded on its own)."""
+    flags = engine_args.to_dict()
+    flags.pop("model")
+    return flags
 
 
 def resolve_bench_model(args: argparse.Namespace) -> str:
@@ -329,8 +308,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         print(f"warning: prompts have {mismatch:+d} tokens versus the sampled lengths after decode/re-encode "
               "(vLLM's random dataset does the same)", file=sys.stderr)
 
-    engine_kwargs = _engine_kwargs(args)
-    llm = LLM(model=model, **engine_kwargs)
+    engine_args = bench_engine_args(args, model)
+    llm = LLM(**vars(engine_args))
     engine = llm.llm_engine
     longest = max(r.prompt_len + r.expected_output_len for r in requests + warmups)
     if longest > engine.max_model_len:
@@ -377,7 +356,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "device": describe_device(runner.device),
         "model": str(Path(model).resolve()),
         "model_shape": loaded_shape(model, runner),
-        "load_format": engine_kwargs["load_format"],
+        "load_format": engine_args.load_format,
         "attention_backend": runner.attention_backend,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "workload": {
@@ -399,8 +378,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
             "sampling": {"n": 1, "temperature": 1.0, "top_p": 1.0, "ignore_eos": True},
         },
         "flags": {
-            **engine_kwargs,
-            "kv_cache_memory": engine_kwargs["kv_cache_memory"],
+            **engine_flags(engine_args),
             "resolved": {
                 "max_model_len": engine.max_model_len,
                 "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,

@@ -99,10 +99,9 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, attention_backend: str = "auto", *, kv_events_endpoint: str | None = None,
+    def __init__(self, config: EngineConfig, *, kv_events_endpoint: str | None = None,
                  kv_events_replay_endpoint: str | None = None, kv_events_secret: bytes | None = None) -> None:
         self.config = config
-        self.attention_backend = attention_backend
         self._kv_events = (kv_events_endpoint, kv_events_replay_endpoint, kv_events_secret)
         self.errored: str | None = None
         self.stats: EngineStats | None = None
@@ -130,7 +129,7 @@ class AsyncLLM:
         self._out_codec = Codec(secret, CoreMessage)
         spawn = multiprocessing.get_context("spawn")
         self._proc = spawn.Process(target=run_engine_core, name="tandem-engine-core", daemon=True,
-                                   args=(self.config, addresses, secret, os.getpid(), self.attention_backend))
+                                   args=(self.config, addresses, secret, os.getpid()))
         self._proc.start()
         ready = await self._wait_ready(ready_timeout_s)
         self.max_model_len, self.vocab_size = ready.max_model_len, ready.vocab_size

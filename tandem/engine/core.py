@@ -48,13 +48,12 @@ KV_EVENT_BACKLOG = 1024
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, attention_backend: str = "auto",
-                 kv_event_sink: Callable[[KVEventBatch], None] | None = None) -> None:
+    def __init__(self, config: EngineConfig, *, kv_event_sink: Callable[[KVEventBatch], None] | None = None) -> None:
         self.config = config
         kv = config.kv_transfer
         if config.scheduler.async_scheduling and kv is not None:
             raise ValueError("async scheduling does not combine with disaggregated prefill/decode yet")
-        self.runner = ModelRunner(config.model, config.cache, attention_backend,
+        self.runner = ModelRunner(config.model, config.cache,
                                   share_kv_cache=kv is not None and kv.sends and kv.transport == "auto",
                                   scheduler_config=config.scheduler)
         self.hf_config = self.runner.hf_config

@@ -117,8 +117,7 @@ class CoreAddresses:
     kv_events_secret: bytes | None = None
 
 
-def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: bytes, parent_pid: int,
-                    attention_backend: str = "auto") -> None:
+def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: bytes, parent_pid: int) -> None:
     """Process entry point (multiprocessing spawn target)."""
     die_with_parent(parent_pid)
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
@@ -151,7 +150,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
             if addresses.kv_events:
                 publisher = KVEventPublisher(ctx, addresses.kv_events, addresses.kv_events_replay,
                                              addresses.kv_events_secret)
-            core = EngineCore(config, attention_backend, publisher.publish if publisher else None)
+            core = EngineCore(config, kv_event_sink=publisher.publish if publisher else None)
         except Exception as e:  # noqa: BLE001 - reported to the API process, which exits with it
             logger.exception("engine core failed to start")
             send(outputs, out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")), watch)

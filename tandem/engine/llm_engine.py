@@ -273,9 +273,9 @@ class Processor:
 class LLMEngine(Processor):
     """Offline engine: a Processor over an EngineCore in the same process; one step() at a time."""
 
-    def __init__(self, config: EngineConfig, attention_backend: str = "auto") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        core = EngineCore(config, attention_backend)
+        core = EngineCore(config)
         super().__init__(core, config.model.model, config.model.tokenizer, core.hf_config, core.vocab_size,
                          core.max_model_len)
         # the core's parts, for introspection and tests

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tandem.config import EngineConfig
+from tandem.engine.arg_utils import EngineArgs
 from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
@@ -27,49 +30,23 @@ def default_model_path() -> str:
                      "Face model directory (config.json, *.safetensors, tokenizer.json) or set TANDEM_MODEL")
 
 
-def build_engine_config(model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
-                        max_model_len: int | None = None, seed: int = 0, device: str = "auto", block_size: int = 16,
-                        enable_prefix_caching: bool = True, kv_cache_memory: int | str | None = None,
-                        gpu_memory_utilization: float = 0.9, num_gpu_blocks_override: int | None = None,
-                        max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
-                        enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
-                        load_format: str = "auto", enforce_eager: bool = False,
-                        cuda_graph_sizes: list[int] | None = None, async_scheduling: bool = False) -> EngineConfig:
-    """vLLM's engine arguments -> EngineConfig (shared by LLM and `tandem serve`)."""
-    return EngineConfig(
-        model=ModelConfig(model=str(model or default_model_path()), tokenizer=tokenizer, dtype=dtype,
-                          max_model_len=max_model_len, seed=seed, device=device, load_format=load_format,
-                          enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes),
-        cache=CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                          kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
-                          num_gpu_blocks_override=num_gpu_blocks_override),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens or 2048,
-                                  max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill,
-                                  policy=scheduling_policy, async_scheduling=async_scheduling),
-    )
+def build_engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:
+    """``EngineArgs(model, **kwargs).create_engine_config()`` (kept for callers of the old helper)."""
+    return EngineArgs.from_kwargs("build_engine_config", model=model, **kwargs).create_engine_config()
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0, device: str = "auto",
-                 block_size: int = 16, enable_prefix_caching: bool = True,
-                 kv_cache_memory: int | str | None = None, gpu_memory_utilization: float = 0.9,
-                 num_gpu_blocks_override: int | None = None,
-                 max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
-                 enable_chunked_prefill: bool = True, scheduling_policy: str = "fcfs",
-                 attention_backend: str = "auto", load_format: str = "auto", enforce_eager: bool = False,
-                 cuda_graph_sizes: list[int] | None = None, async_scheduling: bool = False) -> None:
-        config = build_engine_config(model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                     device=device, block_size=block_size,
-                                     enable_prefix_caching=enable_prefix_caching, kv_cache_memory=kv_cache_memory,
-                                     gpu_memory_utilization=gpu_memory_utilization,
-                                     num_gpu_blocks_override=num_gpu_blocks_override,
-                                     max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                     enable_chunked_prefill=enable_chunked_prefill,
-                                     scheduling_policy=scheduling_policy, load_format=load_format,
-                                     enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes,
-                                     async_scheduling=async_scheduling)
-        self.llm_engine = LLMEngine(config, attention_backend)
+    """Offline engine. Keyword arguments are the fields of ``EngineArgs`` (tandem/engine/arg_utils.py),
+    e.g. ``LLM(model=dir, max_num_seqs=64, kv_cache_memory="1GiB")``; an unknown one is a TypeError."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine_args = EngineArgs.from_kwargs("LLM", model=model, **kwargs)
+        self.llm_engine = LLMEngine(self.engine_args.create_engine_config())
+
+    # inspect.signature(LLM) and help(LLM) show the engine arguments, read from EngineArgs
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *EngineArgs.signature_parameters()],
+        return_annotation=None)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

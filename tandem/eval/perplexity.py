@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tandem.engine.arg_utils import EngineArgs
 from tandem.sampling_params import SamplingParams
 
 
@@ -65,9 +66,8 @@ def add_perplexity_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", help="text files to score")
     parser.add_argument("--window", type=int, default=None,
                         help="tokens per window (default: min(1024, context - 1))")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--kv-cache-memory", default=None)
     parser.add_argument("--output-json", default=None)
+    EngineArgs.add_cli_args(parser, model=None)
 
 
 def run_perplexity(args: argparse.Namespace) -> dict:
@@ -79,7 +79,7 @@ def run_perplexity(args: argparse.Namespace) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{f}: no such file")
         texts[str(path)] = path.read_text(encoding="utf-8", errors="replace")
-    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory)
+    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     window = args.window or min(1024, llm.llm_engine.max_model_len - 1)
     results = score_texts(llm, texts, window)
     total = PerplexityResult("total", sum(r.tokens_scored for r in results), sum(r.nll for r in results))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from tandem.engine.arg_utils import EngineArgs
 from tandem.entrypoints.http_protocol import add_timeout_args
 from tandem.lifecycle import exit_on_sigterm, terminate_with_parent
 from tandem.router.app import Router, RouterMetrics, serve_router
@@ -58,7 +59,13 @@ def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> ar
                        help="local tokenizer directory (prefix-aware routing needs the workers' token ids)")
     p.add_argument("--policy", choices=POLICIES, default="cache-aware")
     p.add_argument("--config", default=None, help="router.yaml: filters, scorers and weights, picker")
-    p.add_argument("--block-size", type=int, default=16, help="the workers' KV block size")
+    if with_workers:
+        p.add_argument("--block-size", type=int, default=EngineArgs.block_size,
+                       help="the workers' KV block size (default: %(default)s, the engine's)")
+    else:  # tandem up: one value for the router and the workers it starts (worker_block_size)
+        p.add_argument("--block-size", type=int, default=None,
+                       help="KV block size of the workers and the router; given to the workers unless "
+                            f"--worker-args sets it (default: theirs, else {EngineArgs.block_size})")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=None, help="seed the picker's tie-breaks")
@@ -150,9 +157,24 @@ def add_up_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=2, help="colocated workers (role both)")
     p.add_argument("--prefill", type=int, default=0, help="disaggregated: this many prefill workers ...")
     p.add_argument("--decode", type=int, default=0, help="... and this many decode workers (instead of --replicas)")
-    p.add_argument("--worker-args", default="", help="extra `tandem serve` flags for every worker, one string")
+    p.add_argument("--worker-args", default="", help="extra `tandem serve` flags for every worker, one string "
+                                                     "(engine flags such as --max-num-seqs go here, verbatim)")
     add_router_args(p, with_workers=False)
     return p
+
+
+def worker_block_size(block_size: int | None, extra: list[str]) -> tuple[int, list[str]]:
+    """One block size for the router's hashes and the workers' caches: ``tandem up --block-size N``
+    is passed to the workers, a --block-size inside --worker-args is read back for the router, and
+    two different values are an error. Returns (block size, worker flags)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe.add_argument("--block-size", type=int, default=None)
+    given = probe.parse_known_args(extra)[0].block_size
+    if block_size is None:
+        return (given if given is not None else EngineArgs.block_size), extra
+    if given is not None and given != block_size:
+        raise ValueError(f"--block-size {block_size} disagrees with --block-size {given} in --worker-args")
+    return block_size, extra if given is not None else [*extra, "--block-size", str(block_size)]
 
 
 def _free_port() -> int:
@@ -227,7 +249,8 @@ def run_up(args) -> int:
     model = args.model or default_model_path()
     exit_on_sigterm()  # a SIGTERM while the workers start still stops them (the finally below)
     secret = secrets.token_hex(32)  # fresh per fleet: signs every worker's KV events (and KV transfers)
-    procs, specs = _start_workers(model, roles, shlex.split(args.worker_args), secret, _api_key(args))
+    args.block_size, extra = worker_block_size(args.block_size, shlex.split(args.worker_args))
+    procs, specs = _start_workers(model, roles, extra, secret, _api_key(args))
     try:
         _wait_healthy(procs, specs)
         args.tokenizer = model

@@ -50,8 +50,8 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, attention_backend: str = "torch",
-                 share_kv_cache: bool = False, scheduler_config: SchedulerConfig | None = None):
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, share_kv_cache: bool = False,
+                 scheduler_config: SchedulerConfig | None = None):
         """share_kv_cache: on CPU, keep the KV cache in a shared-memory region (``self.kv_region``)
         that decode workers on this host can read (tandem/kv_transfer/shm.py). scheduler_config:
         the largest step, profiled on a GPU to size the KV cache (tandem/runner/kv_sizing.py)."""
@@ -61,7 +61,7 @@ class ModelRunner:
         self.hf_config = read_hf_config(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype, self.hf_config, self.device)
         torch.manual_seed(model_config.seed)
-        self.attention_backend = resolve_backend_name(attention_backend, self.device)
+        self.attention_backend = resolve_backend_name(model_config.attention_backend, self.device)
         backend = get_backend(self.attention_backend)
         self.model = load_model(model_config.model, self.dtype, self.device, backend, model_config.load_format,
                                 model_config.seed)

@@ -601,11 +601,11 @@ def uvicorn_server(config: uvicorn.Config) -> uvicorn.Server:
 
 async def serve(config, host: str, port: int, served_model_name: str, api_key: str | None = None,
                 max_queued_requests: int | None = None, kv_events: dict | None = None, on_ready=None,
-                attention_backend: str = "auto", timeouts: HTTPTimeouts = HTTPTimeouts()) -> int:
+                timeouts: HTTPTimeouts = HTTPTimeouts()) -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
     when the engine died."""
 
-    engine = AsyncLLM(config, attention_backend, **(kv_events or {}))
+    engine = AsyncLLM(config, **(kv_events or {}))
     await engine.start()
     app = build_app(engine, served_model_name, api_key, max_queued_requests, timeouts)
     server = uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
