@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import secrets
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ if not torch.cuda.is_available():  # Triton kernels run through Triton's interpr
 
 from tandem import LLM
 from tandem.testing import PRESETS, build_preset
+from tests.helpers import free_port, start_server, stop_server, wait_healthy
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -47,3 +52,32 @@ def make_llm(model_dirs):
 
 
 ALL_PRESETS = sorted(PRESETS)
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dirs):
+    """Two workers publishing KV events and a `tandem router` (cache-aware) in front."""
+    secret = secrets.token_hex(16)
+    os.environ["TANDEM_KV_EVENTS_SECRET"] = secret
+    model = model_dirs["llama3-gqa"]
+    workers, specs = [], []
+    try:
+        for _ in range(2):
+            events, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+            proc, base = start_server(model, "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay,
+                                       "--max-num-seqs", "8")
+            workers.append(proc)
+            specs.append(f"{base},events={events},replay={replay}")
+        port = free_port()
+        cmd = [sys.executable, "-m", "tandem.cli", "router", "--port", str(port), "--tokenizer", str(model),
+               "--seed", "0"] + [arg for s in specs for arg in ("--worker", s)]
+        router = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, router)
+        yield url, workers, [s.split(",")[0] for s in specs]
+        router.send_signal(signal.SIGTERM)
+        router.wait(30)
+    finally:
+        os.environ.pop("TANDEM_KV_EVENTS_SECRET", None)
+        for w in workers:
+            stop_server(w)

@@ -59,6 +59,20 @@ def start_server(model_dir, *extra: str, env: dict[str, str] | None = None,
     return proc, base
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    """Wait for ``url``'s /health to answer 200; fail at once if ``proc`` (the process serving it) exits."""
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout_s, 0.3, f"{url}/health")
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -66,6 +80,12 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def metric_sum(text: str, name: str, label: str = "") -> float:
+    """Sum of the samples of every metric whose name starts with ``name`` and whose line holds ``label``."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and label in line and not line.startswith("#"))
 
 
 def metric(text: str, name: str) -> float:

@@ -175,8 +175,8 @@ def test_aborts_with_a_step_in_flight_free_everything(make_llm):
 
 
 def test_async_scheduling_refuses_disaggregation(model_dirs):
-    from tandem.engine.core import EngineCore
     from tandem.engine.arg_utils import EngineArgs
+    from tandem.engine.core import EngineCore
     from tandem.kv_transfer.ticket import KVTransferConfig
 
     config = EngineArgs(str(model_dirs["llama3-gqa"]), async_scheduling=True).create_engine_config()

@@ -10,7 +10,7 @@ import pytest
 
 from tandem.bench.serve import arrival_times, build_parser_for_tests
 from tandem.bench.serve_metrics import RequestResult, compute_metrics, max_goodput, meets_slos, parse_goodput
-from tests.test_server import _start_server, _stop
+from tests.helpers import start_server, stop_server
 
 
 def _trace() -> list[RequestResult]:
@@ -73,9 +73,9 @@ def test_arrivals_follow_vllm_schedule():
 
 @pytest.fixture(scope="module")
 def bench_server(model_dirs):
-    proc, base = _start_server(model_dirs["llama3-gqa"])
+    proc, base = start_server(model_dirs["llama3-gqa"])
     yield base, model_dirs["llama3-gqa"]
-    _stop(proc)
+    stop_server(proc)
 
 
 def _run(base, model_dir, tmp_path, *extra):

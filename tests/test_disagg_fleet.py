@@ -14,15 +14,14 @@ import httpx
 import openai
 import pytest
 
-from tests.test_router import _metric_sum, _wait
-from tests.test_server import _free_port, _start_server, _stop
+from tests.helpers import free_port, metric_sum, start_server, stop_server, wait_healthy
 
 WORKER_ARGS = "--kv-cache-memory 8MiB --served-model-name tiny --kv-lease-s 3 --kv-transfer-timeout-s 3"
 
 
 class Fleet:
     def __init__(self, model, *flags: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", str(model), "--prefill", "1",
                                       "--decode", "1", "--port", str(self.port), "--worker-args", WORKER_ARGS,
@@ -30,7 +29,7 @@ class Fleet:
                                      start_new_session=True)
         self.lines: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()  # workers share the pipe: keep it flowing
-        _wait(self.url, self.proc, timeout_s=240)
+        wait_healthy(self.url, self.proc, timeout_s=240)
         ready = next(line for line in self.lines if line.startswith("tandem up:"))
         self.prefill = re.search(r"(http://\S+) prefill", ready).group(1)
         self.decode = re.search(r"(http://\S+) decode", ready).group(1)
@@ -41,7 +40,7 @@ class Fleet:
             self.lines.append(line)
 
     def metric(self, url: str, name: str, label: str = "") -> float:
-        return _metric_sum(httpx.get(f"{url}/metrics").text, name, label)
+        return metric_sum(httpx.get(f"{url}/metrics").text, name, label)
 
     def wait_idle(self, *urls: str) -> None:
         """Workers (default: both) back to no request, no lease, no block in use."""
@@ -63,9 +62,9 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def single(model_dirs):
-    proc, base = _start_server(model_dirs["llama3-gqa"])
+    proc, base = start_server(model_dirs["llama3-gqa"])
     yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
-    _stop(proc)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +177,7 @@ def test_workers_with_different_secrets_are_never_split_across(model_dirs, singl
     """A prefill and a decode worker whose $TANDEM_KV_TRANSFER_SECRET differ cannot redeem each
     other's tickets: that is the fleet's misconfiguration, not the client's fault. The router sees
     their key fingerprints differ, prefills locally, logs it and counts it; the client gets its answer."""
-    from tests.helpers import free_port, start_server, stop_server, wait_until
+    from tests.helpers import wait_until
 
     model = model_dirs["llama3-gqa"]
     prefill, p_url = start_server(model, "--role", "prefill", env={"TANDEM_KV_TRANSFER_SECRET": "a" * 64})
@@ -190,14 +189,14 @@ def test_workers_with_different_secrets_are_never_split_across(model_dirs, singl
                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url, router)
+        wait_healthy(url, router)
         wait_until(lambda: "tandem_router_requests_in_flight" in httpx.get(f"{url}/metrics").text, 10)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         prompt = "def handler(event, context):\n    return event\n" * 4
         assert _text(client, prompt, 8) == _text(single, prompt, 8)
         text = httpx.get(f"{url}/metrics").text
-        assert _metric_sum(text, "tandem_router_pd_key_mismatches_total") >= 1
-        assert _metric_sum(text, "tandem_router_pd_decisions_total", 'decision="split"') == 0
+        assert metric_sum(text, "tandem_router_pd_key_mismatches_total") >= 1
+        assert metric_sum(text, "tandem_router_pd_decisions_total", 'decision="split"') == 0
     finally:
         router.send_signal(signal.SIGTERM)
         out, _ = router.communicate(timeout=30)

@@ -15,7 +15,7 @@ import pytest
 
 from tandem.kv_transfer.wire import KV_TRANSFER_CHANNEL
 from tandem.zmq_auth import present_secret
-from tests.test_server import _free_port
+from tests.helpers import free_port
 
 
 def _cli(*argv: str, env_drop: tuple[str, ...] = (), timeout: float = 60) -> subprocess.CompletedProcess:
@@ -27,17 +27,17 @@ def _cli(*argv: str, env_drop: tuple[str, ...] = (), timeout: float = 60) -> sub
 # -- item 8: KV events ------------------------------------------------------------------------------------
 def test_serve_refuses_kv_events_without_secret(model_dirs):
     """Before the fix this started a server publishing token ids unsigned (the run timed out)."""
-    port = _free_port()
+    port = free_port()
     for flag in ("--kv-events-endpoint", "--kv-events-replay-endpoint"):
         out = _cli("serve", str(model_dirs["llama3-gqa"]), "--port", str(port), "--kv-cache-memory", "8MiB",
-                   flag, f"tcp://127.0.0.1:{_free_port()}", env_drop=("TANDEM_KV_EVENTS_SECRET",))
+                   flag, f"tcp://127.0.0.1:{free_port()}", env_drop=("TANDEM_KV_EVENTS_SECRET",))
         assert out.returncode == 2, out.stderr[-2000:]
         assert "TANDEM_KV_EVENTS_SECRET" in out.stderr
 
 
 def test_router_refuses_unsigned_kv_events():
     """A router without the secret would take any batch on the events socket as true."""
-    spec = f"http://127.0.0.1:{_free_port()},events=tcp://127.0.0.1:{_free_port()}"
+    spec = f"http://127.0.0.1:{free_port()},events=tcp://127.0.0.1:{free_port()}"
     out = _cli("router", "--worker", spec, env_drop=("TANDEM_KV_EVENTS_SECRET",))
     assert out.returncode == 2, out.stderr[-2000:]
     assert "TANDEM_KV_EVENTS_SECRET" in out.stderr
@@ -241,7 +241,7 @@ def test_kv_events_are_read_only_with_the_secret():
     from tandem.engine.kv_publisher import KV_EVENTS_CHANNEL, TOPIC, KVEventPublisher
 
     ctx = zmq.Context()
-    endpoint, replay = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     publisher = KVEventPublisher(ctx, endpoint, replay, SECRET)
     subs = {}
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_server import _free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -75,7 +75,7 @@ def serve(model_dirs, tmp_path):
     started: list[tuple[subprocess.Popen, int]] = []
 
     def _start(*extra: str) -> tuple[subprocess.Popen, str, int]:
-        port = _free_port()
+        port = free_port()
         log = open(tmp_path / f"serve-{port}.log", "w")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", str(model_dirs["llama3-gqa"]),
                                  "--port", str(port), "--kv-cache-memory", "8MiB", "--served-model-name", "tiny",
@@ -167,7 +167,7 @@ def test_blocked_send_gives_up_when_parent_is_gone():
 
 def _up(model_dirs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", str(model_dirs["llama3-gqa"]), "--replicas",
-                             "2", "--port", str(_free_port()), "--worker-args", "--kv-cache-memory 8MiB"],
+                             "2", "--port", str(free_port()), "--worker-args", "--kv-cache-memory 8MiB"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 

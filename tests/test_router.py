@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -15,57 +13,9 @@ import httpx
 import openai
 import pytest
 
-from tests.test_server import _free_port, _start_server, _stop
+from tests.helpers import free_port, metric_sum, wait_healthy
 
 WORKER_FLAGS = ("--max-num-seqs", "8")
-
-
-def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(url)
-
-
-def _metric_sum(text: str, name: str, label: str = "") -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and label in line and not line.startswith("#"))
-
-
-@pytest.fixture(scope="module")
-def fleet(model_dirs):
-    """Two workers publishing KV events and a `tandem router` (cache-aware) in front."""
-    secret = secrets.token_hex(16)
-    os.environ["TANDEM_KV_EVENTS_SECRET"] = secret
-    model = model_dirs["llama3-gqa"]
-    workers, specs = [], []
-    try:
-        for _ in range(2):
-            events, replay = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
-            proc, base = _start_server(model, "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay,
-                                       *WORKER_FLAGS)
-            workers.append(proc)
-            specs.append(f"{base},events={events},replay={replay}")
-        port = _free_port()
-        cmd = [sys.executable, "-m", "tandem.cli", "router", "--port", str(port), "--tokenizer", str(model),
-               "--seed", "0"] + [arg for s in specs for arg in ("--worker", s)]
-        router = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}"
-        _wait(url, router)
-        yield url, workers, [s.split(",")[0] for s in specs]
-        router.send_signal(signal.SIGTERM)
-        router.wait(30)
-    finally:
-        os.environ.pop("TANDEM_KV_EVENTS_SECRET", None)
-        for w in workers:
-            _stop(w)
 
 
 def test_openai_sdk_through_router(fleet):
@@ -97,8 +47,8 @@ def test_shared_prefix_lands_on_the_worker_that_cached_it(fleet):
         cached.append(r["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert all(c >= 16 for c in cached), cached
     text = httpx.get(f"{url}/metrics").text
-    assert _metric_sum(text, "tandem_router_reported_cached_tokens_total") >= sum(cached)
-    assert _metric_sum(text, "tandem_router_requests_total") >= 5
+    assert metric_sum(text, "tandem_router_reported_cached_tokens_total") >= sum(cached)
+    assert metric_sum(text, "tandem_router_requests_total") >= 5
 
 
 def test_clients_gone_before_the_first_byte_release_their_worker(fleet):
@@ -116,8 +66,8 @@ def test_clients_gone_before_the_first_byte_release_their_worker(fleet):
                 pass
     deadline = time.monotonic() + 20
     while True:
-        in_flight = _metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_in_flight")
-        running = sum(_metric_sum(httpx.get(f"{w}/metrics").text, "vllm:num_requests_running") for w in worker_urls)
+        in_flight = metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_in_flight")
+        running = sum(metric_sum(httpx.get(f"{w}/metrics").text, "vllm:num_requests_running") for w in worker_urls)
         if in_flight == 0 and running == 0:
             break
         assert time.monotonic() < deadline, f"router in flight {in_flight}, workers running {running}"
@@ -154,14 +104,14 @@ def test_killing_a_worker_under_load_leaves_no_hung_request(fleet):
 
 
 def test_tandem_up_starts_and_stops_a_fleet(model_dirs):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", str(model_dirs["llama3-gqa"]), "--replicas", "2",
                              "--port", str(port), "--policy", "round-robin",
                              "--worker-args", "--kv-cache-memory 8MiB --served-model-name tiny"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url, proc, timeout_s=240)
+        wait_healthy(url, proc, timeout_s=240)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         for i in range(4):
             assert client.completions.create(model="tiny", prompt=f"p{i}", max_tokens=2).usage.completion_tokens == 2

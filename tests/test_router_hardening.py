@@ -24,19 +24,13 @@ import httpx
 import pytest
 
 if __name__ != "__main__":  # the fake worker and router processes run this file: they need no engine
-    from tests.test_router import fleet  # noqa: F401 - real `tandem serve` workers behind `tandem router`
+    from tests.helpers import free_port
 
 MODEL = "tiny"
 ROUTER_IDLE_DEADLINE_S = 20
 
 
 # --------------------------------------------------------------------------- processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fake_worker_main(port: int, mode: str) -> None:
     """A worker that answers by the prompt's words: crash (the process exits mid-request),
     fail500, bad (400); mode busy answers 503 + Retry-After to every request."""
@@ -138,12 +132,12 @@ def _fleet(modes=("ok", "ok"), router_kwargs: dict | None = None, router_args: t
     try:
         workers = []
         for mode in modes:
-            port = _free_port()
+            port = free_port()
             procs.append(_spawn("worker", str(port), mode))
             workers.append(f"http://127.0.0.1:{port}")
         for url, proc in zip(workers, procs):
             _wait_healthy(url, proc)
-        port = _free_port()
+        port = free_port()
         procs.append(_spawn("router", str(port), json.dumps(router_kwargs or {}), "--policy", "round-robin",
                             "--seed", "0", *router_args,
                             *[a for w, role in zip(workers, roles or ["both"] * len(workers))
@@ -184,7 +178,7 @@ def fleet1(_shared) -> Iterator[Fleet]:
     _assert_router_idle(_shared)
 
 
-def _metric_sum(text: str, name: str) -> float:
+def metric_sum(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith("#"))
 
@@ -192,7 +186,7 @@ def _metric_sum(text: str, name: str) -> float:
 def _assert_router_idle(fleet: Fleet) -> None:
     """Every request the router accepted has ended: its in-flight gauge is back to 0."""
     deadline = time.monotonic() + ROUTER_IDLE_DEADLINE_S
-    while (n := _metric_sum(httpx.get(f"{fleet.url}/metrics", timeout=5).text,
+    while (n := metric_sum(httpx.get(f"{fleet.url}/metrics", timeout=5).text,
                             "tandem_router_requests_in_flight")) != 0:
         assert time.monotonic() < deadline, f"router still counts {n} in flight"
         time.sleep(0.1)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,48 +13,14 @@ import openai
 import pytest
 
 from tandem import LLM, SamplingParams
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(model_dir, *extra) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", str(model_dir), "--port", str(port),
-                             "--kv-cache-memory", "8MiB", "--served-model-name", "tiny", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("server not ready")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from tests.helpers import free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def server(model_dirs):
-    proc, base = _start_server(model_dirs["llama3-gqa"])
+    proc, base = start_server(model_dirs["llama3-gqa"])
     yield base
-    _stop(proc)
+    stop_server(proc)
     assert proc.returncode == 0, proc.stdout.read()[-3000:]
 
 
@@ -243,7 +207,7 @@ def test_tokenize_detokenize(server):
 
 
 def test_engine_death_turns_health_503_and_server_exits_nonzero(model_dirs):
-    proc, base = _start_server(model_dirs["llama3-gqa"])
+    proc, base = start_server(model_dirs["llama3-gqa"])
     try:
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         engine_pids = [int(p) for p in children  # the spawned engine core, not the resource tracker
@@ -367,7 +331,7 @@ def test_disconnecting_clients_abort_and_free_blocks(server):
 def test_admission_control_answers_503_with_retry_after(model_dirs):
     from concurrent.futures import ThreadPoolExecutor
 
-    proc, base = _start_server(model_dirs["llama3-gqa"], "--max-num-seqs", "1", "--max-queued-requests", "1")
+    proc, base = start_server(model_dirs["llama3-gqa"], "--max-num-seqs", "1", "--max-queued-requests", "1")
     try:
         max_len = httpx.get(f"{base}/v1/models").json()["data"][0]["max_model_len"]
         body = {"model": "tiny", "prompt": "a", "max_tokens": min(100, max_len - 8), "ignore_eos": True}
@@ -379,7 +343,7 @@ def test_admission_control_answers_503_with_retry_after(model_dirs):
         assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "overloaded"
         assert httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "b", "max_tokens": 2}).status_code == 200
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_kv_events_published_signed_and_replayable(model_dirs):
@@ -390,11 +354,11 @@ def test_kv_events_published_signed_and_replayable(model_dirs):
     from tandem.engine.kv_publisher import END_OF_REPLAY, KV_EVENTS_CHANNEL, TOPIC, sign
     from tandem.zmq_auth import present_secret
 
-    pub_port, replay_port = _free_port(), _free_port()
+    pub_port, replay_port = free_port(), free_port()
     secret = b"s3cret"
     os.environ["TANDEM_KV_EVENTS_SECRET"] = secret.decode()
     try:
-        proc, base = _start_server(model_dirs["llama3-gqa"], "--kv-events-endpoint", f"tcp://127.0.0.1:{pub_port}",
+        proc, base = start_server(model_dirs["llama3-gqa"], "--kv-events-endpoint", f"tcp://127.0.0.1:{pub_port}",
                                    "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay_port}")
     finally:
         del os.environ["TANDEM_KV_EVENTS_SECRET"]
@@ -431,7 +395,7 @@ def test_kv_events_published_signed_and_replayable(model_dirs):
         sub.close(0)
         dealer.close(0)
         ctx.term()
-        _stop(proc)
+        stop_server(proc)
 
 
 def hmac_ok(secret, seq, payload, mac, sign) -> bool:
