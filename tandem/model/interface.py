@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from tandem.model.attention import AttentionMetadata
 
@@ -46,4 +47,8 @@ class CausalLM(Protocol):
 
     def attention_layers(self) -> Sequence[AttentionLayer]:
         """The layers whose KV caches the runner allocates and binds, in layer order."""
+        ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """``nn.Module.parameters`` (benchmarks count them)."""
         ...
