@@ -1,6 +1,7 @@
 """The non-attention ops a model layer calls, as one swappable set: torch references (CPU, and
 the parity baseline) or Triton kernels (GPU; CPU under TRITON_INTERPRET=1). An attention backend
-carries the set it pairs with (``backend.ops``)."""
+carries the set it pairs with (``backend.ops``). The sampling kernel is selected apart
+(``tandem.runner.sampler.resolve_sampling_backend``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 
 from tandem.kernels.activation import silu_and_mul_ref
 from tandem.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
-from tandem.kernels.sampling import sample_ref
 
 
 @dataclass(frozen=True)
@@ -17,18 +17,15 @@ class Ops:
     rms_norm: Callable  # (x, weight, eps) -> y
     add_rms_norm: Callable  # (x, residual, weight, eps) -> (norm(residual + x), residual + x)
     silu_and_mul: Callable  # [T, 2N] -> [T, N]
-    # (logits, temperature, top_k, top_p, min_p, noise) -> sampled ids [R] (tandem/kernels/sampling.py)
-    sample: Callable
     # (positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> (q, k) rotated, cache written;
     # None: the model rotates in torch and the attention backend writes the cache
     rope_and_write_kv: Callable | None = None
 
 
-TORCH_OPS = Ops(rms_norm_ref, add_rms_norm_ref, silu_and_mul_ref, sample_ref)
+TORCH_OPS = Ops(rms_norm_ref, add_rms_norm_ref, silu_and_mul_ref)
 
 
 def triton_ops() -> Ops:
-    from tandem.kernels import activation, rms_norm, rope_kv, sampling
+    from tandem.kernels import activation, rms_norm, rope_kv
 
-    return Ops(rms_norm.rms_norm, rms_norm.add_rms_norm, activation.silu_and_mul, sampling.sample,
-               rope_kv.rope_and_write_kv)
+    return Ops(rms_norm.rms_norm, rms_norm.add_rms_norm, activation.silu_and_mul, rope_kv.rope_and_write_kv)

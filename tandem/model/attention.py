@@ -1,45 +1,116 @@
-"""Attention backend seam: per-step metadata plus backends chosen by name from a registry.
+"""Attention backend seam: the runner's backend-neutral step description, per-backend metadata
+builders, and backends chosen by name from a registry.
 
 The runner orders a step's sequences decodes first (one query token each), then prefill chunks,
-and builds one ``AttentionMetadata``; every attention layer reads it and its own KV cache.
+and describes the step once as a ``CommonAttentionMetadata`` (host arrays only). The backend's
+``AttentionMetadataBuilder`` turns that into the backend's own ``AttentionMetadata`` (device
+tensors in the layout its kernels take), once per step; every attention layer reads it and its own
+KV cache. For CUDA-graph decode the builder also owns the static metadata buffers
+(``DecodeGraphBuffers``), as vLLM's ``AttentionMetadataBuilder`` does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from tandem.kernels import paged_attention as ref
 from tandem.kernels.ops import TORCH_OPS, Ops
+from tandem.runner.h2d import copy_into, to_device
 
 
 @dataclass
-class PrefillSeq:
-    query_start: int  # offset of the chunk's first token in the flat batch
-    query_len: int
-    context_len: int  # cached prefix + this chunk
-    block_table: torch.Tensor  # [num_blocks] int64, on the device
-    host_block_table: np.ndarray | None = None  # the same on the host (read without a device sync)
+class CommonAttentionMetadata:
+    """One step as the runner describes it to every backend: host arrays, nothing uploaded.
+
+    Sequences are ordered decodes first: the first ``num_decodes`` have one query token each."""
+
+    num_decodes: int
+    query_start_loc: np.ndarray  # [num_seqs + 1] int64: sequence i's tokens are [start[i], start[i + 1])
+    seq_lens: np.ndarray  # [num_seqs] int64 context length: cached prefix + this step's tokens
+    block_tables: list[list[int]]  # per sequence, its block ids (one row each, ragged)
+    slot_mapping: np.ndarray  # [num_tokens] int64 flat KV slot of every token in the step
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.block_tables)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
 
 
 @dataclass
 class AttentionMetadata:
+    """What every backend's metadata holds; a backend's builder adds what its kernels need."""
+
     slot_mapping: torch.Tensor  # [num_tokens] flat KV slot of every token in the step
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes, one per sequence
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
-    decode_seq_lens: torch.Tensor  # [num_decodes]
-    prefills: list[PrefillSeq]
-    # Decodes sorted by context length, split into (start, end, num_blocks) runs; a backend that pads
-    # block tables may pad each run only to its own width. None: one run over all decodes.
-    decode_groups: list[tuple[int, int, int]] | None = None
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, zero-padded
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64
+
+
+def pad_block_tables(tables: list[list[int]], width: int | None = None) -> np.ndarray:
+    """Ragged block tables -> [len(tables), width] int64, zero-padded (width: the widest row)."""
+    if width is None:
+        width = max((len(t) for t in tables), default=0)
+    arr = np.zeros((len(tables), width), dtype=np.int64)
+    for i, t in enumerate(tables):
+        arr[i, :len(t)] = t
+    return arr
+
+
+class DecodeGraphBuffers:
+    """Static metadata tensors of a CUDA-graph decode, sized for the largest captured batch.
+
+    ``fill`` copies a decode-only step into them (no host sync) and pads the rows past it: context
+    length 0 (they attend to nothing) and KV slots in the scratch block; ``metadata(bs)`` is the
+    backend's metadata over views of them, the same tensors at every replay."""
+
+    def __init__(self, device: torch.device, max_batch: int, max_blocks: int, pad_slot: int,
+                 make: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], AttentionMetadata]) -> None:
+        self.pad_slot, self.max_blocks, self._make = pad_slot, max_blocks, make
+        self.slots = torch.full((max_batch,), pad_slot, dtype=torch.int64, device=device)
+        self.tables = torch.zeros((max_batch, max_blocks), dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros((max_batch,), dtype=torch.int64, device=device)
+
+    def fill(self, common: CommonAttentionMetadata, bs: int) -> None:
+        n = common.num_seqs
+        assert common.num_decodes == n, "a graph step holds decodes only"
+        copy_into(self.slots[:n], torch.from_numpy(common.slot_mapping))
+        copy_into(self.seq_lens[:n], torch.from_numpy(common.seq_lens))
+        # NOTE: only this batch's width is written: a kernel reads a row's table only below its
+        # context length, so entries past it (left by an earlier, longer sequence) are never read
+        padded = pad_block_tables(common.block_tables)
+        copy_into(self.tables[:n, :padded.shape[1]], torch.from_numpy(padded))
+        # NOTE: padding rows attend to nothing (length 0) and write their KV to the scratch block
+        self.slots[n:bs].fill_(self.pad_slot)
+        self.seq_lens[n:bs].zero_()
+
+    def metadata(self, bs: int) -> AttentionMetadata:
+        return self._make(self.slots[:bs], self.tables[:bs], self.seq_lens[:bs])
+
+
+class AttentionMetadataBuilder(Protocol):
+    def build(self, common: CommonAttentionMetadata) -> AttentionMetadata:
+        """The step's metadata for this backend's kernels, uploaded once and shared by all layers."""
+        ...
+
+    def decode_graph_buffers(self, max_batch: int, max_blocks: int, pad_slot: int) -> DecodeGraphBuffers:
+        """Static metadata buffers for decode-only steps of up to max_batch sequences (CUDA graphs)."""
+        ...
 
 
 class AttentionBackend(Protocol):
     name: str
     ops: Ops  # the norm / activation / rotary kernels this backend pairs with
+
+    def make_builder(self, device: torch.device) -> AttentionMetadataBuilder:
+        ...
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -58,10 +129,71 @@ class AttentionBackend(Protocol):
 class WriteThenAttend:
     """``forward`` for backends that store this step's key/value with the reference copy."""
 
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None):
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         return self.attend(query, k_cache, v_cache, meta, scale, sliding_window)
+
+
+# -- torch reference backend ---------------------------------------------------------------------------
+@dataclass
+class PrefillSeq:
+    query_start: int  # offset of the chunk's first token in the flat batch
+    query_len: int
+    context_len: int  # cached prefix + this chunk
+    block_table: torch.Tensor  # [num_blocks] int64, on the device
+
+
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    # Decodes sorted by context length, split into (start, end, num_blocks) runs; the backend pads
+    # each run's block tables only to its own width. None: one run over all decodes.
+    decode_groups: list[tuple[int, int, int]] | None = None
+
+
+def decode_groups(num_blocks: list[int], max_waste: float = 0.25) -> list[tuple[int, int, int]]:
+    """Split decodes (sorted by block count, descending) into (start, end, width) runs in which no
+    sequence pads more than ``max_waste`` of the run's widest block table."""
+    groups: list[tuple[int, int, int]] = []
+    start = 0
+    for i, n in enumerate(num_blocks):
+        width = num_blocks[start]
+        if n < (1 - max_waste) * width:
+            groups.append((start, i, width))
+            start = i
+    if num_blocks:
+        groups.append((start, len(num_blocks), num_blocks[start]))
+    return groups
+
+
+class TorchMetadataBuilder:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
+        nd, starts, dev = common.num_decodes, common.query_start_loc, self.device
+        prefills = [PrefillSeq(int(starts[i]), int(starts[i + 1] - starts[i]), int(common.seq_lens[i]),
+                               to_device(np.asarray(common.block_tables[i], dtype=np.int64), dev))
+                    for i in range(nd, common.num_seqs)]
+        decode_tables = common.block_tables[:nd]
+        return TorchAttentionMetadata(
+            slot_mapping=to_device(common.slot_mapping, dev),
+            num_decode_tokens=nd,
+            decode_block_tables=to_device(pad_block_tables(decode_tables), dev),
+            decode_seq_lens=to_device(common.seq_lens[:nd], dev, torch.int64),
+            prefills=prefills,
+            decode_groups=decode_groups([len(t) for t in decode_tables]),
+        )
+
+    def decode_graph_buffers(self, max_batch: int, max_blocks: int, pad_slot: int) -> DecodeGraphBuffers:
+        return DecodeGraphBuffers(self.device, max_batch, max_blocks, pad_slot, lambda slots, tables, lens:
+                                  TorchAttentionMetadata(slots, slots.shape[0], tables, lens))
 
 
 class TorchAttentionBackend(WriteThenAttend):
@@ -73,8 +205,12 @@ class TorchAttentionBackend(WriteThenAttend):
     def __init__(self) -> None:
         self.workspace = ref.GatherWorkspace()  # shared by all layers: they run one after another
 
-    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-               sliding_window: int | None = None):
+    def make_builder(self, device: torch.device) -> TorchMetadataBuilder:
+        return TorchMetadataBuilder(device)
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        assert isinstance(meta, TorchAttentionMetadata), "metadata comes from this backend's builder"
         out = torch.empty_like(query)
         nd = meta.num_decode_tokens
         groups = meta.decode_groups if meta.decode_groups is not None else \

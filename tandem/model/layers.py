@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +19,24 @@ from torch import nn
 from tandem.kernels.rms_norm import rms_norm_ref
 from tandem.kernels.rope_kv import rotate_neox
 
+# (param, loaded weight, shard id or None) -> None: copies the checkpoint tensor into the parameter
+WeightLoader = Callable[..., None]
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+
+class WeightParameter(nn.Parameter):
+    """A parameter that says how a checkpoint tensor is loaded into it."""
+
+    weight_loader: WeightLoader
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"weight shape {tuple(loaded.shape)} does not fit parameter {tuple(param.shape)}")
     param.data.copy_(loaded)
 
 
-def _param(*shape: int, dtype: torch.dtype, loader=default_weight_loader) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+def _param(*shape: int, dtype: torch.dtype, loader: WeightLoader = default_weight_loader) -> WeightParameter:
+    p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
     p.weight_loader = loader
     return p
 
@@ -64,7 +74,7 @@ class ShardedLinear(Linear):
         if self.bias is not None:
             self.bias.weight_loader = self._load_shard
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
         offset, size = self.shard_offsets[shard_id]
         target = param.data.narrow(0, offset, size)
         if target.shape != loaded.shape:
@@ -95,13 +105,14 @@ class VocabEmbedding(nn.Module):
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (fp32) and attention scaling for the rope types we support."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    s = scaling or {}
+    rope_type = s.get("rope_type") or s.get("type") or "default"
     if rope_type == "default":
         return inv_freq, 1.0
     if rope_type == "linear":
-        return inv_freq / float(scaling["factor"]), 1.0
+        return inv_freq / float(s["factor"]), 1.0
     if rope_type == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling), 1.0
+        return _llama3_inv_freq(inv_freq, s), 1.0
     raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
 
 
@@ -130,6 +141,9 @@ def _rope_tables(head_dim: int, max_positions: int, theta: float, scaling_json: 
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate halves), cos/sin cached for every position."""
 
+    cos: torch.Tensor  # [max_positions, head_dim // 2] fp32 buffers
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
         cos, sin = _rope_tables(head_dim, max_positions, theta, json.dumps(scaling, sort_keys=True),
@@ -137,7 +151,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)  # shared by every layer: one table in memory
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, heads, head_dim], k [T, kv_heads, head_dim]."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)

@@ -36,7 +36,7 @@ class LlamaArgs:
     sliding_window: int | None = None  # each token attends to itself and the window - 1 before it
 
     @classmethod
-    def from_hf(cls, cfg: dict, family: str) -> "LlamaArgs":
+    def from_hf(cls, cfg: dict, family: str) -> LlamaArgs:
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -180,7 +180,11 @@ class LlamaForCausalLM(nn.Module):
         return linear(hidden, self.lm_head.weight).float()
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn for layer in self.model.layers]
+        layers = []
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)  # LlamaModel.layers holds nothing else
+            layers.append(layer.self_attn)
+        return layers
 
     def map_checkpoint_name(self, name: str) -> tuple[str, object] | None:
         """Checkpoint tensor name -> (our parameter name, shard id); None to skip the tensor."""

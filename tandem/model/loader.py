@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 from tandem.model.attention import AttentionBackend
+from tandem.model.interface import CausalLM
 from tandem.model.llama import LlamaForCausalLM
 
 # HF ``architectures`` entry -> (model class, family flag)
@@ -58,7 +59,7 @@ LOAD_FORMATS = ("auto", "dummy")
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               backend: AttentionBackend, load_format: str = "auto", seed: int = 0) -> nn.Module:
+               backend: AttentionBackend, load_format: str = "auto", seed: int = 0) -> CausalLM:
     """load_format auto: the directory's safetensors; dummy: random weights of its config.json
     (benchmarks of a model's shape without its checkpoint, as vLLM's ``--load-format dummy``)."""
     if load_format not in LOAD_FORMATS:

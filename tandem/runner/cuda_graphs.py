@@ -6,8 +6,9 @@ length 0, KV written to the scratch block the runner keeps past the pool's block
 never touches a block a request owns. Larger batches and steps with a prefill run eagerly.
 
 Graphs are captured largest first into one memory pool (a smaller graph reuses the larger one's
-memory). The attention backend must need no host value per step: the Triton backend takes the
-split count from the static block-table width. Without CUDA (CI) ``capture=False`` runs the same
+memory). The attention backend's builder owns the static metadata buffers (``DecodeGraphBuffers``)
+and must need no host value per step: the Triton backend takes the split count from the static
+block-table width. Without CUDA (CI) ``capture=False`` runs the same
 padded static-buffer path eagerly, which is how the padding is tested on a CPU.
 """
 
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
-from tandem.model.attention import AttentionMetadata
+from tandem.model.attention import AttentionMetadataBuilder, CommonAttentionMetadata
+from tandem.model.interface import CausalLM
 from tandem.runner.h2d import copy_into
 
 logger = logging.getLogger(__name__)
@@ -32,18 +33,15 @@ def default_capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, device: torch.device, sizes: list[int], max_blocks_per_seq: int,
-                 block_size: int, scratch_block: int, capture: bool = True) -> None:
+    def __init__(self, model: CausalLM, builder: AttentionMetadataBuilder, device: torch.device, sizes: list[int],
+                 max_blocks_per_seq: int, block_size: int, scratch_block: int, capture: bool = True) -> None:
         self.model, self.device, self.sizes = model, device, sorted(sizes)
         self.block_size, self.max_blocks = block_size, max_blocks_per_seq
-        self.pad_slot = scratch_block * block_size
         top = self.sizes[-1]
-        kw = dict(dtype=torch.int64, device=device)
-        self.input_ids = torch.zeros(top, **kw)
-        self.positions = torch.zeros(top, **kw)
-        self.slots = torch.full((top,), self.pad_slot, **kw)
-        self.tables = torch.zeros(top, max_blocks_per_seq, **kw)
-        self.seq_lens = torch.zeros(top, **kw)
+        self.input_ids = torch.zeros((top,), dtype=torch.int64, device=device)
+        self.positions = torch.zeros((top,), dtype=torch.int64, device=device)
+        # slot mapping, block tables and context lengths: the attention backend's static metadata
+        self.meta = builder.decode_graph_buffers(top, max_blocks_per_seq, pad_slot=scratch_block * block_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.steps = 0  # decode steps run through the static buffers
         if capture:
@@ -56,13 +54,8 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, widest_table: int) -> bool:
         return num_seqs <= self.max_batch and widest_table <= self.max_blocks
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=self.slots[:bs], num_decode_tokens=bs,
-                                 decode_block_tables=self.tables[:bs], decode_seq_lens=self.seq_lens[:bs],
-                                 prefills=[], decode_groups=None)
-
     def _forward(self, bs: int) -> torch.Tensor:
-        return self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs))
+        return self.model(self.input_ids[:bs], self.positions[:bs], self.meta.metadata(bs))
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -77,28 +70,17 @@ class DecodeGraphs:
             self.graphs[bs] = (graph, out)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-            tables: list[list[int]], seq_lens: torch.Tensor) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, common: CommonAttentionMetadata) -> torch.Tensor:
         """Hidden states [n, hidden] of one decode step of n sequences (their KV is written)."""
         n = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= n)
         self.steps += 1
         copy_into(self.input_ids[:n], input_ids)
         copy_into(self.positions[:n], positions)
-        copy_into(self.slots[:n], slots)
-        copy_into(self.seq_lens[:n], seq_lens)
-        # NOTE: only this batch's width is written: a kernel reads a row's table only below its
-        # context length, so entries past it (left by an earlier, longer sequence) are never read
-        width = max(len(t) for t in tables)
-        padded = np.zeros((n, width), dtype=np.int64)
-        for i, table in enumerate(tables):
-            padded[i, :len(table)] = table
-        copy_into(self.tables[:n, :width], torch.from_numpy(padded))
-        # NOTE: padding rows attend to nothing (length 0) and write their KV to the scratch block
+        self.meta.fill(common, bs)
+        # NOTE: padding rows are token 0 at position 0
         self.input_ids[n:bs].zero_()
         self.positions[n:bs].zero_()
-        self.slots[n:bs].fill_(self.pad_slot)
-        self.seq_lens[n:bs].zero_()
         if bs in self.graphs:
             graph, out = self.graphs[bs]
             graph.replay()

@@ -8,7 +8,9 @@ for requests asking for prompt logprobs, for the prompt positions in their chunk
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,12 +18,25 @@ import torch
 from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
 from tandem.engine.request import PLACEHOLDER_TOKEN
 from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
-from tandem.model.attention import AttentionMetadata, PrefillSeq, get_backend
+from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, get_backend
+from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.h2d import to_device
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
-from tandem.runner.sampler import Sampler, SamplingState, TopLogprobs, compute_top_logprobs, needs_history
+from tandem.runner.sampler import (
+    Sampler,
+    SamplingState,
+    TopLogprobs,
+    compute_top_logprobs,
+    needs_history,
+    resolve_sampling_backend,
+    sampling_kernel,
+)
+
+if TYPE_CHECKING:
+    from tandem.kv_transfer.shm import SharedKVRegion
+    from tandem.runner.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +66,11 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, share_kv_cache: bool = False,
-                 scheduler_config: SchedulerConfig | None = None):
+                 scheduler_config: SchedulerConfig | None = None, sampling_backend: str = "auto") -> None:
         """share_kv_cache: on CPU, keep the KV cache in a shared-memory region (``self.kv_region``)
         that decode workers on this host can read (tandem/kv_transfer/shm.py). scheduler_config:
-        the largest step, profiled on a GPU to size the KV cache (tandem/runner/kv_sizing.py)."""
+        the largest step, profiled on a GPU to size the KV cache (tandem/runner/kv_sizing.py).
+        sampling_backend: the sampling kernel, torch / triton / auto (``resolve_sampling_backend``)."""
         self.device = resolve_device(model_config.device)
         if self.device.type == "cpu":
             tune_glibc_malloc()
@@ -63,17 +79,21 @@ class ModelRunner:
         torch.manual_seed(model_config.seed)
         self.attention_backend = resolve_backend_name(model_config.attention_backend, self.device)
         backend = get_backend(self.attention_backend)
-        self.model = load_model(model_config.model, self.dtype, self.device, backend, model_config.load_format,
-                                model_config.seed)
+        # turns each step's CommonAttentionMetadata into the backend's own metadata
+        self.attn_metadata_builder = backend.make_builder(self.device)
+        self.model: CausalLM = load_model(model_config.model, self.dtype, self.device, backend,
+                                          model_config.load_format, model_config.seed)
         self.args = self.model.args
         self.block_size = cache_config.block_size
         self.model_config = model_config
-        self.decode_graphs = None  # set by setup_decode_graphs once max_model_len is known
-        self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device, backend.ops.sample)
+        self.decode_graphs: DecodeGraphs | None = None  # set by setup_decode_graphs once max_model_len is known
+        self.sampling_backend = resolve_sampling_backend(sampling_backend, self.device, self.attention_backend)
+        self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device,
+                               sampling_kernel(self.sampling_backend))
         self.states: dict[str, SamplingState] = {}
         self._last = StepHandle()  # the latest launched step (placeholders refer to its samples)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
-        self.kv_region = None
+        self.kv_region: SharedKVRegion | None = None
         self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
 
     # -- KV cache ----------------------------------------------------------------------------------
@@ -168,8 +188,8 @@ class ModelRunner:
 
         sizes = cfg.cuda_graph_sizes or default_capture_sizes(max_num_seqs)
         max_blocks = -(-max_model_len // self.block_size)
-        self.decode_graphs = DecodeGraphs(self.model, self.device, sizes, max_blocks, self.block_size,
-                                          scratch_block=self.num_blocks, capture=cuda)
+        self.decode_graphs = DecodeGraphs(self.model, self.attn_metadata_builder, self.device, sizes, max_blocks,
+                                          self.block_size, scratch_block=self.num_blocks, capture=cuda)
 
     # -- one step -------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -208,6 +228,7 @@ class ModelRunner:
             ends = np.cumsum([len(c.token_ids) for c in chunks]) - 1  # a placeholder is a chunk's last token
             owner = {int(e): c.request_id for e, c in zip(ends, chunks)}
             rows = [self._last.row_of[owner[int(h)]] for h in holes]
+            assert self._last.tokens is not None, "a placeholder stands for a token the last step sampled"
             dev[self._to_device(holes)] = self._last.tokens[self._to_device(rows, torch.int64)]
         return dev
 
@@ -218,63 +239,57 @@ class ModelRunner:
             and graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
 
     def _run_graph_decode(self, chunks: list[ScheduledChunk]) -> StepHandle:
-        bs = self.block_size
-        pos = np.array([c.start_pos for c in chunks], dtype=np.int64)
-        slots = np.array([c.block_ids[p // bs] * bs + p % bs for c, p in zip(chunks, pos)], dtype=np.int64)
+        graphs = self.decode_graphs
+        assert graphs is not None, "_graph_step chose this path"
+        common, positions = self._describe(chunks)
         ids = self._input_ids(chunks, np.array([c.token_ids[0] for c in chunks], dtype=np.int64))
-        hidden = self.decode_graphs.run(ids, torch.from_numpy(pos), torch.from_numpy(slots),
-                                        [c.block_ids for c in chunks], torch.from_numpy(pos + 1))
+        hidden = graphs.run(ids, torch.from_numpy(positions), common)
         rows = [i for i, c in enumerate(chunks) if c.sample]  # a 1-token prompt chunk need not sample
         sample_rows = None if len(rows) == len(chunks) else self._to_device(rows, torch.int64)
         return self._sample(chunks, self.model.compute_logits(hidden), sample_rows)
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> "_Batch":
+    def _describe(self, chunks: list[ScheduledChunk]) -> tuple[CommonAttentionMetadata, np.ndarray]:
+        """The step's backend-neutral attention description, and the flat positions (host)."""
         bs = self.block_size
-        input_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in chunks])
+        lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
+        query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(lens, out=query_start_loc[1:])
         positions = np.concatenate([np.arange(c.start_pos, c.start_pos + len(c.token_ids)) for c in chunks])
         slots = np.empty_like(positions)
-        decodes = [c for c in chunks if len(c.token_ids) == 1]
-        prefills: list[PrefillSeq] = []
+        for c, start, n in zip(chunks, query_start_loc, lens):
+            table = np.asarray(c.block_ids, dtype=np.int64)
+            pos = positions[start:start + n]
+            slots[start:start + n] = table[pos // bs] * bs + pos % bs
+        common = CommonAttentionMetadata(
+            num_decodes=sum(1 for c in chunks if len(c.token_ids) == 1),  # decodes come first
+            query_start_loc=query_start_loc,
+            seq_lens=np.array([c.start_pos + len(c.token_ids) for c in chunks], dtype=np.int64),
+            block_tables=[c.block_ids for c in chunks],
+            slot_mapping=slots,
+        )
+        return common, positions
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
+        common, positions = self._describe(chunks)
+        input_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in chunks])
         logits_rows: list[int] = []  # flat token index of every row of the logits
         sample_rows: list[int] = []  # rows of the logits that are sampled, in chunk order
         prompt_rows: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first flat index, count)
-        offset = 0
-        for c in chunks:
-            n = len(c.token_ids)
-            table = np.asarray(c.block_ids, dtype=np.int64)
-            pos = positions[offset:offset + n]
-            slots[offset:offset + n] = table[pos // bs] * bs + pos % bs
-            if n != 1:
-                prefills.append(PrefillSeq(offset, n, c.start_pos + n, self._to_device(table), table))
+        for c, start in zip(chunks, common.query_start_loc.tolist()):
             num_prompt_scored = self._num_prompt_logprob_rows(c)
             if num_prompt_scored:
                 prompt_rows.append((c, len(logits_rows), num_prompt_scored))
-                logits_rows.extend(range(offset, offset + num_prompt_scored))
+                logits_rows.extend(range(start, start + num_prompt_scored))
             if c.sample:
                 sample_rows.append(len(logits_rows))
-                logits_rows.append(offset + n - 1)
-            offset += n
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=self._pad_tables([c.block_ids for c in decodes]),
-            decode_seq_lens=self._to_device([c.start_pos + 1 for c in decodes], torch.int64),
-            prefills=prefills,
-            decode_groups=_decode_groups([len(c.block_ids) for c in decodes]),
-        )
+                logits_rows.append(start + len(c.token_ids) - 1)
+        meta = self.attn_metadata_builder.build(common)
         return _Batch(self._input_ids(chunks, input_ids), self._to_device(positions), meta,
                       self._to_device(logits_rows, torch.int64), prompt_rows,
                       self._to_device(sample_rows, torch.int64))
 
     def _to_device(self, values: np.ndarray | list, dtype: torch.dtype | None = None) -> torch.Tensor:
         return to_device(values, self.device, dtype)
-
-    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=0)
-        arr = np.zeros((len(tables), width), dtype=np.int64)
-        for i, t in enumerate(tables):
-            arr[i, :len(t)] = t
-        return self._to_device(arr)
 
     def _num_prompt_logprob_rows(self, c: ScheduledChunk) -> int:
         """Rows in this chunk whose next token is a prompt token (position p scores token p + 1)."""
@@ -285,7 +300,7 @@ class ModelRunner:
         return max(0, min(c.start_pos + len(c.token_ids) - 1, last_scored) - c.start_pos + 1)
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sample_rows: torch.Tensor | None = None,
-                prompt_rows: list[tuple[ScheduledChunk, int, int]] = ()) -> StepHandle:
+                prompt_rows: Sequence[tuple[ScheduledChunk, int, int]] = ()) -> StepHandle:
         """sample_rows: the logits rows to sample (None: every row); prompt_rows: prompt-logprob rows."""
         result = RunnerOutput()
         for c, first, count in prompt_rows:
@@ -293,6 +308,7 @@ class ModelRunner:
             targets = self._to_device(state.prompt_token_ids[c.start_pos + 1:c.start_pos + 1 + count], torch.int64)
             lp = torch.log_softmax(logits[first:first + count, : self.args.vocab_size], dim=-1)
             k = state.params.prompt_logprobs
+            assert k is not None, "a chunk has prompt-logprob rows only when its request asks for them"
             result.prompt_logprobs[c.request_id] = (c.start_pos + 1,
                                                     compute_top_logprobs(lp, targets, [k] * count))
         sampled_chunks = [c for c in chunks if c.sample]
@@ -301,9 +317,9 @@ class ModelRunner:
         states = [self.states[c.request_id] for c in sampled_chunks]
         sample_logits = logits if sample_rows is None or len(sample_rows) == logits.shape[0] else logits[sample_rows]
         tokens, logprobs = self.sampler.sample_on_device(sample_logits, states)
-        for c, lp in zip(sampled_chunks, logprobs):
-            if lp is not None:
-                result.logprobs[c.request_id] = lp
+        for c, entry in zip(sampled_chunks, logprobs):
+            if entry is not None:
+                result.logprobs[c.request_id] = entry
         return StepHandle([c.request_id for c in sampled_chunks], tokens, states, result)
 
 
@@ -312,14 +328,15 @@ class StepHandle:
     ``resolve()`` reads them back (the step's one host sync), appends them to the sampling states
     and returns the RunnerOutput. Resolving twice returns the same output."""
 
-    def __init__(self, request_ids: list[str] = (), tokens: torch.Tensor | None = None,
-                 states: list[SamplingState] = (), result: RunnerOutput | None = None) -> None:
+    def __init__(self, request_ids: Sequence[str] = (), tokens: torch.Tensor | None = None,
+                 states: Sequence[SamplingState] = (), result: RunnerOutput | None = None) -> None:
         self.row_of = {rid: i for i, rid in enumerate(request_ids)}
         self.tokens = tokens
         self._states = states
         self._result = result if result is not None else RunnerOutput()
         self._resolved = tokens is None
-        self._host, self._copied = tokens, None
+        self._host = tokens
+        self._copied: torch.cuda.Event | None = None
         if tokens is not None and tokens.is_cuda:
             # queued right behind this step's sampling: resolve() waits for this step only, not
             # for a later one launched meanwhile (asynchronous scheduling)
@@ -333,25 +350,11 @@ class StepHandle:
             self._resolved = True
             if self._copied is not None:
                 self._copied.synchronize()
-            for (rid, row), state, token in zip(self.row_of.items(), self._states, self._host.tolist()):
+            assert self._host is not None, "a step with no tokens is resolved from the start"
+            for rid, state, token in zip(self.row_of, self._states, self._host.tolist()):
                 state.output_token_ids.append(token)
                 self._result.sampled[rid] = token
         return self._result
-
-
-def _decode_groups(num_blocks: list[int], max_waste: float = 0.25) -> list[tuple[int, int, int]]:
-    """Split decodes (sorted by block count, descending) into (start, end, width) runs in which no
-    sequence pads more than ``max_waste`` of the run's widest block table."""
-    groups: list[tuple[int, int, int]] = []
-    start = 0
-    for i, n in enumerate(num_blocks):
-        width = num_blocks[start]
-        if n < (1 - max_waste) * width:
-            groups.append((start, i, width))
-            start = i
-    if num_blocks:
-        groups.append((start, len(num_blocks), num_blocks[start]))
-    return groups
 
 
 @dataclass

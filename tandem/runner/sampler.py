@@ -9,8 +9,8 @@ the only device-to-host sync of a step is reading the sampled ids back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -62,11 +62,38 @@ def compute_top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: li
     return out
 
 
+SAMPLING_BACKENDS = ("torch", "triton")
+
+
+def resolve_sampling_backend(name: str, device: torch.device, attention_backend: str) -> str:
+    """The sampling kernel, selected apart from attention. auto: Triton's where the step's other
+    kernels are Triton's (on CUDA unless the model runs the torch references; on a CPU only with
+    the 'triton' attention backend, i.e. under TRITON_INTERPRET=1), the torch reference elsewhere."""
+    if name != "auto":
+        if name not in SAMPLING_BACKENDS:
+            raise ValueError(f"sampling backend {name!r} unknown; available: {list(SAMPLING_BACKENDS)}")
+        return name
+    if device.type == "cuda":
+        return "torch" if attention_backend == "torch" else "triton"
+    return "triton" if attention_backend == "triton" else "torch"
+
+
+def sampling_kernel(name: str) -> Callable:
+    """(logits, temperature, top_k, top_p, min_p, noise) -> sampled ids (tandem/kernels/sampling.py)."""
+    if name == "triton":
+        from tandem.kernels import sampling
+
+        return sampling.sample
+    if name == "torch":
+        return sample_ref
+    raise ValueError(f"sampling backend {name!r} unknown; available: {list(SAMPLING_BACKENDS)}")
+
+
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0, device: torch.device | str = "cpu",
                  sample_fn: Callable = sample_ref) -> None:
-        """sample_fn: the draw over processed logits (tandem/kernels/sampling.py: the torch
-        reference or the Triton kernel, as the attention backend's ops pair it)."""
+        """sample_fn: the draw over processed logits (``sampling_kernel``: the torch reference or
+        the Triton kernel)."""
         self.vocab_size = vocab_size
         self.sample_fn = sample_fn
         self.device = torch.device(device)
