@@ -300,7 +300,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.tokenizer or model)
     requests, mismatch = sample_random_requests(tokenizer, args.num_prompts, args.input_len, args.output_len,
                                                 args.random_range_ratio, args.seed)
-    warmups = []
+    warmups: list[BenchRequest] = []
     if args.num_warmups:
         warmups, _ = sample_random_requests(tokenizer, args.num_warmups, args.input_len, args.output_len,
                                             args.random_range_ratio, args.seed + 1)
