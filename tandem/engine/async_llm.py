@@ -1,5 +1,6 @@
-"""AsyncLLM: the API process's side of the engine. Tokenizes, detokenizes and aggregates in this
-process (a Processor), while the EngineCore runs in a child process behind ZMQ.
+"""AsyncLLM: the API process's side of the engine. Tokenizes and validates (InputProcessor),
+detokenizes and aggregates (OutputProcessor) in this process, while the EngineCore runs in a
+child process behind ZMQ; the EngineCoreRequest/EngineCoreOutput structs cross as they are.
 
 One asyncio task reads the core's StepOutputs, turns them into RequestOutputs and puts each into
 its request's queue. If the core process dies, every pending request gets EngineDeadError and
@@ -21,12 +22,22 @@ import zmq
 import zmq.asyncio
 
 from tandem.config import EngineConfig
-from tandem.engine.core import CoreOutput
 from tandem.engine.core_proc import CoreAddresses, run_engine_core
-from tandem.engine.llm_engine import Processor, PromptType
-from tandem.engine.protocol import (MAX_MESSAGE_BYTES, AddRequest, Codec, CoreFailed, CoreInput, CoreMessage,
-                                    EngineStats, FinishRequests, Ready, Shutdown, StepOutputs)
-from tandem.engine.request import Request, RequestStatus
+from tandem.engine.llm_engine import PromptType, add_request, make_processors
+from tandem.engine.protocol import (
+    MAX_MESSAGE_BYTES,
+    Codec,
+    CoreFailed,
+    CoreInput,
+    CoreMessage,
+    EngineCoreRequest,
+    EngineStats,
+    FinishRequests,
+    Ready,
+    Shutdown,
+    StepOutputs,
+)
+from tandem.engine.request import RequestStatus
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
 
@@ -38,7 +49,7 @@ class EngineDeadError(RuntimeError):
 
 
 class _CoreClient:
-    """CoreHandle over ZMQ: what the Processor calls to add and finish requests."""
+    """CoreHandle over ZMQ: what the OutputProcessor calls to add and finish requests."""
 
     def __init__(self, socket: zmq.Socket, codec: Codec) -> None:
         self.socket, self.codec = socket, codec
@@ -46,10 +57,8 @@ class _CoreClient:
     def _send(self, msg) -> None:
         self.socket.send_multipart(self.codec.encode(msg), copy=False)
 
-    def add_request(self, request: Request) -> None:
-        self._send(AddRequest(request.request_id, request.prompt_token_ids, request.sampling_params,
-                              request.max_tokens, request.arrival_time, request.priority, request.cache_salt,
-                              request.parent_id, request.remote_ticket, request.do_remote_decode))
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._send(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
                         stop_reason: int | str | None = None) -> None:
@@ -137,9 +146,9 @@ class AsyncLLM:
         client = _CoreClient(self._in, Codec(secret, CoreInput))
         self._client = client
         mc = self.config.model
-        self.processor = Processor(client, mc.model, mc.tokenizer, json.loads(ready.hf_config_json),
-                                   ready.vocab_size, ready.max_model_len)
-        self.tokenizer = self.processor.tokenizer
+        self.input_processor, self.output_processor = make_processors(
+            client, mc.model, mc.tokenizer, json.loads(ready.hf_config_json), ready.vocab_size, ready.max_model_len)
+        self.tokenizer = self.input_processor.tokenizer
         self._reader = asyncio.create_task(self._read_outputs())
 
     async def _wait_ready(self, timeout_s: float) -> Ready:
@@ -183,8 +192,8 @@ class AsyncLLM:
         task cancelled), even before reading from it, aborts the request in the core."""
         if self.errored:
             raise EngineDeadError(self.errored)
-        self.processor.add_request(request_id, prompt, params, priority=priority, remote_ticket=remote_ticket,
-                                   do_remote_decode=do_remote_decode)
+        add_request(self.input_processor, self.output_processor, request_id, prompt, params, priority=priority,
+                    remote_ticket=remote_ticket, do_remote_decode=do_remote_decode)
         stream = RequestStream(self, request_id, params.n)
         self._queues[request_id] = stream.queue
         self._num_sequences += params.n
@@ -193,7 +202,7 @@ class AsyncLLM:
 
     @property
     def num_tracked_requests(self) -> int:
-        return self.processor.num_requests if hasattr(self, "processor") else 0
+        return self.output_processor.num_requests if hasattr(self, "output_processor") else 0
 
     def _close_stream(self, stream: RequestStream, outcome: str) -> None:
         """NOTE: every accepted request ends here exactly once: finished, aborted or failed."""
@@ -201,10 +210,10 @@ class AsyncLLM:
             self._num_sequences -= stream.num_sequences
         self.requests_ended[outcome] += 1
         if outcome == "aborted" and not self.errored:
-            self.processor.abort_request(stream.request_id)
+            self.output_processor.abort_request(stream.request_id)
 
     def abort(self, request_id: str) -> None:
-        self.processor.abort_request(request_id)
+        self.output_processor.abort_request(request_id)
 
     async def _read_outputs(self) -> None:
         try:
@@ -235,12 +244,7 @@ class AsyncLLM:
                 queue.put_nowait(EngineDeadError(self.errored))
 
     def _dispatch(self, msg: StepOutputs) -> None:
-        outs = [CoreOutput(o.request_id, o.new_token_ids, o.new_logprobs,
-                           (o.prompt_logprobs_start, o.prompt_logprobs) if o.prompt_logprobs is not None else None,
-                           o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error,
-                           o.phase_times)
-                for o in msg.outputs]
-        for out in self.processor.process_outputs(outs):
+        for out in self.output_processor.process_outputs(msg.outputs):
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)

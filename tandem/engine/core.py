@@ -15,32 +15,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from tandem.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.kv_events import KVEventBatch
+from tandem.engine.protocol import EngineCoreOutput, EngineCoreRequest
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
-from tandem.runner.sampler import TopLogprobs
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class CoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[TopLogprobs] | None = None  # one per new token, for requests asking logprobs
-    # (first prompt position scored, entries) for the prompt chunk computed this step
-    prompt_logprobs: tuple[int, list[TopLogprobs]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    kv_transfer_params: dict | None = None  # prefill side: the ticket for the decode worker
-    error: str | None = None  # finish_reason "error": what went wrong
-    phase_times: tuple[float, float, float] | None = None  # finished: (queue, prefill, decode) seconds
+# What a step returns per request: the same struct in-process and on the wire (tandem/engine/protocol.py).
+CoreOutput = EngineCoreOutput
 
 
 # Without a sink, the newest batches are kept for take_kv_events(); older ones are dropped.
@@ -107,7 +95,9 @@ class EngineCore:
     def has_pending_transfers(self) -> bool:
         return self.scheduler.has_pending_transfers()
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: EngineCoreRequest | Request) -> None:
+        if isinstance(request, EngineCoreRequest):
+            request = Request.from_engine_core_request(request)
         self.scheduler.add_request(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,

@@ -29,10 +29,21 @@ import zmq
 from tandem.config import EngineConfig
 from tandem.engine.core import CoreOutput, EngineCore
 from tandem.engine.kv_publisher import KVEventPublisher
-from tandem.engine.protocol import (MAX_MESSAGE_BYTES, AddRequest, Codec, CoreFailed, CoreInput, CoreMessage,
-                                    EngineStats, FinishRequests, Ready, Shutdown, StepOutputs, TransferStats,
-                                    WireLogprobs, WireOutput)
-from tandem.engine.request import Request, RequestStatus
+from tandem.engine.protocol import (
+    MAX_MESSAGE_BYTES,
+    Codec,
+    CoreFailed,
+    CoreInput,
+    CoreMessage,
+    EngineCoreRequest,
+    EngineStats,
+    FinishRequests,
+    Ready,
+    Shutdown,
+    StepOutputs,
+    TransferStats,
+)
+from tandem.engine.request import RequestStatus
 from tandem.lifecycle import set_parent_death_signal
 
 logger = logging.getLogger(__name__)
@@ -208,7 +219,7 @@ def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_cod
             refused = []
             transfers = _transfer_state(core)
             if outs or runnable or handled or transfers != last_transfers:
-                send(outputs, out_codec.encode(StepOutputs([_to_wire(o) for o in outs], stats(core))), watch)
+                send(outputs, out_codec.encode(StepOutputs(outs, stats(core))), watch)
             last_transfers = transfers
         elif handled:  # e.g. the last request was aborted: report the idle state
             send(outputs, out_codec.encode(StepOutputs([], stats(core))), watch)
@@ -221,13 +232,9 @@ def _handle(core: EngineCore, frames: list[bytes], codec: Codec, refused: list[C
     except (PermissionError, msgspec.DecodeError, msgspec.ValidationError) as e:
         logger.warning("dropped a bad message: %s", e)
         return True
-    if isinstance(msg, AddRequest):
-        req = Request(msg.request_id, msg.prompt_token_ids, msg.params, arrival_time=msg.arrival_time,
-                      priority=msg.priority, cache_salt=msg.cache_salt, parent_id=msg.parent_id,
-                      max_tokens=msg.max_tokens, remote_ticket=msg.remote_ticket,
-                      do_remote_decode=msg.do_remote_decode)
+    if isinstance(msg, EngineCoreRequest):
         try:
-            core.add_request(req)
+            core.add_request(msg)
         except ValueError as e:  # the API process checks first; a request it let through fails alone
             logger.warning("refused request %s: %s", msg.request_id, e)
             refused.append(CoreOutput(msg.request_id, [], finish_reason="error", error=str(e)))
@@ -256,15 +263,3 @@ def stats(core: EngineCore) -> EngineStats:
 def _transfer_stats(core: EngineCore) -> TransferStats | None:
     return core.connector.report() if core.connector is not None else None
 
-
-def _lp(lp) -> WireLogprobs:
-    return WireLogprobs(lp.token_id, lp.logprob, lp.rank, list(lp.top_ids), list(lp.top_logprobs))
-
-
-def _to_wire(o: CoreOutput) -> WireOutput:
-    prompt = o.prompt_logprobs
-    return WireOutput(o.request_id, o.new_token_ids,
-                      [_lp(x) for x in o.new_logprobs] if o.new_logprobs else None,
-                      prompt[0] if prompt else None, [_lp(x) for x in prompt[1]] if prompt else None,
-                      o.finish_reason, o.stop_reason, o.num_cached_tokens, o.kv_transfer_params, o.error,
-                      o.phase_times)

@@ -1,6 +1,9 @@
-"""Messages between the API process and the engine-core process (msgspec msgpack, never pickle).
+"""The schema between the engine's front end and its core (msgspec structs, never pickle).
 
-Every ZMQ message is two frames: the shared secret of this engine, then one msgpack-encoded
+``EngineCoreRequest`` (built once by the InputProcessor) goes in, ``EngineCoreOutput`` (carrying
+``TopLogprobs``, the one logprobs type from the sampler to the OutputProcessor) comes out. The
+same structs are used in-process (offline ``LLMEngine``) and over ZMQ (``AsyncLLM`` <->
+``core_proc``), where every ZMQ message is two frames: the shared secret of this engine, then one msgpack-encoded
 tagged union member. Frames beyond MAX_MESSAGE_BYTES are refused by the socket (ZMQ_MAXMSGSIZE).
 """
 
@@ -17,15 +20,16 @@ MAX_MESSAGE_BYTES = 64 * 2**20
 
 
 # -- API process -> engine core ------------------------------------------------------------------
-class AddRequest(msgspec.Struct, tag=True):
+class EngineCoreRequest(msgspec.Struct, tag=True):
+    """One sequence to generate, as the core takes it (``Request.from_engine_core_request``)."""
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams  # validated again on decode (its __post_init__); carries the EOS ids
+    sampling_params: SamplingParams  # validated again on decode (its __post_init__); carries the EOS ids
     max_tokens: int
     arrival_time: float
     priority: int = 0
     cache_salt: str | None = None
-    parent_id: str | None = None
+    parent_id: str | None = None  # n > 1: the id the children share
     remote_ticket: Ticket | None = None  # decode side of a disaggregated request (verified by the API process)
     do_remote_decode: bool | str = False  # prefill side: hold the blocks when finished (str: under this lease id)
 
@@ -41,11 +45,13 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-CoreInput = AddRequest | FinishRequests | Shutdown
+CoreInput = EngineCoreRequest | FinishRequests | Shutdown
 
 
 # -- engine core -> API process ------------------------------------------------------------------
-class WireLogprobs(msgspec.Struct, array_like=True):
+class TopLogprobs(msgspec.Struct, array_like=True):
+    """Per sampled (or scored prompt) position: the chosen token's logprob and rank, plus the
+    top-k alternatives (tandem/runner/sampler.py makes them)."""
     token_id: int
     logprob: float
     rank: int
@@ -53,17 +59,18 @@ class WireLogprobs(msgspec.Struct, array_like=True):
     top_logprobs: list[float]
 
 
-class WireOutput(msgspec.Struct, array_like=True):
+class EngineCoreOutput(msgspec.Struct, array_like=True):
+    """What one core step produced for one request."""
     request_id: str
     new_token_ids: list[int]
-    new_logprobs: list[WireLogprobs] | None = None
-    prompt_logprobs_start: int | None = None
-    prompt_logprobs: list[WireLogprobs] | None = None
-    finish_reason: str | None = None
+    new_logprobs: list[TopLogprobs] | None = None  # one per new token, for requests asking logprobs
+    # (first prompt position scored, entries) for the prompt chunk computed this step
+    prompt_logprobs: tuple[int, list[TopLogprobs]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
-    kv_transfer_params: dict | None = None
-    error: str | None = None
+    kv_transfer_params: dict | None = None  # prefill side: the ticket for the decode worker
+    error: str | None = None  # finish_reason "error": what went wrong
     phase_times: tuple[float, float, float] | None = None  # finished: (queue, prefill, decode) seconds
 
 
@@ -95,7 +102,7 @@ class EngineStats(msgspec.Struct):
 
 
 class StepOutputs(msgspec.Struct, tag=True):
-    outputs: list[WireOutput]
+    outputs: list[EngineCoreOutput]
     stats: EngineStats
 
 

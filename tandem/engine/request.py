@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from tandem.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.engine.protocol import EngineCoreRequest
 
 
 # Request.error of a request whose KV transfer failed starts with this (the API answers 502 for it;
@@ -107,6 +111,15 @@ class Request:
         self.queued_time = time.monotonic()
         self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
+
+    @classmethod
+    def from_engine_core_request(cls, request: EngineCoreRequest) -> Request:
+        """The core's state for a request the InputProcessor built (in this process or decoded
+        from the API process's message)."""
+        return cls(request.request_id, request.prompt_token_ids, request.sampling_params,
+                   arrival_time=request.arrival_time, priority=request.priority, cache_salt=request.cache_salt,
+                   parent_id=request.parent_id, max_tokens=request.max_tokens,
+                   remote_ticket=request.remote_ticket, do_remote_decode=request.do_remote_decode)
 
     def phase_times(self, now: float) -> tuple[float, float, float] | None:
         """(queue, prefill, decode) seconds of a request that finished at ``now`` with a token,

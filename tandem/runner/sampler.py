@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.engine.protocol import TopLogprobs  # the one logprobs type, engine core to output processor
 from tandem.kernels.sampling import sample_ref
 from tandem.runner.h2d import to_device
 from tandem.sampling_params import SamplingParams, SamplingType
@@ -27,17 +28,6 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-
-
-@dataclass
-class TopLogprobs:
-    """Per sampled position: the chosen token's logprob and rank, plus the top-k alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top_ids: list[int]
-    top_logprobs: list[float]
 
 
 @dataclass

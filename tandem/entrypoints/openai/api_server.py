@@ -15,8 +15,9 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -37,7 +38,7 @@ from tandem.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from tandem.kv_transfer.ticket import TicketError, parse_ticket
-from tandem.outputs import RequestOutput
+from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import ParamError, SamplingParams
 from tandem.tokenizer import chat_token_ids
 
@@ -472,27 +473,47 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             t.cancel()
 
 
+class _Delta(NamedTuple):
+    text: str
+    token_ids: list[int]
+    logprobs: list | None  # SampleLogprobs of token_ids, when asked
+    text_offset: int  # where text starts in the choice's whole text
+
+
+class _ChoiceDeltas:
+    """Streaming bookkeeping shared by completions and chat: per choice, how much text and how many
+    tokens went out already. NOTE: each choice ends (its finish_reason goes out) exactly once."""
+
+    def __init__(self) -> None:
+        self.sent: dict[Hashable, tuple[int, int]] = {}
+        self.ended: set[Hashable] = set()
+
+    def next(self, key: Hashable, c: CompletionOutput) -> _Delta | None:
+        """What is new in ``c`` since the last chunk of choice ``key``; None: nothing to send."""
+        if key in self.ended:
+            return None
+        t0, n0 = self.sent.get(key, (0, 0))
+        delta, new_ids = c.text[t0:], c.token_ids[n0:]
+        if not delta and not new_ids and c.finish_reason is None:
+            return None
+        self.sent[key] = (len(c.text), len(c.token_ids))
+        if c.finish_reason is not None:
+            self.ended.add(key)
+        return _Delta(delta, new_ids, c.logprobs[n0:] if c.logprobs is not None else None, t0)
+
+
 async def _completion_chunks(engine, streams, body: CompletionRequest, rid: str, created: int,
                              model: str) -> AsyncIterator[dict]:
-    sent_text: dict[tuple[int, int], int] = {}
-    sent_tokens: dict[tuple[int, int], int] = {}
-    ended: set[tuple[int, int]] = set()  # choices whose finish_reason went out: each ends exactly once
+    deltas = _ChoiceDeltas()
     finals: dict[int, RequestOutput] = {}
     async for i, out in _merge(streams):
         for c in out.outputs:
-            key = (i, c.index)
-            if key in ended:
+            d = deltas.next((i, c.index), c)
+            if d is None:
                 continue
-            t0, n0 = sent_text.get(key, 0), sent_tokens.get(key, 0)
-            delta, new_ids = c.text[t0:], c.token_ids[n0:]
-            if not delta and not new_ids and c.finish_reason is None:
-                continue
-            sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
-            if c.finish_reason is not None:
-                ended.add(key)
-            lp = _completion_logprobs(engine, new_ids, c.logprobs[n0:] if c.logprobs is not None else None, t0)
+            lp = _completion_logprobs(engine, d.token_ids, d.logprobs, d.text_offset)
             yield {"id": rid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": i * body.n + c.index, "text": delta, "logprobs": lp,
+                   "choices": [{"index": i * body.n + c.index, "text": d.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
         if out.finished:
             finals[i] = out
@@ -530,9 +551,7 @@ async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, cr
                        model: str) -> AsyncIterator[dict]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     role_sent = False  # the role chunks go out with the first output, so a client's TTFT stays honest
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
-    ended: set[int] = set()  # choices whose finish_reason went out: each ends exactly once
+    deltas = _ChoiceDeltas()
     final = None
     k = body.top_logprobs or 0
     async for out in stream:
@@ -542,17 +561,11 @@ async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, cr
                 yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]}
         for c in out.outputs:
-            if c.index in ended:
+            d = deltas.next(c.index, c)
+            if d is None:
                 continue
-            t0, n0 = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
-            delta, new_ids = c.text[t0:], c.token_ids[n0:]
-            if not delta and not new_ids and c.finish_reason is None:
-                continue
-            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-            if c.finish_reason is not None:
-                ended.add(c.index)
-            lp = _chat_logprobs(engine, new_ids, c.logprobs[n0:] if c.logprobs is not None else None, k)
-            yield {**base, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
+            lp = _chat_logprobs(engine, d.token_ids, d.logprobs, k)
+            yield {**base, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
                                         "logprobs": lp, "finish_reason": c.finish_reason}]}
         final = out
     if body.stream_options and body.stream_options.include_usage and final is not None:
