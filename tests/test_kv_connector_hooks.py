@@ -75,8 +75,8 @@ class FakeConnector(KVConnectorBase):
         self.finished.append(FinishedTransfer(free=self.parked.pop(key)))
 
 
-def make(connector, budget=64):
-    kv = KVCacheManager(NUM_BLOCKS, BLOCK, True)
+def make(connector, budget=64, num_blocks=NUM_BLOCKS):
+    kv = KVCacheManager(num_blocks, BLOCK, True)
     return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8), kv, max_model_len=256,
                      connector=connector)
 
@@ -202,6 +202,18 @@ def test_failed_load_without_error_is_computed_here():
     while s.has_unfinished_requests():
         step(s)
     assert r.status == RequestStatus.FINISHED_LENGTH and c.ended == ["ext-c"]
+    s.kv.pool.assert_idle()
+
+
+def test_preemption_retracts_progress_before_the_free():
+    c = FakeConnector(external=0)
+    s = make(c, num_blocks=6)
+    for i in range(2):
+        s.add_request(req(f"p{i}", 8, max_tokens=10, first=10 * i))
+    while s.has_unfinished_requests():
+        step(s)
+    assert s.num_preemptions >= 1 and ("progress", "p1", 0) in c.calls
+    assert sorted(c.ended) == ["p0", "p1"]
     s.kv.pool.assert_idle()
 
 

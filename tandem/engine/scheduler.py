@@ -254,7 +254,9 @@ class Scheduler:
         """Ask the connector for KV past the local hit; when it loads some asynchronously, allocate
         blocks and let it start. True: the request now waits for it. False: nothing to load (admit
         as usual). None: no room for the blocks yet."""
-        num_external, load_async = self.connector.get_num_new_matched_tokens(req, num_hit)
+        connector = self.connector
+        assert connector is not None
+        num_external, load_async = connector.get_num_new_matched_tokens(req, num_hit)
         if not num_external:
             return False
         assert load_async, "synchronous external KV is not supported yet"
@@ -266,7 +268,7 @@ class Scheduler:
         req.num_cached_tokens = num_hit
         req.kv_load_tokens = num_hit + num_external
         req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-        self.connector.update_state_after_alloc(req, self.kv.get_block_ids(req.request_id), num_external)
+        connector.update_state_after_alloc(req, self.kv.get_block_ids(req.request_id), num_external)
         return True
 
     def update_transfers(self) -> list[Request]:
