@@ -248,13 +248,12 @@ def _handle(core: EngineCore, frames: list[bytes], codec: Codec, refused: list[C
 
 def _transfer_state(core: EngineCore) -> tuple:
     """Changes when leases end or loads finish, so idle-time changes still reach /metrics."""
-    sched = core.scheduler
-    return len(sched.held), len(sched.loading), len(sched._orphans), core.kv.pool.num_free_blocks  # noqa: SLF001
+    return core.scheduler.transfer_state() + (core.kv.pool.num_free_blocks,)
 
 
 def stats(core: EngineCore) -> EngineStats:
     sched, kv = core.scheduler, core.kv
-    return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting) + len(sched.loading),
+    return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting) + sched.num_loading,
                        kv_cache_usage=kv.usage, prefix_cache_queries=kv.stats.queries,
                        prefix_cache_hits=kv.stats.hits, num_preemptions=sched.num_preemptions,
                        transfer=_transfer_stats(core))

@@ -7,12 +7,13 @@ Plain Python over plain data (no torch, no sockets). Each step:
 2. if nothing was preempted, waiting requests are admitted in policy order, after a prefix-cache
    lookup, while budget, ``max_num_seqs`` and blocks last.
 
-Disaggregation (with a KV connector): a waiting request holding a ticket for its prompt's KV on a
-prefill worker gets blocks for the part it does not cache locally and waits, in ``loading``
-(WAITING_FOR_REMOTE_KVS), while the connector pulls them; then it is admitted like a prefix hit
-with one prompt token left to compute. A finished ``do_remote_decode`` request keeps its blocks in
-``held`` under a lease until the connector reports the lease ended.
-NOTE: blocks a transfer may still write into are freed only after its one LoadResult arrived.
+KV connector (disaggregation; ``tandem.kv_transfer.base`` has the hooks): after the local prefix
+lookup the connector may claim more of a waiting request's prompt (``get_num_new_matched_tokens``);
+the request then gets blocks for its prompt and waits (WAITING_FOR_REMOTE_KVS, in the connector's
+``loading``) until ``take_finished`` hands it back, loaded (admitted like a prefix hit with one
+prompt token left to compute) or not (computed here, or ended with an error). A finished request's
+blocks go to ``request_finished``, which may keep them (a lease, a load still writing) and hand
+them back later. The connector's state and counters are its own; with none, none of this runs.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-
-import msgspec
+from typing import Any
 
 from tandem.config import SchedulerConfig
 from tandem.engine.block_pool import KVCacheBlock
-from tandem.engine.kv_cache_manager import KVCacheManager, cdiv
-from tandem.engine.request import KV_TRANSFER_FAILED, PLACEHOLDER_TOKEN, Request, RequestStatus
+from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
+from tandem.kv_transfer.base import KVConnectorBase, refuse_kv_transfer
 from tandem.sampling_params import SamplingParams
 
 
@@ -58,6 +59,7 @@ class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: list[str] = field(default_factory=list)
+    kv_connector_metadata: Any = None  # KVConnectorBase.build_connector_meta, for the worker half
 
     @property
     def num_batched_tokens(self) -> int:
@@ -69,12 +71,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, connector=None) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 connector: KVConnectorBase | None = None) -> None:
         self.config = config
-        self.connector = connector  # tandem.kv_transfer.connector.KVConnector, or None
-        self.loading: dict[str, Request] = {}  # pulling their prompt's KV from a prefill worker
-        self.held: dict[str, list[KVCacheBlock]] = {}  # lease id -> blocks of a finished prefill
-        self._orphans: dict[str, list[KVCacheBlock]] = {}  # _load_key -> blocks of an aborted load, freed on its result
+        self.connector = connector  # e.g. tandem.kv_transfer.connector.KVConnector; None: no KV transfer
         self.kv = kv
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -91,17 +91,10 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in flight")
-        if request.remote_ticket is not None:
-            if self.connector is None or self.connector.receiver is None:
-                raise ValueError("this worker does not accept remote KV (start it with --role decode or both)")
-            lease_id = request.remote_ticket.lease_id
-            if any(r.remote_ticket is not None and r.remote_ticket.lease_id == lease_id for r in self.requests.values()):
-                raise ValueError("this KV ticket is already being redeemed on this worker")
-            self.connector.watch(request.remote_ticket)
-        if request.remote_decode_lease:
-            if self.connector is None:
-                raise ValueError("this worker does not prefill for others (start it with --role prefill or both)")
-            self.connector.expect(request.remote_decode_lease)
+        if self.connector is not None:
+            self.connector.add_request(request)
+        else:
+            refuse_kv_transfer(request)
         request.serial = next(self._serials)
         self.requests[request.request_id] = request
         self._order_key[request.request_id] = self._policy_key(request)
@@ -120,10 +113,7 @@ class Scheduler:
                 self.running.remove(req)
             elif req in self.waiting:
                 self.waiting.remove(req)
-            elif self.loading.pop(rid, None) is not None:
-                self._orphans[_load_key(req)] = self.kv.detach(req)
-                self.connector.cancel(_load_key(req))  # the receiver releases the lease
-                req.remote_ticket = None
+            # else it waits for its KV: request_finished parks its blocks until the load's result
             req.stop_reason = stop_reason
             self._finish(req, status)
             done.append(req)
@@ -137,7 +127,21 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def has_pending_transfers(self) -> bool:
-        return bool(self.loading or self.held or self._orphans)
+        """The connector still loads KV or keeps blocks (leases, aborted loads)."""
+        return self.connector is not None and self.connector.has_pending()
+
+    @property
+    def loading(self) -> Mapping[str, Request]:
+        """Request id -> request waiting for its KV from the connector (read-only)."""
+        return self.connector.loading if self.connector is not None else {}
+
+    @property
+    def num_loading(self) -> int:
+        return len(self.loading)
+
+    def transfer_state(self) -> tuple:
+        """Changes when the connector's loads or kept blocks change (idle-time /metrics updates)."""
+        return self.connector.transfer_state() if self.connector is not None else ()
 
     @property
     def num_waiting(self) -> int:
@@ -169,6 +173,8 @@ class Scheduler:
                     self._seen_by_runner.add(req.request_id)
                     out.new_requests.append(
                         NewRequestData(req.request_id, req.prompt_token_ids, req.sampling_params))
+        if self.connector is not None:
+            out.kv_connector_metadata = self.connector.build_connector_meta(out)
         return out
 
     def _schedule_running(self, scheduled: dict[str, int], budget: int) -> list[Request]:
@@ -216,8 +222,8 @@ class Scheduler:
                 num_hit_tokens = req.num_computed_tokens
             else:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(req)
-                if req.remote_ticket is not None:
-                    started = self._start_remote_load(req, hits, num_hit_tokens)
+                if self.connector is not None:
+                    started = self._start_external_load(req, hits, num_hit_tokens)
                     if started is None:
                         break  # no room for its blocks yet
                     if started:
@@ -244,61 +250,49 @@ class Scheduler:
         for req in reversed(deferred):
             self.waiting.insert(0, req)
 
-    def _start_remote_load(self, req: Request, hits: list[KVCacheBlock], num_hit: int) -> bool | None:
-        """Allocate blocks for the remote part of the prompt and start pulling it. False: every
-        block is cached here, the ticket is not needed. None: no room yet."""
-        ticket = req.remote_ticket
-        num_load = min(ticket.num_tokens, req.num_prompt_tokens - 1)  # the last prompt token is computed here
-        if num_hit >= num_load:
-            self.connector.release(ticket)
-            self.connector.stats.local_skips += 1
-            req.remote_ticket = None
+    def _start_external_load(self, req: Request, hits: list[KVCacheBlock], num_hit: int) -> bool | None:
+        """Ask the connector for KV past the local hit; when it loads some asynchronously, allocate
+        blocks and let it start. True: the request now waits for it. False: nothing to load (admit
+        as usual). None: no room for the blocks yet."""
+        connector = self.connector
+        assert connector is not None
+        num_external, load_async = connector.get_num_new_matched_tokens(req, num_hit)
+        if not num_external:
             return False
+        assert load_async, "synchronous external KV is not supported yet"
         # NOTE: blocks for the whole prompt (its last token too): a loaded request then needs no
         # new block to be admitted, so loads waiting with their blocks cannot starve each other
         if not self.kv.allocate_slots(req, req.num_prompt_tokens - num_hit, hits):
             return None
         req.num_computed_tokens = num_hit
         req.num_cached_tokens = num_hit
-        req.kv_load_tokens = num_load
-        first, last = num_hit // self.kv.block_size, cdiv(num_load, self.kv.block_size)
-        local = self.kv.get_block_ids(req.request_id)[first:last]
-        remote = list(range(first, last)) if ticket.pending else ticket.block_ids[first:last]  # pending: indices
+        req.kv_load_tokens = num_hit + num_external
         req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-        self.loading[req.request_id] = req
-        self.connector.start_load(_load_key(req), ticket, remote, local)
+        connector.update_state_after_alloc(req, self.kv.get_block_ids(req.request_id), num_external)
         return True
 
     def update_transfers(self) -> list[Request]:
-        """Apply what the connector finished since the last step: free ended leases and aborted
-        loads, admit loaded requests, apply the failure policy. Returns the requests that failed."""
+        """Apply what the connector finished since the last step: free the blocks it hands back,
+        admit loaded requests, requeue or end the ones whose load failed. Returns the requests
+        that ended with an error."""
         if self.connector is None:
             return []
-        for lease_id in self.connector.take_ended_leases():
-            self.kv.free_blocks(self.held.pop(lease_id, []))
         failed = []
-        for result in self.connector.take_load_results():
-            orphan = self._orphans.pop(result.request_id, None)
-            if orphan is not None:
-                self.kv.free_blocks(orphan)
+        for done in self.connector.take_finished():
+            if done.free:
+                self.kv.free_blocks(done.free)
+            req = done.request
+            if req is None:
                 continue
-            req = self.loading.get(result.request_id.rpartition("#")[0])
-            if req is None or _load_key(req) != result.request_id:
-                continue
-            del self.loading[req.request_id]
-            req.remote_ticket = None
-            if result.ok:
+            if done.ok:
                 req.num_computed_tokens = req.kv_load_tokens
                 req.kv_loaded = True
                 self.kv.cache_computed_blocks(req)
-            elif self.connector.failure_policy == "recompute" or result.kind == "prefill_failed":
-                # prefill_failed: the prefill never happened there (concurrent legs): prefilling it
-                # here is the fallback, as the router's for a failed prefill leg
+            elif done.error is None:  # compute it here
                 self.kv.free(req)
                 req.num_computed_tokens = 0
-                self.connector.stats.recomputed += 1
             else:
-                req.error = f"{KV_TRANSFER_FAILED} ({result.kind}): {result.message}"
+                req.error = done.error
                 self._finish(req, RequestStatus.FINISHED_ERROR)
                 failed.append(req)
                 continue
@@ -360,10 +354,8 @@ class Scheduler:
             req.num_in_flight_tokens -= len(chunk.token_ids)
             req.num_computed_tokens += len(chunk.token_ids)
             self.kv.cache_computed_blocks(req)
-            if req.remote_decode_lease:  # a decode leg may be waiting: stream full blocks
-                self.connector.progress(req.remote_decode_lease, req.prompt_token_ids,
-                                        self.kv.get_block_ids(req.request_id),
-                                        min(req.num_computed_tokens, req.num_prompt_tokens) // self.kv.block_size)
+            if self.connector is not None:
+                self.connector.progress(req, self.kv.get_block_ids(req.request_id), req.num_computed_tokens)
             if not chunk.sample:
                 continue
             if self._take_token(req, sampled[chunk.request_id]):
@@ -409,8 +401,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        if req.remote_decode_lease:  # before the free: nothing may stream these blocks now
-            self.connector.progress(req.remote_decode_lease, req.prompt_token_ids, [], 0)
+        if self.connector is not None:  # before the free: nothing may stream these blocks now
+            self.connector.progress(req, [], 0)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -422,36 +414,17 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
-        if req.remote_ticket is not None:
-            self.connector.release(req.remote_ticket)  # never loaded: the prefill side may free now
-        if req.do_remote_decode and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
-            self._hold_for_decode(req)
-        else:
-            if req.remote_decode_lease:  # before the free (streaming invariant, sender.py)
-                self.connector.abandon(req.remote_decode_lease)  # its parked decode leg prefills locally
+        if self.connector is None:
             self.kv.free(req)
+        else:
+            blocks = self.kv.detach(req)
+            delay_free, params = self.connector.request_finished(req, blocks)
+            if params is not None:
+                req.kv_transfer_params = params
+            if not delay_free:  # otherwise the connector hands them back through take_finished
+                self.kv.free_blocks(blocks)
         del self.requests[req.request_id]
         self._order_key.pop(req.request_id, None)
         if req.request_id in self._seen_by_runner:
             self._seen_by_runner.discard(req.request_id)
             self._finished_since_last_step.add(req.request_id)
-
-    def _hold_for_decode(self, req: Request) -> None:
-        """Prefill side: keep the finished prompt's blocks under a lease for a decode worker."""
-        blocks = self.kv.detach(req)
-        ticket = None
-        if self.connector is not None:
-            ticket = self.connector.issue_ticket(req.prompt_token_ids, min(req.num_computed_tokens,
-                                                                           req.num_prompt_tokens),
-                                                 [b.block_id for b in blocks], req.remote_decode_lease)
-        if ticket is None:
-            self.kv.free_blocks(blocks)
-            return
-        self.held[ticket.lease_id] = blocks
-        req.kv_transfer_params = msgspec.to_builtins(ticket)
-
-
-def _load_key(req: Request) -> str:
-    """Names one KV load in the connector and in ``_orphans``: a request id may be reused while
-    an aborted load of the earlier request is still winding down."""
-    return f"{req.request_id}#{req.serial}"

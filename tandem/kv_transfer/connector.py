@@ -1,22 +1,40 @@
 """The KV connector as the scheduler sees it: one object per engine core with a sending half
 (prefill: leases and a ROUTER serving pulls) and a receiving half (decode: pulls and heartbeats).
 
-The scheduler plans (which blocks to load, when a finished prefill's blocks may be freed); the
-halves move bytes in their own threads. Everything here is called from the core thread.
+The scheduler plans through the hooks of ``tandem.kv_transfer.base.KVConnectorBase``; this class
+keeps the disaggregation state behind them: requests pulling their prompt's KV (``loading``),
+blocks of finished prefills held under a lease (``held``), blocks of aborted loads parked until
+their one LoadResult (``_orphans``), the failure policy, and its ``TransferStats``. The halves
+move bytes in their own threads. Everything here is called from the core thread.
+NOTE: blocks a transfer may still write into are handed back only after its one LoadResult arrived.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import msgspec
 import zmq
 
+from tandem.engine.kv_cache_manager import cdiv
 from tandem.engine.protocol import TransferStats
+from tandem.engine.request import KV_TRANSFER_FAILED, RequestStatus
+from tandem.kv_transfer.base import FinishedTransfer, KVConnectorBase, load_key
 from tandem.kv_transfer.receiver import KVReceiver, LoadResult
 from tandem.kv_transfer.sender import KVCaches, KVSender
 from tandem.kv_transfer.shm import SharedKVRegion
 from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, prompt_hash, sign
 
+if TYPE_CHECKING:
+    from tandem.engine.block_pool import KVCacheBlock
+    from tandem.engine.request import Request
 
-class KVConnector:
+_HOLD_STATUSES = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+
+
+class KVConnector(KVConnectorBase):
     def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, block_size: int,
                  kv_bytes_per_token: int, region: SharedKVRegion | None = None) -> None:
         self.config, self.compat = config, compat
@@ -26,10 +44,121 @@ class KVConnector:
         self.receiver = KVReceiver(config, kv_caches, compat, self.ctx) if config.receives else None
         self.stats = TransferStats()
         self._prompts: dict[str, str] = {}  # expected lease id -> prompt hash, while its prefill runs
+        # scheduler-side state (see the hooks below)
+        self._loading: dict[str, Request] = {}  # request id -> request pulling its prompt's KV
+        self.held: dict[str, list[KVCacheBlock]] = {}  # lease id -> blocks of a finished prefill
+        self._orphans: dict[str, list[KVCacheBlock]] = {}  # load_key -> blocks of an aborted load
+        self._redeeming: dict[str, Request] = {}  # ticket lease id -> the request still carrying it
 
     @property
     def failure_policy(self) -> str:
         return self.config.failure_policy
+
+    # -- scheduler-side hooks (tandem.kv_transfer.base) --------------------------------------------
+    def add_request(self, request: Request) -> None:
+        ticket = request.remote_ticket
+        if ticket is not None:
+            if self.receiver is None:
+                raise ValueError("this worker does not accept remote KV (start it with --role decode or both)")
+            if ticket.lease_id in self._redeeming:
+                raise ValueError("this KV ticket is already being redeemed on this worker")
+            self.watch(ticket)
+        if request.remote_decode_lease:
+            self.expect(request.remote_decode_lease)
+        if ticket is not None:
+            self._redeeming[ticket.lease_id] = request
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        ticket = request.remote_ticket
+        if ticket is None:
+            return 0, False
+        num_load = min(ticket.num_tokens, request.num_prompt_tokens - 1)  # the last prompt token is computed here
+        if num_computed_tokens >= num_load:  # every block is cached here: the ticket is not needed
+            self.release(ticket)
+            self.stats.local_skips += 1
+            self._drop_ticket(request)
+            return 0, False
+        return num_load - num_computed_tokens, True
+
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+        if not num_external_tokens:
+            return
+        ticket = request.remote_ticket
+        num_hit = request.num_computed_tokens
+        first, last = num_hit // self.block_size, cdiv(num_hit + num_external_tokens, self.block_size)
+        remote = list(range(first, last)) if ticket.pending else ticket.block_ids[first:last]  # pending: indices
+        self._loading[request.request_id] = request
+        self.start_load(load_key(request), ticket, remote, block_ids[first:last])
+
+    def progress(self, request: Request, block_ids: list[int], num_computed_tokens: int) -> None:
+        lease_id = request.remote_decode_lease
+        if lease_id:  # a decode leg may be waiting: stream full blocks (none: retracted)
+            self.stream(lease_id, request.prompt_token_ids, block_ids,
+                        min(num_computed_tokens, request.num_prompt_tokens) // self.block_size)
+
+    def request_finished(self, request: Request, blocks: list[KVCacheBlock]) -> tuple[bool, dict | None]:
+        delay = False
+        if self._loading.get(request.request_id) is request:  # aborted mid-load: park until its result
+            del self._loading[request.request_id]
+            self._orphans[load_key(request)] = blocks
+            self.cancel(load_key(request))  # the receiver releases the lease
+            self._drop_ticket(request)
+            blocks, delay = [], True
+        if request.remote_ticket is not None:
+            self.release(request.remote_ticket)  # never loaded: the prefill side may free now
+            self._drop_ticket(request)
+        if request.do_remote_decode and request.status in _HOLD_STATUSES:
+            # prefill side: keep the finished prompt's blocks under a lease for a decode worker
+            ticket = self.issue_ticket(request.prompt_token_ids,
+                                       min(request.num_computed_tokens, request.num_prompt_tokens),
+                                       [b.block_id for b in blocks], request.remote_decode_lease)
+            if ticket is None:
+                return delay, None
+            self.held[ticket.lease_id] = blocks
+            return True, msgspec.to_builtins(ticket)
+        if request.remote_decode_lease:  # before the free (streaming invariant, sender.py)
+            self.abandon(request.remote_decode_lease)  # its parked decode leg prefills locally
+        return delay, None
+
+    def take_finished(self) -> list[FinishedTransfer]:
+        done = [FinishedTransfer(free=self.held.pop(lease_id, [])) for lease_id in self.take_ended_leases()]
+        for result in self.take_load_results():
+            orphan = self._orphans.pop(result.request_id, None)
+            if orphan is not None:
+                done.append(FinishedTransfer(free=orphan))
+                continue
+            req = self._loading.get(result.request_id.rpartition("#")[0])
+            if req is None or load_key(req) != result.request_id:
+                continue
+            del self._loading[req.request_id]
+            self._drop_ticket(req)
+            if result.ok:
+                done.append(FinishedTransfer(request=req, ok=True))
+            elif self.failure_policy == "recompute" or result.kind == "prefill_failed":
+                # prefill_failed: the prefill never happened there (concurrent legs): prefilling it
+                # here is the fallback, as the router's for a failed prefill leg
+                self.stats.recomputed += 1
+                done.append(FinishedTransfer(request=req))
+            else:
+                done.append(FinishedTransfer(request=req,
+                                             error=f"{KV_TRANSFER_FAILED} ({result.kind}): {result.message}"))
+        return done
+
+    def has_pending(self) -> bool:
+        return bool(self._loading or self.held or self._orphans)
+
+    @property
+    def loading(self) -> Mapping[str, Request]:
+        return MappingProxyType(self._loading)
+
+    def transfer_state(self) -> tuple:
+        return len(self.held), len(self._loading), len(self._orphans)
+
+    def _drop_ticket(self, request: Request) -> None:
+        ticket = request.remote_ticket
+        if ticket is not None and self._redeeming.get(ticket.lease_id) is request:
+            del self._redeeming[ticket.lease_id]
+        request.remote_ticket = None
 
     # -- prefill side ------------------------------------------------------------------------------------
     def issue_ticket(self, prompt_token_ids: list[int], num_tokens: int, block_ids: list[int],
@@ -55,7 +184,7 @@ class KVConnector:
             self._prompts.pop(lease_id, None)
             self.sender.abandon(lease_id)
 
-    def progress(self, lease_id: str, prompt_token_ids: list[int], block_ids: list[int], num_full: int) -> None:
+    def stream(self, lease_id: str, prompt_token_ids: list[int], block_ids: list[int], num_full: int) -> None:
         """An expected lease's prefill has its first ``num_full`` blocks computed (0: retracted)."""
         if self.sender is None:
             return
