@@ -91,8 +91,8 @@ def sender():
     import torch
     import zmq
 
+    from tandem.config import KVTransferConfig
     from tandem.kv_transfer.sender import KVSender
-    from tandem.kv_transfer.ticket import KVTransferConfig
 
     caches = [(torch.full((64, 16, 2, 8), float(i + 1)), torch.full((64, 16, 2, 8), -float(i + 1))) for i in range(2)]
     ctx = zmq.Context()
@@ -134,6 +134,7 @@ def _disconnected(ctx, endpoint: str, frames: list, timeout_s: float, secret: by
     from zmq.utils.monitor import recv_monitor_message
 
     dealer = ctx.socket(zmq.DEALER)
+    dealer.copy_threshold = 0  # copy=False must not copy small frames: only the peer's memory is measured
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RECONNECT_IVL, 60_000)  # one connection: its close is what we wait for
     monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -201,8 +202,8 @@ def test_receiver_caps_frames_at_the_largest_layer():
     import torch
     import zmq
 
+    from tandem.config import KVTransferConfig
     from tandem.kv_transfer.receiver import KVReceiver
-    from tandem.kv_transfer.ticket import KVTransferConfig
 
     caches = [(torch.zeros(64, 16, 2, 8), torch.zeros(64, 16, 2, 8)) for _ in range(2)]
     ctx = zmq.Context()

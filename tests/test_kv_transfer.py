@@ -12,10 +12,10 @@ import msgspec
 import pytest
 import torch
 
-from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tandem.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig, SchedulerConfig
 from tandem.engine.core import EngineCore
 from tandem.engine.request import Request
-from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, TicketError, parse_ticket, sign
+from tandem.kv_transfer.ticket import Ticket, TicketError, parse_ticket, sign
 from tandem.sampling_params import SamplingParams
 
 SECRET = b"s" * 32
@@ -345,7 +345,9 @@ def test_sender_gone_before_the_pull_times_out(model_dir, cores):
 
 def test_wrong_secret_and_incompatible_layout_fail_cleanly(model_dir, cores):
     prefill, decode, _ = cores
-    other = make_core(model_dir, "decode", secret=b"x" * 32)
+    # a refused handshake must fail the load long before its transfer timeout would (a loaded
+    # machine can delay the handshake, so the timeout is far from the race)
+    other = make_core(model_dir, "decode", secret=b"x" * 32, transfer_timeout_s=20.0)
     try:
         prompt = prompt_of(45, 8)
         params = resigned(prefill_ticket(prefill, "p-sec", prompt), secret=b"x" * 32)
