@@ -52,3 +52,7 @@ class CausalLM(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """``nn.Module.parameters`` (benchmarks count them)."""
         ...
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, object] | None:
+        """Checkpoint tensor name -> (parameter name, shard id or None); None: not a weight of ours."""
+        ...

@@ -24,9 +24,12 @@ WeightLoader = Callable[..., None]
 
 
 class WeightParameter(nn.Parameter):
-    """A parameter that says how a checkpoint tensor is loaded into it."""
+    """A parameter that says how a checkpoint tensor is loaded into it, and which checkpoint shards
+    it is made of: ``(None,)`` for a plain tensor, the shard ids of a fused one (q/k/v, gate/up).
+    The loader fails unless every listed shard was loaded exactly as listed."""
 
     weight_loader: WeightLoader
+    shard_ids: tuple[object, ...]
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -38,6 +41,7 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
 def _param(*shape: int, dtype: torch.dtype, loader: WeightLoader = default_weight_loader) -> WeightParameter:
     p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
     p.weight_loader = loader
+    p.shard_ids = (None,)
     return p
 
 
@@ -70,9 +74,10 @@ class ShardedLinear(Linear):
         for shard_id, size in shard_sizes.items():
             self.shard_offsets[shard_id] = (offset, size)
             offset += size
-        self.weight.weight_loader = self._load_shard
-        if self.bias is not None:
-            self.bias.weight_loader = self._load_shard
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load_shard
+                param.shard_ids = tuple(shard_sizes)
 
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
         offset, size = self.shard_offsets[shard_id]

@@ -86,16 +86,20 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             param.normal_(0.0, 0.02, generator=gen)
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Stream every tensor of every safetensors file through its parameter's ``weight_loader``."""
+def load_weights(model: CausalLM, model_dir: str | Path) -> None:
+    """Stream every tensor of every safetensors file through its parameter's ``weight_loader``.
+
+    Strict: a checkpoint tensor with no parameter, a tensor of the wrong shape, and a parameter
+    shard (q/k/v, gate/up, or a whole tensor) that no file supplied each fail with the names."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    assert isinstance(model, nn.Module)
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
+    loaded: set[tuple[int, object]] = set()  # (id of the parameter, shard id): tied names share one
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 mapped = model.map_checkpoint_name(name)
                 if mapped is None:
                     continue
@@ -103,22 +107,44 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                 if target not in params:
                     raise ValueError(f"{file.name}: checkpoint tensor {name!r} has no matching parameter")
                 param = params[target]
-                tensor = f.get_tensor(name).to(param.dtype)
-                if shard is None:
-                    param.weight_loader(param, tensor)
-                else:
-                    param.weight_loader(param, tensor, shard)
-                loaded.add(f"{target}:{shard}")
+                try:
+                    _load_one(param, f.get_tensor(name), shard)
+                except ValueError as e:
+                    raise ValueError(f"{file.name}: checkpoint tensor {name!r}: {e}") from e
+                loaded.add((id(param), shard))
     _check_all_loaded(model, params, loaded)
 
 
-def _check_all_loaded(model: nn.Module, params: dict, loaded: set[str]) -> None:
-    loaded_names = {key.split(":")[0] for key in loaded}
-    tied = {name for name, p in params.items() if any(p is q for n, q in params.items() if n != name)}
-    missing = [n for n in params if n not in loaded_names and not (n in tied and _tied_loaded(n, params, loaded_names))]
+def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
+    if shard not in getattr(param, "shard_ids", (None,)):
+        raise ValueError(f"shard {shard!r} is not one of the parameter's {param.shard_ids}")  # type: ignore[attr-defined]
+    tensor = tensor.to(param.dtype)
+    if shard is None:
+        param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+    else:
+        param.weight_loader(param, tensor, shard)  # type: ignore[attr-defined]
+
+
+def _check_all_loaded(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[tuple[int, object]]) -> None:
+    """Every shard of every parameter (each tied parameter once) came from the checkpoint."""
+    missing: list[str] = []
+    seen: set[int] = set()
+    for name, param in params.items():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        missing += [_checkpoint_name(model, name, shard) for shard in getattr(param, "shard_ids", (None,))
+                    if (id(param), shard) not in loaded]
     if missing:
-        raise ValueError(f"checkpoint is missing weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        more = f" ... ({len(missing)} in all)" if len(missing) > 8 else ""
+        raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:8])}{more}")
 
 
-def _tied_loaded(name: str, params: dict, loaded_names: set[str]) -> bool:
-    return any(params[other] is params[name] for other in loaded_names)
+def _checkpoint_name(model: nn.Module, param_name: str, shard: object) -> str:
+    """Our parameter name (and shard) -> the checkpoint tensor name that should have filled it."""
+    if shard is None:
+        return param_name
+    for frag, (fused, shard_id) in getattr(model, "stacked_params", {}).items():
+        if shard_id == shard and fused in param_name:
+            return param_name.replace(fused, frag)
+    return f"{param_name} (shard {shard!r})"
