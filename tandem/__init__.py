@@ -3,6 +3,6 @@
 from tandem.entrypoints.llm import LLM
 from tandem.outputs import CompletionOutput, Logprob, RequestOutput
 from tandem.sampling_params import SamplingParams
+from tandem.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

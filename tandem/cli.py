@@ -59,7 +59,7 @@ def _kv_transfer_config(args: argparse.Namespace):
     """Disaggregation is on for --role prefill|decode, or for role both with a secret set."""
     import os
 
-    from tandem.kv_transfer.ticket import KVTransferConfig
+    from tandem.config import KVTransferConfig
 
     secret = os.environ.get("TANDEM_KV_TRANSFER_SECRET", "")
     if args.role == "both" and not secret:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tandem.kv_transfer.ticket import KVTransferConfig
-
 _SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
@@ -21,6 +19,49 @@ def parse_size(value: int | str) -> int:
     if not m or (m.group(2) or "").lower() not in _UNITS:
         raise ValueError(f"kv_cache_memory: cannot parse size {value!r} (try '2GiB' or '512MiB')")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+KV_ROLES = ("prefill", "decode", "both")
+KV_FAILURE_POLICIES = ("fail", "recompute")
+KV_TRANSPORTS = ("auto", "tcp")  # auto: shared memory between workers on one host, else TCP
+
+
+@dataclass
+class KVTransferConfig:
+    """Disaggregated prefill/decode (tandem/kv_transfer): which halves run and how they meet."""
+
+    role: str = "both"  # which sides run: prefill (sender), decode (receiver) or both
+    host: str = "127.0.0.1"  # the sender binds here; decode workers connect to it
+    port: int = 0  # 0: pick a free port
+    secret: bytes = b""
+    lease_s: float = 10.0  # a handed-out prefill's blocks live this long without a heartbeat
+    transfer_timeout_s: float = 10.0  # a pull with no progress for this long fails ("timeout")
+    failure_policy: str = "fail"  # fail: the request errors; recompute: decode prefills locally
+    transport: str = "auto"
+    # heartbeats stop extending a lease this long after it was issued: a decode worker too busy to
+    # pull for minutes must not hold the prefill worker's blocks for ever (its pull then fails
+    # lease_expired, and the failure policy decides)
+    max_hold_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.role not in KV_ROLES:
+            raise ValueError(f"kv role must be one of {KV_ROLES}, got {self.role!r}")
+        if self.failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(f"kv failure policy must be one of {KV_FAILURE_POLICIES}, got {self.failure_policy!r}")
+        if self.transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv transport must be one of {KV_TRANSPORTS}, got {self.transport!r}")
+        if len(self.secret) < 16:
+            raise ValueError("the KV transfer secret must be at least 16 bytes ($TANDEM_KV_TRANSFER_SECRET)")
+        if self.lease_s <= 0 or self.transfer_timeout_s <= 0 or self.max_hold_s <= 0:
+            raise ValueError("lease_s, transfer_timeout_s and max_hold_s must be positive")
+
+    @property
+    def sends(self) -> bool:
+        return self.role in ("prefill", "both")
+
+    @property
+    def receives(self) -> bool:
+        return self.role in ("decode", "both")
 
 
 @dataclass

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
+
+class TopLogprobs(msgspec.Struct, array_like=True):
+    """Per sampled (or scored prompt) position: the chosen token's logprob and rank, plus the
+    top-k alternatives (tandem/runner/sampler.py makes them)."""
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
 
 @dataclass
 class Logprob:

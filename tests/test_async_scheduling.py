@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tandem import SamplingParams
-from tandem.engine.request import PLACEHOLDER_TOKEN
+from tandem.scheduler_output import PLACEHOLDER_TOKEN
 from tests.test_model_parity import prompts_for
 from tests.test_scheduler import make_req, make_sched
 
@@ -175,9 +175,9 @@ def test_aborts_with_a_step_in_flight_free_everything(make_llm):
 
 
 def test_async_scheduling_refuses_disaggregation(model_dirs):
+    from tandem.config import KVTransferConfig
     from tandem.engine.arg_utils import EngineArgs
     from tandem.engine.core import EngineCore
-    from tandem.kv_transfer.ticket import KVTransferConfig
 
     config = EngineArgs(str(model_dirs["llama3-gqa"]), async_scheduling=True).create_engine_config()
     config.kv_transfer = KVTransferConfig(role="decode", secret=b"s" * 32)

@@ -11,7 +11,7 @@ import torch
 
 from tandem import LLM, SamplingParams
 from tandem.cli import main
-from tandem.entrypoints.llm import DEMO_MODEL_DIR, default_model_path
+from tandem.engine.arg_utils import DEMO_MODEL_DIR, default_model_path
 from tandem.eval.perplexity import score_texts, windows
 
 WINDOW = 256

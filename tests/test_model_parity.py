@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tandem import SamplingParams
-from tandem.engine.scheduler import ScheduledChunk
+from tandem.scheduler_output import ScheduledChunk
 from tests.conftest import ALL_PRESETS
 
 PROMPT_LENGTHS = [1, 5, 16, 17, 40, 71]

@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def validate_latency_args(args: argparse.Namespace) -> None:
 
 
 def default_output_json(model: str | Path, now: datetime | None = None) -> Path:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     name = Path(model).resolve().name or "model"
     return Path("benchmarks") / "results" / f"latency-{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
 
@@ -260,7 +260,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
             "max_model_len": llm.llm_engine.max_model_len,
             "max_num_batched_tokens": llm.llm_engine.config.scheduler.max_num_batched_tokens,
             "num_kv_blocks": runner.num_blocks}},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     })
     out = Path(args.output_json) if args.output_json else default_output_json(model)
     out.parent.mkdir(parents=True, exist_ok=True)

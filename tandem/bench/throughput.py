@@ -34,7 +34,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +230,7 @@ def model_shape(model_dir: str | Path) -> dict[str, Any]:
 
 
 def default_output_json(model: str | Path, now: datetime | None = None) -> Path:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     name = Path(model).resolve().name or "model"
     return Path("benchmarks") / "results" / f"throughput-{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
 
@@ -254,7 +254,7 @@ def engine_flags(engine_args: EngineArgs) -> dict[str, Any]:
 
 def resolve_bench_model(args: argparse.Namespace) -> str:
     """The model directory: --model, a built-in dummy shape (written on first use), or the default."""
-    from tandem.entrypoints.llm import default_model_path
+    from tandem.engine.arg_utils import default_model_path
     from tandem.testing import DUMMY_CONFIGS, write_dummy_model
 
     model = args.model or default_model_path()
@@ -386,7 +386,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                 "kv_cache_bytes": runner.num_blocks * runner.kv_bytes_per_block,
             },
         },
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "tandem_version": tandem.__version__,
         "python_version": platform.python_version(),

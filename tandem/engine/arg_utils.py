@@ -28,6 +28,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -59,6 +60,20 @@ def _positive_ints(v: Sequence[int]) -> str | None:
 
 def _arg(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
+
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tandem-demo"
+
+
+def default_model_path() -> str:
+    """$TANDEM_MODEL, else the demo model bundled in the repository (models/tandem-demo)."""
+    env = os.environ.get("TANDEM_MODEL")
+    if env:
+        return env
+    if (DEMO_MODEL_DIR / "config.json").is_file():
+        return str(DEMO_MODEL_DIR)
+    raise ValueError(f"no model given and the bundled demo model is missing ({DEMO_MODEL_DIR}): pass a Hugging "
+                     "Face model directory (config.json, *.safetensors, tokenizer.json) or set TANDEM_MODEL")
 
 
 @dataclass
@@ -192,8 +207,6 @@ class EngineArgs:
 
     # -- the engine's config objects -----------------------------------------------------------------
     def create_engine_config(self) -> EngineConfig:
-        from tandem.entrypoints.llm import default_model_path
-
         return EngineConfig(
             model=ModelConfig(model=str(self.model or default_model_path()), tokenizer=self.tokenizer,
                               dtype=self.dtype,  # type: ignore[arg-type]  # a torch.dtype passes through

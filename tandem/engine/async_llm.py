@@ -104,7 +104,7 @@ class RequestStream:
     def _close(self, outcome: str) -> None:
         if not self.closed:
             self.closed = True
-            self.engine._close_stream(self, outcome)  # noqa: SLF001 - the engine owns the bookkeeping
+            self.engine._close_stream(self, outcome)
 
 
 class AsyncLLM:
@@ -160,9 +160,14 @@ class AsyncLLM:
                     return msg
                 if isinstance(msg, CoreFailed):
                     raise RuntimeError(f"engine core failed to start: {msg.error}")
-            elif not self._proc.is_alive():
-                raise RuntimeError(f"engine core exited during start-up (exit code {self._proc.exitcode})")
+            elif not self._core_process.is_alive():
+                raise RuntimeError(f"engine core exited during start-up (exit code {self._core_process.exitcode})")
         raise TimeoutError(f"engine core not ready after {timeout_s:.0f}s")
+
+    @property
+    def _core_process(self) -> multiprocessing.process.BaseProcess:
+        assert self._proc is not None, "the engine core process is started before anything waits on it"
+        return self._proc
 
     async def shutdown(self) -> None:
         if self._reader is not None:
@@ -219,8 +224,8 @@ class AsyncLLM:
         try:
             while True:
                 if not await self._out.poll(1000):
-                    if not self._proc.is_alive():
-                        raise EngineDeadError(f"engine core process exited (exit code {self._proc.exitcode})")
+                    if not self._core_process.is_alive():
+                        raise EngineDeadError(f"engine core process exited (exit code {self._core_process.exitcode})")
                     continue
                 try:
                     msg = self._out_codec.decode(await self._out.recv_multipart())

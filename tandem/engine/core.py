@@ -21,8 +21,9 @@ from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.protocol import EngineCoreOutput, EngineCoreRequest
 from tandem.engine.request import Request, RequestStatus
-from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.engine.scheduler import Scheduler
 from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
+from tandem.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

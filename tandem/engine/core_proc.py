@@ -86,7 +86,7 @@ def die_with_parent(parent_pid: int) -> None:
     if not set_parent_death_signal(signal.SIGKILL) and sys.platform.startswith("linux"):
         logger.warning("prctl(PR_SET_PDEATHSIG) failed: the loop's checks and the watchdog stand in")
     if os.getppid() != parent_pid:
-        os._exit(1)  # noqa: SLF001 - the parent is already gone: nothing to clean up or report to
+        os._exit(1)
 
 
 def start_watchdog(watch: ParentWatch) -> None:
@@ -98,7 +98,7 @@ def start_watchdog(watch: ParentWatch) -> None:
             time.sleep(PARENT_CHECK_S)
         time.sleep(EXIT_GRACE_S)
         logger.error("API process %d is gone and the core has not exited; exiting now", watch.parent_pid)
-        os._exit(1)  # noqa: SLF001
+        os._exit(1)
 
     threading.Thread(target=_watch, name="parent-watchdog", daemon=True).start()
 
@@ -162,7 +162,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
                 publisher = KVEventPublisher(ctx, addresses.kv_events, addresses.kv_events_replay,
                                              addresses.kv_events_secret)
             core = EngineCore(config, kv_event_sink=publisher.publish if publisher else None)
-        except Exception as e:  # noqa: BLE001 - reported to the API process, which exits with it
+        except Exception as e:
             logger.exception("engine core failed to start")
             send(outputs, out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")), watch)
             return
@@ -172,7 +172,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
             _busy_loop(core, inputs, outputs, Codec(secret, CoreInput), out_codec, watch, publisher)
         except ParentGone:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             logger.exception("engine core died")
             send(outputs, out_codec.encode(CoreFailed(f"{type(e).__name__}: {e}")), watch)
             raise
@@ -182,10 +182,10 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, secret: byte
     finally:
         if not _bounded(_cleanup, EXIT_GRACE_S):
             logger.error("engine core cleanup did not finish in %.0f s; exiting anyway", EXIT_GRACE_S)
-            os._exit(1)  # noqa: SLF001
+            os._exit(1)
     if parent_gone:  # skip multiprocessing's exit handling too: nothing is waiting for this process
         logging.shutdown()
-        os._exit(0)  # noqa: SLF001
+        os._exit(0)
 
 
 def _busy_loop(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, in_codec: Codec, out_codec: Codec,

@@ -230,7 +230,7 @@ class IncrementalDetokenizer:
         for tid in fed_before[self._num_emitted:] + [token_id]:
             try:
                 text = self._stream.step(self._backend, tid)
-            except Exception:  # give up on context: decode the rest on its own
+            except Exception:  # noqa: BLE001 (any tokenizer failure mid-stream): decode the rest on its own
                 self._stream = DecodeStream(skip_special_tokens=self._skip_special)
                 text = self._stream.step(self._backend, tid)
             if text is not None:
@@ -303,7 +303,7 @@ class IncrementalDetokenizer:
 
 
 # Per-tokenizer cache of single-token texts (logprobs decode up to ~20 ids per step).
-_TOKEN_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, dict[int, str]]" = weakref.WeakKeyDictionary()
+_TOKEN_TEXT_CACHE: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
 def decode_token(tokenizer: Any, token_id: int) -> str:

@@ -10,10 +10,7 @@ from dataclasses import dataclass
 
 from tandem.engine.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
 from tandem.engine.request import Request
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from tandem.utils import cdiv
 
 
 @dataclass
@@ -131,6 +128,3 @@ class KVCacheManager:
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
-
-    def num_blocks_needed(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.block_size)

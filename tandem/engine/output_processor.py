@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 from tandem.engine.detokenizer import IncrementalDetokenizer, decode_token
 from tandem.engine.input_processor import ProcessedRequest
-from tandem.engine.protocol import EngineCoreOutput, EngineCoreRequest, TopLogprobs
+from tandem.engine.protocol import EngineCoreOutput, EngineCoreRequest
 from tandem.engine.request import RequestStatus
-from tandem.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from tandem.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, TopLogprobs
 
 # RequestOutput.metrics keys of EngineCoreOutput.phase_times (seconds, measured by the engine core)
 PHASES = ("queue_time", "prefill_time", "decode_time")
@@ -78,7 +78,7 @@ class OutputProcessor:
         self.check_new(request.request_id)
         params, token_ids = request.params, request.prompt_token_ids
         parent = _Parent(request.request_id, request.prompt, token_ids, [],
-                         [None] + [None] * (len(token_ids) - 1) if params.prompt_logprobs is not None else None,
+                         _empty_prompt_logprobs(len(token_ids)) if params.prompt_logprobs is not None else None,
                          request.arrival_time)
         for i, core_req in enumerate(request.children):
             child = _Child(i, core_req.request_id,
@@ -158,7 +158,7 @@ class OutputProcessor:
         if child.logprobs is not None and out.new_logprobs:
             for lp in out.new_logprobs:
                 child.logprobs.append(self._logprob_dict(lp))
-                child.cumulative_logprob += lp.logprob
+                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.logprob
         stopped_by_token = out.finish_reason == "stop"
         stop_str = child.detok.update(out.new_token_ids, stop_terminated=stopped_by_token)
         if out.finish_reason is not None:
@@ -169,6 +169,7 @@ class OutputProcessor:
 
     def _record_prompt_logprobs(self, parent: _Parent, first_pos: int, entries: list[TopLogprobs]) -> None:
         store = parent.prompt_logprobs
+        assert store is not None, "prompt logprobs arrive only for requests that asked for them"
         for j, entry in enumerate(entries):
             if store[first_pos + j] is None:  # recomputed after preemption: keep the first
                 store[first_pos + j] = self._logprob_dict(entry)
@@ -205,3 +206,8 @@ class OutputProcessor:
         self._parents.pop(parent.request_id, None)
         for c in parent.children:
             self._children.pop(c.request_id, None)
+
+
+def _empty_prompt_logprobs(num_prompt_tokens: int) -> PromptLogprobs:
+    """One slot per prompt position; position 0 stays None (nothing before it to score it)."""
+    return [None] * num_prompt_tokens

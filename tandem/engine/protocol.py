@@ -13,7 +13,9 @@ import hmac
 
 import msgspec
 
+from tandem.kv_transfer.stats import TransferStats
 from tandem.kv_transfer.ticket import Ticket
+from tandem.outputs import TopLogprobs
 from tandem.sampling_params import SamplingParams
 
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -49,16 +51,6 @@ CoreInput = EngineCoreRequest | FinishRequests | Shutdown
 
 
 # -- engine core -> API process ------------------------------------------------------------------
-class TopLogprobs(msgspec.Struct, array_like=True):
-    """Per sampled (or scored prompt) position: the chosen token's logprob and rank, plus the
-    top-k alternatives (tandem/runner/sampler.py makes them)."""
-    token_id: int
-    logprob: float
-    rank: int
-    top_ids: list[int]
-    top_logprobs: list[float]
-
-
 class EngineCoreOutput(msgspec.Struct, array_like=True):
     """What one core step produced for one request."""
     request_id: str
@@ -72,23 +64,6 @@ class EngineCoreOutput(msgspec.Struct, array_like=True):
     kv_transfer_params: dict | None = None  # prefill side: the ticket for the decode worker
     error: str | None = None  # finish_reason "error": what went wrong
     phase_times: tuple[float, float, float] | None = None  # finished: (queue, prefill, decode) seconds
-
-
-class TransferStats(msgspec.Struct):
-    """Cumulative KV transfer counters of a disaggregated worker (tandem/kv_transfer); the
-    connector keeps one and reports a copy with every StepOutputs."""
-    loads_ok: int = 0
-    loads_shm: int = 0  # of loads_ok: copied from a shared-memory region on this host
-    bytes_received: int = 0
-    seconds_total: float = 0.0
-    new_durations: list[float] = []  # load durations since the previous report
-    failures: dict[str, int] = {}  # kind -> count
-    recomputed: int = 0  # failed loads prefilled locally (policy recompute)
-    local_skips: int = 0  # tickets not needed: every block was already cached here
-    leases_held: int = 0
-    leases_issued: int = 0
-    leases_expired: int = 0
-    bytes_sent: int = 0
 
 
 class EngineStats(msgspec.Struct):

@@ -12,9 +12,6 @@ if TYPE_CHECKING:
     from tandem.engine.protocol import EngineCoreRequest
 
 
-# Request.error of a request whose KV transfer failed starts with this (the API answers 502 for it;
-# any other error is the engine's own failure on that request: 500).
-KV_TRANSFER_FAILED = "KV transfer failed"
 
 
 class RequestStatus(enum.IntEnum):
@@ -45,7 +42,6 @@ _FINISH_REASON = {
 }
 
 
-PLACEHOLDER_TOKEN = -1  # a chunk's token sampled by the step before it, filled in on the device
 
 
 class Request:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -15,19 +13,6 @@ from tandem.engine.arg_utils import EngineArgs
 from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tandem-demo"
-
-
-def default_model_path() -> str:
-    """$TANDEM_MODEL, else the demo model bundled in the repository (models/tandem-demo)."""
-    env = os.environ.get("TANDEM_MODEL")
-    if env:
-        return env
-    if (DEMO_MODEL_DIR / "config.json").is_file():
-        return str(DEMO_MODEL_DIR)
-    raise ValueError(f"no model given and the bundled demo model is missing ({DEMO_MODEL_DIR}): pass a Hugging "
-                     "Face model directory (config.json, *.safetensors, tokenizer.json) or set TANDEM_MODEL")
 
 
 def build_engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:

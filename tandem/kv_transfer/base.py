@@ -26,11 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+# Request.error of a request whose KV transfer failed starts with this (the API answers 502 for it;
+# any other error is the engine's own failure on that request: 500).
+KV_TRANSFER_FAILED = "KV transfer failed"
+
 if TYPE_CHECKING:
     from tandem.engine.block_pool import KVCacheBlock
-    from tandem.engine.protocol import TransferStats
     from tandem.engine.request import Request
-    from tandem.engine.scheduler import SchedulerOutput
+    from tandem.kv_transfer.stats import TransferStats
+    from tandem.scheduler_output import SchedulerOutput
 
 
 def load_key(request: Request) -> str:

@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
-from tandem.engine.kv_cache_manager import cdiv
-from tandem.engine.protocol import TransferStats
-from tandem.engine.request import KV_TRANSFER_FAILED, RequestStatus
-from tandem.kv_transfer.base import FinishedTransfer, KVConnectorBase, load_key
+from tandem.config import KVTransferConfig
+from tandem.kv_transfer.base import KV_TRANSFER_FAILED, FinishedTransfer, KVConnectorBase, load_key
 from tandem.kv_transfer.receiver import KVReceiver, LoadResult
 from tandem.kv_transfer.sender import KVCaches, KVSender
 from tandem.kv_transfer.shm import SharedKVRegion
-from tandem.kv_transfer.ticket import KVTransferConfig, Ticket, prompt_hash, sign
+from tandem.kv_transfer.stats import TransferStats
+from tandem.kv_transfer.ticket import Ticket, prompt_hash, sign
+from tandem.utils import cdiv
 
 if TYPE_CHECKING:
     from tandem.engine.block_pool import KVCacheBlock
     from tandem.engine.request import Request
 
-_HOLD_STATUSES = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+_HOLD_FINISH_REASONS = ("stop", "length")  # a prefill that ended normally: its KV is complete
 
 
 class KVConnector(KVConnectorBase):
@@ -107,7 +107,7 @@ class KVConnector(KVConnectorBase):
         if request.remote_ticket is not None:
             self.release(request.remote_ticket)  # never loaded: the prefill side may free now
             self._drop_ticket(request)
-        if request.do_remote_decode and request.status in _HOLD_STATUSES:
+        if request.do_remote_decode and request.status.finish_reason in _HOLD_FINISH_REASONS:
             # prefill side: keep the finished prompt's blocks under a lease for a decode worker
             ticket = self.issue_ticket(request.prompt_token_ids,
                                        min(request.num_computed_tokens, request.num_prompt_tokens),

@@ -24,9 +24,10 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from tandem.config import KVTransferConfig
 from tandem.kv_transfer.sender import KVCaches
 from tandem.kv_transfer.shm import RemoteRegion, host_id
-from tandem.kv_transfer.ticket import KVTransferConfig, Ticket
+from tandem.kv_transfer.ticket import Ticket
 from tandem.kv_transfer.wire import (
     KV_TRANSFER_CHANNEL,
     Doorbell,

@@ -33,8 +33,8 @@ import msgspec
 import torch
 import zmq
 
+from tandem.config import KVTransferConfig
 from tandem.kv_transfer.shm import SharedKVRegion, host_id
-from tandem.kv_transfer.ticket import KVTransferConfig
 from tandem.kv_transfer.wire import (
     KV_TRANSFER_CHANNEL,
     Doorbell,

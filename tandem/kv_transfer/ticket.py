@@ -1,6 +1,5 @@
-"""What a prefill worker hands out and a decode worker redeems: the configuration of both sides,
-the signed transfer ticket (``kv_transfer_params`` in HTTP bodies, as in vLLM) and the
-compatibility hash of the KV layout.
+"""What a prefill worker hands out and a decode worker redeems: the signed transfer ticket
+(``kv_transfer_params`` in HTTP bodies, as in vLLM) and the compatibility hash of the KV layout.
 
 NOTE: a ticket is only honoured when its MAC verifies under the fleet's shared secret, its
 compatibility hash equals the decode worker's own and its prompt hash equals the decode request's
@@ -12,52 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass
 
 import msgspec
 
-ROLES = ("prefill", "decode", "both")
-FAILURE_POLICIES = ("fail", "recompute")
-TRANSPORTS = ("auto", "tcp")  # auto: shared memory between workers on one host, else TCP
 LAYOUT_VERSION = "blocks-nhd-v1"  # per layer: K and V as [num_blocks, block_size, num_kv_heads, head_dim]
 
 _enc = msgspec.msgpack.Encoder()
-
-
-@dataclass
-class KVTransferConfig:
-    role: str = "both"  # which sides run: prefill (sender), decode (receiver) or both
-    host: str = "127.0.0.1"  # the sender binds here; decode workers connect to it
-    port: int = 0  # 0: pick a free port
-    secret: bytes = b""
-    lease_s: float = 10.0  # a handed-out prefill's blocks live this long without a heartbeat
-    transfer_timeout_s: float = 10.0  # a pull with no progress for this long fails ("timeout")
-    failure_policy: str = "fail"  # fail: the request errors; recompute: decode prefills locally
-    transport: str = "auto"
-    # heartbeats stop extending a lease this long after it was issued: a decode worker too busy to
-    # pull for minutes must not hold the prefill worker's blocks for ever (its pull then fails
-    # lease_expired, and the failure policy decides)
-    max_hold_s: float = 120.0
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"kv role must be one of {ROLES}, got {self.role!r}")
-        if self.failure_policy not in FAILURE_POLICIES:
-            raise ValueError(f"kv failure policy must be one of {FAILURE_POLICIES}, got {self.failure_policy!r}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"kv transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if len(self.secret) < 16:
-            raise ValueError("the KV transfer secret must be at least 16 bytes ($TANDEM_KV_TRANSFER_SECRET)")
-        if self.lease_s <= 0 or self.transfer_timeout_s <= 0 or self.max_hold_s <= 0:
-            raise ValueError("lease_s, transfer_timeout_s and max_hold_s must be positive")
-
-    @property
-    def sends(self) -> bool:
-        return self.role in ("prefill", "both")
-
-    @property
-    def receives(self) -> bool:
-        return self.role in ("decode", "both")
 
 
 def compat_hash(hf_config: dict, dtype: str, block_size: int) -> str:

@@ -18,9 +18,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from tandem.h2d import copy_into, to_device
 from tandem.kernels import paged_attention as ref
 from tandem.kernels.ops import TORCH_OPS, Ops
-from tandem.runner.h2d import copy_into, to_device
 
 
 @dataclass
@@ -233,10 +233,6 @@ def _triton_backend() -> AttentionBackend:
 
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttentionBackend, "triton": _triton_backend}
-
-
-def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
-    _BACKENDS[name] = factory
 
 
 def get_backend(name: str = "torch") -> AttentionBackend:

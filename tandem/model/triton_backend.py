@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.h2d import to_device
 from tandem.kernels import triton_attention as tri
 from tandem.kernels.ops import triton_ops
 from tandem.model.attention import (
@@ -18,7 +19,6 @@ from tandem.model.attention import (
     WriteThenAttend,
     pad_block_tables,
 )
-from tandem.runner.h2d import to_device
 
 
 @dataclass

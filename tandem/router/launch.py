@@ -243,7 +243,7 @@ def _roles(args) -> list[str]:
 def run_up(args) -> int:
     import shlex
 
-    from tandem.entrypoints.llm import default_model_path
+    from tandem.engine.arg_utils import default_model_path
 
     roles = _roles(args)
     model = args.model or default_model_path()

@@ -18,9 +18,9 @@ import logging
 
 import torch
 
+from tandem.h2d import copy_into
 from tandem.model.attention import AttentionMetadataBuilder, CommonAttentionMetadata
 from tandem.model.interface import CausalLM
-from tandem.runner.h2d import copy_into
 
 logger = logging.getLogger(__name__)
 

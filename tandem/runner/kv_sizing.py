@@ -9,8 +9,9 @@ graphs' pool. The profile step is a prefill of ``max_num_batched_tokens`` tokens
 
 from __future__ import annotations
 
-from tandem.engine.scheduler import NewRequestData, ScheduledChunk, SchedulerOutput
 from tandem.sampling_params import SamplingParams
+from tandem.scheduler_output import NewRequestData, ScheduledChunk, SchedulerOutput
+from tandem.utils import cdiv
 
 GRAPH_POOL_RESERVE = 512 * 2**20
 PROFILE_PREFIX = "__profile__"
@@ -38,7 +39,7 @@ def profile_batch(num_tokens: int, num_seqs: int, block_size: int) -> tuple[Sche
     next_block = 0
     for i in range(n):
         length = num_tokens // n + (i < num_tokens % n)
-        blocks = -(-length // block_size)
+        blocks = cdiv(length, block_size)
         rid = f"{PROFILE_PREFIX}{i}"
         tokens = [0] * length
         out.new_requests.append(NewRequestData(rid, tokens, params))

@@ -16,13 +16,11 @@ import numpy as np
 import torch
 
 from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
-from tandem.engine.request import PLACEHOLDER_TOKEN
-from tandem.engine.scheduler import ScheduledChunk, SchedulerOutput
+from tandem.h2d import to_device
 from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, get_backend
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.runner.cpu_malloc import tune_glibc_malloc
-from tandem.runner.h2d import to_device
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import (
     Sampler,
@@ -33,6 +31,8 @@ from tandem.runner.sampler import (
     resolve_sampling_backend,
     sampling_kernel,
 )
+from tandem.scheduler_output import PLACEHOLDER_TOKEN, ScheduledChunk, SchedulerOutput
+from tandem.utils import cdiv
 
 if TYPE_CHECKING:
     from tandem.kv_transfer.shm import SharedKVRegion
@@ -187,7 +187,7 @@ class ModelRunner:
         from tandem.runner.cuda_graphs import DecodeGraphs, default_capture_sizes
 
         sizes = cfg.cuda_graph_sizes or default_capture_sizes(max_num_seqs)
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = cdiv(max_model_len, self.block_size)
         self.decode_graphs = DecodeGraphs(self.model, self.attn_metadata_builder, self.device, sizes, max_blocks,
                                           self.block_size, scratch_block=self.num_blocks, capture=cuda)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.engine.protocol import TopLogprobs  # the one logprobs type, engine core to output processor
+from tandem.h2d import to_device
 from tandem.kernels.sampling import sample_ref
-from tandem.runner.h2d import to_device
+from tandem.outputs import TopLogprobs  # the one logprobs type, engine core to output processor
 from tandem.sampling_params import SamplingParams, SamplingType
 
 
@@ -30,26 +30,19 @@ class SamplingState:
     generator: torch.Generator | None = None
 
 
-@dataclass
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TopLogprobs | None]
-
-
 def compute_top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: list[int]) -> list[TopLogprobs]:
     """logprobs [R, V] (normalised), token_ids [R] -> per-row chosen logprob, rank and top-k."""
     chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
     ranks = (logprobs > chosen[:, None]).sum(dim=1) + 1
     max_k = max(ks) if ks else 0
-    top_vals, top_ids = (logprobs.topk(max_k, dim=1) if max_k else (None, None))
     chosen_l, ranks_l, ids_l = chosen.tolist(), ranks.tolist(), token_ids.tolist()
-    top_vals_l = top_vals.tolist() if max_k else None
-    top_ids_l = top_ids.tolist() if max_k else None
-    out = []
-    for i, k in enumerate(ks):
-        out.append(TopLogprobs(ids_l[i], chosen_l[i], ranks_l[i],
-                               top_ids_l[i][:k] if k else [], top_vals_l[i][:k] if k else []))
-    return out
+    top_vals_l: list[list[float]] = [[] for _ in ks]
+    top_ids_l: list[list[int]] = [[] for _ in ks]
+    if max_k:
+        top = logprobs.topk(max_k, dim=1)
+        top_vals_l, top_ids_l = top.values.tolist(), top.indices.tolist()
+    return [TopLogprobs(ids_l[i], chosen_l[i], ranks_l[i], top_ids_l[i][:k], top_vals_l[i][:k])
+            for i, k in enumerate(ks)]
 
 
 SAMPLING_BACKENDS = ("torch", "triton")
@@ -97,25 +90,23 @@ class Sampler:
             gen.manual_seed(params.seed)
         return SamplingState(params, list(prompt_token_ids), [], gen)
 
-    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
-        """logits [R, V] float32, one row per state."""
-        token_ids, logprobs = self.sample_on_device(logits, states)
-        return SamplerOutput(token_ids.tolist(), logprobs)
-
     def sample_on_device(self, logits: torch.Tensor,
                          states: list[SamplingState]) -> tuple[torch.Tensor, list[TopLogprobs | None]]:
-        """As __call__, the sampled ids left on the device (no host sync unless a row asks for
-        logprobs). The caller appends them to the states' output_token_ids once read."""
+        """logits [R, V] float32, one row per state -> the sampled ids, left on the device (no host
+        sync unless a row asks for logprobs). The caller appends them to the states'
+        output_token_ids once read."""
         logits = logits[:, : self.vocab_size]
         want_logprobs = [s.params.logprobs for s in states]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
+        rows = [i for i, k in enumerate(want_logprobs) if k is not None]
+        # logprobs are of the model's distribution, before any processor or temperature
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if rows else None
         processed = self._apply_processors(logits, states)
         token_ids = self._sample(processed, states)
         logprobs: list[TopLogprobs | None] = [None] * len(states)
-        rows = [i for i, k in enumerate(want_logprobs) if k is not None]
-        if rows:
+        if raw_logprobs is not None:
             idx = self._to_device(rows, torch.int64)
-            entries = compute_top_logprobs(raw_logprobs[idx], token_ids[idx], [want_logprobs[i] for i in rows])
+            ks = [k for k in want_logprobs if k is not None]
+            entries = compute_top_logprobs(raw_logprobs[idx], token_ids[idx], ks)
             for i, entry in zip(rows, entries):
                 logprobs[i] = entry
         return token_ids, logprobs
@@ -133,9 +124,9 @@ class Sampler:
     def _process_row(self, row: torch.Tensor, s: SamplingState) -> None:
         p = s.params
         if p.logit_bias:
-            ids = [t for t in p.logit_bias if t < self.vocab_size]
-            vals = self._to_device([p.logit_bias[t] for t in ids], row.dtype)
-            row.index_add_(0, self._to_device(ids, torch.int64), vals)
+            biased = [t for t in p.logit_bias if t < self.vocab_size]
+            vals = self._to_device([p.logit_bias[t] for t in biased], row.dtype)
+            row.index_add_(0, self._to_device(biased, torch.int64), vals)
         if len(s.output_token_ids) < p.min_tokens:
             stop_ids = [t for t in p.all_stop_token_ids if t < self.vocab_size]
             if stop_ids:

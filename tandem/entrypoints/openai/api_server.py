@@ -25,9 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import tandem
 from tandem.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
-from tandem.engine.request import KV_TRANSFER_FAILED
 from tandem.entrypoints.http_protocol import ApiKeyCheck, HTTPTimeouts, error_response, uvicorn_kwargs
 from tandem.entrypoints.openai.metrics import ServerMetrics
 from tandem.entrypoints.openai.protocol import (
@@ -37,10 +35,12 @@ from tandem.entrypoints.openai.protocol import (
     OpenAIError,
     TokenizeRequest,
 )
+from tandem.kv_transfer.base import KV_TRANSFER_FAILED
 from tandem.kv_transfer.ticket import TicketError, parse_ticket
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import ParamError, SamplingParams
 from tandem.tokenizer import chat_token_ids
+from tandem.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class SizeLimits:
 
 def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
               max_queued_requests: int | None = None, timeouts: HTTPTimeouts = HTTPTimeouts()) -> FastAPI:
-    app = FastAPI(title="tandem", version=tandem.__version__)
+    app = FastAPI(title="tandem", version=__version__)
     app.add_middleware(SizeLimits, body_timeout_s=timeouts.body_s)
     app.state.engine = engine
     metrics = ServerMetrics(engine, served_model_name)
@@ -155,7 +155,7 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
 
     @app.get("/version")
     async def version():
-        return {"version": tandem.__version__}
+        return {"version": __version__}
 
     @app.get("/v1/models")
     async def models():
