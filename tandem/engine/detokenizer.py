@@ -179,10 +179,11 @@ class IncrementalDetokenizer:
         if not chunks:
             return None
         new_text = "".join(chunks)
-        window_start = self._num_chars - len(self._tail)  # absolute index of window[0]
+        num_old = len(self._tail)  # read before _append_text replaces the tail
+        window_start = self._num_chars - num_old  # absolute index of window[0]
         window = self._tail + new_text
         self._append_text(new_text)
-        return self._check_stop(window, window_start, len(self._tail))
+        return self._check_stop(window, window_start, num_old)
 
     def _decode_next(self, token_id: int) -> str:
         text = self._step(token_id)
