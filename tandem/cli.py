@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tandem.config import KV_FAILURE_POLICIES, KV_ROLES, KV_TRANSPORTS
 from tandem.entrypoints.http_protocol import add_timeout_args
 
 
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ZMQ ROUTER answering replay requests for missed KV event batches")
     add_timeout_args(srv)
     dis = srv.add_argument_group("disaggregated prefill/decode (secret: $TANDEM_KV_TRANSFER_SECRET)")
-    dis.add_argument("--role", choices=("prefill", "decode", "both"), default="both",
+    dis.add_argument("--role", choices=KV_ROLES, default="both",
                      help="prefill: lease finished prompts' KV to decode workers; decode: load it from them; "
                           "both (default): either, when a secret is set, else plain serving")
     dis.add_argument("--kv-transfer-host", default="127.0.0.1",
@@ -166,43 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
                           "that has not pulled by then gets lease_expired)")
     dis.add_argument("--kv-transfer-timeout-s", type=float, default=10.0,
                      help="a KV load with no data for this long fails (kind timeout)")
-    dis.add_argument("--kv-failure-policy", choices=("fail", "recompute"), default="fail",
+    dis.add_argument("--kv-failure-policy", choices=KV_FAILURE_POLICIES, default="fail",
                      help="a failed KV load: fail the request (HTTP 502) or prefill it locally")
-    dis.add_argument("--kv-transport", choices=("auto", "tcp"), default="auto",
+    dis.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                      help="auto (default): workers on one host copy KV through shared memory, others "
                           "over TCP; tcp: always TCP")
     EngineArgs.add_cli_args(srv, model="positional")
     srv.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    from tandem.bench.compare import add_compare_args
+    from tandem.bench.latency import add_latency_args
+    from tandem.bench.serve import add_serve_args
+    from tandem.bench.soak import add_soak_args, soak_command
     from tandem.bench.throughput import add_throughput_args
 
-    tp = bench.add_parser("throughput", help="offline throughput, as `vllm bench throughput`")
-    add_throughput_args(tp)
-    tp.set_defaults(func=_cmd_bench_throughput)
-    from tandem.bench.latency import add_latency_args
-
-    lat = bench.add_parser("latency", help="offline latency of one fixed batch, as `vllm bench latency`, "
-                                           "with decode step time and achieved weight bandwidth")
-    add_latency_args(lat)
-    lat.set_defaults(func=_cmd_bench_latency)
-    from tandem.bench.serve import add_serve_args
-
-    bs = bench.add_parser("serve", help="online serving benchmark against any OpenAI-compatible server, "
-                                        "as `vllm bench serve`")
-    add_serve_args(bs)
-    bs.set_defaults(func=_cmd_bench_serve)
-    from tandem.bench.compare import add_compare_args
-
-    cmp_ = bench.add_parser("compare", help="result JSON files side by side, with ratios to the first")
-    add_compare_args(cmp_)
-    cmp_.set_defaults(func=_cmd_bench_compare)
-    from tandem.bench.soak import add_soak_args, soak_command
-
-    soak = bench.add_parser("soak", help="a fleet under steady load for a long time, a worker killed half-way: "
-                                         "leaks, stuck requests and memory growth")
-    add_soak_args(soak)
-    soak.set_defaults(func=soak_command)
+    benches = (
+        ("throughput", add_throughput_args, _cmd_bench_throughput, "offline throughput, as `vllm bench throughput`"),
+        ("latency", add_latency_args, _cmd_bench_latency, "offline latency of one fixed batch, as `vllm bench "
+         "latency`, with decode step time and achieved weight bandwidth"),
+        ("serve", add_serve_args, _cmd_bench_serve, "online serving benchmark against any OpenAI-compatible "
+         "server, as `vllm bench serve`"),
+        ("compare", add_compare_args, _cmd_bench_compare, "result JSON files side by side, with ratios to the first"),
+        ("soak", add_soak_args, soak_command, "a fleet under steady load for a long time, a worker killed "
+         "half-way: leaks, stuck requests and memory growth"),
+    )
+    for name, add_args, func, help_text in benches:
+        add_args(bench.add_parser(name, help=help_text)).set_defaults(func=func)
 
     from tandem.router.launch import add_router_args, add_up_args
 

@@ -118,9 +118,10 @@ class SamplingParams:
 class ParamError(ValueError):
     """A bad request parameter; ``param`` names it (OpenAI's error shape has a ``param`` field)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code  # OpenAI's error code where it has one (context_length_exceeded)
 
 
 def _check(ok: bool, param: str, message: str) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from tandem.bench.throughput import describe_device, model_shape
+from tandem.engine.arg_utils import DEMO_MODEL_DIR
 
 KINDS = {  # kind -> weight in the mix
     "complete": 30, "stream_chat": 20, "n2": 5, "leave_stream": 15, "leave_waiting": 10, "bad": 20,
@@ -371,7 +372,7 @@ def _wait_idle(base: str, urls: list[str], timeout_s: float) -> float | None:
 
 
 def add_soak_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "models" / "tandem-demo"))
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR))
     p.add_argument("--served-model-name", default="demo")
     p.add_argument("--port", type=int, default=8610)
     p.add_argument("--duration-s", type=float, default=1800.0)

@@ -41,9 +41,9 @@ from tandem.engine.protocol import (
     Ready,
     Shutdown,
     StepOutputs,
-    TransferStats,
 )
 from tandem.engine.request import RequestStatus
+from tandem.kv_transfer.stats import TransferStats
 from tandem.lifecycle import set_parent_death_signal
 
 logger = logging.getLogger(__name__)

@@ -75,15 +75,31 @@ class InputProcessor:
         """The first few ids outside [0, vocab_size), or []."""
         return [t for t in token_ids if not 0 <= t < self.vocab_size][:5]
 
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ParamError("prompt", "prompt is empty")
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
         bad = self.out_of_vocab(token_ids)
         if bad:
-            raise ParamError("prompt", f"prompt token ids out of range [0, {self.vocab_size}): {bad}")
+            raise ParamError(param, f"token ids out of range [0, {self.vocab_size}) in {param}: {bad}")
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        """Not empty, every id in the vocabulary, room left to generate."""
+        if not token_ids:
+            raise ParamError("prompt", "prompt is empty")
+        self.check_token_ids(token_ids, "prompt")
         if self.room(len(token_ids)) < 1:
             raise ParamError("prompt", f"prompt has {len(token_ids)} tokens; the maximum context length is "
-                                       f"{self.max_model_len}, which leaves no room to generate")
+                                       f"{self.max_model_len}, which leaves no room to generate",
+                             code="context_length_exceeded")
+
+    def check_fits(self, prompt_len: int, requested: int | None) -> None:
+        """The API's rule (as vLLM's server): prompt + max_tokens must fit the context, no clamping."""
+        if requested is not None and requested > self.room(prompt_len) or self.room(prompt_len) < 1:
+            asked = requested or 1
+            raise ParamError("max_tokens", f"This model's maximum context length is {self.max_model_len} tokens. "
+                                           f"However, you requested {prompt_len + asked} tokens ({prompt_len} in the "
+                                           f"prompt, {asked} for the completion).", code="context_length_exceeded")
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        self.check_prompt(token_ids)
         if params.logit_bias:
             bad = [t for t in params.logit_bias if t >= self.vocab_size]
             if bad:

@@ -24,7 +24,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import astuple, dataclass
 from functools import partial
 
@@ -476,21 +476,14 @@ def build_router_app(router: Router, http: httpx.AsyncClient, api_key: str | Non
         router.metrics.failures.inc()
         return _error(503, "no healthy worker could take the request", "ServiceUnavailableError", "no_worker")
 
-    @app.post("/v1/completions")
-    async def completions(raw: Request):
-        return await forward(raw, "/v1/completions", chat=False)
+    def forwarding(path: str, chat: bool) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(raw: Request) -> Response:
+            return await forward(raw, path, chat=chat)
+        return endpoint
 
-    @app.post("/v1/chat/completions")
-    async def chat(raw: Request):
-        return await forward(raw, "/v1/chat/completions", chat=True)
-
-    @app.post("/tokenize")
-    async def tokenize(raw: Request):
-        return await forward(raw, "/tokenize", chat=False)
-
-    @app.post("/detokenize")
-    async def detokenize(raw: Request):
-        return await forward(raw, "/detokenize", chat=False)
+    for path, chat in (("/v1/completions", False), ("/v1/chat/completions", True), ("/tokenize", False),
+                       ("/detokenize", False)):
+        app.add_api_route(path, forwarding(path, chat), methods=["POST"])
 
     return app
 

@@ -15,7 +15,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -180,7 +180,8 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         _check_model(body.model, served_model_name)
-        _check_ids(body.tokens, engine.vocab_size, "tokens")
+        with _as_400():
+            engine.input_processor.check_token_ids(body.tokens, "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
@@ -189,8 +190,7 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
         prompts = await _prompt_ids(engine, body.prompts())
         disagg = _disaggregation(engine, body, prompts)
         admit(len(prompts) * body.n)
-        params = [_params(body, body.max_tokens, body.logprobs, len(ids), engine.max_model_len, disagg)
-                  for ids in prompts]
+        params = [_params(engine, body, body.max_tokens, body.logprobs, len(ids), disagg) for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
@@ -217,7 +217,7 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
         admit(body.n)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(body, max_tokens, logprobs, len(ids), engine.max_model_len, disagg)
+        params = _params(engine, body, max_tokens, logprobs, len(ids), disagg)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg)
         output = metrics.observe(_engine_errors_as_openai(stream))
@@ -239,10 +239,13 @@ def _check_model(model: str | None, served: str) -> None:
         raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
 
 
-def _check_ids(ids: list[int], vocab: int, param: str) -> None:
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise OpenAIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param=param)
+@contextlib.contextmanager
+def _as_400() -> Iterator[None]:
+    """The engine's ParamError (InputProcessor, SamplingParams) -> HTTP 400 in OpenAI's shape."""
+    try:
+        yield
+    except ParamError as e:
+        raise OpenAIError(400, str(e), param=e.param, code=e.code) from None
 
 
 # Inputs longer than this (characters in all) are tokenized on a worker thread, never on the loop.
@@ -259,15 +262,14 @@ async def _prompt_ids(engine: AsyncLLM, prompts: list[str | dict]) -> list[list[
     """Every prompt of a request -> its token ids (texts tokenized together, off the loop when long)."""
     texts = [p for p in prompts if isinstance(p, str)]
     if any(not t for t in texts):
-        raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        raise OpenAIError(400, "prompt is empty", param="prompt")
     encode = functools.partial(_encode_all, engine.tokenizer)
     encoded = iter(await _off_loop(encode, texts) if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS
                    else encode(texts))
     all_ids = [next(encoded) if isinstance(p, str) else p["prompt_token_ids"] for p in prompts]
-    for ids in all_ids:
-        if not ids:
-            raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        _check_ids(ids, engine.vocab_size, "prompt")
+    with _as_400():
+        for ids in all_ids:
+            engine.input_processor.check_prompt(ids)
     return all_ids
 
 
@@ -324,20 +326,14 @@ def _disaggregation(engine: AsyncLLM, body, prompts: list[list[int]]) -> dict:
     raise bad("expected do_remote_decode or do_remote_prefill set to true")
 
 
-def _params(body, max_tokens: int | None, logprobs: int | None, prompt_len: int, max_model_len: int,
+def _params(engine: AsyncLLM, body, max_tokens: int | None, logprobs: int | None, prompt_len: int,
             disagg: dict | None = None) -> SamplingParams:
     if disagg and disagg.get("do_remote_decode"):
         max_tokens = 1  # the prefill leg computes the prompt; its one token only proves it ran
-    room = max_model_len - prompt_len
-    if max_tokens is not None and max_tokens > room or room < 1:
-        raise OpenAIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
-                               f"requested {prompt_len + (max_tokens or 1)} tokens ({prompt_len} in the prompt, "
-                               f"{max_tokens or 1} for the completion).", param="max_tokens",
-                          code="context_length_exceeded")
-    try:
-        params = body.sampling_params(max_tokens if max_tokens is not None else room, logprobs)
-    except ParamError as e:
-        raise OpenAIError(400, str(e), param=e.param) from None
+    inputs = engine.input_processor
+    with _as_400():
+        inputs.check_fits(prompt_len, max_tokens)
+        params = body.sampling_params(inputs.max_tokens(prompt_len, max_tokens), logprobs)
     if disagg and disagg.get("do_remote_decode"):
         params.min_tokens = 0
     return params
@@ -347,9 +343,8 @@ def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
            priority: int, disagg: dict | None = None) -> RequestStream:
     """Add the request (errors surface now, as HTTP errors) and return its output stream."""
     try:
-        stream = engine.generate(prompt, params, rid, priority=priority, **(disagg or {}))
-    except ParamError as e:
-        raise OpenAIError(400, str(e), param=e.param) from None
+        with _as_400():
+            stream = engine.generate(prompt, params, rid, priority=priority, **(disagg or {}))
     except EngineDeadError as e:
         raise OpenAIError(503, f"engine is not running: {e}", "ServiceUnavailableError") from None
     return stream
