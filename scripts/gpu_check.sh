@@ -9,9 +9,9 @@
 # latency <= 4 min, throughput <= 2 x 4 min, sync then async scheduling; floor: transformers'
 # generate on the same shape and GPU, 256 prompts, <= 5 min).
 # 1. every Triton kernel compiled for the GPU against its torch reference, and whole models on the
-#    Triton backend token for token against the torch backend (tests/test_triton_kernels.py); the
+#    Triton backend token for token against the torch backend (tests/kernels/test_triton_kernels.py); the
 #    Triton backend with CUDA graphs vs eager torch and transformers on the GPU, and one host sync per
-#    decode step (tests/test_gpu.py);
+#    decode step (tests/engine/test_gpu.py);
 # 2. Llama-3.1-8B shape, bf16, random weights: batch-1 decode (decode_bandwidth_fraction, TTFT of
 #    one 512-token prompt = median_prefill_s) and 512 in / 128 out x 1000 prompts throughput.
 set -uo pipefail
@@ -25,7 +25,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 B=(--load-format dummy --model llama-3.1-8b --dtype bfloat16 --attention-backend triton --disable-tqdm)
 if [[ $STAGE == all || $STAGE == kernels ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu.py tests/test_sampler.py 2>&1 \
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py tests/engine/test_gpu.py tests/unit/test_sampler.py 2>&1 \
     | tail -25 | tee "$OUT/kernels.txt"
 fi
 if [[ $STAGE == all || $STAGE == latency ]]; then

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # Triton kernels run through Triton's interpr
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tandem import LLM
-from tandem.testing import PRESETS, build_preset
+from tandem.testing import build_preset
 from tests.helpers import free_port, start_server, stop_server, wait_healthy
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -51,7 +51,6 @@ def make_llm(model_dirs):
         llm.llm_engine.assert_idle()
 
 
-ALL_PRESETS = sorted(PRESETS)
 
 
 @pytest.fixture(scope="module")

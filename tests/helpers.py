@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -9,11 +10,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import torch
+
+from tandem.config import SchedulerConfig
+from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.request import Request
+from tandem.engine.scheduler import Scheduler
+from tandem.sampling_params import SamplingParams
+from tandem.testing import PRESETS
 
 T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -110,3 +121,43 @@ def api_idle(base: str, headers: dict | None = None) -> bool:
     return (server_idle(base) and metric(text, "tandem:api_sequences_in_flight") == 0
             and metric(text, "tandem:api_requests_tracked") == 0
             and metric(text, "tandem:api_requests_accepted_total") == metric(text, "tandem:api_requests_ended_total"))
+
+
+# -- models and references ----------------------------------------------------------------------
+ALL_PRESETS = sorted(PRESETS)
+
+PROMPT_LENGTHS = [1, 5, 16, 17, 40, 71]
+
+
+@functools.cache
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM  # heavy: only where a test compares
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+def prompts_for(vocab: int, lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' generate, greedy, stopping at EOS like tandem does."""
+    model = hf_model(path)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=2, eos_token_id=1)
+    tokens = out[0, len(prompt):].tolist()
+    return tokens[: tokens.index(1) + 1] if 1 in tokens else tokens
+
+
+# -- the scheduler alone ------------------------------------------------------------------------
+def make_sched(num_blocks=64, block_size=4, budget=32, max_seqs=8, policy="fcfs", caching=True, max_len=256):
+    kv = KVCacheManager(num_blocks, block_size, caching)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy),
+                     kv, max_model_len=max_len)
+
+
+def make_req(rid, n_prompt, max_tokens=4, priority=0, arrival=None, parent=None, first_token=0):
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(rid, list(range(first_token, first_token + n_prompt)), params, priority=priority,
+                   arrival_time=arrival, parent_id=parent, max_tokens=max_tokens)

@@ -9,7 +9,7 @@ import torch
 
 from tandem import SamplingParams
 from tandem.sampling_params import ParamError
-from tests.test_model_parity import hf_greedy, hf_model, prompts_for
+from tests.helpers import hf_greedy, hf_model, prompts_for
 
 EOS = 1
 

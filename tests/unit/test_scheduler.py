@@ -4,23 +4,9 @@ import random
 
 import pytest
 
-from tandem.config import SchedulerConfig
-from tandem.engine.kv_cache_manager import KVCacheManager
-from tandem.engine.request import Request, RequestStatus
+from tandem.engine.request import RequestStatus
 from tandem.engine.scheduler import Scheduler
-from tandem.sampling_params import SamplingParams
-
-
-def make_sched(num_blocks=64, block_size=4, budget=32, max_seqs=8, policy="fcfs", caching=True, max_len=256):
-    kv = KVCacheManager(num_blocks, block_size, caching)
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy),
-                     kv, max_model_len=max_len)
-
-
-def make_req(rid, n_prompt, max_tokens=4, priority=0, arrival=None, parent=None, first_token=0):
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(rid, list(range(first_token, first_token + n_prompt)), params, priority=priority,
-                   arrival_time=arrival, parent_id=parent, max_tokens=max_tokens)
+from tests.helpers import make_req, make_sched
 
 
 def fake_step(s: Scheduler, token=7):

@@ -8,8 +8,7 @@ import pytest
 
 from tandem import SamplingParams
 from tandem.scheduler_output import PLACEHOLDER_TOKEN
-from tests.test_model_parity import prompts_for
-from tests.test_scheduler import make_req, make_sched
+from tests.helpers import make_req, make_sched, prompts_for
 
 
 # -- the scheduler alone: a fake model whose token depends only on (request, position) ---------------

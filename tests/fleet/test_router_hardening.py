@@ -1,7 +1,7 @@
 """Issue 17, the router's part: nothing a client sends takes a worker (or the router) down.
 
 Fleets here are real processes over real HTTP: fake workers (a small Starlette app, run by this
-file as ``python tests/test_router_hardening.py worker PORT [MODE]``, which can crash, fail or be
+file as ``python tests/fleet/test_router_hardening.py worker PORT [MODE]``, which can crash, fail or be
 busy on demand and counts what it received) behind a real router (``... router PORT KWARGS
 ROUTER_ARGS``: tandem's own build_router + serve_router, with serve_router's keyword arguments
 such as api_key and timeouts given as JSON). The P/D record-after-decide rule is a unit test."""
@@ -89,7 +89,7 @@ def _err(message: str, type_: str) -> dict:
 
 
 def _spawn(*argv: str) -> subprocess.Popen:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)

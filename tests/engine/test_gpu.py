@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tandem import SamplingParams
-from tests.test_model_parity import hf_model, prompts_for
+from tests.helpers import hf_model, prompts_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from tandem import SamplingParams
 from tandem.scheduler_output import ScheduledChunk
-from tests.conftest import ALL_PRESETS
-
-PROMPT_LENGTHS = [1, 5, 16, 17, 40, 71]
-
-
-@functools.cache
-def hf_model(path: str):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
-
-
-def prompts_for(vocab: int, lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' generate, greedy, stopping at EOS like tandem does."""
-    model = hf_model(path)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=2, eos_token_id=1)
-    tokens = out[0, len(prompt):].tolist()
-    return tokens[: tokens.index(1) + 1] if 1 in tokens else tokens
+from tests.helpers import ALL_PRESETS, hf_greedy, hf_model, prompts_for
 
 
 def tandem_prefill_logits(llm, prompt: list[int]) -> torch.Tensor:

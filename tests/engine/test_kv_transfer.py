@@ -17,6 +17,7 @@ from tandem.engine.core import EngineCore
 from tandem.engine.request import Request
 from tandem.kv_transfer.ticket import Ticket, TicketError, parse_ticket, sign
 from tandem.sampling_params import SamplingParams
+from tests.helpers import REPO_ROOT
 
 SECRET = b"s" * 32
 
@@ -293,7 +294,7 @@ def test_dropped_connection_mid_transfer_times_out(model_dir, cores, recompute_d
 
 PREFILL_WORKER = """
 import json, sys, time
-from tests.test_kv_transfer import make_core, prefill_ticket, prompt_of
+from tests.engine.test_kv_transfer import make_core, prefill_ticket, prompt_of
 core = make_core(sys.argv[1], "prefill", lease_s=30.0)
 print(json.dumps(prefill_ticket(core, "p-kill", prompt_of(120, 21))), flush=True)
 while True:
@@ -313,7 +314,7 @@ def test_prefill_worker_killed_mid_transfer(model_dir, cores, recompute_decode, 
 
     decode = cores[1] if policy == "fail" else recompute_decode
     proc = subprocess.Popen([sys.executable, "-c", PREFILL_WORKER, str(model_dir)], stdout=subprocess.PIPE,
-                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                            text=True, cwd=REPO_ROOT)
     proxy = None
     try:
         params = json.loads(proc.stdout.readline())
