@@ -164,11 +164,18 @@ class RouterMetrics:
                                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                             registry=self.registry)
 
-    def watch_workers(self, pool: WorkerPool) -> None:
-        gauge = Gauge("tandem_router_requests_in_flight", "Requests (and prefill legs) sent to a worker and not yet "
-                      "ended, as the router counts them", ["worker"], registry=self.registry)
+    def watch_workers(self, pool: WorkerPool, matcher: PrefixMatcher) -> None:
+        in_flight = Gauge("tandem_router_requests_in_flight", "Requests (and prefill legs) sent to a worker and not "
+                          "yet ended, as the router counts them", ["worker"], registry=self.registry)
+        healthy = Gauge("tandem_router_worker_healthy", "1 while the worker passes its health checks, else 0",
+                        ["worker"], registry=self.registry)
+        indexed = Gauge("tandem_router_indexed_blocks", "KV blocks the router's prefix index believes the worker "
+                        "holds (from its KV events, or approximated from routed prompts)", ["worker"],
+                        registry=self.registry)
         for url, worker in pool.workers.items():
-            gauge.labels(url).set_function(partial(_in_flight, worker))
+            in_flight.labels(url).set_function(partial(_in_flight, worker))
+            healthy.labels(url).set_function(partial(_healthy, worker))
+            indexed.labels(url).set_function(partial(matcher.num_blocks, url))
 
     def watch_pd_costs(self, decider: PDDecider) -> None:
         for name, doc, attr in [
@@ -182,6 +189,10 @@ class RouterMetrics:
 
 def _in_flight(worker: WorkerState) -> float:
     return worker.in_flight
+
+
+def _healthy(worker: WorkerState) -> float:
+    return float(worker.healthy)
 
 
 def _cost(decider: PDDecider, attr: str) -> float:
@@ -207,7 +218,7 @@ class Router:
         self.kv_secret, self.pd_concurrent = kv_secret, pd_concurrent  # signs pending tickets (concurrent legs)
         self._tasks: set[asyncio.Task] = set()
         self._key_mismatches: set[tuple[str, str]] = set()  # (prefill, decode) pairs already logged
-        metrics.watch_workers(pool)
+        metrics.watch_workers(pool, matcher)
         if pd is not None:
             metrics.watch_pd_costs(pd)
         self.block_size, self.matcher, self.approx = block_size, matcher, approx

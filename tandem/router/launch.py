@@ -48,6 +48,9 @@ class CombinedMatcher:
         out.update({w: n for w, n in exact.items() if w in self.evented})
         return out
 
+    def num_blocks(self, worker: str) -> int:
+        return (self.index if worker in self.evented else self.approx).num_blocks(worker)
+
 
 def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> argparse.ArgumentParser:
     if with_workers:

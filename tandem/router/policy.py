@@ -57,6 +57,10 @@ class PrefixMatcher(Protocol):
 
     def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]: ...
 
+    def num_blocks(self, worker: str) -> int:
+        """Blocks the index believes ``worker`` holds."""
+        ...
+
 
 class Filter(Protocol):
     name: str

@@ -13,7 +13,8 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import free_port, metric_sum, wait_healthy
+from tandem.engine.arg_utils import EngineArgs
+from tests.helpers import free_port, metric_sum, wait_healthy, wait_until
 
 WORKER_FLAGS = ("--max-num-seqs", "8")
 
@@ -36,10 +37,13 @@ def test_openai_sdk_through_router(fleet):
 def test_shared_prefix_lands_on_the_worker_that_cached_it(fleet):
     url, _, worker_urls = fleet
     prefix = "common system prompt " * 12  # several full blocks
+    indexed_before = metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_indexed_blocks")
     first = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prefix + "first", "max_tokens": 2},
                        timeout=60)
     assert first.status_code == 200
-    time.sleep(0.5)  # KV events reach the router
+    full_blocks = first.json()["usage"]["prompt_tokens"] // EngineArgs.block_size
+    wait_until(lambda: metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_indexed_blocks")
+               >= indexed_before + full_blocks, what="the first prompt's KV events reach the router's index")
     cached = []
     for i in range(4):
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prefix + f"then {i}", "max_tokens": 2},
@@ -91,11 +95,13 @@ def test_killing_a_worker_under_load_leaves_no_hung_request(fleet):
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(16)]
-        time.sleep(1.0)
+        wait_until(lambda: metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_in_flight") >= 4,
+                   what="the load is in flight")
         workers[1].kill()
         outcomes = [f.result(timeout=90) for f in futures]  # nothing hangs
     assert outcomes.count("ok") >= 1, outcomes
-    time.sleep(2.5)  # the dead worker has left the pool
+    wait_until(lambda: metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_worker_healthy",
+                                  f'worker="{worker_urls[1]}"') == 0, what="the dead worker has left the pool")
     for i in range(4):
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"after {i}", "max_tokens": 2},
                        timeout=60)

@@ -47,6 +47,9 @@ class FakeMatcher:
     def record(self, worker: str, block_hashes) -> None:
         self.matched[worker] = len(block_hashes)
 
+    def num_blocks(self, worker: str) -> int:
+        return self.matched.get(worker, 0)
+
 
 def W(url: str, **kw) -> WorkerState:
     return WorkerState(url=url, **kw)
