@@ -47,12 +47,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if config.kv_transfer is not None and config.scheduler.async_scheduling:
         raise ValueError("--async-scheduling does not combine with disaggregated serving (--role prefill|decode, "
                          "or role both with $TANDEM_KV_TRANSFER_SECRET set)")
-    name = args.served_model_name or Path(config.model.model).name
+    # as vLLM: the model argument as given (clients send that string); the bundled demo by its name
+    names = args.served_model_name or [args.model if args.model else Path(config.model.model).name]
     api_key = args.api_key or os.environ.get("TANDEM_API_KEY")
     kv_events = {"kv_events_endpoint": args.kv_events_endpoint,
                  "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
                  "kv_events_secret": secret.encode() if secret else None}
-    return asyncio.run(serve(config, args.host, args.port, name, api_key, args.max_queued_requests, kv_events,
+    return asyncio.run(serve(config, args.host, args.port, names, api_key, args.max_queued_requests, kv_events,
                              timeouts=HTTPTimeouts.from_args(args)))
 
 
@@ -143,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
+    srv.add_argument("--served-model-name", nargs="+", default=None,
+                     help="model ids clients may use; responses report the first (default: the model argument "
+                          "as given)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TANDEM_API_KEY)")
     srv.add_argument("--max-queued-requests", type=int, default=None,
                      help="beyond max-num-seqs running plus this many queued, answer 503 with Retry-After")

@@ -44,12 +44,14 @@ def wait_until(cond: Callable[[], T], timeout_s: float = 30.0, interval_s: float
         time.sleep(interval_s)
 
 
-def start_server(model_dir, *extra: str, env: dict[str, str] | None = None,
-                 timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """`tandem serve MODEL` on a free port, served as "tiny"; returns (process, base URL)."""
+def start_server(model_dir, *extra: str, env: dict[str, str] | None = None, timeout_s: float = 120.0,
+                 served_names: tuple[str, ...] = ("tiny",)) -> tuple[subprocess.Popen, str]:
+    """`tandem serve MODEL` on a free port, served as "tiny" (``served_names=()``: the default names);
+    returns (process, base URL)."""
     port = free_port()
+    names = ["--served-model-name", *served_names] if served_names else []
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", str(model_dir), "--port", str(port),
-                             "--kv-cache-memory", "8MiB", "--served-model-name", "tiny", *extra],
+                             "--kv-cache-memory", "8MiB", *names, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"

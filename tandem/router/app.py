@@ -187,6 +187,10 @@ class RouterMetrics:
             Gauge(name, doc, registry=self.registry).set_function(partial(_cost, decider, attr))
 
 
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tandem"}
+
+
 def _in_flight(worker: WorkerState) -> float:
     return worker.in_flight
 
@@ -444,11 +448,18 @@ def build_router_app(router: Router, http: httpx.AsyncClient, api_key: str | Non
     async def metrics():
         return Response(generate_latest(router.metrics.registry), media_type="text/plain; version=0.0.4")
 
+    def served_names() -> list[str]:
+        return sorted({m for w in router.pool.healthy() for m in w.models})
+
     @app.get("/v1/models")
     async def models():
-        names = sorted({m for w in router.pool.healthy() for m in w.models})
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tandem"}
-                                           for n in names]}
+        return {"object": "list", "data": [_model_card(n) for n in served_names()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in served_names():
+            return _error(404, f"The model `{model_id}` does not exist.", "NotFoundError", "model_not_found", "model")
+        return _model_card(model_id)
 
     async def forward(raw: Request, path: str, chat: bool):
         deadline = asyncio.get_running_loop().time() + body_timeout_s

@@ -34,6 +34,21 @@ def test_openai_sdk_through_router(fleet):
         client.completions.create(model="tiny", prompt="x", max_tokens=-1)
 
 
+def test_model_names_through_the_router(fleet):
+    url, _, _ = fleet
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    assert client.models.retrieve("tiny").id == "tiny"
+    requests_before = metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_total")
+    for call in (lambda: client.models.retrieve("no-such-model"),
+                 lambda: client.completions.create(model="no-such-model", prompt="x", max_tokens=1)):
+        with pytest.raises(openai.NotFoundError) as err:  # 404: SDKs do not retry it, as they would a 503
+            call()
+        assert err.value.code == "model_not_found"
+    assert metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_total") == requests_before
+    r = httpx.get(f"{url}/v1/no-such-endpoint")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_shared_prefix_lands_on_the_worker_that_cached_it(fleet):
     url, _, worker_urls = fleet
     prefix = "common system prompt " * 12  # several full blocks

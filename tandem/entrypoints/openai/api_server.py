@@ -15,7 +15,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Hashable, Iterator
+from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -108,8 +108,13 @@ class SizeLimits:
             await _error(refused.status, refused.message, headers={"Connection": "close"})(scope, receive, send)
 
 
-def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
+def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str | None = None,
               max_queued_requests: int | None = None, timeouts: HTTPTimeouts = HTTPTimeouts()) -> FastAPI:
+    """``served_model_names``: every name a request may give in ``model``; responses and metrics
+    report the first (as vLLM's ``--served-model-name``)."""
+    if not served_model_names:
+        raise ValueError("at least one served model name")
+    served_model_name = served_model_names[0]
     app = FastAPI(title="tandem", version=__version__)
     app.add_middleware(SizeLimits, body_timeout_s=timeouts.body_s)
     app.state.engine = engine
@@ -157,14 +162,22 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
     async def version():
         return {"version": __version__}
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "tandem", "root": engine.config.model.model,
+                "parent": None, "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "tandem", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [model_card(name) for name in served_model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        _check_model(model_id, served_model_names)
+        return model_card(model_id)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        _check_model(body.model, served_model_name)
+        _check_model(body.model, served_model_names)
         if body.messages is not None:
             ids = await _chat_ids(engine, body.messages, True)
         elif body.prompt is not None:
@@ -179,14 +192,14 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        _check_model(body.model, served_model_name)
+        _check_model(body.model, served_model_names)
         with _as_400():
             engine.input_processor.check_token_ids(body.tokens, "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
-        _check_model(body.model, served_model_name)
+        _check_model(body.model, served_model_names)
         prompts = await _prompt_ids(engine, body.prompts())
         disagg = _disaggregation(engine, body, prompts)
         admit(len(prompts) * body.n)
@@ -211,7 +224,7 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
-        _check_model(body.model, served_model_name)
+        _check_model(body.model, served_model_names)
         ids = await _chat_ids(engine, body.messages, body.add_generation_prompt)
         disagg = _disaggregation(engine, body, [ids])
         admit(body.n)
@@ -234,8 +247,8 @@ def build_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = No
 
 
 # -- request helpers --------------------------------------------------------------------------------
-def _check_model(model: str | None, served: str) -> None:
-    if model is not None and model != served:
+def _check_model(model: str | None, served: Sequence[str]) -> None:
+    if model is not None and model not in served:
         raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
 
 
@@ -607,7 +620,7 @@ def uvicorn_server(config: uvicorn.Config) -> uvicorn.Server:
     return Server(config)
 
 
-async def serve(config, host: str, port: int, served_model_name: str, api_key: str | None = None,
+async def serve(config, host: str, port: int, served_model_names: Sequence[str], api_key: str | None = None,
                 max_queued_requests: int | None = None, kv_events: dict | None = None, on_ready=None,
                 timeouts: HTTPTimeouts = HTTPTimeouts()) -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
@@ -615,7 +628,7 @@ async def serve(config, host: str, port: int, served_model_name: str, api_key: s
 
     engine = AsyncLLM(config, **(kv_events or {}))
     await engine.start()
-    app = build_app(engine, served_model_name, api_key, max_queued_requests, timeouts)
+    app = build_app(engine, served_model_names, api_key, max_queued_requests, timeouts)
     server = uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                                     h11_max_incomplete_event_size=MAX_HEADER_BYTES, **uvicorn_kwargs(timeouts)))
     loop = asyncio.get_running_loop()
