@@ -520,9 +520,10 @@ async def _completion_chunks(engine, streams, body: CompletionRequest, rid: str,
             if d is None:
                 continue
             lp = _completion_logprobs(engine, d.token_ids, d.logprobs, d.text_offset)
-            yield {"id": rid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": i * body.n + c.index, "text": d.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+            chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                     "choices": [{"index": i * body.n + c.index, "text": d.text, "logprobs": lp,
+                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+            yield {**chunk, "usage": _usage([out])} if body.continuous_usage else chunk
         if out.finished:
             finals[i] = out
     if body.stream_options and body.stream_options.include_usage:
@@ -573,8 +574,9 @@ async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, cr
             if d is None:
                 continue
             lp = _chat_logprobs(engine, d.token_ids, d.logprobs, k)
-            yield {**base, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
-                                        "logprobs": lp, "finish_reason": c.finish_reason}]}
+            chunk = {**base, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
+                                          "logprobs": lp, "finish_reason": c.finish_reason}]}
+            yield {**chunk, "usage": _usage([out])} if body.continuous_usage else chunk
         final = out
     if body.stream_options and body.stream_options.include_usage and final is not None:
         yield {**base, "choices": [], "usage": _usage([final])}

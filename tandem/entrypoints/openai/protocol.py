@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,7 +30,25 @@ class OpenAIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries usage so far
+
+
+# A field tandem does not implement may still be sent with the value that asks for nothing: these
+# values pass; any other value of an unknown field is a 400 that names it (never silently ignored).
+_NO_OP_VALUES: dict[str, Callable[[Any, dict], bool]] = {
+    "best_of": lambda v, body: v in (1, body.get("n", 1)),
+    "suffix": lambda v, body: v == "",
+    "response_format": lambda v, body: v == {"type": "text"},
+    "tools": lambda v, body: v == [],
+    "tool_choice": lambda v, body: v == "none",
+    "parallel_tool_calls": lambda v, body: not body.get("tools"),
+    "functions": lambda v, body: v == [],
+    "function_call": lambda v, body: v == "none",
+    "use_beam_search": lambda v, body: v is False,
+}
 
 
 def _reject_unencodable(value: Any, depth: int = 0) -> None:
@@ -58,7 +77,21 @@ class _Body(BaseModel):
 
 
 class _SamplingFields(_Body):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored, as OpenAI does
+    model_config = ConfigDict(extra="ignore")  # only null or no-op values get past _refuse_unsupported
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key in cls.model_fields or value is None:
+                    continue
+                check = _NO_OP_VALUES.get(key)
+                if check is None or not check(value, data):
+                    raise OpenAIError(400, f"{key!r} is not supported by this server; leave it out"
+                                      + (" or send its default" if check else ""), param=key,
+                                      code="unsupported_parameter")
+        return data
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -80,6 +113,7 @@ class _SamplingFields(_Body):
     repetition_penalty: float = Field(1.0, gt=0, le=2)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(None, max_length=1024)
     priority: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
     # Disaggregated serving (vLLM's field): {"do_remote_decode": true} on a prefill worker returns a
     # ticket in the response's kv_transfer_params; that ticket on a decode worker loads the prompt's KV.
@@ -115,7 +149,13 @@ class _SamplingFields(_Body):
             ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+            stop_token_ids=self.stop_token_ids,
         )
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage
+                    and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingFields):
