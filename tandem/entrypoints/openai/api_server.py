@@ -200,15 +200,20 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
         _check_model(body.model, served_model_names)
-        prompts = await _prompt_ids(engine, body.prompts())
+        given = body.prompts()
+        prompts = await _prompt_ids(engine, given)
         disagg = _disaggregation(engine, body, prompts)
         admit(len(prompts) * body.n)
-        params = [_params(engine, body, body.max_tokens, body.logprobs, len(ids), disagg) for ids in prompts]
+        # max_tokens 0 (echo only): the prefill samples one token anyway; the answer leaves it out
+        max_tokens = 1 if body.max_tokens == 0 else body.max_tokens
+        params = [_params(engine, body, max_tokens, body.logprobs, len(ids), disagg) for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
-                streams.append(_start(engine, {"prompt_token_ids": ids}, p, f"{rid}-{i}", body.priority, disagg))
+                text = given[i] if isinstance(given[i], str) else None  # echo returns the prompt as sent
+                streams.append(_start(engine, {"prompt_token_ids": ids, "prompt": text}, p, f"{rid}-{i}",
+                                      body.priority, disagg))
         except OpenAIError:
             await _close_all(streams)  # all or nothing
             raise
@@ -347,6 +352,10 @@ def _params(engine: AsyncLLM, body, max_tokens: int | None, logprobs: int | None
     with _as_400():
         inputs.check_fits(prompt_len, max_tokens)
         params = body.sampling_params(inputs.max_tokens(prompt_len, max_tokens), logprobs)
+    if disagg and params.prompt_logprobs is not None:
+        raise OpenAIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) need the prompt computed "
+                               "here, not loaded from another worker: leave out kv_transfer_params",
+                          param="kv_transfer_params")
     if disagg and disagg.get("do_remote_decode"):
         params.min_tokens = 0
     return params
@@ -420,29 +429,76 @@ def _completion_logprobs(engine: AsyncLLM, token_ids: list[int], logprobs, offse
         return None
     tokens, lps, tops, offsets = [], [], [], []
     offset = offset0
-    for tid, entry in zip(token_ids, logprobs):
+    for tid, entry in zip(token_ids, logprobs):  # entry None: an unscored position (the first prompt token)
         text = engine.tokenizer.decode([tid])
         tokens.append(text)
-        lps.append(entry[tid].logprob)
-        tops.append({lp.decoded_token or engine.tokenizer.decode([t]): lp.logprob
-                     for t, lp in entry.items() if t != tid or lp.rank is not None})
+        lps.append(None if entry is None else entry[tid].logprob)
+        tops.append(None if entry is None else {lp.decoded_token or engine.tokenizer.decode([t]): lp.logprob
+                                                for t, lp in entry.items() if t != tid or lp.rank is not None})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _echo_logprobs(engine: AsyncLLM, out: RequestOutput) -> dict | None:
+    """The prompt's part of an echoed completion's logprobs: every prompt token, the first unscored."""
+    scored = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    return _completion_logprobs(engine, out.prompt_token_ids, scored, 0)
+
+
+def _join_logprobs(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    return {key: a[key] + b[key] for key in a}
+
+
+def _generated(c: CompletionOutput, body: CompletionRequest) -> CompletionOutput:
+    """What the answer reports of ``c``: nothing generated for max_tokens 0 (echo only)."""
+    if body.max_tokens != 0:
+        return c
+    return CompletionOutput(c.index, "", [], None, [] if c.logprobs is not None else None,
+                            "length" if c.finish_reason is not None else None, None)
+
+
+def _wire_prompt_logprobs(engine: AsyncLLM, out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's prompt_logprobs: per prompt position, token id -> logprob, rank, decoded token."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                      "decoded_token": lp.decoded_token or engine.tokenizer.decode([t])} for t, lp in entry.items()}
+            for entry in out.prompt_logprobs]
 
 
 def _completion_response(engine, outs: list[RequestOutput], body: CompletionRequest, rid: str, created: int,
                          model: str) -> dict:
     choices = []
     for i, out in enumerate(outs):
-        for c in out.outputs:
-            prefix = (out.prompt or engine.tokenizer.decode(out.prompt_token_ids)) if body.echo else ""
+        for full in out.outputs:
+            c = _generated(full, body)
+            prefix = _echo_text(engine, out) if body.echo else ""
+            lp = _completion_logprobs(engine, c.token_ids, c.logprobs, len(prefix))
+            if body.echo and body.logprobs is not None:
+                lp = _join_logprobs(_echo_logprobs(engine, out), lp)
             choices.append({"index": i * body.n + c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason,
-                            "logprobs": _completion_logprobs(engine, c.token_ids, c.logprobs, len(prefix))})
+                            "stop_reason": c.stop_reason, "logprobs": lp,
+                            "prompt_logprobs": _wire_prompt_logprobs(engine, out) if body.prompt_logprobs is not None
+                            else None})
     response = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                "usage": _usage(outs)}
+                "usage": _completion_usage(outs, body)}
     return _with_kv_transfer_params(response, outs)
+
+
+def _completion_usage(outs: list[RequestOutput], body: CompletionRequest) -> dict:
+    usage = _usage(outs)
+    if body.max_tokens == 0:  # the token the prefill sampled is not part of the answer
+        usage.update(completion_tokens=0, total_tokens=usage["prompt_tokens"])
+    return usage
+
+
+def _echo_text(engine: AsyncLLM, out: RequestOutput) -> str:
+    """The prompt as the client sent it: its text, or its token ids decoded (no BOS text added)."""
+    return out.prompt if out.prompt is not None else engine.tokenizer.decode(out.prompt_token_ids)
 
 
 def _with_kv_transfer_params(response: dict, outs: list[RequestOutput]) -> dict:
@@ -514,21 +570,37 @@ async def _completion_chunks(engine, streams, body: CompletionRequest, rid: str,
                              model: str) -> AsyncIterator[dict]:
     deltas = _ChoiceDeltas()
     finals: dict[int, RequestOutput] = {}
+    echoed: dict[tuple[int, int], int] = {}  # choice -> length of the prompt text sent first (echo)
     async for i, out in _merge(streams):
-        for c in out.outputs:
-            d = deltas.next((i, c.index), c)
+        for full in out.outputs:
+            c = _generated(full, body)
+            key = (i, c.index)
+            started = full.token_ids or full.finish_reason is not None  # prefill done: prompt logprobs complete
+            if body.echo and key not in echoed and started:
+                text = _echo_text(engine, out)
+                echoed[key] = len(text)
+                lp = _echo_logprobs(engine, out) if body.logprobs is not None else None
+                yield _completion_chunk(body, rid, created, model, i * body.n + c.index, text, lp, None, None, out)
+            d = deltas.next(key, c)
             if d is None:
                 continue
-            lp = _completion_logprobs(engine, d.token_ids, d.logprobs, d.text_offset)
-            chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                     "choices": [{"index": i * body.n + c.index, "text": d.text, "logprobs": lp,
-                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
-            yield {**chunk, "usage": _usage([out])} if body.continuous_usage else chunk
+            lp = _completion_logprobs(engine, d.token_ids, d.logprobs, d.text_offset + echoed.get(key, 0))
+            yield _completion_chunk(body, rid, created, model, i * body.n + c.index, d.text, lp, c.finish_reason,
+                                    c.stop_reason, out)
         if out.finished:
             finals[i] = out
     if body.stream_options and body.stream_options.include_usage:
         yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-               "usage": _usage(list(finals.values()))}
+               "usage": _completion_usage(list(finals.values()), body)}
+
+
+def _completion_chunk(body: CompletionRequest, rid: str, created: int, model: str, index: int, text: str,
+                      logprobs: dict | None, finish_reason: str | None, stop_reason: int | str | None,
+                      out: RequestOutput) -> dict:
+    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                          "stop_reason": stop_reason}]}
+    return {**chunk, "usage": _usage([out])} if body.continuous_usage else chunk
 
 
 # -- chat -----------------------------------------------------------------------------------------
@@ -553,6 +625,8 @@ def _chat_response(engine, out: RequestOutput, body: ChatCompletionRequest, rid:
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
     response = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                 "usage": _usage([out])}
+    if body.prompt_logprobs is not None:
+        response["prompt_logprobs"] = _wire_prompt_logprobs(engine, out)
     return _with_kv_transfer_params(response, [out])
 
 

@@ -114,6 +114,7 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(None, max_length=1024)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: logprobs of every prompt position
     priority: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
     # Disaggregated serving (vLLM's field): {"do_remote_decode": true} on a prefill worker returns a
     # ticket in the response's kv_transfer_params; that ticket on a decode worker loads the prompt's KV.
@@ -139,8 +140,12 @@ class _SamplingFields(_Body):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
 
+    def wanted_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
+            prompt_logprobs=self.wanted_prompt_logprobs(),
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -160,7 +165,7 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_CAP)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS_CAP)  # 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -174,6 +179,21 @@ class CompletionRequest(_SamplingFields):
         if len(v) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return v
+
+    @model_validator(mode="after")
+    def _echo_rules(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (the prompt and its logprobs are the answer)")
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs does not stream; use echo with logprobs")
+        return self
+
+    def wanted_prompt_logprobs(self) -> int | None:
+        """echo with logprobs scores the prompt too (as vLLM, for lm-eval's loglikelihood requests)."""
+        echoed = self.logprobs if self.echo and self.logprobs is not None else None
+        if echoed is None or self.prompt_logprobs is None:
+            return self.prompt_logprobs if echoed is None else echoed
+        return max(echoed, self.prompt_logprobs)
 
     @model_validator(mode="after")
     def _bounded_fan_out(self):
@@ -228,6 +248,8 @@ class ChatCompletionRequest(_SamplingFields):
     def _top_logprobs_needs_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs does not stream")
         return self
 
 
