@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import astuple, dataclass
 from functools import partial
+from typing import Any
 
 import httpx
 import msgspec
@@ -252,12 +253,10 @@ class Router:
                         for m in body.get("messages") or []]
                 # the workers' own rendering (tandem/tokenizer.py): P/D tickets hash these exact ids
                 return chat_token_ids(self.tokenizer, msgs, body.get("add_generation_prompt", True) is not False)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-                return prompt
+            prompt = _single_prompt(body.get("prompt"))
             if isinstance(prompt, list):
-                prompt = prompt[0] if prompt else ""
-            return self.tokenizer.encode(prompt or "") if isinstance(prompt, str) else []
+                return prompt
+            return self.tokenizer.encode(prompt) if prompt else []
         except Exception:  # noqa: BLE001 - a prompt we cannot parse is routed by load; the worker judges it
             return []
 
@@ -578,12 +577,29 @@ async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: s
                              headers=passthrough)
 
 
+def _single_prompt(prompt: Any) -> str | list[int] | None:
+    """A completion's prompt when it is one prompt, in any of the API's forms ("text", ["text"],
+    [ids], [[ids]]: lm-eval sends the list forms); None for several prompts or none."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return prompt
+    return None
+
+
+def _wants_prompt_logprobs(body: dict) -> bool:
+    """echo with logprobs, or prompt_logprobs: the prompt must be computed where the answer comes from."""
+    return (body.get("echo") is True and body.get("logprobs") is not None) or body.get("prompt_logprobs") is not None
+
+
 def _splittable(body: dict, req: RouteRequest) -> bool:
-    """One prompt, one choice, tokenized here, and not already part of a hand-off."""
-    prompt = body.get("prompt")
-    single = "messages" in body or isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                                              and isinstance(prompt[0], int))
-    return bool(single and req.token_ids and body.get("n", 1) in (1, None) and "kv_transfer_params" not in body)
+    """One prompt, one choice, tokenized here, not scored prompt by prompt, and not already part of
+    a hand-off."""
+    single = "messages" in body or _single_prompt(body.get("prompt")) is not None
+    return bool(single and req.token_ids and body.get("n", 1) in (1, None) and "kv_transfer_params" not in body
+                and not _wants_prompt_logprobs(body))
 
 
 _PREFILL_LEG_TIMEOUT = httpx.Timeout(120.0, connect=2.0)

@@ -102,6 +102,35 @@ def test_greedy_outputs_equal_a_single_server(fleet, single):
     fleet.wait_idle()
 
 
+def test_list_form_prompts_are_split_like_plain_ones(fleet, single):
+    """lm-eval sends ["text"] and [[ids]]: one prompt each, split as a plain prompt would be."""
+    text = "def walk(tree):\n    for node in tree:\n" * 6
+    ids = httpx.post(f"{fleet.decode}/tokenize", json={"prompt": text + "# a"}).json()["tokens"]
+    expected = [_text(single, text, 8), single.completions.create(model="tiny", prompt=ids, max_tokens=8,
+                                                                  temperature=0).choices[0].text]
+    splits = fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"')
+    got = [fleet.client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
+           for p in ([text], [ids])]
+    assert got == expected
+    assert fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"') == splits + 2
+    fleet.wait_idle()
+
+
+def test_prompt_logprobs_are_computed_where_they_are_answered(fleet, single):
+    """echo with logprobs scores the prompt: never split (the decode worker would not compute it)."""
+    prompt = "the prompt to score " * 6
+    before = {d: fleet.metric(fleet.url, "tandem_router_pd_decisions_total", f'decision="{d}"')
+              for d in ("split", "local")}
+    got = fleet.client.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True, logprobs=1,
+                                          temperature=0)
+    ref = single.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    assert got.choices[0].logprobs.token_logprobs[0] is None
+    assert got.choices[0].logprobs.token_logprobs[1:] == pytest.approx(ref.choices[0].logprobs.token_logprobs[1:],
+                                                                       abs=1e-4)
+    assert fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"') == before["split"]
+    fleet.wait_idle()
+
+
 def test_prefix_cached_on_the_decode_worker_is_not_sent_again(fleet, single):
     base = "def parse(line):\n    fields = line.split(',')\n" * 8  # well over a few blocks
     assert _text(fleet.client, base, 4) == _text(single, base, 4)
