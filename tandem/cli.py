@@ -54,7 +54,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  "kv_events_replay_endpoint": args.kv_events_replay_endpoint,
                  "kv_events_secret": secret.encode() if secret else None}
     return asyncio.run(serve(config, args.host, args.port, names, api_key, args.max_queued_requests, kv_events,
-                             timeouts=HTTPTimeouts.from_args(args)))
+                             timeouts=HTTPTimeouts.from_args(args),
+                             tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint))
 
 
 def _kv_transfer_config(args: argparse.Namespace):
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", nargs="+", default=None,
                      help="model ids clients may use; responses report the first (default: the model argument "
                           "as given)")
+    srv.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                     help="serve GET /tokenizer_info (the tokenizer's config and chat template), as vLLM's flag; "
+                          "lm-eval's remote tokenizer reads it")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TANDEM_API_KEY)")
     srv.add_argument("--max-queued-requests", type=int, default=None,
                      help="beyond max-num-seqs running plus this many queued, answer 503 with Retry-After")

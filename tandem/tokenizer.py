@@ -32,6 +32,22 @@ def eos_token_ids(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, hf_
     return ids
 
 
+def tokenizer_info(tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> dict:
+    """vLLM's /tokenizer_info: the tokenizer's configuration (special tokens as text, the chat
+    template, its class), so a client can tokenize remotely (lm-eval's remote tokenizer)."""
+    info: dict = {}
+    for key, value in tokenizer.init_kwargs.items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            value = str(value)  # AddedToken and the like: their text
+        info[key] = value
+    info.update(tokenizer_class=type(tokenizer).__name__, model_max_length=max_model_len,
+                chat_template=tokenizer.chat_template,
+                **{name: getattr(tokenizer, name) for name in ("eos_token", "bos_token", "pad_token", "unk_token")})
+    return info
+
+
 # Private-use code points that stand in for message contents while the template renders.
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 if __name__ != "__main__":  # the fake worker and router processes run this file: they need no engine
-    from tests.helpers import free_port
+    from tests.helpers import free_port, wait_until
 
 MODEL = "tiny"
 ROUTER_IDLE_DEADLINE_S = 20
@@ -236,6 +236,8 @@ def test_a_request_that_kills_its_worker_is_not_sent_to_another(make_fleet):
     fleet = make_fleet()
     r = fleet.post({"model": MODEL, "prompt": "crash please", "max_tokens": 1})
     _openai_error(r, 502, "worker_failed")
+    # the router may see the connection drop a moment before the dead process can be reaped
+    wait_until(lambda: any(p.poll() is not None for p in fleet.procs), timeout_s=10, what="the crashed worker exits")
     survivors = [w for w, p in zip(fleet.workers, fleet.procs) if p.poll() is None]
     assert len(survivors) == 1, "exactly the worker that got the request died"
     assert not any("crash" in s for s in fleet.seen(survivors[0]))

@@ -24,7 +24,7 @@ OWN_FLAGS = {
     ("serve",): {"host", "port", "served_model_name", "api_key", "max_queued_requests", "kv_events_endpoint",
                  "kv_events_replay_endpoint", "head_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "role",
                  "kv_transfer_host", "kv_transfer_port", "kv_lease_s", "kv_lease_max_s", "kv_transfer_timeout_s",
-                 "kv_failure_policy", "kv_transport"},
+                 "kv_failure_policy", "kv_transport", "enable_tokenizer_info_endpoint"},
     ("bench", "throughput"): {"dataset_name", "input_len", "output_len", "random_range_ratio", "num_prompts",
                               "num_warmups", "output_json", "disable_tqdm"},
     ("bench", "latency"): {"input_len", "output_len", "batch_size", "n", "num_iters_warmup", "num_iters",

@@ -39,7 +39,7 @@ from tandem.kv_transfer.base import KV_TRANSFER_FAILED
 from tandem.kv_transfer.ticket import TicketError, parse_ticket
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import ParamError, SamplingParams
-from tandem.tokenizer import chat_token_ids
+from tandem.tokenizer import chat_token_ids, tokenizer_info
 from tandem.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ class SizeLimits:
 
 
 def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str | None = None,
-              max_queued_requests: int | None = None, timeouts: HTTPTimeouts = HTTPTimeouts()) -> FastAPI:
+              max_queued_requests: int | None = None, timeouts: HTTPTimeouts = HTTPTimeouts(),
+              tokenizer_info_endpoint: bool = False) -> FastAPI:
     """``served_model_names``: every name a request may give in ``model``; responses and metrics
     report the first (as vLLM's ``--served-model-name``)."""
     if not served_model_names:
@@ -189,6 +190,11 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
         if len(ids) <= TOKENIZE_INLINE_CHARS:
             return answer
         return Response(await _off_loop(json.dumps, answer), media_type="application/json")  # a big answer
+
+    if tokenizer_info_endpoint:  # opt-in, as vLLM's: it hands out the chat template and special tokens
+        @app.get("/tokenizer_info")
+        async def get_tokenizer_info():
+            return tokenizer_info(engine.tokenizer, engine.max_model_len)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -698,13 +704,13 @@ def uvicorn_server(config: uvicorn.Config) -> uvicorn.Server:
 
 async def serve(config, host: str, port: int, served_model_names: Sequence[str], api_key: str | None = None,
                 max_queued_requests: int | None = None, kv_events: dict | None = None, on_ready=None,
-                timeouts: HTTPTimeouts = HTTPTimeouts()) -> int:
+                timeouts: HTTPTimeouts = HTTPTimeouts(), tokenizer_info_endpoint: bool = False) -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
     when the engine died."""
 
     engine = AsyncLLM(config, **(kv_events or {}))
     await engine.start()
-    app = build_app(engine, served_model_names, api_key, max_queued_requests, timeouts)
+    app = build_app(engine, served_model_names, api_key, max_queued_requests, timeouts, tokenizer_info_endpoint)
     server = uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                                     h11_max_incomplete_event_size=MAX_HEADER_BYTES, **uvicorn_kwargs(timeouts)))
     loop = asyncio.get_running_loop()
