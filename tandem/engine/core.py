@@ -59,6 +59,8 @@ class EngineCore:
         self.kv_event_sink = kv_event_sink
         self._kv_event_seq = 0
         self._kv_event_backlog: deque[KVEventBatch] = deque(maxlen=KV_EVENT_BACKLOG)
+        # tokens of each step not yet reported (vllm:iteration_tokens_total); the newest only if unread
+        self._step_tokens: deque[int] = deque(maxlen=10_000)
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         limit = int(self.hf_config.get("max_position_embeddings", 4096))
@@ -114,6 +116,12 @@ class EngineCore:
             self._in_flight[1].resolve()
             self._in_flight = None
 
+    def take_step_tokens(self) -> list[int]:
+        """Tokens scheduled in each step since the last call."""
+        taken = list(self._step_tokens)
+        self._step_tokens.clear()
+        return taken
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
@@ -122,6 +130,8 @@ class EngineCore:
         for req in self.scheduler.update_transfers():
             outputs[req.request_id] = CoreOutput(req.request_id, [], finish_reason="error", error=req.error)
         sched_out = self.scheduler.schedule()
+        if sched_out.chunks:
+            self._step_tokens.append(sched_out.num_batched_tokens)
         try:
             handle = self.runner.launch(sched_out)
             if self.async_scheduling:

@@ -74,6 +74,7 @@ class EngineStats(msgspec.Struct):
     prefix_cache_hits: int
     num_preemptions: int
     transfer: TransferStats | None = None
+    new_step_tokens: list[int] = []  # tokens of each step since the previous report
 
 
 class StepOutputs(msgspec.Struct, tag=True):

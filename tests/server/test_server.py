@@ -259,6 +259,50 @@ def test_metrics_have_vllm_names(server, client):
     assert 'block_size="16"' in text
 
 
+def _samples(base: str) -> dict[tuple[str, frozenset], float]:
+    """/metrics through prometheus_client's own parser: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics").text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
+
+
+def test_dashboard_metrics_count_each_request_once(server, client):
+    """The request histograms vLLM dashboards read, the engine's step sizes, and HTTP and process
+    metrics, each asserted as a delta over one request (n=2, max_tokens=5)."""
+    _wait_idle(server)
+    before = _samples(server)
+    out = client.completions.create(model="tiny", prompt="dashboards " * 7, max_tokens=5, n=2, temperature=1.0,
+                                    extra_body={"ignore_eos": True})
+    _wait_idle(server)
+    httpx.post(f"{server}/v1/no-such-route", json={})
+    after = _samples(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert delta("vllm:request_params_n_count") == 1 and delta("vllm:request_params_n_sum") == 2
+    assert delta("vllm:request_params_max_tokens_sum") == 5
+    assert delta("vllm:request_prompt_tokens_sum") == out.usage.prompt_tokens
+    assert delta("vllm:request_generation_tokens_sum") == 10 == out.usage.completion_tokens
+    assert delta("vllm:request_max_num_generation_tokens_sum") == 5
+    assert delta("vllm:request_time_per_output_token_seconds_count") == 1
+    # one sample per token after a request's first (n=2: the other choice's first token counts too)
+    assert delta("vllm:time_per_output_token_seconds_count") == delta("vllm:inter_token_latency_seconds_count") >= 8
+    # every step's tokens: both prompts' prefill plus one token per sequence per decode step
+    assert delta("vllm:iteration_tokens_total_count") >= 4
+    assert delta("vllm:iteration_tokens_total_sum") >= out.usage.prompt_tokens + 8
+    assert delta("http_requests_total", handler="/v1/completions", method="POST", status="2xx") == 1
+    assert delta("http_request_duration_seconds_count", handler="/v1/completions", method="POST") == 1
+    assert delta("http_requests_total", handler="none", method="POST", status="4xx") == 1
+    assert _value(after, "process_resident_memory_bytes") > 0
+
+
 def test_request_phase_histograms_add_up(server, client):
     """Queue, prefill and decode time (vLLM's names) per finished request, from the core's clock:
     prefill + decode is the inference time and fits inside the end-to-end latency."""

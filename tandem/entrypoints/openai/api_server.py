@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from tandem.entrypoints.http_protocol import ApiKeyCheck, HTTPTimeouts, error_response, uvicorn_kwargs
-from tandem.entrypoints.openai.metrics import ServerMetrics
+from tandem.entrypoints.openai.metrics import HTTPMetrics, ServerMetrics
 from tandem.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -120,6 +120,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
     app.add_middleware(SizeLimits, body_timeout_s=timeouts.body_s)
     app.state.engine = engine
     metrics = ServerMetrics(engine, served_model_name)
+    app.add_middleware(HTTPMetrics, metrics=metrics)
     # admission: at most a full batch running plus this many queued; beyond it, 503 + Retry-After
     capacity = None if max_queued_requests is None else engine.config.scheduler.max_num_seqs + max_queued_requests
 
@@ -223,7 +224,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
         except OpenAIError:
             await _close_all(streams)  # all or nothing
             raise
-        outputs = [metrics.observe(_engine_errors_as_openai(s)) for s in streams]
+        outputs = [metrics.observe(_engine_errors_as_openai(s), p) for s, p in zip(streams, params)]
         created = int(time.time())
         if body.stream:
             return _sse(_completion_chunks(engine, outputs, body, rid, created, served_model_name), streams)
@@ -244,7 +245,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
         params = _params(engine, body, max_tokens, logprobs, len(ids), disagg)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg)
-        output = metrics.observe(_engine_errors_as_openai(stream))
+        output = metrics.observe(_engine_errors_as_openai(stream), params)
         created = int(time.time())
         if body.stream:
             return _sse(_chat_chunks(engine, output, body, rid, created, served_model_name), [stream])
