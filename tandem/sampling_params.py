@@ -5,8 +5,10 @@ Every bad value raises ``ValueError`` naming the parameter, so the server can ma
 
 from __future__ import annotations
 
+import json as _json
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 _GREEDY_EPS = 1e-5
 _INT32_MAX = 2**31 - 1
@@ -16,6 +18,34 @@ class SamplingType(Enum):
     GREEDY = 0
     RANDOM = 1
     RANDOM_SEED = 2
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's ``StructuredOutputsParams``): exactly one of a JSON schema
+    (``json``, text or object), any JSON object (``json_object``), a regular expression, one of
+    several strings (``choice``) or an EBNF grammar (``grammar``, xgrammar's dialect)."""
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = _json.dumps(self.json)  # one form on the wire and in the grammar cache
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        _check(len(given) == 1, "structured_outputs",
+               f"structured_outputs: give exactly one of json, json_object, regex, choice, grammar (got {given})")
+        _check(self.choice is None or (bool(self.choice) and all(isinstance(c, str) and c for c in self.choice)),
+               "structured_outputs", "structured_outputs.choice: a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return "json_object" if self.json_object else next(
+            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
 
 
 @dataclass
@@ -40,6 +70,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
     # Token ids that end generation besides the tokenizer's EOS (from generation_config.json).
     # Filled by the engine; not part of the public surface.
     _eos_token_ids: set[int] = field(default_factory=set, repr=False)

@@ -38,6 +38,8 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: list[str] = field(default_factory=list)
     kv_connector_metadata: Any = None  # KVConnectorBase.build_connector_meta, for the worker half
+    # structured outputs: request id -> its grammar's token bitmask row (int32 words) for this step
+    grammar_bitmask: dict[str, Any] | None = None
 
     @property
     def num_batched_tokens(self) -> int:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tandem.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
@@ -24,6 +25,9 @@ from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler
 from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from tandem.scheduler_output import SchedulerOutput
+
+if TYPE_CHECKING:
+    from tandem.engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class EngineCore:
         self._kv_event_backlog: deque[KVEventBatch] = deque(maxlen=KV_EVENT_BACKLOG)
         # tokens of each step not yet reported (vllm:iteration_tokens_total); the newest only if unread
         self._step_tokens: deque[int] = deque(maxlen=10_000)
+        self._structured: StructuredOutputManager | None = None  # made by the first structured request
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         limit = int(self.hf_config.get("max_position_embeddings", 4096))
@@ -101,7 +106,21 @@ class EngineCore:
     def add_request(self, request: EngineCoreRequest | Request) -> None:
         if isinstance(request, EngineCoreRequest):
             request = Request.from_engine_core_request(request)
+        structured = request.sampling_params.structured_outputs
+        if structured is not None:
+            if self.async_scheduling:
+                raise ValueError("structured outputs do not combine with --async-scheduling yet")
+            request.structured = self._structured_outputs().start(structured)
         self.scheduler.add_request(request)
+
+    def _structured_outputs(self) -> StructuredOutputManager:
+        if self._structured is None:
+            from tandem.engine.structured_output import StructuredOutputManager
+            from tandem.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.config.model.tokenizer or self.config.model.model)
+            self._structured = StructuredOutputManager(tokenizer, self.vocab_size)
+        return self._structured
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
                         stop_reason: int | str | None = None) -> None:
@@ -129,9 +148,11 @@ class EngineCore:
         outputs: dict[str, CoreOutput] = {}
         for req in self.scheduler.update_transfers():
             outputs[req.request_id] = CoreOutput(req.request_id, [], finish_reason="error", error=req.error)
+        self._fail_uncompiled_grammars(outputs)
         sched_out = self.scheduler.schedule()
         if sched_out.chunks:
             self._step_tokens.append(sched_out.num_batched_tokens)
+        sched_out.grammar_bitmask = self._grammar_bitmask(sched_out)
         try:
             handle = self.runner.launch(sched_out)
             if self.async_scheduling:
@@ -145,6 +166,7 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - NOTE: a failing step ends only the requests that fail
             result = self._recover_failed_step(sched_out, e, outputs)
         updated = self.scheduler.update_from_output(sched_out, result.sampled)
+        self._advance_grammars(updated)
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)
         for req in updated:
@@ -162,6 +184,32 @@ class EngineCore:
         self._drop_orphaned_step()
         self._flush_kv_events()
         return list(outputs.values())
+
+    # -- structured outputs ------------------------------------------------------------------------
+    def _fail_uncompiled_grammars(self, outputs: dict[str, CoreOutput]) -> None:
+        for req in list(self.scheduler.waiting):
+            if req.structured is not None and req.structured.error is not None:
+                self._fail_request(req.request_id, RuntimeError(req.structured.error), outputs)
+
+    def _grammar_bitmask(self, sched_out: SchedulerOutput) -> dict[str, Any] | None:
+        if self._structured is None:
+            return None
+        grammars = {}
+        for c in sched_out.chunks:
+            req = self.scheduler.requests.get(c.request_id)
+            if c.sample and req is not None and req.structured is not None:
+                grammars[c.request_id] = req.structured
+        return self._structured.bitmask(grammars) if grammars else None
+
+    def _advance_grammars(self, updated: list[Request]) -> None:
+        """Each sampled token advances its request's grammar; a complete grammar ends the request
+        (with ignore_eos the end-of-sequence token the grammar asks for does not)."""
+        for req in updated:
+            if req.structured is None or self._structured is None:
+                continue
+            done = self._structured.accept(req.request_id, req.structured, req.output_token_ids[-1])
+            if done and not req.is_finished:
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
 
     def _recover_failed_step(self, sched_out: SchedulerOutput, error: Exception,
                              outputs: dict[str, CoreOutput]) -> RunnerOutput:
@@ -183,6 +231,8 @@ class EngineCore:
         for chunk in sched_out.chunks:
             alone = SchedulerOutput(chunks=[chunk], new_requests=[new[chunk.request_id]] if chunk.request_id in new
                                     else [])
+            row = (sched_out.grammar_bitmask or {}).get(chunk.request_id)
+            alone.grammar_bitmask = {chunk.request_id: row} if row is not None else None
             try:
                 part = self.runner.execute(alone)
             except Exception as e:  # noqa: BLE001 - this request's own failure

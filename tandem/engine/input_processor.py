@@ -104,6 +104,10 @@ class InputProcessor:
             bad = [t for t in params.logit_bias if t >= self.vocab_size]
             if bad:
                 raise ParamError("logit_bias", f"logit_bias token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if params.structured_outputs is not None:
+            from tandem.engine.structured_output import check_structured_outputs  # xgrammar: only when asked
+
+            check_structured_outputs(params.structured_outputs)
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.vocab_size:

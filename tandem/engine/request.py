@@ -10,6 +10,7 @@ from tandem.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from tandem.engine.protocol import EngineCoreRequest
+    from tandem.engine.structured_output import StructuredRequest
 
 
 
@@ -82,6 +83,7 @@ class Request:
         self.parent_id = parent_id
         self.max_tokens = max_tokens
         self.status = RequestStatus.WAITING
+        self.structured: StructuredRequest | None = None  # structured outputs: the grammar's state
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
         self.num_in_flight_tokens = 0  # scheduled, not yet applied by update_from_output

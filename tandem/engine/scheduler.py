@@ -175,8 +175,9 @@ class Scheduler:
             # a request preempted with a token in flight is resumed only after that token arrived
             # (update_from_output runs between two schedules, and a step that preempts admits none)
             assert not req.num_pending_tokens and not req.num_in_flight_tokens, req
-            if self._should_wait_for_sibling(req, prefilling_parents):
-                deferred.append(self.waiting.pop(0))
+            if self._should_wait_for_sibling(req, prefilling_parents) or (req.structured is not None
+                                                                           and not req.structured.ready):
+                deferred.append(self.waiting.pop(0))  # a grammar still compiling: the next ones go first
                 continue
             if req.kv_loaded:
                 hits: list = []

@@ -163,3 +163,33 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         _sample_kernel[(rows,)](logits, noise, temperature, top_k, top_p, min_p, out, vocab, logits.stride(0),
                                 noise.stride(0), BLOCK=block, PROBES=16, num_warps=8)
     return out
+
+
+# -- structured outputs: a grammar's allowed tokens as a bitmask -------------------------------
+def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: logits [R, V] float32; bitmask [R, W >= ceil(V / 32)] int32 where bit t % 32 of
+    word t // 32 set means token t is allowed. Disallowed tokens get -inf (xgrammar's layout)."""
+    vocab = logits.shape[1]
+    ids = torch.arange(vocab, device=logits.device)
+    allowed = ((bitmask[:, ids // 32] >> (ids % 32)) & 1).bool()
+    logits.masked_fill_(~allowed, float("-inf"))
+
+
+@triton.jit
+def _apply_bitmask_kernel(L, M, V, stride_l, stride_m, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_vocab = offs < V
+    words = tl.load(M + row * stride_m + offs // 32, mask=in_vocab, other=-1)
+    allowed = ((words >> (offs % 32)) & 1) != 0
+    tl.store(L + row * stride_l + offs, float("-inf"), mask=in_vocab & (allowed == 0))
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """As apply_token_bitmask_ref, one Triton program per row and 1024 tokens."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    block = 1024
+    _apply_bitmask_kernel[(rows, triton.cdiv(vocab, block))](logits, bitmask, vocab, logits.stride(0),
+                                                             bitmask.stride(0), BLOCK=block)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from tandem.runner.sampler import (
     Sampler,
     SamplingState,
     TopLogprobs,
+    bitmask_kernel,
     compute_top_logprobs,
     needs_history,
     resolve_sampling_backend,
@@ -89,7 +90,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None  # set by setup_decode_graphs once max_model_len is known
         self.sampling_backend = resolve_sampling_backend(sampling_backend, self.device, self.attention_backend)
         self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device,
-                               sampling_kernel(self.sampling_backend))
+                               sampling_kernel(self.sampling_backend), bitmask_kernel(self.sampling_backend))
         self.states: dict[str, SamplingState] = {}
         self._last = StepHandle()  # the latest launched step (placeholders refer to its samples)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
@@ -210,12 +211,12 @@ class ModelRunner:
         if any(needs_history(self.states[c.request_id]) for c in chunks if c.sample):
             self._last.resolve()  # penalties and min_tokens read every earlier output token
         if self._graph_step(chunks):
-            handle = self._run_graph_decode(chunks)
+            handle = self._run_graph_decode(chunks, out.grammar_bitmask)
         else:
             batch = self._prepare(chunks)
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-            handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows)
+            handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask)
         self._last = handle
         return handle
 
@@ -238,7 +239,7 @@ class ModelRunner:
         return graphs is not None and all(len(c.token_ids) == 1 for c in chunks) \
             and graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
 
-    def _run_graph_decode(self, chunks: list[ScheduledChunk]) -> StepHandle:
+    def _run_graph_decode(self, chunks: list[ScheduledChunk], grammar: dict[str, Any] | None) -> StepHandle:
         graphs = self.decode_graphs
         assert graphs is not None, "_graph_step chose this path"
         common, positions = self._describe(chunks)
@@ -246,7 +247,7 @@ class ModelRunner:
         hidden = graphs.run(ids, torch.from_numpy(positions), common)
         rows = [i for i, c in enumerate(chunks) if c.sample]  # a 1-token prompt chunk need not sample
         sample_rows = None if len(rows) == len(chunks) else self._to_device(rows, torch.int64)
-        return self._sample(chunks, self.model.compute_logits(hidden), sample_rows)
+        return self._sample(chunks, self.model.compute_logits(hidden), sample_rows, grammar=grammar)
 
     def _describe(self, chunks: list[ScheduledChunk]) -> tuple[CommonAttentionMetadata, np.ndarray]:
         """The step's backend-neutral attention description, and the flat positions (host)."""
@@ -300,8 +301,10 @@ class ModelRunner:
         return max(0, min(c.start_pos + len(c.token_ids) - 1, last_scored) - c.start_pos + 1)
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sample_rows: torch.Tensor | None = None,
-                prompt_rows: Sequence[tuple[ScheduledChunk, int, int]] = ()) -> StepHandle:
-        """sample_rows: the logits rows to sample (None: every row); prompt_rows: prompt-logprob rows."""
+                prompt_rows: Sequence[tuple[ScheduledChunk, int, int]] = (),
+                grammar: dict[str, Any] | None = None) -> StepHandle:
+        """sample_rows: the logits rows to sample (None: every row); prompt_rows: prompt-logprob
+        rows; grammar: request id -> its bitmask row (structured outputs)."""
         result = RunnerOutput()
         for c, first, count in prompt_rows:
             state = self.states[c.request_id]
@@ -316,11 +319,25 @@ class ModelRunner:
             return StepHandle(result=result)
         states = [self.states[c.request_id] for c in sampled_chunks]
         sample_logits = logits if sample_rows is None or len(sample_rows) == logits.shape[0] else logits[sample_rows]
-        tokens, logprobs = self.sampler.sample_on_device(sample_logits, states)
+        tokens, logprobs = self.sampler.sample_on_device(sample_logits, states,
+                                                         self._grammar_bitmask(sampled_chunks, grammar))
         for c, entry in zip(sampled_chunks, logprobs):
             if entry is not None:
                 result.logprobs[c.request_id] = entry
         return StepHandle([c.request_id for c in sampled_chunks], tokens, states, result)
+
+
+    def _grammar_bitmask(self, sampled: list[ScheduledChunk], grammar: dict[str, Any] | None) -> torch.Tensor | None:
+        """One bitmask row per sampled chunk, all ones (-1) for requests without a grammar."""
+        if not grammar:
+            return None
+        width = next(iter(grammar.values())).shape[-1]
+        mask = torch.full((len(sampled), width), -1, dtype=torch.int32)
+        for i, c in enumerate(sampled):
+            row = grammar.get(c.request_id)
+            if row is not None:
+                mask[i] = row
+        return mask.to(self.device, non_blocking=True)
 
 
 class StepHandle:

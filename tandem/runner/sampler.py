@@ -61,6 +61,17 @@ def resolve_sampling_backend(name: str, device: torch.device, attention_backend:
     return "triton" if attention_backend == "triton" else "torch"
 
 
+def bitmask_kernel(name: str) -> Callable:
+    """(logits, bitmask) -> None, masking in place the tokens a grammar does not allow."""
+    if name == "triton":
+        from tandem.kernels import sampling
+
+        return sampling.apply_token_bitmask
+    from tandem.kernels.sampling import apply_token_bitmask_ref
+
+    return apply_token_bitmask_ref
+
+
 def sampling_kernel(name: str) -> Callable:
     """(logits, temperature, top_k, top_p, min_p, noise) -> sampled ids (tandem/kernels/sampling.py)."""
     if name == "triton":
@@ -74,11 +85,12 @@ def sampling_kernel(name: str) -> Callable:
 
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0, device: torch.device | str = "cpu",
-                 sample_fn: Callable = sample_ref) -> None:
+                 sample_fn: Callable = sample_ref, bitmask_fn: Callable | None = None) -> None:
         """sample_fn: the draw over processed logits (``sampling_kernel``: the torch reference or
-        the Triton kernel)."""
+        the Triton kernel); bitmask_fn: how a grammar's bitmask masks logits (``bitmask_kernel``)."""
         self.vocab_size = vocab_size
         self.sample_fn = sample_fn
+        self.bitmask_fn = bitmask_fn or bitmask_kernel("torch")
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -90,12 +102,15 @@ class Sampler:
             gen.manual_seed(params.seed)
         return SamplingState(params, list(prompt_token_ids), [], gen)
 
-    def sample_on_device(self, logits: torch.Tensor,
-                         states: list[SamplingState]) -> tuple[torch.Tensor, list[TopLogprobs | None]]:
-        """logits [R, V] float32, one row per state -> the sampled ids, left on the device (no host
+    def sample_on_device(self, logits: torch.Tensor, states: list[SamplingState],
+                         grammar_bitmask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[TopLogprobs | None]]:
+        """logits [R, V] float32, one row per state (masked in place by ``grammar_bitmask``) -> the
+        sampled ids, left on the device (no host
         sync unless a row asks for logprobs). The caller appends them to the states'
         output_token_ids once read."""
         logits = logits[:, : self.vocab_size]
+        if grammar_bitmask is not None:  # structured outputs: one row per state (all ones where no grammar)
+            self.bitmask_fn(logits, grammar_bitmask)
         want_logprobs = [s.params.logprobs for s in states]
         rows = [i for i, k in enumerate(want_logprobs) if k is not None]
         # logprobs are of the model's distribution, before any processor or temperature

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tandem import SamplingParams
+from tandem.kernels import sampling
 from tandem.kernels import triton_attention as tri
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
@@ -111,7 +112,9 @@ def test_every_kernel_compiles_for_hopper_as_a_gpu_run_launches_it(make_llm, lau
         tri.paged_prefill_attention_varlen(torch.randn(12, 8, 128, dtype=torch.bfloat16), k, v, tables,
                                            torch.tensor([0, 5, 12], dtype=torch.int32),
                                            torch.tensor([30, 7], dtype=torch.int32), 0.088, sliding_window=window)
+    # structured outputs' mask over float32 logits, as the sampler applies it
+    sampling.apply_token_bitmask(torch.randn(2, 1000), torch.full((2, 32), -1, dtype=torch.int32))
     names = {sig[1] for sig in launches.values()}
     assert {"_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_rope_kv_kernel",
-            "_rms_norm_kernel", "_silu_and_mul_kernel", "_sample_kernel"} <= names, names
+            "_rms_norm_kernel", "_silu_and_mul_kernel", "_sample_kernel", "_apply_bitmask_kernel"} <= names, names
     _compile_for_sm90(launches)

@@ -202,3 +202,20 @@ def test_triton_backend_without_gpu_or_interpreter_says_so(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         get_backend("triton")
+
+
+@pytest.mark.parametrize("vocab", [31, 1000, 5000])
+def test_token_bitmask_kernel_matches_reference(vocab):
+    """Structured outputs' mask: bit t % 32 of word t // 32 allows token t; the rest become -inf."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=g)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[1] = -1  # a row without a grammar: everything allowed
+    expected, got = logits.clone(), logits.clone()
+    sampling.apply_token_bitmask_ref(expected, bitmask)
+    sampling.apply_token_bitmask(got, bitmask)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[1], logits[1])
+    allowed = [t for t in range(vocab) if (int(bitmask[0, t // 32]) >> (t % 32)) & 1]
+    assert torch.isfinite(got[0]).nonzero().flatten().tolist() == allowed

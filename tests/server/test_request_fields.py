@@ -26,11 +26,9 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
     ("completions", "suffix", " the end"),
     ("completions", "some_future_field", 1),
     ("completions", "use_beam_search", True),
+    ("chat", "guided_whitespace_pattern", " "),
     ("chat", "tools", [TOOL]),
     ("chat", "tool_choice", "required"),
-    ("chat", "response_format", {"type": "json_object"}),
-    ("chat", "guided_json", {"type": "object"}),
-    ("chat", "structured_outputs", {"choice": ["a", "b"]}),
 ])
 def test_an_unsupported_field_is_a_400_that_names_it(client, endpoint, field, value):
     with pytest.raises(openai.BadRequestError) as err:

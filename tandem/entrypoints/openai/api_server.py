@@ -220,7 +220,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
             for i, (ids, p) in enumerate(zip(prompts, params)):
                 text = given[i] if isinstance(given[i], str) else None  # echo returns the prompt as sent
                 streams.append(_start(engine, {"prompt_token_ids": ids, "prompt": text}, p, f"{rid}-{i}",
-                                      body.priority, disagg))
+                                      body.priority, disagg, body.structured_field()))
         except OpenAIError:
             await _close_all(streams)  # all or nothing
             raise
@@ -244,7 +244,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(engine, body, max_tokens, logprobs, len(ids), disagg)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg)
+        stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg, body.structured_field())
         output = metrics.observe(_engine_errors_as_openai(stream), params)
         created = int(time.time())
         if body.stream:
@@ -265,12 +265,14 @@ def _check_model(model: str | None, served: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _as_400() -> Iterator[None]:
-    """The engine's ParamError (InputProcessor, SamplingParams) -> HTTP 400 in OpenAI's shape."""
+def _as_400(structured_field: str | None = None) -> Iterator[None]:
+    """The engine's ParamError (InputProcessor, SamplingParams) -> HTTP 400 in OpenAI's shape; a
+    grammar that does not compile names the field the client gave it in."""
     try:
         yield
     except ParamError as e:
-        raise OpenAIError(400, str(e), param=e.param, code=e.code) from None
+        param = structured_field if e.param == "structured_outputs" and structured_field else e.param
+        raise OpenAIError(400, str(e), param=param, code=e.code) from None
 
 
 # Inputs longer than this (characters in all) are tokenized on a worker thread, never on the loop.
@@ -359,6 +361,9 @@ def _params(engine: AsyncLLM, body, max_tokens: int | None, logprobs: int | None
     with _as_400():
         inputs.check_fits(prompt_len, max_tokens)
         params = body.sampling_params(inputs.max_tokens(prompt_len, max_tokens), logprobs)
+    if params.structured_outputs is not None and engine.config.scheduler.async_scheduling:
+        raise OpenAIError(400, "structured outputs do not combine with this server's --async-scheduling yet",
+                          param=body.structured_field())
     if disagg and params.prompt_logprobs is not None:
         raise OpenAIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) need the prompt computed "
                                "here, not loaded from another worker: leave out kv_transfer_params",
@@ -369,10 +374,10 @@ def _params(engine: AsyncLLM, body, max_tokens: int | None, logprobs: int | None
 
 
 def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
-           priority: int, disagg: dict | None = None) -> RequestStream:
+           priority: int, disagg: dict | None = None, structured_field: str | None = None) -> RequestStream:
     """Add the request (errors surface now, as HTTP errors) and return its output stream."""
     try:
-        with _as_400():
+        with _as_400(structured_field):
             stream = engine.generate(prompt, params, rid, priority=priority, **(disagg or {}))
     except EngineDeadError as e:
         raise OpenAIError(503, f"engine is not running: {e}", "ServiceUnavailableError") from None

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tandem.sampling_params import SamplingParams
+from tandem.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
 
 MAX_TOKENS_CAP = 2**31 - 1
 INT32_MAX = 2**31 - 1  # bound of every integer sampling field: the engine keeps them in int32/int64 tensors
@@ -41,7 +41,6 @@ class StreamOptions(BaseModel):
 _NO_OP_VALUES: dict[str, Callable[[Any, dict], bool]] = {
     "best_of": lambda v, body: v in (1, body.get("n", 1)),
     "suffix": lambda v, body: v == "",
-    "response_format": lambda v, body: v == {"type": "text"},
     "tools": lambda v, body: v == [],
     "tool_choice": lambda v, body: v == "none",
     "parallel_tool_calls": lambda v, body: not body.get("tools"),
@@ -49,6 +48,33 @@ _NO_OP_VALUES: dict[str, Callable[[Any, dict], bool]] = {
     "function_call": lambda v, body: v == "none",
     "use_beam_search": lambda v, body: v is False,
 }
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field("response", max_length=256)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema here, strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsBody(BaseModel):
+    """vLLM's ``structured_outputs`` request field."""
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 def _reject_unencodable(value: Any, depth: int = 0) -> None:
@@ -77,7 +103,8 @@ class _Body(BaseModel):
 
 
 class _SamplingFields(_Body):
-    model_config = ConfigDict(extra="ignore")  # only null or no-op values get past _refuse_unsupported
+    # only null or no-op values of unknown fields get past _refuse_unsupported; the schema says so
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": False})
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +142,48 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(None, max_length=1024)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: logprobs of every prompt position
+    # structured outputs, in OpenAI's form, vLLM's, and vLLM's older guided_* fields (one of them)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_field(self) -> str | None:
+        """The field the client constrained the output with, if any."""
+        for name in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, ResponseFormat) and value.type == "text"):
+                return name
+        return None
+
+    def structured(self) -> tuple[str, StructuredOutputsParams] | None:
+        """(the field the client used, its constraint); None: unconstrained. Raises ParamError."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise ParamError("response_format", "response_format json_schema needs json_schema.schema")
+            given.append(("response_format", {"json": rf.json_schema.json_schema}))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs.model_dump(by_alias=True, exclude_none=True)))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given.append((name, {key: getattr(self, name)}))
+        if len(given) > 1:
+            raise ParamError(given[1][0], f"give one structured output constraint, not {[g[0] for g in given]}")
+        if not given:
+            return None
+        field, spec = given[0]
+        try:
+            return field, StructuredOutputsParams(**spec)
+        except ParamError as e:
+            raise ParamError(field, str(e)) from None
     priority: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
     # Disaggregated serving (vLLM's field): {"do_remote_decode": true} on a prefill worker returns a
     # ticket in the response's kv_transfer_params; that ticket on a decode worker loads the prompt's KV.
@@ -144,7 +213,9 @@ class _SamplingFields(_Body):
         return self.prompt_logprobs
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        structured = self.structured()
         return SamplingParams(
+            structured_outputs=structured[1] if structured else None,
             prompt_logprobs=self.wanted_prompt_logprobs(),
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p,
