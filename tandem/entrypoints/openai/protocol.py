@@ -254,9 +254,10 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _echo_rules(self):
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens 0 needs echo (the prompt and its logprobs are the answer)")
+            raise OpenAIError(400, "max_tokens 0 needs echo (the prompt and its logprobs are the answer)",
+                              param="max_tokens")
         if self.stream and self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs does not stream; use echo with logprobs")
+            raise OpenAIError(400, "prompt_logprobs does not stream; use echo with logprobs", param="prompt_logprobs")
         return self
 
     def wanted_prompt_logprobs(self) -> int | None:
@@ -320,7 +321,7 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.stream and self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs does not stream")
+            raise OpenAIError(400, "prompt_logprobs does not stream", param="prompt_logprobs")
         return self
 
 
