@@ -169,9 +169,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """In place: logits [R, V] float32; bitmask [R, W >= ceil(V / 32)] int32 where bit t % 32 of
     word t // 32 set means token t is allowed. Disallowed tokens get -inf (xgrammar's layout)."""
-    vocab = logits.shape[1]
-    ids = torch.arange(vocab, device=logits.device)
-    allowed = ((bitmask[:, ids // 32] >> (ids % 32)) & 1).bool()
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [R, 32 W] -> [R, V]
     logits.masked_fill_(~allowed, float("-inf"))
 
 
