@@ -64,7 +64,7 @@ def fleet(model_dirs):
         for _ in range(2):
             events, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
             proc, base = start_server(model, "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay,
-                                       "--max-num-seqs", "8")
+                                       "--max-num-seqs", "8", "--enable-tokenizer-info-endpoint")
             workers.append(proc)
             specs.append(f"{base},events={events},replay={replay}")
         port = free_port()

@@ -84,8 +84,9 @@ class Scheduler:
         return bool(self.requests)
 
     def has_runnable_requests(self) -> bool:
-        """Requests a step could compute (not only ones waiting for remote KV)."""
-        return bool(self.running or self.waiting)
+        """Requests a step could compute (not only ones waiting for remote KV or for their grammar
+        to compile: the core process then polls instead of spinning)."""
+        return bool(self.running) or any(r.structured is None or r.structured.ready for r in self.waiting)
 
     def has_pending_transfers(self) -> bool:
         """The connector still loads KV or keeps blocks (leases, aborted loads)."""

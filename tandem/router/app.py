@@ -443,6 +443,18 @@ def build_router_app(router: Router, http: httpx.AsyncClient, api_key: str | Non
     async def health():
         return Response(status_code=200 if router.pool.healthy() else 503)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(raw: Request):
+        """A healthy worker's answer, as it gave it (404 where workers do not serve it)."""
+        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
+        for worker in router.pool.healthy():
+            try:
+                r = await http.get(f"{worker.url}/tokenizer_info", headers=headers, timeout=10)
+            except httpx.HTTPError:
+                continue
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
+        return _error(503, "no healthy worker could answer", "ServiceUnavailableError", "no_worker")
+
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(router.metrics.registry), media_type="text/plain; version=0.0.4")

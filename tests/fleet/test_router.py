@@ -49,6 +49,22 @@ def test_model_names_through_the_router(fleet):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_real_client_fields_through_the_router(fleet):
+    """Structured outputs, echo with prompt logprobs and /tokenizer_info reach a worker unchanged."""
+    url, _, _ = fleet
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    out = client.completions.create(model="tiny", prompt="pick:", max_tokens=8, temperature=1.0, seed=3,
+                                    extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert out.choices[0].text in ("left", "right")
+    echoed = client.completions.create(model="tiny", prompt="score this prompt", max_tokens=1, echo=True,
+                                       logprobs=1, temperature=0)
+    lp = echoed.choices[0].logprobs.token_logprobs
+    assert echoed.choices[0].text.startswith("score this prompt") and lp[0] is None
+    assert len(lp) == echoed.usage.prompt_tokens + 1 and all(x is not None for x in lp[1:])
+    info = httpx.get(f"{url}/tokenizer_info")
+    assert info.status_code == 200 and "eos_token" in info.json()
+
+
 def test_shared_prefix_lands_on_the_worker_that_cached_it(fleet):
     url, _, worker_urls = fleet
     prefix = "common system prompt " * 12  # several full blocks
