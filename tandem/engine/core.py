@@ -187,6 +187,8 @@ class EngineCore:
 
     # -- structured outputs ------------------------------------------------------------------------
     def _fail_uncompiled_grammars(self, outputs: dict[str, CoreOutput]) -> None:
+        if self._structured is None:
+            return  # no request ever asked for a grammar: nothing to look for
         for req in list(self.scheduler.waiting):
             if req.structured is not None and req.structured.error is not None:
                 self._fail_request(req.request_id, RuntimeError(req.structured.error), outputs)

@@ -7,14 +7,10 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.helpers import start_server, stop_server
-
 
 @pytest.fixture(scope="module")
-def client(model_dirs):
-    proc, base = start_server(model_dirs["llama3-gqa"])
-    yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
-    stop_server(proc)
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0)
 
 
 CHAT = [{"role": "user", "content": "hi"}]

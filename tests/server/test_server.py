@@ -17,14 +17,6 @@ from tests.helpers import free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs):
-    proc, base = start_server(model_dirs["llama3-gqa"])
-    yield base
-    stop_server(proc)
-    assert proc.returncode == 0, proc.stdout.read()[-3000:]
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
 

@@ -17,14 +17,6 @@ KEY = "sekret"
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs):
-    proc, base = start_server(model_dirs["llama3-gqa"])
-    yield base
-    stop_server(proc)
-    assert proc.returncode == 0, proc.stdout.read()[-3000:]
-
-
-@pytest.fixture(scope="module")
 def guarded(model_dirs):
     """An API key, room for 4 sequences and no queue, and 2 s to send a whole request."""
     proc, base = start_server(model_dirs["llama3-gqa"], "--api-key", KEY, "--max-num-seqs", "4",

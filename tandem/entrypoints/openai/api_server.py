@@ -486,16 +486,15 @@ def _completion_response(engine, outs: list[RequestOutput], body: CompletionRequ
                          model: str) -> dict:
     choices = []
     for i, out in enumerate(outs):
+        # the prompt's parts are the same for every choice of a prompt: made once
+        prefix = _echo_text(engine, out) if body.echo else ""
+        prompt_lp = _echo_logprobs(engine, out) if body.echo and body.logprobs is not None else None
+        scored = _wire_prompt_logprobs(engine, out) if body.prompt_logprobs is not None else None
         for full in out.outputs:
             c = _generated(full, body)
-            prefix = _echo_text(engine, out) if body.echo else ""
-            lp = _completion_logprobs(engine, c.token_ids, c.logprobs, len(prefix))
-            if body.echo and body.logprobs is not None:
-                lp = _join_logprobs(_echo_logprobs(engine, out), lp)
+            lp = _join_logprobs(prompt_lp, _completion_logprobs(engine, c.token_ids, c.logprobs, len(prefix)))
             choices.append({"index": i * body.n + c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason, "logprobs": lp,
-                            "prompt_logprobs": _wire_prompt_logprobs(engine, out) if body.prompt_logprobs is not None
-                            else None})
+                            "stop_reason": c.stop_reason, "logprobs": lp, "prompt_logprobs": scored})
     response = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
                 "usage": _completion_usage(outs, body)}
     return _with_kv_transfer_params(response, outs)

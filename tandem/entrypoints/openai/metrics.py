@@ -19,7 +19,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.kv_transfer.ticket import key_id
@@ -266,14 +265,7 @@ class HTTPMetrics:
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            handler, method = _route_template(scope), scope.get("method", "")
+            # the router put the matched route in the scope; nothing matched: "none"
+            handler, method = getattr(scope.get("route"), "path", "none"), scope.get("method", "")
             self.metrics.http_requests.labels(handler, method, f"{status // 100}xx").inc()
             self.metrics.http_duration.labels(handler, method).observe(time.perf_counter() - started)
-
-
-def _route_template(scope: Scope) -> str:
-    for route in getattr(scope.get("app"), "routes", ()):
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(route, "path", "none")
-    return "none"

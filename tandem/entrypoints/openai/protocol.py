@@ -262,10 +262,8 @@ class CompletionRequest(_SamplingFields):
 
     def wanted_prompt_logprobs(self) -> int | None:
         """echo with logprobs scores the prompt too (as vLLM, for lm-eval's loglikelihood requests)."""
-        echoed = self.logprobs if self.echo and self.logprobs is not None else None
-        if echoed is None or self.prompt_logprobs is None:
-            return self.prompt_logprobs if echoed is None else echoed
-        return max(echoed, self.prompt_logprobs)
+        asked = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(asked) if asked else None
 
     @model_validator(mode="after")
     def _bounded_fan_out(self):
