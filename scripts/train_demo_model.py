@@ -38,8 +38,11 @@ import torch
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+# Tools as a system turn and an assistant's calls as <tool_call>{...}</tool_call> (tandem's
+# --tool-call-parser hermes); tandem.testing.CHAT_TEMPLATE renders tools the same way.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{{ bos_token }}{% if tools %}<|system|>{{ '\\n' }}Call a function as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>. Functions:{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% for call in m['tool_calls'] or [] %}<tool_call>{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}</tool_call>{% endfor %}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

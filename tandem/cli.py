@@ -7,6 +7,7 @@ import sys
 
 from tandem.config import KV_FAILURE_POLICIES, KV_ROLES, KV_TRANSPORTS
 from tandem.entrypoints.http_protocol import add_timeout_args
+from tandem.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -55,7 +56,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  "kv_events_secret": secret.encode() if secret else None}
     return asyncio.run(serve(config, args.host, args.port, names, api_key, args.max_queued_requests, kv_events,
                              timeouts=HTTPTimeouts.from_args(args),
-                             tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint))
+                             tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+                             tool_call_parser=_tool_call_parser(args)))
+
+
+def _tool_call_parser(args: argparse.Namespace) -> str | None:
+    """The parser of tool_choice "auto"; None: auto is refused (vLLM's two flags, both needed)."""
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    return args.tool_call_parser if args.enable_auto_tool_choice else None
 
 
 def _kv_transfer_config(args: argparse.Namespace):
@@ -151,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                      help="serve GET /tokenizer_info (the tokenizer's config and chat template), as vLLM's flag; "
                           "lm-eval's remote tokenizer reads it")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='serve tool_choice "auto" (the default when a request has tools), reading calls from '
+                          "the output with --tool-call-parser; required and named choices need neither flag")
+    srv.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
+                     help="the model's tool-call format: hermes (<tool_call>{...}</tool_call>, Qwen and Hermes), "
+                          "llama3_json (Llama 3.x JSON calls), mistral ([TOOL_CALLS][...])")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TANDEM_API_KEY)")
     srv.add_argument("--max-queued-requests", type=int, default=None,
                      help="beyond max-num-seqs running plus this many queued, answer 503 with Retry-After")

@@ -52,10 +52,22 @@ BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 MULTIBYTE_SAMPLE = "héllo wörld — 你好 🙂"
 
 # ChatML-like; role markers are plain text, only <|bos|> is special.
+# Tools as a system turn, an assistant's calls in Hermes' <tool_call> form (read back with
+# --tool-call-parser hermes). Without tools the text is the plain turns. NOTE: Hugging Face renders
+# with trim_blocks, so a newline right after a block tag is dropped: newlines there are {{ "\n" }}.
+TOOLS_TURN = (
+    "{% if tools %}<|system|>{{ '\\n' }}Call a function as <tool_call>{\"name\": ..., \"arguments\": {...}}"
+    "</tool_call>. Functions:{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}{% endif %}"
+)
+TOOL_CALLS = (
+    "{% for call in message['tool_calls'] or [] %}<tool_call>"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "</tool_call>{% endfor %}"
+)
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+    "{{ bos_token }}" + TOOLS_TURN +
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}" + TOOL_CALLS + "{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

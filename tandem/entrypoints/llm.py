@@ -54,11 +54,13 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             *, use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             *, use_tqdm: bool = True, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """``tools``: function definitions in OpenAI's form, handed to the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
         prompts = [{"prompt_token_ids": list(tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                                                     tokenize=True, return_dict=False))}
+                                                                     tokenize=True, return_dict=False, tools=tools))}
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

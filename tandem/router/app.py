@@ -44,7 +44,7 @@ from tandem.router.pd import PDDecider, PDPlan
 from tandem.router.policy import PrefixMatcher
 from tandem.router.types import RouteRequest, WorkerState
 from tandem.router.workers import WorkerPool
-from tandem.tokenizer import chat_token_ids
+from tandem.tokenizer import chat_token_ids, template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -248,11 +248,9 @@ class Router:
             return []
         try:
             if chat:
-                msgs = [{"role": m.get("role"), "content": m.get("content") if isinstance(m.get("content"), str)
-                         else "".join(str(p.get("text", "")) for p in m.get("content") or [])}
-                        for m in body.get("messages") or []]
                 # the workers' own rendering (tandem/tokenizer.py): P/D tickets hash these exact ids
-                return chat_token_ids(self.tokenizer, msgs, body.get("add_generation_prompt", True) is not False)
+                return chat_token_ids(self.tokenizer, template_messages(body.get("messages") or []),
+                                      body.get("add_generation_prompt", True) is not False, body.get("tools") or None)
             prompt = _single_prompt(body.get("prompt"))
             if isinstance(prompt, list):
                 return prompt

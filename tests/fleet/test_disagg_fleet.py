@@ -131,6 +131,26 @@ def test_prompt_logprobs_are_computed_where_they_are_answered(fleet, single):
     fleet.wait_idle()
 
 
+def test_tool_calls_are_split_and_equal_a_single_server(fleet, single):
+    """The router renders tools and earlier tool calls as the workers do, so the split's prompt is
+    the one the decode worker computes; a named tool choice's call equals a single server's."""
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": False}}}
+    chat = [{"role": "user", "content": "pick one"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "pick", "arguments": '{"n": 3}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "again"}]
+    choice = {"type": "function", "function": {"name": "pick"}}
+    splits = fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"')
+    got, ref = (c.chat.completions.create(model="tiny", messages=chat, tools=[tool], tool_choice=choice,  # type: ignore[arg-type]
+                                          max_tokens=20, temperature=0) for c in (fleet.client, single))
+    assert got.choices[0].message.tool_calls[0].function.arguments == \
+        ref.choices[0].message.tool_calls[0].function.arguments
+    assert fleet.metric(fleet.url, "tandem_router_pd_decisions_total", 'decision="split"') == splits + 1
+    fleet.wait_idle()
+
+
 def test_prefix_cached_on_the_decode_worker_is_not_sent_again(fleet, single):
     base = "def parse(line):\n    fields = line.split(',')\n" * 8  # well over a few blocks
     assert _text(fleet.client, base, 4) == _text(single, base, 4)

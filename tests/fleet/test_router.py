@@ -50,7 +50,8 @@ def test_model_names_through_the_router(fleet):
 
 
 def test_real_client_fields_through_the_router(fleet):
-    """Structured outputs, echo with prompt logprobs and /tokenizer_info reach a worker unchanged."""
+    """Structured outputs, echo with prompt logprobs, tool calls and /tokenizer_info reach a worker
+    unchanged."""
     url, _, _ = fleet
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     out = client.completions.create(model="tiny", prompt="pick:", max_tokens=8, temperature=1.0, seed=3,
@@ -61,6 +62,13 @@ def test_real_client_fields_through_the_router(fleet):
     lp = echoed.choices[0].logprobs.token_logprobs
     assert echoed.choices[0].text.startswith("score this prompt") and lp[0] is None
     assert len(lp) == echoed.usage.prompt_tokens + 1 and all(x is not None for x in lp[1:])
+    tool = {"type": "function", "function": {"name": "turn", "parameters": {
+        "type": "object", "properties": {"to": {"enum": ["left", "right"]}}, "required": ["to"],
+        "additionalProperties": False}}}
+    called = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}], tools=[tool],  # type: ignore[list-item]
+                                            tool_choice="required", parallel_tool_calls=False, max_tokens=40)
+    call = called.choices[0].message.tool_calls[0]
+    assert call.function.name == "turn" and call.function.arguments in ('{"to": "left"}', '{"to": "right"}')
     info = httpx.get(f"{url}/tokenizer_info")
     assert info.status_code == 200 and "eos_token" in info.json()
 

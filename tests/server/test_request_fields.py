@@ -23,8 +23,8 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
     ("completions", "some_future_field", 1),
     ("completions", "use_beam_search", True),
     ("chat", "guided_whitespace_pattern", " "),
-    ("chat", "tools", [TOOL]),
-    ("chat", "tool_choice", "required"),
+    ("completions", "tools", [TOOL]),
+    ("chat", "functions", [TOOL["function"]]),
 ])
 def test_an_unsupported_field_is_a_400_that_names_it(client, endpoint, field, value):
     with pytest.raises(openai.BadRequestError) as err:
@@ -45,6 +45,15 @@ def test_a_field_sent_with_the_value_that_asks_nothing_passes(client, field, val
     else:
         out = client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={field: value})
     assert out.usage.completion_tokens == 2
+
+
+def test_auto_tool_choice_needs_a_server_started_with_a_parser(client):
+    with pytest.raises(openai.BadRequestError) as err:  # tools default to "auto", as OpenAI's
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, tools=[TOOL])  # type: ignore[list-item]
+    assert err.value.body["param"] == "tool_choice" and "--tool-call-parser" in err.value.body["message"]
+    out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, tools=[TOOL],  # type: ignore[list-item]
+                                         tool_choice={"type": "function", "function": {"name": "f"}})
+    assert out.choices[0].message.tool_calls[0].function.name == "f"  # named choices need no parser
 
 
 def test_unknown_stream_options_are_refused(client):

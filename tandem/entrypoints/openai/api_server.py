@@ -15,7 +15,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -32,14 +32,23 @@ from tandem.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    NamedToolChoice,
     OpenAIError,
     TokenizeRequest,
+)
+from tandem.entrypoints.openai.tool_calls import (
+    KEEPS_SPECIAL_TOKENS,
+    TOOL_CALL_PARSERS,
+    JsonArrayCalls,
+    NamedFunction,
+    ToolCallExtractor,
+    collect,
 )
 from tandem.kv_transfer.base import KV_TRANSFER_FAILED
 from tandem.kv_transfer.ticket import TicketError, parse_ticket
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import ParamError, SamplingParams
-from tandem.tokenizer import chat_token_ids, tokenizer_info
+from tandem.tokenizer import ChatInputError, chat_token_ids, template_messages, tokenizer_info
 from tandem.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -110,9 +119,10 @@ class SizeLimits:
 
 def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str | None = None,
               max_queued_requests: int | None = None, timeouts: HTTPTimeouts = HTTPTimeouts(),
-              tokenizer_info_endpoint: bool = False) -> FastAPI:
+              tokenizer_info_endpoint: bool = False, tool_call_parser: str | None = None) -> FastAPI:
     """``served_model_names``: every name a request may give in ``model``; responses and metrics
-    report the first (as vLLM's ``--served-model-name``)."""
+    report the first (as vLLM's ``--served-model-name``). ``tool_call_parser``: tool_choice "auto"
+    is served, with this parser (vLLM's --enable-auto-tool-choice --tool-call-parser)."""
     if not served_model_names:
         raise ValueError("at least one served model name")
     served_model_name = served_model_names[0]
@@ -181,7 +191,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
     async def tokenize(body: TokenizeRequest):
         _check_model(body.model, served_model_names)
         if body.messages is not None:
-            ids = await _chat_ids(engine, body.messages, True)
+            ids = await _chat_ids(engine, body.messages, True, body.tools)
         elif body.prompt is not None:
             encode = functools.partial(engine.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
             ids = await _off_loop(encode) if len(body.prompt) > TOKENIZE_INLINE_CHARS else encode()
@@ -237,23 +247,26 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, served_model_names)
-        ids = await _chat_ids(engine, body.messages, body.add_generation_prompt)
+        tools = ChatTools.for_request(body, tool_call_parser)
+        ids = await _chat_ids(engine, body.messages, body.add_generation_prompt, body.tools)
         disagg = _disaggregation(engine, body, [ids])
         admit(body.n)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(engine, body, max_tokens, logprobs, len(ids), disagg)
+        if tools.keeps_special_tokens:
+            params.skip_special_tokens = False
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = _start(engine, {"prompt_token_ids": ids}, params, rid, body.priority, disagg, body.structured_field())
         output = metrics.observe(_engine_errors_as_openai(stream), params)
         created = int(time.time())
         if body.stream:
-            return _sse(_chat_chunks(engine, output, body, rid, created, served_model_name), [stream])
+            return _sse(_chat_chunks(engine, output, body, tools, rid, created, served_model_name), [stream])
         try:
             out = await _unless_disconnected(raw, _last(output))
         finally:
             await stream.aclose()
-        return _chat_response(engine, out, body, rid, created, served_model_name)
+        return _chat_response(engine, out, body, tools, rid, created, served_model_name)
 
     return app
 
@@ -304,11 +317,15 @@ def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-async def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool) -> list[int]:
-    conv = [{"role": m.role, "content": m.text()} for m in messages]
-    render = functools.partial(chat_token_ids, engine.tokenizer, conv, add_generation_prompt)
+async def _chat_ids(engine: AsyncLLM, messages, add_generation_prompt: bool, tools=None) -> list[int]:
+    conv = template_messages([m.model_dump(exclude_none=True) for m in messages])
+    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+    render = functools.partial(chat_token_ids, engine.tokenizer, conv, add_generation_prompt, tool_dicts)
+    size = sum(len(m["content"]) for m in conv) + (len(json.dumps(tool_dicts)) if tool_dicts else 0)
     try:  # long conversations render and tokenize off the event loop
-        ids = await _off_loop(render) if sum(len(m["content"]) for m in conv) > TOKENIZE_INLINE_CHARS else render()
+        ids = await _off_loop(render) if size > TOKENIZE_INLINE_CHARS else render()
+    except ChatInputError as e:
+        raise OpenAIError(400, str(e), param=e.param) from None
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault (e.g. role order)
         raise OpenAIError(400, f"chat template failed: {e}", param="messages") from None
     return list(ids)
@@ -615,6 +632,44 @@ def _completion_chunk(body: CompletionRequest, rid: str, created: int, model: st
 
 
 # -- chat -----------------------------------------------------------------------------------------
+class ChatTools(NamedTuple):
+    """How a chat request's output is read for tool calls."""
+    extractor_factory: Callable[[], ToolCallExtractor] | None  # None: no tool calls (tool_choice none)
+    calls_finish_as_tool_calls: bool  # auto and required: a choice that called tools ends "tool_calls"
+    keeps_special_tokens: bool  # the parser's call marker is a special token
+
+    @staticmethod
+    def for_request(body: ChatCompletionRequest, parser: str | None) -> ChatTools:
+        choice = body.tool_choice
+        if isinstance(choice, NamedToolChoice):  # the output is the arguments, by grammar
+            return ChatTools(functools.partial(NamedFunction, choice.function.name), False, False)
+        if body.effective_tool_choice() == "none":
+            return ChatTools(None, False, False)
+        if choice == "required":  # a JSON array of calls, by grammar
+            return ChatTools(functools.partial(JsonArrayCalls, ("parameters",)), True, False)
+        if parser is None:
+            raise OpenAIError(400, '"auto" tool choice needs a server started with --enable-auto-tool-choice and '
+                                   '--tool-call-parser; send tool_choice "none", "required" or a named function',
+                              param="tool_choice")
+        return ChatTools(TOOL_CALL_PARSERS[parser], True, parser in KEEPS_SPECIAL_TOKENS)
+
+    def extractor(self) -> ToolCallExtractor | None:
+        return self.extractor_factory() if self.extractor_factory else None
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" and self.calls_finish_as_tool_calls else reason
+
+
+def _chat_message(tools: ChatTools, c: CompletionOutput) -> tuple[dict, str | None]:
+    """A choice's response message and finish reason."""
+    extractor = tools.extractor()
+    if extractor is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    content, calls = collect(extractor, c.text)
+    message = {"role": "assistant", "content": content if content.strip() or not calls else None, "tool_calls": calls}
+    return message, tools.finish_reason(c.finish_reason, bool(calls))
+
+
 def _chat_logprobs(engine, token_ids: list[int], logprobs, k: int) -> dict | None:
     if logprobs is None:
         return None
@@ -628,12 +683,14 @@ def _chat_logprobs(engine, token_ids: list[int], logprobs, k: int) -> dict | Non
     return {"content": content}
 
 
-def _chat_response(engine, out: RequestOutput, body: ChatCompletionRequest, rid: str, created: int,
-                   model: str) -> dict:
+def _chat_response(engine, out: RequestOutput, body: ChatCompletionRequest, tools: ChatTools, rid: str,
+                   created: int, model: str) -> dict:
     k = body.top_logprobs or 0
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(engine, c.token_ids, c.logprobs, k),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        message, finish_reason = _chat_message(tools, c)
+        choices.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(engine, c.token_ids, c.logprobs, k),
+                        "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     response = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                 "usage": _usage([out])}
     if body.prompt_logprobs is not None:
@@ -641,11 +698,12 @@ def _chat_response(engine, out: RequestOutput, body: ChatCompletionRequest, rid:
     return _with_kv_transfer_params(response, [out])
 
 
-async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, created: int,
+async def _chat_chunks(engine, stream, body: ChatCompletionRequest, tools: ChatTools, rid: str, created: int,
                        model: str) -> AsyncIterator[dict]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     role_sent = False  # the role chunks go out with the first output, so a client's TTFT stays honest
     deltas = _ChoiceDeltas()
+    calls = _StreamedToolCalls(tools)
     final = None
     k = body.top_logprobs or 0
     async for out in stream:
@@ -659,12 +717,38 @@ async def _chat_chunks(engine, stream, body: ChatCompletionRequest, rid: str, cr
             if d is None:
                 continue
             lp = _chat_logprobs(engine, d.token_ids, d.logprobs, k)
-            chunk = {**base, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
-                                          "logprobs": lp, "finish_reason": c.finish_reason}]}
+            delta, finish_reason = calls.delta(c.index, d.text, c.finish_reason)
+            chunk = {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
+                                          "finish_reason": finish_reason}]}
             yield {**chunk, "usage": _usage([out])} if body.continuous_usage else chunk
         final = out
     if body.stream_options and body.stream_options.include_usage and final is not None:
         yield {**base, "choices": [], "usage": _usage([final])}
+
+
+class _StreamedToolCalls:
+    """Per choice of a streamed chat: its text deltas read for tool calls (when the request has tools)."""
+
+    def __init__(self, tools: ChatTools) -> None:
+        self.tools = tools
+        self.extractors: dict[int, ToolCallExtractor] = {}
+        self.called: set[int] = set()
+
+    def delta(self, index: int, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """A choice's next text -> (the chunk's delta, its finish_reason)."""
+        if self.tools.extractor_factory is None:
+            return ({"content": text} if text else {}), finish_reason
+        extractor = self.extractors.get(index) or self.extractors.setdefault(index, self.tools.extractor_factory())
+        content, calls = extractor.feed(text)
+        if finish_reason is not None:
+            more_content, more_calls = extractor.finish()
+            content, calls = content + more_content, calls + more_calls
+        if calls:
+            self.called.add(index)
+        delta: dict = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = calls
+        return delta, self.tools.finish_reason(finish_reason, index in self.called)
 
 
 def _sse(chunks: AsyncIterator[dict], streams: list[RequestStream]) -> StreamingResponse:
@@ -709,13 +793,15 @@ def uvicorn_server(config: uvicorn.Config) -> uvicorn.Server:
 
 async def serve(config, host: str, port: int, served_model_names: Sequence[str], api_key: str | None = None,
                 max_queued_requests: int | None = None, kv_events: dict | None = None, on_ready=None,
-                timeouts: HTTPTimeouts = HTTPTimeouts(), tokenizer_info_endpoint: bool = False) -> int:
+                timeouts: HTTPTimeouts = HTTPTimeouts(), tokenizer_info_endpoint: bool = False,
+                tool_call_parser: str | None = None) -> int:
     """Start the engine core, serve HTTP until SIGINT/SIGTERM or engine death. Exit code: 0, or 1
     when the engine died."""
 
     engine = AsyncLLM(config, **(kv_events or {}))
     await engine.start()
-    app = build_app(engine, served_model_names, api_key, max_queued_requests, timeouts, tokenizer_info_endpoint)
+    app = build_app(engine, served_model_names, api_key, max_queued_requests, timeouts, tokenizer_info_endpoint,
+                    tool_call_parser)
     server = uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
                                     h11_max_incomplete_event_size=MAX_HEADER_BYTES, **uvicorn_kwargs(timeouts)))
     loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tandem.entrypoints.openai.tool_calls import required_schema
 from tandem.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
 
 MAX_TOKENS_CAP = 2**31 - 1
@@ -286,10 +287,60 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None  # constrained choices always follow the schema, strict or not
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # keys a client may echo back from a response (refusal, audio, ...) pass when null; others are 400
+    model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant's earlier calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool message: the call it answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, data: Any) -> Any:
+        for key, value in data.items() if isinstance(data, dict) else ():
+            if key not in cls.model_fields and value is not None:
+                raise ValueError(f"message field {str(key)[:40]!r} is not supported; leave it out")
+        return data
 
     @field_validator("content", mode="before")
     @classmethod
@@ -313,6 +364,52 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    # default: "auto" with tools, "none" without (as OpenAI)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self):
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names():
+            raise OpenAIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
+                              param="tool_choice")
+        other = _SamplingFields.structured_field(self)
+        if self.constrains_tool_calls() and other is not None:
+            raise OpenAIError(400, f"tool_choice {self.effective_tool_choice()!r} constrains the output to tool "
+                                   f"calls; it does not combine with {other}", param="tool_choice")
+        return self
+
+    def structured_field(self) -> str | None:
+        return "tool_choice" if self.constrains_tool_calls() else super().structured_field()
+
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or []]
+
+    def effective_tool_choice(self) -> str:
+        """"none", "auto", "required" or the named function's name."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    def constrains_tool_calls(self) -> bool:
+        """tool_choice required or a named function: the output is tool calls, by grammar."""
+        return isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required"
+
+    def structured(self) -> tuple[str, StructuredOutputsParams] | None:
+        if not self.constrains_tool_calls():
+            return super().structured()
+        choice = self.tool_choice
+        tools = [t.function.model_dump(exclude_none=True) for t in self.tools or []]
+        if isinstance(choice, NamedToolChoice):
+            schema = next(t.get("parameters") for t in tools if t["name"] == choice.function.name)
+            spec = StructuredOutputsParams(json=schema or {"type": "object"})
+        else:
+            spec = StructuredOutputsParams(json=required_schema(tools, self.parallel_tool_calls))
+        return "tool_choice", spec
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -327,6 +424,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=128)  # rendered by the chat template, with messages
     add_special_tokens: bool = True
 
 
