@@ -22,9 +22,12 @@ lint: install
 	$(VENV)/bin/ruff check tandem tests
 	$(VENV)/bin/mypy
 
-# The suite, with its total time and slowest tests at the end.
+# The suite, with its total time and slowest tests at the end. Should the test process itself crash
+# (abort, segfault), the test it was in and the stacks tests/conftest.py recorded are printed last.
 test: install
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -p no:faulthandler || { rc=$$?; if test -s .pytest-crash.log; then \
+	  echo "== the test process crashed in: $$(cat .pytest-running)"; \
+	  grep -E '^(Fatal|Current thread|Thread 0x)|File "[^"]*/(tests|tandem)/' .pytest-crash.log | head -40; fi; exit $$rc; }
 
 # Serves the bundled demo model (models/tandem-demo) on http://127.0.0.1:8000 with the OpenAI API.
 serve: install

