@@ -108,8 +108,6 @@ class EngineCore:
             request = Request.from_engine_core_request(request)
         structured = request.sampling_params.structured_outputs
         if structured is not None:
-            if self.async_scheduling:
-                raise ValueError("structured outputs do not combine with --async-scheduling yet")
             request.structured = self._structured_outputs().start(structured)
         self.scheduler.add_request(request)
 
@@ -149,22 +147,49 @@ class EngineCore:
         for req in self.scheduler.update_transfers():
             outputs[req.request_id] = CoreOutput(req.request_id, [], finish_reason="error", error=req.error)
         self._fail_uncompiled_grammars(outputs)
+        overlap = self.async_scheduling and not self._has_grammars()
+        if self._in_flight is not None and not overlap:
+            # NOTE: a grammar's next mask needs every token sampled so far, so while a request with a
+            # grammar is in the engine no step is in flight when the next one is scheduled
+            drained, self._in_flight = self._in_flight, None
+            self._finish_step(*drained, outputs)
         sched_out = self.scheduler.schedule()
         if sched_out.chunks:
             self._step_tokens.append(sched_out.num_batched_tokens)
         sched_out.grammar_bitmask = self._grammar_bitmask(sched_out)
         try:
             handle = self.runner.launch(sched_out)
-            if self.async_scheduling:
-                # the device runs this step while the host reads and applies the previous one
-                previous, self._in_flight = self._in_flight, (sched_out, handle) if sched_out.chunks else None
-                if previous is None:
-                    self._flush_kv_events()
-                    return list(outputs.values())
-                sched_out, handle = previous
+        except Exception as e:  # noqa: BLE001 - NOTE: a failing step ends only the requests that fail
+            self._apply_result(sched_out, self._recover_failed_step(sched_out, e, outputs), outputs)
+            return self._end_step(outputs)
+        if overlap:  # the device runs this step while the host reads and applies the previous one
+            previous, self._in_flight = self._in_flight, (sched_out, handle) if sched_out.chunks else None
+            if previous is None:
+                self._flush_kv_events()
+                return list(outputs.values())
+            sched_out, handle = previous
+        self._finish_step(sched_out, handle, outputs)
+        return self._end_step(outputs)
+
+    def _has_grammars(self) -> bool:
+        if self._structured is None:
+            return False  # no request ever asked for a grammar
+        return any(req.structured is not None for req in self.scheduler.requests.values())
+
+    def _finish_step(self, sched_out: SchedulerOutput, handle: StepHandle, outputs: dict[str, CoreOutput]) -> None:
+        """Wait for a launched step and apply what it sampled."""
+        try:
             result = handle.resolve()
         except Exception as e:  # noqa: BLE001 - NOTE: a failing step ends only the requests that fail
             result = self._recover_failed_step(sched_out, e, outputs)
+        self._apply_result(sched_out, result, outputs)
+
+    def _end_step(self, outputs: dict[str, CoreOutput]) -> list[CoreOutput]:
+        self._drop_orphaned_step()
+        self._flush_kv_events()
+        return list(outputs.values())
+
+    def _apply_result(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
         updated = self.scheduler.update_from_output(sched_out, result.sampled)
         self._advance_grammars(updated)
         for rid, prompt_lp in result.prompt_logprobs.items():
@@ -181,9 +206,6 @@ class EngineCore:
                 out.stop_reason = req.stop_reason
                 out.kv_transfer_params = req.kv_transfer_params
                 out.phase_times = req.phase_times(time.monotonic())
-        self._drop_orphaned_step()
-        self._flush_kv_events()
-        return list(outputs.values())
 
     # -- structured outputs ------------------------------------------------------------------------
     def _fail_uncompiled_grammars(self, outputs: dict[str, CoreOutput]) -> None:

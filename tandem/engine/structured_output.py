@@ -8,8 +8,9 @@ request waiting until it is ready, fills the token bitmask of every sampled row 
 and advances the request's matcher with the token it sampled.
 
 NOTE: a request's matcher has accepted exactly its output tokens; steps are applied in order and
-a preempted request keeps its output, so the matcher never rolls back. Asynchronous scheduling
-(the next step's mask would need a token not yet sampled) is refused.
+a preempted request keeps its output, so the matcher never rolls back. Under asynchronous
+scheduling the next step's mask needs the token just sampled, so while a request with a grammar
+is in the engine, EngineCore.step applies each step before scheduling the next (no overlap).
 """
 
 from __future__ import annotations

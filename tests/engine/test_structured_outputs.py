@@ -106,7 +106,20 @@ def test_a_constraint_that_does_not_compile_names_the_field(demo):
     demo.llm_engine.assert_idle()
 
 
-def test_async_scheduling_refuses_structured_outputs(model_dirs):
-    llm = LLM(model=str(model_dirs["llama3-gqa"]), kv_cache_memory="8MiB", async_scheduling=True)
-    with pytest.raises(ValueError, match="async"):
-        llm.generate(["x"], _params(4, structured_outputs=StructuredOutputsParams(choice=["a"])), use_tqdm=False)
+def test_async_scheduling_gives_the_outputs_of_sync_scheduling(model_dirs):
+    """With a grammar in the engine, steps are not overlapped (its next mask needs the token just
+    sampled); the outputs, constrained and free in one batch, are those of synchronous scheduling."""
+    prompts = ["def f(x):", "import os", "class A:"] * 2
+    constraint = StructuredOutputsParams(json=SCHEMAS[1])
+    params = [_params(24, temperature=0, ignore_eos=True), _params(temperature=1.0, seed=4, structured_outputs=constraint),
+              _params(temperature=0, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))] * 2
+    texts = {}
+    for async_scheduling in (False, True):
+        llm = LLM(model=str(model_dirs["llama3-gqa"]), kv_cache_memory="8MiB", async_scheduling=async_scheduling)
+        texts[async_scheduling] = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        free_only = llm.generate(prompts[:1], params[:1], use_tqdm=False)[0].outputs[0].text  # overlapped again
+        assert free_only == texts[async_scheduling][0]
+        llm.llm_engine.assert_idle()
+    assert texts[True] == texts[False]
+    for text in texts[True][1::3]:
+        jsonschema.validate(json.loads(text), SCHEMAS[1])

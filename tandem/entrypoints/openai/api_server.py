@@ -378,9 +378,6 @@ def _params(engine: AsyncLLM, body, max_tokens: int | None, logprobs: int | None
     with _as_400():
         inputs.check_fits(prompt_len, max_tokens)
         params = body.sampling_params(inputs.max_tokens(prompt_len, max_tokens), logprobs)
-    if params.structured_outputs is not None and engine.config.scheduler.async_scheduling:
-        raise OpenAIError(400, "structured outputs do not combine with this server's --async-scheduling yet",
-                          param=body.structured_field())
     if disagg and params.prompt_logprobs is not None:
         raise OpenAIError(400, "prompt logprobs (echo with logprobs, or prompt_logprobs) need the prompt computed "
                                "here, not loaded from another worker: leave out kv_transfer_params",
