@@ -115,6 +115,7 @@ class ModelConfig:
     # max_num_seqs, at most 256); on a CPU only when given, and then run eagerly (tests the padding)
     cuda_graph_sizes: list[int] | None = None
     attention_backend: str = "auto"  # auto: Triton on a CUDA GPU, else the torch references
+    cpu_gemm: str = "auto"  # fp32 linear layers on a CPU: auto (measured at load), blas, onednn
 
 
 @dataclass

@@ -103,6 +103,10 @@ class EngineArgs:
     attention_backend: str = _arg(
         ModelConfig.attention_backend, "kernels: auto (Triton on a CUDA GPU, else torch), torch references, or "
                                        "Triton", cli_choices=("auto", "torch", "triton"))
+    cpu_gemm: str = _arg(
+        ModelConfig.cpu_gemm, "fp32 linear layers on a CPU: auto (per weight shape and row count, the faster of "
+                              "torch's BLAS and oneDNN with the weight packed once, measured at load), blas, onednn",
+        choices=("auto", "blas", "onednn"))
     enforce_eager: bool = _arg(ModelConfig.enforce_eager, "no CUDA graphs for decode steps")
     cuda_graph_sizes: list[int] | None = _arg(
         ModelConfig.cuda_graph_sizes, "decode batch sizes replayed from CUDA graphs (default on CUDA: 1, 2, 4, 8, "
@@ -213,7 +217,7 @@ class EngineArgs:
                               max_model_len=self.max_model_len, seed=self.seed, device=self.device,
                               load_format=self.load_format, enforce_eager=self.enforce_eager,
                               cuda_graph_sizes=None if self.cuda_graph_sizes is None else list(self.cuda_graph_sizes),
-                              attention_backend=self.attention_backend),
+                              attention_backend=self.attention_backend, cpu_gemm=self.cpu_gemm),
             cache=CacheConfig(block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                               kv_cache_memory=self.kv_cache_memory,
                               gpu_memory_utilization=self.gpu_memory_utilization,

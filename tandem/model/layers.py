@@ -11,6 +11,7 @@ import functools
 import json
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch import nn
 
 from tandem.kernels.rms_norm import rms_norm_ref
 from tandem.kernels.rope_kv import rotate_neox
+
+if TYPE_CHECKING:
+    from tandem.model.cpu_gemm import GemmRoute
 
 # (param, loaded weight, shard id or None) -> None: copies the checkpoint tensor into the parameter
 WeightLoader = Callable[..., None]
@@ -45,9 +49,14 @@ def _param(*shape: int, dtype: torch.dtype, loader: WeightLoader = default_weigh
     return p
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, in] @ weight[out, in].T (+ bias). For a few rows in fp32 on CPU the BLAS is faster
-    asked for (weight @ x.T).T (measured 1.2-1.7x for 8 <= M <= 48 on the bench shapes)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           route: GemmRoute | None = None) -> torch.Tensor:
+    """x [M, in] @ weight[out, in].T (+ bias). ``route``: the weight packed for oneDNN and the row
+    counts where that is faster on this CPU (tandem/model/cpu_gemm.py). For a few rows in fp32 on
+    CPU the BLAS is faster asked for (weight @ x.T).T (measured 1.2-1.7x for 8 <= M <= 48 on the
+    bench shapes, on an Intel Xeon)."""
+    if route is not None and x.dim() == 2 and route.wants_onednn(x.shape[0]):
+        return route(x, bias)
     if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and 8 <= x.shape[0] <= 48:
         out = torch.mm(weight, x.t()).t().contiguous()
         return out.add_(bias) if bias is not None else out
@@ -59,9 +68,10 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
+        self.gemm_route: GemmRoute | None = None  # set by plan_cpu_gemm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.gemm_route)
 
 
 class ShardedLinear(Linear):
@@ -102,6 +112,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = _param(vocab_size, dim, dtype=dtype)
+        self.gemm_route: GemmRoute | None = None  # as the LM head: set by plan_cpu_gemm
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)

@@ -177,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight, route=self.lm_head.gemm_route).float()
 
     def attention_layers(self) -> list[Attention]:
         layers = []

@@ -18,6 +18,7 @@ import torch
 from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
 from tandem.h2d import to_device
 from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, get_backend
+from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.runner.cpu_malloc import tune_glibc_malloc
@@ -84,6 +85,8 @@ class ModelRunner:
         self.attn_metadata_builder = backend.make_builder(self.device)
         self.model: CausalLM = load_model(model_config.model, self.dtype, self.device, backend,
                                           model_config.load_format, model_config.seed)
+        # which GEMM each fp32 linear layer uses at each row count, measured on this CPU
+        self.gemm_choices = plan_cpu_gemm(self.model, model_config.cpu_gemm) if self.device.type == "cpu" else {}
         self.args = self.model.args
         self.block_size = cache_config.block_size
         self.model_config = model_config

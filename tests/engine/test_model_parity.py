@@ -23,9 +23,10 @@ def tandem_prefill_logits(llm, prompt: list[int]) -> torch.Tensor:
         return runner.model.compute_logits(hidden)
 
 
+@pytest.mark.parametrize("cpu_gemm", ["blas", "onednn"])
 @pytest.mark.parametrize("preset", ALL_PRESETS)
-def test_forward_logits_match_transformers(preset, make_llm, model_dirs):
-    llm = make_llm(preset)
+def test_forward_logits_match_transformers(preset, cpu_gemm, make_llm, model_dirs):
+    llm = make_llm(preset, cpu_gemm=cpu_gemm)
     path = str(model_dirs[preset])
     prompt = prompts_for(llm.llm_engine.vocab_size, [37])[0]
     ours = tandem_prefill_logits(llm, prompt)
@@ -51,6 +52,8 @@ ENGINE_VARIANTS = {
     "tiny-budget-chunked-prefill": dict(max_num_batched_tokens=7),
     "forced-preemption": dict(num_gpu_blocks_override=32, block_size=4),
     "max-seqs-2": dict(max_num_seqs=2, block_size=8),
+    "cpu-gemm-blas": dict(cpu_gemm="blas"),  # every fp32 linear through torch's BLAS
+    "cpu-gemm-onednn": dict(cpu_gemm="onednn"),  # every fp32 linear through oneDNN, weights packed at load
 }
 
 
