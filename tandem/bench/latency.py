@@ -68,6 +68,9 @@ def add_latency_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--output-json", default=None,
                         help="result file (default: benchmarks/results/latency-<model>-<UTC time>.json)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed batches, run one under torch.profiler and add where a prefill and a "
+                             "decode step spend their time (by phase and op kind) to the results")
     EngineArgs.add_cli_args(parser, model=None)
     # NOTE: the one engine default that differs here: every iteration sends the same prompts, so with
     # prefix caching on, all iterations after the first would skip their prefill
@@ -151,14 +154,35 @@ def _build_llm(args: argparse.Namespace):
     return model, llm
 
 
-def _measure(args: argparse.Namespace, llm) -> list[BatchTiming]:
+def _workload(args: argparse.Namespace, llm) -> tuple[list[list[int]], Any]:
+    """The batch's prompts and sampling parameters."""
     from tandem import SamplingParams
 
-    engine = llm.llm_engine
     params = SamplingParams(n=args.n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
     tokenizer = llm.get_tokenizer()
-    vocab = min(len(tokenizer), engine.vocab_size)
-    prompts = random_prompts(tokenizer, vocab, args.batch_size, args.input_len, args.seed)
+    vocab = min(len(tokenizer), llm.llm_engine.vocab_size)
+    return random_prompts(tokenizer, vocab, args.batch_size, args.input_len, args.seed), params
+
+
+def _profile(args: argparse.Namespace, llm) -> dict[str, Any]:
+    """One more batch under torch.profiler: time per step by phase and op kind (tandem/bench/profile.py)."""
+    from tandem.bench.profile import profile_batch
+
+    engine = llm.llm_engine
+    prompts, params = _workload(args, llm)
+
+    def submit() -> None:
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, params)
+
+    report = profile_batch(engine, engine.runner.model, submit)
+    engine.assert_idle()
+    return report
+
+
+def _measure(args: argparse.Namespace, llm) -> list[BatchTiming]:
+    engine = llm.llm_engine
+    prompts, params = _workload(args, llm)
     quiet = getattr(args, "disable_tqdm", False)
     for i in tqdm(range(args.num_iters_warmup), desc="Warmup iterations", disable=quiet):
         run_batch(engine, prompts, params, f"warmup{i}")
@@ -229,6 +253,9 @@ def _print_summary(res: dict[str, Any]) -> None:
         print(f"Median decode step: {res['median_decode_step_ms']:.3f} ms, weights read at "
               f"{res['achieved_weight_bandwidth_gbps']:.2f} GB/s; {res['decode_bandwidth_fraction']:.1%} of the "
               f"measured copy bandwidth ({res['copy_bandwidth_gbps']:.1f} GB/s)")
+    for kind, part in (res.get("profile") or {}).items():
+        shares = ", ".join(f"{cat} {share:.0%}" for cat, share in part["share"].items() if share >= 0.005)
+        print(f"Profile, {kind} steps ({part['steps']}): {shares}")
 
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,6 +269,8 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
                                        args.batch_size * args.n, args.input_len, args.output_len)
     timings = _measure(args, llm)
     results = summarize(timings, weight_bytes, step_bytes, measure_copy_bandwidth(runner.device))
+    if args.profile:
+        results["profile"] = _profile(args, llm)
     results.update({
         "engine": "tandem",
         "device": describe_device(runner.device),

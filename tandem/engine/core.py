@@ -23,6 +23,7 @@ from tandem.engine.kv_events import KVEventBatch
 from tandem.engine.protocol import EngineCoreOutput, EngineCoreRequest
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler
+from tandem.profiling import span
 from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from tandem.scheduler_output import SchedulerOutput
 
@@ -153,7 +154,8 @@ class EngineCore:
             # grammar is in the engine no step is in flight when the next one is scheduled
             drained, self._in_flight = self._in_flight, None
             self._finish_step(*drained, outputs)
-        sched_out = self.scheduler.schedule()
+        with span("schedule"):
+            sched_out = self.scheduler.schedule()
         if sched_out.chunks:
             self._step_tokens.append(sched_out.num_batched_tokens)
         sched_out.grammar_bitmask = self._grammar_bitmask(sched_out)
@@ -190,6 +192,10 @@ class EngineCore:
         return list(outputs.values())
 
     def _apply_result(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
+        with span("update"):
+            self._apply_sampled(sched_out, result, outputs)
+
+    def _apply_sampled(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
         updated = self.scheduler.update_from_output(sched_out, result.sampled)
         self._advance_grammars(updated)
         for rid, prompt_lp in result.prompt_logprobs.items():

@@ -18,6 +18,7 @@ from tandem.engine.core import EngineCore
 from tandem.engine.input_processor import InputProcessor, PromptType
 from tandem.engine.output_processor import OutputProcessor
 from tandem.outputs import RequestOutput
+from tandem.profiling import span
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import eos_token_ids, load_tokenizer
 
@@ -76,7 +77,9 @@ class LLMEngine:
         return self.output_processor.num_requests
 
     def step(self) -> list[RequestOutput]:
-        return self.output_processor.process_outputs(self.core.step())
+        outputs = self.core.step()
+        with span("outputs"):  # detokenize, stop strings, RequestOutputs
+            return self.output_processor.process_outputs(outputs)
 
     def take_kv_events(self):
         return self.core.take_kv_events()

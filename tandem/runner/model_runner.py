@@ -21,6 +21,7 @@ from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, g
 from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
+from tandem.profiling import span
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import (
@@ -216,10 +217,13 @@ class ModelRunner:
         if self._graph_step(chunks):
             handle = self._run_graph_decode(chunks, out.grammar_bitmask)
         else:
-            batch = self._prepare(chunks)
+            with span("prepare_inputs"):
+                batch = self._prepare(chunks)
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
-            handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask)
+            with span("lm_head"):
+                logits = self.model.compute_logits(hidden[batch.logits_indices])
+            with span("sample"):
+                handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask)
         self._last = handle
         return handle
 

@@ -86,3 +86,19 @@ def test_dummy_weights_are_seeded_and_finite(model_dirs):
     assert outs[0] == outs[1] and len(outs[0]) == 4
     loaded = LLM(model=str(model_dirs["llama3-gqa"]), kv_cache_memory="8MiB")
     assert not torch.equal(next(loaded.llm_engine.runner.model.parameters()), params)  # not the checkpoint
+
+
+def test_profile_splits_prefill_and_decode_steps_by_phase_and_op(model_dirs, tmp_path, capsys):
+    res = run_latency(_args(model_dirs["llama3-gqa"], tmp_path, "--profile"))
+    profile = json.loads((tmp_path / "out" / "latency.json").read_text())["profile"]
+    assert set(profile) == {"prefill", "decode"} and profile == res["profile"]
+    assert profile["prefill"]["steps"] == 1 and profile["decode"]["steps"] == 3
+    for kind in ("prefill", "decode"):
+        share, ms = profile[kind]["share"], profile[kind]["ms_per_step"]
+        assert sum(share.values()) == pytest.approx(1.0, abs=0.01) and set(share) == set(ms)
+        # the model's parts and the engine's phases are all told apart
+        assert {"matmul", "attention", "kv_write", "norm_and_residual", "activation", "lm_head", "sample",
+                "schedule", "update", "outputs"} <= set(share), sorted(share)
+        assert all(v > 0 for v in ms.values())
+    assert "kv_gather" in profile["decode"]["share"]  # decode reads the cache it did not write this step
+    assert "Profile, decode steps (3)" in capsys.readouterr().out
