@@ -85,14 +85,20 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_table: torch.Tensor, context_len: int, scale: float,
                             workspace: GatherWorkspace | None = None,
-                            sliding_window: int | None = None) -> torch.Tensor:
+                            sliding_window: int | None = None,
+                            own_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """A chunk of ``q_len`` new tokens of one sequence, after ``context_len - q_len`` cached ones,
-    attending causally to the cached prefix and to itself.
+    attending causally to the cached prefix and to itself. ``own_kv``: with no cached prefix, the
+    chunk's own keys and values [q_len, kv_heads, head_dim] (what the cache holds for it), used as
+    they are instead of gathered back from the cache.
 
     query [q_len, heads, head_dim]; block_table [num_blocks] -> [q_len, heads, head_dim]."""
     q_len = query.shape[0]
-    keys, values = _gather_pair(k_cache, v_cache, block_table[None], workspace)
-    keys, values = keys[..., :context_len, :], values[..., :context_len, :]
+    if own_kv is not None and q_len == context_len:
+        keys, values = (t.transpose(0, 1).unsqueeze(0) for t in own_kv)  # [1, kv_heads, q_len, head_dim]
+    else:
+        keys, values = _gather_pair(k_cache, v_cache, block_table[None], workspace)
+        keys, values = keys[..., :context_len, :], values[..., :context_len, :]
     q = query.transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, head_dim]
     gqa = keys.shape[1] != q.shape[1]
     if q_len == context_len and (sliding_window is None or sliding_window >= context_len):

@@ -208,8 +208,17 @@ class TorchAttentionBackend(WriteThenAttend):
     def make_builder(self, device: torch.device) -> TorchMetadataBuilder:
         return TorchMetadataBuilder(device)
 
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window, fresh_kv=(key, value))
+
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+               scale: float, sliding_window: int | None = None,
+               fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """fresh_kv: this step's keys and values (as written to the cache); a prompt chunk with no
+        cached prefix attends to them directly instead of gathering them back from the cache."""
         assert isinstance(meta, TorchAttentionMetadata), "metadata comes from this backend's builder"
         out = torch.empty_like(query)
         nd = meta.num_decode_tokens
@@ -220,9 +229,10 @@ class TorchAttentionBackend(WriteThenAttend):
                 query[start:end], k_cache, v_cache, meta.decode_block_tables[start:end, :width],
                 meta.decode_seq_lens[start:end], scale, self.workspace, sliding_window)
         for seq in meta.prefills:
-            q = query[seq.query_start:seq.query_start + seq.query_len]
-            out[seq.query_start:seq.query_start + seq.query_len] = ref.paged_prefill_attention(
-                q, k_cache, v_cache, seq.block_table, seq.context_len, scale, self.workspace, sliding_window)
+            rows = slice(seq.query_start, seq.query_start + seq.query_len)
+            own = (fresh_kv[0][rows], fresh_kv[1][rows]) if fresh_kv and seq.query_len == seq.context_len else None
+            out[rows] = ref.paged_prefill_attention(query[rows], k_cache, v_cache, seq.block_table, seq.context_len,
+                                                    scale, self.workspace, sliding_window, own)
         return out
 
 

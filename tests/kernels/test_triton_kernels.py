@@ -221,3 +221,20 @@ def test_token_bitmask_kernel_matches_reference(vocab):
     assert torch.equal(got[1], logits[1])
     allowed = [t for t in range(vocab) if (int(bitmask[0, t // 32]) >> (t % 32)) & 1]
     assert torch.isfinite(got[0]).nonzero().flatten().tolist() == allowed
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("q_len", [1, 16, 33])
+def test_prefill_without_a_prefix_attends_to_its_own_kv_as_to_the_cache(q_len, window):
+    """The torch path skips gathering a fresh prompt's K/V back from the cache: same result."""
+    block_size, kv_heads, head_dim = 16, 2, 32
+    k_cache, v_cache = _cache(12, block_size, kv_heads, head_dim)
+    table = torch.randperm(12, generator=torch.Generator().manual_seed(q_len))[:-(-q_len // block_size)]
+    slots = (table.repeat_interleave(block_size) * block_size + torch.arange(block_size).repeat(len(table)))[:q_len]
+    key, value = torch.randn(2, q_len, kv_heads, head_dim, generator=torch.Generator().manual_seed(5))
+    ref.write_kv_cache(key, value, k_cache, v_cache, slots)
+    q = torch.randn(q_len, 4, head_dim, generator=torch.Generator().manual_seed(6))
+    gathered = ref.paged_prefill_attention(q, k_cache, v_cache, table, q_len, 0.17, sliding_window=window)
+    own = ref.paged_prefill_attention(q, k_cache, v_cache, table, q_len, 0.17, sliding_window=window,
+                                      own_kv=(key, value))
+    torch.testing.assert_close(own, gathered, atol=1e-6, rtol=1e-5)
