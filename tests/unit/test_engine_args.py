@@ -24,11 +24,12 @@ OWN_FLAGS = {
     ("serve",): {"host", "port", "served_model_name", "api_key", "max_queued_requests", "kv_events_endpoint",
                  "kv_events_replay_endpoint", "head_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "role",
                  "kv_transfer_host", "kv_transfer_port", "kv_lease_s", "kv_lease_max_s", "kv_transfer_timeout_s",
-                 "kv_failure_policy", "kv_transport", "enable_tokenizer_info_endpoint"},
+                 "kv_failure_policy", "kv_transport", "enable_tokenizer_info_endpoint", "enable_auto_tool_choice",
+                 "tool_call_parser"},
     ("bench", "throughput"): {"dataset_name", "input_len", "output_len", "random_range_ratio", "num_prompts",
                               "num_warmups", "output_json", "disable_tqdm"},
     ("bench", "latency"): {"input_len", "output_len", "batch_size", "n", "num_iters_warmup", "num_iters",
-                           "output_json", "disable_tqdm"},
+                           "output_json", "disable_tqdm", "profile"},
     ("eval", "perplexity"): {"files", "window", "output_json"},
 }
 # Where a command means to differ from the engine default, and why.
@@ -89,7 +90,8 @@ def test_cli_round_trip_of_every_flag():
             "--enforce-eager", "--cuda-graph-sizes", "1", "2", "4", "--block-size", "32",
             "--no-enable-prefix-caching", "--kv-cache-memory", "64MiB", "--gpu-memory-utilization", "0.5",
             "--num-gpu-blocks-override", "100", "--max-num-batched-tokens", "512", "--max-num-seqs", "8",
-            "--no-enable-chunked-prefill", "--scheduling-policy", "priority", "--async-scheduling"]
+            "--no-enable-chunked-prefill", "--scheduling-policy", "priority", "--async-scheduling",
+            "--cpu-gemm", "onednn"]
     engine_args = EngineArgs.from_cli_args(build_parser().parse_args(argv))
     changed = {name for name, f in FIELDS.items() if getattr(engine_args, name) != f.default}
     assert changed == set(FIELDS), f"flags not exercised here: {sorted(set(FIELDS) - changed)}"
@@ -103,7 +105,7 @@ def test_every_field_reaches_the_engine_config():
              "cuda_graph_sizes": [1], "block_size": 32, "enable_prefix_caching": False, "kv_cache_memory": "1MiB",
              "gpu_memory_utilization": 0.5, "num_gpu_blocks_override": 3, "max_num_batched_tokens": 64,
              "max_num_seqs": 2, "enable_chunked_prefill": False, "scheduling_policy": "priority",
-             "async_scheduling": True}
+             "async_scheduling": True, "cpu_gemm": "blas"}
     assert set(other) == set(FIELDS)
     for name, value in other.items():
         config = dataclasses.replace(EngineArgs(model="m"), **{name: value}).create_engine_config()
