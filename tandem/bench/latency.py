@@ -24,7 +24,12 @@ Definitions (all times from ``time.perf_counter``):
 * ``decode_bandwidth_fraction``: ``decode_bytes_per_step / median decode step / copy bandwidth``,
   with the weights plus every sequence's KV at its mean decode context (``input_len +
   output_len / 2``) as the bytes a step reads, and the copy bandwidth measured on the device in the
-  same run (``copy_bandwidth_gbps``: read + write of a large tensor copy).
+  same run (``copy_bandwidth_gbps``: read + write of a large tensor copy);
+* ``prefill_flops_fraction``: ``prefill_flops / median_prefill_compute_s / matmul throughput``,
+  with ``prefill_flops`` from the model's shape (``prefill_flops()``: linear weights per prompt
+  token, the LM head per prompt, causal attention), ``median_prefill_compute_s`` the median over
+  iterations of the summed prefill step times, and the throughput of a square matmul in the
+  model's dtype measured on the device in the same run (``matmul_gflops``).
 
 Prefix caching is off by default (``--enable-prefix-caching`` turns it on): with it, every
 iteration after the first would find the same prompts in the cache and skip their prefill.
@@ -215,6 +220,39 @@ def measure_copy_bandwidth(device, nbytes: int | None = None, iters: int = 5) ->
     return 2 * nbytes * iters / (time.perf_counter() - start)
 
 
+def measure_matmul_flops(device, dtype, n: int | None = None, iters: int = 5) -> float:
+    """Matmul throughput in FLOP/s of a square ``n`` x ``n`` product in ``dtype`` on the device
+    (the compute roofline a prefill is held against)."""
+    import torch
+
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(iters):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def prefill_flops(shape: dict[str, Any], num_seqs: int, input_len: int) -> float:
+    """FLOPs of prefilling ``num_seqs`` prompts of ``input_len`` tokens: every linear weight once per
+    token (the input embedding is a lookup; the LM head runs on each prompt's last token only) plus
+    causal attention (QK and PV over ``input_len * (input_len + 1) / 2`` pairs per head and layer)."""
+    hidden, vocab = shape["hidden_size"], shape["vocab_size"]
+    embeddings = vocab * hidden * (1 if shape.get("tie_word_embeddings") else 2)
+    linear = 2 * (shape["num_params"] - embeddings) * num_seqs * input_len + 2 * vocab * hidden * num_seqs
+    pairs = input_len * (input_len + 1) / 2
+    attention = 4 * shape["num_layers"] * shape["num_heads"] * shape["head_dim"] * pairs * num_seqs
+    return float(linear + attention)
+
+
 def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, num_seqs: int, input_len: int,
                           output_len: int) -> int:
     """Every weight once, plus every sequence's KV at its mean decode context."""
@@ -222,10 +260,14 @@ def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, num_seqs: 
 
 
 def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | None = None,
-              copy_bandwidth: float | None = None) -> dict[str, Any]:
-    """vLLM's avg_latency / latencies / percentiles, plus step times, weight bandwidth and the
-    fraction of the copy bandwidth a decode step achieves."""
+              copy_bandwidth: float | None = None, flops: float | None = None,
+              matmul_flops: float | None = None) -> dict[str, Any]:
+    """vLLM's avg_latency / latencies / percentiles, plus step times, weight bandwidth, the
+    fraction of the copy bandwidth a decode step achieves and the fraction of the matmul
+    throughput the prefill steps achieve (``flops``: the batch's prefill FLOPs)."""
     latencies = [t.latency_s for t in timings]
+    prefill_compute_s = statistics.median(sum(t.prefill_steps_s) for t in timings)
+    flops_fraction = flops / prefill_compute_s / matmul_flops if flops and matmul_flops and prefill_compute_s else None
     decode_steps = [s for t in timings for s in t.decode_steps_s]
     decode_s = statistics.median(decode_steps) if decode_steps else None
     fraction = step_bytes / decode_s / copy_bandwidth if decode_s and step_bytes and copy_bandwidth else None
@@ -242,6 +284,10 @@ def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | N
         "decode_bytes_per_step": step_bytes,
         "copy_bandwidth_gbps": copy_bandwidth / 1e9 if copy_bandwidth else None,
         "decode_bandwidth_fraction": fraction,
+        "median_prefill_compute_s": prefill_compute_s,
+        "prefill_flops": flops,
+        "matmul_gflops": matmul_flops / 1e9 if matmul_flops else None,
+        "prefill_flops_fraction": flops_fraction,
     }
 
 
@@ -253,6 +299,10 @@ def _print_summary(res: dict[str, Any]) -> None:
         print(f"Median decode step: {res['median_decode_step_ms']:.3f} ms, weights read at "
               f"{res['achieved_weight_bandwidth_gbps']:.2f} GB/s; {res['decode_bandwidth_fraction']:.1%} of the "
               f"measured copy bandwidth ({res['copy_bandwidth_gbps']:.1f} GB/s)")
+    if res.get("prefill_flops_fraction") is not None:
+        print(f"Prefill steps: {res['median_prefill_compute_s'] * 1e3:.2f} ms for {res['prefill_flops'] / 1e9:.2f} "
+              f"GFLOP; {res['prefill_flops_fraction']:.1%} of the measured matmul throughput "
+              f"({res['matmul_gflops']:.1f} GFLOP/s)")
     for kind, part in (res.get("profile") or {}).items():
         shares = ", ".join(f"{cat} {share:.0%}" for cat, share in part["share"].items() if share >= 0.005)
         print(f"Profile, {kind} steps ({part['steps']}): {shares}")
@@ -268,7 +318,12 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     step_bytes = decode_bytes_per_step(weight_bytes, runner.kv_bytes_per_block // runner.block_size,
                                        args.batch_size * args.n, args.input_len, args.output_len)
     timings = _measure(args, llm)
-    results = summarize(timings, weight_bytes, step_bytes, measure_copy_bandwidth(runner.device))
+    try:
+        flops: float | None = prefill_flops(shape, args.batch_size * args.n, args.input_len)
+    except (KeyError, TypeError):  # a shape without the fields the count needs
+        flops = None
+    results = summarize(timings, weight_bytes, step_bytes, measure_copy_bandwidth(runner.device), flops,
+                        measure_matmul_flops(runner.device, runner.dtype))
     if args.profile:
         results["profile"] = _profile(args, llm)
     results.update({

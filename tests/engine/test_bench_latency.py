@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tandem.bench.latency import add_latency_args, run_latency
+from tandem.bench.latency import add_latency_args, prefill_flops, run_latency
 
 
 def _args(model_dir, tmp_path, *extra: str) -> argparse.Namespace:
@@ -15,6 +15,14 @@ def _args(model_dir, tmp_path, *extra: str) -> argparse.Namespace:
         ["--model", str(model_dir), "--batch-size", "2", "--input-len", "8", "--output-len", "4",
          "--num-iters-warmup", "1", "--num-iters", "2", "--kv-cache-memory", "8MiB",
          "--output-json", str(tmp_path / "out" / "latency.json"), "--disable-tqdm", *extra])
+
+
+def test_prefill_flops_count_weights_per_token_and_causal_attention():
+    shape = {"hidden_size": 4, "vocab_size": 10, "tie_word_embeddings": False, "num_params": 100, "num_layers": 2,
+             "num_heads": 3, "head_dim": 2}
+    # linear: 100 - 2 * 40 embedding params, 2 FLOPs each per token (3 x 5), LM head on 3 rows;
+    # attention: QK and PV (2 x 2 FLOPs) x 2 layers x 3 heads x dim 2 x 15 causal pairs x 3 sequences
+    assert prefill_flops(shape, 3, 5) == 2 * 20 * 15 + 2 * 40 * 3 + 4 * 2 * 3 * 2 * 15 * 3
 
 
 def test_defaults_match_vllm_and_prefix_caching_is_off():
@@ -40,6 +48,9 @@ def test_run_latency_writes_results_json(model_dirs, tmp_path, capsys):
     assert saved["num_prefill_steps"] == 2 and saved["num_decode_steps"] == 6
     assert 0 < saved["median_prefill_s"] < saved["avg_latency"]
     assert saved["median_decode_step_ms"] > 0 and saved["achieved_weight_bandwidth_gbps"] > 0
+    assert saved["prefill_flops"] == prefill_flops(saved["model_shape"], 2, 8)
+    assert saved["matmul_gflops"] > 0 and saved["prefill_flops_fraction"] > 0
+    assert 0 < saved["median_prefill_compute_s"] <= saved["median_prefill_s"]
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[saved["dtype"]]
     assert saved["model_weight_bytes"] == saved["model_shape"]["num_params"] * itemsize
     assert saved["workload"] == {**saved["workload"], "batch_size": 2, "input_len": 8, "output_len": 4,
