@@ -97,9 +97,9 @@ def chat_token_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[s
     token's text (``<|eos|>``, a role marker) has that text tokenized as plain text, so a user
     cannot forge turns or end the prompt; tools and tool calls holding such text are refused."""
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-    for param, value in (("tools", tools), ("messages", [{k: v for k, v in m.items() if k not in ("role", "content")}
-                                                         for m in conversation])):
-        if any(s in json.dumps(value, ensure_ascii=False) for s in specials):
+    extras = [{k: v for k, v in m.items() if k not in ("role", "content")} for m in conversation]
+    for param, value in (("tools", tools), ("messages", [e for e in extras if e])):
+        if value and any(s in json.dumps(value, ensure_ascii=False) for s in specials):
             raise ChatInputError(param, f"{param}: tool definitions, tool calls and message names must not "
                                         "contain a special token's text")
     tool_list: list[Any] | None = list(tools) if tools else None

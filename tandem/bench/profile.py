@@ -89,10 +89,8 @@ def breakdown(events: Any) -> dict[str, dict[str, Any]]:
                 marks.append(parent.name)
             parent = parent.cpu_parent
         kind = next((m.removeprefix(STEP_SPAN) for m in marks if m.startswith(STEP_SPAN)), None)
-        if kind is not None and event.self_cpu_time_total > 0:
-            op_marks = marks[1:] if event.name.startswith(SPAN_PREFIX) else marks
-            own = [event.name] if event.name.startswith(SPAN_PREFIX) else []
-            totals[kind][_category(own + op_marks, event.name)] += event.self_cpu_time_total / 1e3
+        if kind is not None and event.self_cpu_time_total > 0:  # marks include the event's own span
+            totals[kind][_category(marks, event.name)] += event.self_cpu_time_total / 1e3
     report = {}
     for kind, ms in totals.items():
         total = sum(ms.values())

@@ -193,11 +193,8 @@ class EngineCore:
 
     def _apply_result(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
         with span("update"):
-            self._apply_sampled(sched_out, result, outputs)
-
-    def _apply_sampled(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
-        updated = self.scheduler.update_from_output(sched_out, result.sampled)
-        self._advance_grammars(updated)
+            updated = self.scheduler.update_from_output(sched_out, result.sampled)
+            self._advance_grammars(updated)
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)
         for req in updated:

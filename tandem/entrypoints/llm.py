@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -13,6 +13,7 @@ from tandem.engine.arg_utils import EngineArgs
 from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
+from tandem.tokenizer import template_messages
 
 
 def build_engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:
@@ -56,12 +57,13 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              *, use_tqdm: bool = True, add_generation_prompt: bool = True,
              tools: list[dict] | None = None) -> list[RequestOutput]:
-        """``tools``: function definitions in OpenAI's form, handed to the chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        """Messages in OpenAI's form, as the server takes them (content parts, assistant tool_calls,
+        tool messages); ``tools``: function definitions in OpenAI's form, handed to the chat template."""
+        conversations = cast(list[list[dict]], [messages] if messages and isinstance(messages[0], dict) else messages)
         tok = self.get_tokenizer()
-        prompts = [{"prompt_token_ids": list(tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                                                     tokenize=True, return_dict=False, tools=tools))}
-                   for conv in conversations]
+        prompts = [{"prompt_token_ids": list(tok.apply_chat_template(
+            template_messages(conv), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
+            tools=tools))} for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     @staticmethod

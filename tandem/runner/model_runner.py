@@ -333,7 +333,6 @@ class ModelRunner:
                 result.logprobs[c.request_id] = entry
         return StepHandle([c.request_id for c in sampled_chunks], tokens, states, result)
 
-
     def _grammar_bitmask(self, sampled: list[ScheduledChunk], grammar: dict[str, Any] | None) -> torch.Tensor | None:
         """One bitmask row per sampled chunk, all ones (-1) for requests without a grammar."""
         if not grammar:

@@ -116,9 +116,8 @@ class Sampler:
     def sample_on_device(self, logits: torch.Tensor, states: list[SamplingState],
                          grammar_bitmask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[TopLogprobs | None]]:
         """logits [R, V] float32, one row per state (masked in place by ``grammar_bitmask``) -> the
-        sampled ids, left on the device (no host
-        sync unless a row asks for logprobs). The caller appends them to the states'
-        output_token_ids once read."""
+        sampled ids, left on the device (no host sync unless a row asks for logprobs). The caller
+        appends them to the states' output_token_ids once read."""
         logits = logits[:, : self.vocab_size]
         if grammar_bitmask is not None:  # structured outputs: one row per state (all ones where no grammar)
             self.bitmask_fn(logits, grammar_bitmask)

@@ -30,9 +30,12 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """A nested request object: a key it does not declare is a 400, never ignored."""
     model_config = ConfigDict(extra="forbid")
 
+
+class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries usage so far
 
@@ -51,8 +54,8 @@ _NO_OP_VALUES: dict[str, Callable[[Any, dict], bool]] = {
 }
 
 
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Strict's
 
     name: str = Field("response", max_length=256)
     description: str | None = None
@@ -60,17 +63,13 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None  # the output always follows the schema here, strict or not
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class StructuredOutputsBody(BaseModel):
+class StructuredOutputsBody(_Strict):
     """vLLM's ``structured_outputs`` request field."""
-    model_config = ConfigDict(extra="forbid")
-
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     json_object: bool | None = None
     regex: str | None = None
@@ -287,39 +286,33 @@ class TextPart(BaseModel):
     text: str
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDefinition(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
     strict: bool | None = None  # constrained choices always follow the schema, strict or not
 
 
-class ChatTool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatTool(_Strict):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionName(_Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(_Strict):
     type: Literal["function"] = "function"
     function: FunctionName
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionCall(_Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolCall(_Strict):
     id: str = Field(max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall

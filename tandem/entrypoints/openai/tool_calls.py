@@ -77,19 +77,48 @@ class NamedFunction:
         return self.feed("") if not self.started else ("", [])
 
 
-class JsonArrayCalls:
+class _CallObjects:
+    """The shared part of the parsers whose calls are bare JSON objects in a row: decoding complete
+    call objects from ``pos`` on as they arrive."""
+
+    def __init__(self, args_keys: tuple[str, ...]) -> None:
+        self.args_keys = args_keys
+        self.buffer, self.pos, self.calls = "", 0, 0
+        self.decoder = json.JSONDecoder()
+
+    def _scan(self, separators: str) -> tuple[list[dict], bool]:
+        """The complete call objects from ``pos`` on, between whitespace and ``separators``, and
+        whether the scan is blocked: the text there is not a call object (an incomplete object waits)."""
+        deltas: list[dict] = []
+        while True:
+            rest = self.buffer[self.pos:].lstrip(" \t\r\n" + separators)
+            self.pos = len(self.buffer) - len(rest)
+            if not rest:
+                return deltas, False
+            if rest[0] != "{":
+                return deltas, True
+            try:
+                obj, end = self.decoder.raw_decode(self.buffer, self.pos)
+            except json.JSONDecodeError:
+                return deltas, False  # incomplete (or never valid: finish() keeps it as content)
+            call = _call_from_json(obj, self.calls, self.args_keys)
+            if call is None:
+                return deltas, True
+            self.calls, self.pos = self.calls + 1, end
+            deltas.append(call)
+
+
+class JsonArrayCalls(_CallObjects):
     """The output is (after ``prefix``) a JSON array of call objects: tool_choice required (vLLM's
     {"name", "parameters"} items) and Mistral's ``[TOOL_CALLS][{"name", "arguments"}, ...]``. Each
     item goes out as soon as it is complete."""
 
     def __init__(self, args_keys: tuple[str, ...], prefix: str = "") -> None:
-        self.args_keys, self.prefix = args_keys, prefix
-        self.buffer, self.pos, self.calls = "", 0, 0
+        super().__init__(args_keys)
+        self.prefix = prefix
         self.in_array = False  # past the prefix and the "["
         self.content_done = not prefix  # text before the prefix is content
-        self.failed = False  # what followed the prefix is not a call array
-        self.passthrough = False  # after a failure: everything is content
-        self.decoder = json.JSONDecoder()
+        self.passthrough = False  # what followed the prefix is not a call array: everything is content
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         self.buffer += text
@@ -104,8 +133,8 @@ class JsonArrayCalls:
         if self.passthrough:
             content, self.buffer = content + self.buffer, ""
             return content, []
-        deltas = self._items()
-        if self.failed:  # not a call array after all: the unparsed rest is content, from here on
+        deltas, failed = self._items()
+        if failed:  # not a call array after all: the unparsed rest is content, from here on
             content += self._unparsed()
             self.passthrough, self.buffer, self.pos = True, "", 0
         return content, deltas
@@ -113,34 +142,18 @@ class JsonArrayCalls:
     def _unparsed(self) -> str:
         return self.prefix + self.buffer if self.calls == 0 else self.buffer[self.pos:]
 
-    def _items(self) -> list[dict]:
-        deltas: list[dict] = []
-        while True:
+    def _items(self) -> tuple[list[dict], bool]:
+        """The calls now complete, and whether the text turned out not to be a call array."""
+        if not self.in_array:
             rest = self.buffer[self.pos:].lstrip()
-            self.pos = len(self.buffer) - len(rest)
             if not rest:
-                return deltas
-            if not self.in_array:
-                if rest[0] != "[":
-                    self.failed = True
-                    return deltas
-                self.in_array, self.pos = True, self.pos + 1
-                continue
-            if rest[0] == "]":  # the array is complete; what follows is content (finish)
-                return deltas
-            if rest[0] == ",":
-                self.pos += 1
-                continue
-            try:
-                obj, end = self.decoder.raw_decode(self.buffer, self.pos)
-            except json.JSONDecodeError:
-                return deltas  # incomplete (or never valid: finish() keeps it as content)
-            call = _call_from_json(obj, self.calls, self.args_keys)
-            if call is None:
-                self.failed = True
-                return deltas
-            self.calls, self.pos = self.calls + 1, end
-            deltas.append(call)
+                return [], False
+            if rest[0] != "[":
+                return [], True
+            self.in_array, self.pos = True, len(self.buffer) - len(rest) + 1
+        deltas, blocked = self._scan(",")
+        # "]" ends the array; what follows it is content (finish)
+        return deltas, blocked and not self.buffer.startswith("]", self.pos)
 
     def finish(self) -> tuple[str, list[dict]]:
         if not self.content_done or self.passthrough:  # no call array began: the rest is content
@@ -199,14 +212,13 @@ class HermesCalls:
         return ("", [call]) if call is not None else (HERMES_START + rest, [])
 
 
-class Llama3JsonCalls:
+class Llama3JsonCalls(_CallObjects):
     """Llama 3.x JSON tool calling: the whole output is ``{"name": ..., "parameters": {...}}``
     (optionally after ``<|python_tag|>``, several joined by ``;``); any other output is content."""
 
     def __init__(self) -> None:
+        super().__init__(("parameters", "arguments"))
         self.mode: str | None = None  # None: undecided, "content" or "calls"
-        self.buffer, self.pos, self.calls = "", 0, 0
-        self.decoder = json.JSONDecoder()
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         self.buffer += text
@@ -223,26 +235,11 @@ class Llama3JsonCalls:
         if self.mode == "content":
             content, self.buffer = self.buffer, ""
             return content, []
-        deltas: list[dict] = []
-        while True:
-            rest = self.buffer[self.pos:].lstrip().lstrip(";").lstrip()
-            self.pos = len(self.buffer) - len(rest)
-            if not rest:
-                return "", deltas
-            try:
-                obj, end = self.decoder.raw_decode(self.buffer, self.pos)
-            except json.JSONDecodeError:
-                return "", deltas
-            call = _call_from_json(obj, self.calls, ("parameters", "arguments"))
-            if call is None:
-                return "", deltas
-            self.calls, self.pos = self.calls + 1, end
-            deltas.append(call)
+        return "", self._scan(";")[0]  # a blocked scan leaves the rest to finish() as content
 
     def finish(self) -> tuple[str, list[dict]]:
         if self.mode == "calls" and self.calls > 0:
-            rest = self.buffer[self.pos:].strip()
-            return rest, []
+            return self.buffer[self.pos:].strip(), []
         rest, self.buffer = self.buffer, ""
         return rest, []
 
