@@ -114,7 +114,7 @@ class ModelConfig:
     # decode batch sizes replayed from CUDA graphs (default on CUDA: 1, 2, 4, 8, 16, 32, ... up to
     # max_num_seqs, at most 256); on a CPU only when given, and then run eagerly (tests the padding)
     cuda_graph_sizes: list[int] | None = None
-    attention_backend: str = "auto"  # auto: Triton on a CUDA GPU, else the torch references
+    attention_backend: str = "auto"  # auto: Triton on a CUDA GPU, the C++ decode kernel on a CPU, else torch
     cpu_gemm: str = "auto"  # fp32 linear layers on a CPU: auto (measured at load), blas, onednn
 
 

@@ -33,7 +33,7 @@ MODULE_CATEGORIES = {"Linear": "matmul", "ShardedLinear": "matmul", "MLP": "acti
                      "LlamaModel": "embedding"}
 ATTENTION_OPS = [(re.compile(r"index_select|gather"), "kv_gather"),
                  (re.compile(r"index_put|index_copy|scatter"), "kv_write"),
-                 (re.compile(r"scaled_dot_product|softmax|bmm|matmul|_flash_attention"), "attention"),
+                 (re.compile(r"scaled_dot_product|softmax|bmm|matmul|_flash_attention|paged_decode_attention"), "attention"),
                  (re.compile(r"copy_|clone|contiguous|cat|stack"), "attention_layout_copies")]
 
 

@@ -101,8 +101,9 @@ class EngineArgs:
                                  "shape such as llama-3.1-8b or bench-88m, written under .cache/dummy/)",
         choices=("auto", "dummy"))
     attention_backend: str = _arg(
-        ModelConfig.attention_backend, "kernels: auto (Triton on a CUDA GPU, else torch), torch references, or "
-                                       "Triton", cli_choices=("auto", "torch", "triton"))
+        ModelConfig.attention_backend, "kernels: auto (Triton on a CUDA GPU; on a CPU the C++ paged decode "
+                                       "attention where it builds, else torch), torch references, cpu, or Triton",
+        cli_choices=("auto", "torch", "cpu", "triton"))
     cpu_gemm: str = _arg(
         ModelConfig.cpu_gemm, "fp32 linear layers on a CPU: auto (per weight shape and row count, the faster of "
                               "torch's BLAS and oneDNN with the weight packed once, measured at load), blas, onednn",

@@ -225,15 +225,57 @@ class TorchAttentionBackend(WriteThenAttend):
         groups = meta.decode_groups if meta.decode_groups is not None else \
             [(0, nd, meta.decode_block_tables.shape[1])] if nd else []
         for start, end, width in groups:
-            out[start:end] = ref.paged_decode_attention(
+            out[start:end] = self._decode_attention(
                 query[start:end], k_cache, v_cache, meta.decode_block_tables[start:end, :width],
-                meta.decode_seq_lens[start:end], scale, self.workspace, sliding_window)
+                meta.decode_seq_lens[start:end], scale, sliding_window)
         for seq in meta.prefills:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             own = (fresh_kv[0][rows], fresh_kv[1][rows]) if fresh_kv and seq.query_len == seq.context_len else None
             out[rows] = ref.paged_prefill_attention(query[rows], k_cache, v_cache, seq.block_table, seq.context_len,
                                                     scale, self.workspace, sliding_window, own)
         return out
+
+    def _decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                          sliding_window: int | None) -> torch.Tensor:
+        return ref.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, self.workspace,
+                                          sliding_window)
+
+
+class CpuMetadataBuilder(TorchMetadataBuilder):
+    """As the torch builder, with all decodes in one run: the CPU kernel reads each row only up to
+    its own context length, so a wide table costs nothing."""
+
+    def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
+        meta = super().build(common)
+        meta.decode_groups = None
+        return meta
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The torch backend with decodes through the C++ CPU kernel (``tandem.kernels.cpu_attention``),
+    which reads K/V blocks in place; prompt chunks keep the reference path."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from tandem.kernels import cpu_attention
+
+        if not cpu_attention.available():
+            raise RuntimeError("attention backend 'cpu': the C++ CPU paged attention could not be built here "
+                               "(see the warning above); use 'torch'")
+        self._decode = cpu_attention.paged_decode_attention
+        super().__init__()
+
+    def make_builder(self, device: torch.device) -> CpuMetadataBuilder:
+        if device.type != "cpu":
+            raise ValueError(f"attention backend 'cpu' runs on a CPU, not on {device}")
+        return CpuMetadataBuilder(device)
+
+    def _decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                          sliding_window: int | None) -> torch.Tensor:
+        return self._decode(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
 
 
 def _triton_backend() -> AttentionBackend:
@@ -242,7 +284,8 @@ def _triton_backend() -> AttentionBackend:
     return TritonAttentionBackend()
 
 
-_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttentionBackend, "triton": _triton_backend}
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "torch": TorchAttentionBackend, "cpu": CpuAttentionBackend, "triton": _triton_backend}
 
 
 def get_backend(name: str = "torch") -> AttentionBackend:

@@ -61,9 +61,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_backend_name(name: str, device: torch.device) -> str:
-    """auto: the Triton kernels on a CUDA GPU, the torch references elsewhere."""
+    """auto: the Triton kernels on a CUDA GPU; on a CPU the C++ decode kernel where it could be
+    built here, else the torch references."""
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        from tandem.kernels import cpu_attention
+
+        return "cpu" if device.type == "cpu" and cpu_attention.available() else "torch"
     return name
 
 

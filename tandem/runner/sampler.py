@@ -57,7 +57,7 @@ def resolve_sampling_backend(name: str, device: torch.device, attention_backend:
             raise ValueError(f"sampling backend {name!r} unknown; available: {list(SAMPLING_BACKENDS)}")
         return name
     if device.type == "cuda":
-        return "torch" if attention_backend == "torch" else "triton"
+        return "triton" if attention_backend == "triton" else "torch"
     return "triton" if attention_backend == "triton" else "torch"
 
 

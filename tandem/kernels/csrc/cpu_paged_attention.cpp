@@ -1,0 +1,241 @@
+// Paged decode attention for the CPU: one query token per sequence attends to its context where it
+// lies in the paged KV cache, block by block, without gathering K/V into a contiguous copy.
+//
+// Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; position p of sequence b
+// is in block block_tables[b][p / block_size] at offset p % block_size (tandem/kernels/paged_attention.py).
+// Work is split over (sequence, kv head); the query heads of one GQA group share every K/V row read.
+// Scores and sums are fp32 whatever the cache dtype; the output is written in the query's dtype.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <type_traits>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();  // floats per vector register on this build's instruction set
+
+// Rows of one kv head inside a block: row r starts at base + r * stride (stride = kv_heads * head_dim
+// in the cache itself; head_dim in a converted copy).
+struct Rows {
+  const float* base;
+  int64_t stride;
+  const float* row(int64_t r) const { return base + r * stride; }
+};
+
+// scores[r] = q . row(r) for r < n, four rows at a time so four accumulator chains overlap.
+void dot_rows(const float* q, Rows rows, int64_t n, int64_t d, float* scores) {
+  const int64_t dv = d - d % kW;
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const float *k0 = rows.row(r), *k1 = rows.row(r + 1), *k2 = rows.row(r + 2), *k3 = rows.row(r + 3);
+    Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    for (int64_t i = 0; i < dv; i += kW) {
+      const Vec qi = Vec::loadu(q + i);
+      a0 = at::vec::fmadd(qi, Vec::loadu(k0 + i), a0);
+      a1 = at::vec::fmadd(qi, Vec::loadu(k1 + i), a1);
+      a2 = at::vec::fmadd(qi, Vec::loadu(k2 + i), a2);
+      a3 = at::vec::fmadd(qi, Vec::loadu(k3 + i), a3);
+    }
+    float s0 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a0), s1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1);
+    float s2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2), s3 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a3);
+    for (int64_t i = dv; i < d; ++i) {
+      s0 += q[i] * k0[i];
+      s1 += q[i] * k1[i];
+      s2 += q[i] * k2[i];
+      s3 += q[i] * k3[i];
+    }
+    scores[r] = s0;
+    scores[r + 1] = s1;
+    scores[r + 2] = s2;
+    scores[r + 3] = s3;
+  }
+  for (; r < n; ++r) {
+    const float* k = rows.row(r);
+    float acc = 0.f;
+    for (int64_t i = 0; i < d; ++i) acc += q[i] * k[i];
+    scores[r] = acc;
+  }
+}
+
+// acc[0, d) += sum_r p[r] * row(r), four vectors of the output at a time held in registers.
+void weighted_rows(const float* p, Rows rows, int64_t n, int64_t d, float* acc) {
+  int64_t i = 0;
+  for (; i + 4 * kW <= d; i += 4 * kW) {
+    Vec a0 = Vec::loadu(acc + i), a1 = Vec::loadu(acc + i + kW), a2 = Vec::loadu(acc + i + 2 * kW),
+        a3 = Vec::loadu(acc + i + 3 * kW);
+    for (int64_t r = 0; r < n; ++r) {
+      const float* v = rows.row(r) + i;
+      const Vec pr(p[r]);
+      a0 = at::vec::fmadd(pr, Vec::loadu(v), a0);
+      a1 = at::vec::fmadd(pr, Vec::loadu(v + kW), a1);
+      a2 = at::vec::fmadd(pr, Vec::loadu(v + 2 * kW), a2);
+      a3 = at::vec::fmadd(pr, Vec::loadu(v + 3 * kW), a3);
+    }
+    a0.store(acc + i);
+    a1.store(acc + i + kW);
+    a2.store(acc + i + 2 * kW);
+    a3.store(acc + i + 3 * kW);
+  }
+  for (; i < d; ++i)
+    for (int64_t r = 0; r < n; ++r) acc[i] += p[r] * rows.row(r)[i];
+}
+
+// In place: x <- exp(x - max x); returns the sum.
+float exp_normalise(float* x, int64_t n) {
+  float mx = x[0];
+  for (int64_t t = 1; t < n; ++t) mx = std::max(mx, x[t]);
+  const Vec vmx(mx);
+  Vec vsum(0.f);
+  int64_t t = 0;
+  for (; t + kW <= n; t += kW) {
+    const Vec e = (Vec::loadu(x + t) - vmx).exp();
+    e.store(x + t);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>(std::plus<Vec>(), vsum);
+  for (; t < n; ++t) {
+    x[t] = std::exp(x[t] - mx);
+    sum += x[t];
+  }
+  return sum;
+}
+
+struct Shape {
+  int64_t heads, kv_heads, head_dim, block_size, table_width;
+  int64_t q_stride_b, q_stride_h;  // query/out strides in elements
+  int64_t o_stride_b, o_stride_h;
+};
+
+// The rows of positions [p, p + n) of one kv head, all inside one block: in place for an fp32 cache,
+// else converted into `buf`.
+template <typename T>
+Rows block_rows(const T* cache, int64_t block, int64_t off, int64_t n, const Shape& s, int64_t kv_head,
+                std::vector<float>& buf) {
+  const T* first = cache + ((block * s.block_size + off) * s.kv_heads + kv_head) * s.head_dim;
+  if constexpr (std::is_same_v<T, float>) {
+    return Rows{first, s.kv_heads * s.head_dim};
+  } else {
+    buf.resize(n * s.head_dim);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < s.head_dim; ++i)
+        buf[r * s.head_dim + i] = static_cast<float>(first[r * s.kv_heads * s.head_dim + i]);
+    return Rows{buf.data(), s.head_dim};
+  }
+}
+
+// Calls fn(rows, n, offset) for the consecutive runs of positions [begin, end) that share a block.
+template <typename T, typename Fn>
+void for_each_block(const T* cache, const int64_t* table, int64_t begin, int64_t end, const Shape& s,
+                    int64_t kv_head, std::vector<float>& buf, Fn fn) {
+  for (int64_t p = begin; p < end;) {
+    const int64_t off = p % s.block_size, n = std::min(s.block_size - off, end - p);
+    fn(block_rows(cache, table[p / s.block_size], off, n, s, kv_head, buf), n, p - begin);
+    p += n;
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, acc, scores, rows;
+};
+
+// One (sequence, kv head): the group's query heads over positions [begin, end).
+template <typename T>
+void attend_one(const T* query, const T* k_cache, const T* v_cache, const int64_t* table, int64_t begin,
+                int64_t end, float scale, const Shape& s, int64_t kv_head, T* out, Scratch& w) {
+  const int64_t group = s.heads / s.kv_heads, d = s.head_dim, len = end - begin;
+  w.q.resize(group * d);
+  w.acc.assign(group * d, 0.f);
+  w.scores.resize(group * std::max<int64_t>(len, 1));
+  for (int64_t g = 0; g < group; ++g) {
+    const T* src = query + (kv_head * group + g) * s.q_stride_h;
+    for (int64_t i = 0; i < d; ++i) w.q[g * d + i] = static_cast<float>(src[i]) * scale;
+  }
+  // pass 1: every query head's scores, block by block (each block's rows are read once for the group)
+  for_each_block(k_cache, table, begin, end, s, kv_head, w.rows, [&](Rows rows, int64_t n, int64_t at) {
+    for (int64_t g = 0; g < group; ++g) dot_rows(w.q.data() + g * d, rows, n, d, w.scores.data() + g * len + at);
+  });
+  std::vector<float> inv_sum(group, 0.f);
+  if (len > 0)
+    for (int64_t g = 0; g < group; ++g) inv_sum[g] = 1.f / exp_normalise(w.scores.data() + g * len, len);
+  // pass 2: probabilities times V; the normaliser is applied once at the end
+  for_each_block(v_cache, table, begin, end, s, kv_head, w.rows, [&](Rows rows, int64_t n, int64_t at) {
+    for (int64_t g = 0; g < group; ++g) weighted_rows(w.scores.data() + g * len + at, rows, n, d, w.acc.data() + g * d);
+  });
+  for (int64_t g = 0; g < group; ++g) {
+    T* dst = out + (kv_head * group + g) * s.o_stride_h;
+    for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(w.acc[g * d + i] * inv_sum[g]);
+  }
+}
+
+// query [B, heads, head_dim]; k/v_cache [num_blocks, block_size, kv_heads, head_dim]; block_tables
+// [B, width] int64; seq_lens [B] int64 (context incl. the query); sliding_window <= 0: none.
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  int64_t sliding_window) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(query.device().is_cpu() && k_cache.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "query and cache dtypes differ");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
+  TORCH_CHECK(query.stride(2) == 1, "query's last dim must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 metadata");
+  const int64_t batch = query.size(0);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch && seq_lens.numel() == batch,
+              "one block table row and one length per query");
+  TORCH_CHECK(block_tables.stride(1) == 1 && seq_lens.is_contiguous(), "block table rows and lengths must be dense");
+  const int64_t table_stride = block_tables.stride(0);
+  Shape s{query.size(1), k_cache.size(2), k_cache.size(3), k_cache.size(1), block_tables.size(1),
+          query.stride(0), query.stride(1), 0, 0};
+  TORCH_CHECK(query.size(2) == s.head_dim && s.heads % s.kv_heads == 0, "heads must be a multiple of kv heads");
+  at::Tensor out = at::empty({batch, s.heads, s.head_dim}, query.options());
+  s.o_stride_b = out.stride(0);
+  s.o_stride_h = out.stride(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t num_blocks = k_cache.size(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= s.table_width * s.block_size, "context longer than its block table");
+    for (int64_t i = 0; i < (lens[b] + s.block_size - 1) / s.block_size; ++i) {
+      const int64_t block = tables[b * table_stride + i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block id ", block, " outside the cache");
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
+    const scalar_t* q = query.data_ptr<scalar_t>();
+    const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * s.kv_heads, 1, [&](int64_t first, int64_t last) {
+      Scratch scratch;
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t b = item / s.kv_heads, h = item % s.kv_heads, end = lens[b];
+        const int64_t begin = sliding_window > 0 ? std::max<int64_t>(0, end - sliding_window) : 0;
+        attend_one(q + b * s.q_stride_b, kc, vc, tables + b * table_stride, begin, end, static_cast<float>(scale),
+                   s, h, o + b * s.o_stride_b, scratch);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tandem_cpu, m) {
+  m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor seq_lens, float scale, int sliding_window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
