@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test,lint]"
 	# the C++ CPU paged attention, built for this CPU (without a compiler the torch path serves)
-	$(PY) -m tandem.kernels.cpu_attention || echo "warning: CPU paged attention not built; torch attention will serve"
+	$(PY) -m tandem.kernels.cpu_kernels || echo "warning: CPU paged attention not built; torch attention will serve"
 	touch $(STAMP)
 
 # Types and style: both must report nothing (.ci/run runs this before the tests).

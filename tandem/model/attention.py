@@ -121,8 +121,10 @@ class AttentionBackend(Protocol):
         ...
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, sliding_window: int | None = None) -> torch.Tensor:
-        """As ``forward`` when this step's key/value are already in the cache (fused rotary + write)."""
+               scale: float, sliding_window: int | None = None,
+               fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """As ``forward`` when this step's key/value are already in the cache (fused rotary + write).
+        fresh_kv: those keys and values as written, for a backend that can use them directly."""
         ...
 
 
@@ -130,7 +132,8 @@ class WriteThenAttend:
     """``forward`` for backends that store this step's key/value with the reference copy."""
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+               scale: float, sliding_window: int | None = None,
+               fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -253,18 +256,20 @@ class CpuMetadataBuilder(TorchMetadataBuilder):
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The torch backend with decodes through the C++ CPU kernel (``tandem.kernels.cpu_attention``),
-    which reads K/V blocks in place; prompt chunks keep the reference path."""
+    """The torch backend with tandem's C++ CPU kernels (``tandem.kernels.cpu_kernels``): decodes
+    read K/V blocks in place, and the layer's norms, activation and rotary + KV write are one pass
+    each; prompt chunks keep the reference attention (own K/V, or gather + SDPA after a prefix)."""
 
     name = "cpu"
 
     def __init__(self) -> None:
-        from tandem.kernels import cpu_attention
+        from tandem.kernels import cpu_kernels
 
-        if not cpu_attention.available():
-            raise RuntimeError("attention backend 'cpu': the C++ CPU paged attention could not be built here "
+        if not cpu_kernels.available():
+            raise RuntimeError("attention backend 'cpu': tandem's C++ CPU kernels could not be built here "
                                "(see the warning above); use 'torch'")
-        self._decode = cpu_attention.paged_decode_attention
+        self._decode = cpu_kernels.paged_decode_attention
+        self.ops = cpu_kernels.cpu_ops()
         super().__init__()
 
     def make_builder(self, device: torch.device) -> CpuMetadataBuilder:

@@ -107,7 +107,7 @@ class Attention(nn.Module):
         if fused_rope is not None:
             q, k = fused_rope(positions, q, k, v, self.rotary.cos, self.rotary.sin, self.k_cache, self.v_cache,
                               meta.slot_mapping)
-            out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+            out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, (k, v))
         else:
             q, k = self.rotary(positions, q, k)
             out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)

@@ -78,7 +78,8 @@ class TritonAttentionBackend(WriteThenAttend):
         return TritonMetadataBuilder(device)
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+               scale: float, sliding_window: int | None = None,
+               fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         assert isinstance(meta, TritonAttentionMetadata), "metadata comes from this backend's builder"
         nd, prefill = meta.num_decode_tokens, meta.prefill
         if prefill is None:

@@ -66,9 +66,9 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
             return "triton"
-        from tandem.kernels import cpu_attention
+        from tandem.kernels import cpu_kernels
 
-        return "cpu" if device.type == "cpu" and cpu_attention.available() else "torch"
+        return "cpu" if device.type == "cpu" and cpu_kernels.available() else "torch"
     return name
 
 

@@ -233,7 +233,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
 
 }  // namespace
 
-TORCH_LIBRARY(tandem_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_lens, float scale, int sliding_window) -> Tensor");
 }

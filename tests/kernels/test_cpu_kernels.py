@@ -1,5 +1,6 @@
-"""The C++ CPU paged decode attention against the torch reference (gather + SDPA), and the
-backend choice around it: auto picks it on a CPU where it builds, the torch path where it cannot."""
+"""tandem's C++ CPU kernels against their torch references: the paged decode attention (vs gather +
+SDPA) and the per-token ops (RMSNorm, residual add + RMSNorm, SiLU-and-mul, rotary + KV write); and
+the backend choice around them: auto picks them on a CPU where they build, torch where they cannot."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import pytest
 import torch
 
 from tandem import SamplingParams
-from tandem.kernels import cpu_attention
+from tandem.kernels import cpu_kernels
 from tandem.kernels import paged_attention as ref
+from tandem.kernels.activation import silu_and_mul_ref
+from tandem.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
+from tandem.kernels.rope_kv import rope_and_write_kv_ref
 from tandem.runner.model_runner import resolve_backend_name
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler to build the CPU kernel")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the CPU kernel")
 
 
 def _paged_case(seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -37,7 +41,7 @@ def test_matches_reference_fp32(heads, kv_heads, head_dim, window):
     """GQA and MHA, a head_dim with a scalar tail (36), contexts shorter than, equal to and across blocks."""
     case = _paged_case([1, 3, 16, 17, 50], heads, kv_heads, head_dim, 16, torch.float32)
     expected = ref.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window)
-    got = cpu_attention.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window)
+    got = cpu_kernels.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
@@ -45,7 +49,7 @@ def test_matches_reference_fp32(heads, kv_heads, head_dim, window):
 def test_half_precision_cache_accumulates_in_fp32(dtype):
     query, k_cache, v_cache, tables, lens = _paged_case([7, 40], 8, 2, 64, 8, dtype)
     expected = ref.paged_decode_attention(query.float(), k_cache.float(), v_cache.float(), tables, lens, 0.125)
-    got = cpu_attention.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
+    got = cpu_kernels.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
 
@@ -55,7 +59,7 @@ def test_strided_query_and_empty_context():
     query, k_cache, v_cache, tables, lens = _paged_case([9, 0, 20], 4, 2, 16, 4, torch.float32)
     wide = torch.randn(3, 4, 40)
     wide[..., 8:24] = query
-    got = cpu_attention.paged_decode_attention(wide[..., 8:24], k_cache, v_cache, tables, lens, 0.25)
+    got = cpu_kernels.paged_decode_attention(wide[..., 8:24], k_cache, v_cache, tables, lens, 0.25)
     assert torch.equal(got[1], torch.zeros(4, 16))
     keep = torch.tensor([0, 2])
     expected = ref.paged_decode_attention(query[keep], k_cache, v_cache, tables[keep], lens[keep], 0.25)
@@ -66,14 +70,56 @@ def test_bad_metadata_is_an_error_not_a_crash():
     query, k_cache, v_cache, tables, lens = _paged_case([5, 6], 4, 2, 16, 4, torch.float32)
     tables[1, 0] = k_cache.shape[0]  # a block id past the cache
     with pytest.raises(RuntimeError, match="outside the cache"):
-        cpu_attention.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.25)
+        cpu_kernels.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.25)
     with pytest.raises(RuntimeError, match="longer than its block table"):
-        cpu_attention.paged_decode_attention(query, k_cache, v_cache, tables[:, :1], lens, 0.25)
+        cpu_kernels.paged_decode_attention(query, k_cache, v_cache, tables[:, :1], lens, 0.25)
+
+
+# (dtype, tolerance): fp32 to rounding; bf16/fp16 within one ulp of the reference's roundings
+_OP_DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), _OP_DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 300])  # one thread and split across threads
+def test_norms_and_activation_match_references(dtype, tol, rows):
+    g = torch.Generator().manual_seed(rows)
+    x, res = (torch.randn(rows, 72, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(72, generator=g).to(dtype)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), atol=tol, rtol=tol)
+    y, h = cpu_kernels.add_rms_norm(x, res, w, 1e-5)
+    y_ref, h_ref = add_rms_norm_ref(x, res, w, 1e-5)
+    assert torch.equal(h, h_ref)  # the residual sum is exact in every dtype
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    gate_up = torch.randn(rows, 2, 40, generator=g).to(dtype).view(rows, 80) * 4
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(gate_up), silu_and_mul_ref(gate_up), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), _OP_DTYPES)
+def test_rope_and_kv_write_match_reference_on_qkv_views(dtype, tol):
+    """q, k and v as the model passes them: strided views into one QKV projection output."""
+    g = torch.Generator().manual_seed(1)
+    tokens, heads, kv_heads, d = 7, 6, 2, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q, k, v = (t.view(tokens, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1))
+    cos, sin = torch.randn(64, d // 2, generator=g), torch.randn(64, d // 2, generator=g)
+    positions = torch.randint(0, 64, (tokens,), generator=g)
+    slots = torch.randperm(5 * 4, generator=g)[:tokens]
+    caches = [torch.zeros(5, 4, kv_heads, d, dtype=dtype) for _ in range(4)]
+    q_ref, k_ref = rope_and_write_kv_ref(positions, q, k, v, cos, sin, caches[0], caches[1], slots)
+    q_got, k_got = cpu_kernels.rope_and_write_kv(positions, q, k, v, cos, sin, caches[2], caches[3], slots)
+    torch.testing.assert_close(q_got, q_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(k_got, k_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(caches[2], caches[0], atol=tol, rtol=tol)
+    assert torch.equal(caches[3], caches[1])  # v is copied as it is
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.rope_and_write_kv(positions, q, k, v, cos, sin, caches[2], caches[3], slots + 20)
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        cpu_kernels.rope_and_write_kv(positions + 64, q, k, v, cos, sin, caches[2], caches[3], slots)
 
 
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
     assert resolve_backend_name("auto", torch.device("cpu")) == "cpu"
-    monkeypatch.setattr(cpu_attention, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
     from tandem.model.attention import get_backend
 
@@ -83,7 +129,8 @@ def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
 
 @pytest.mark.parametrize("preset", ["llama3-gqa", "mistral-swa"])
 def test_cpu_backend_greedy_equals_torch_backend(make_llm, preset):
-    """Batched decodes of different lengths (one outliving the others), chunked prefill, a sliding window."""
+    """Batched decodes of different lengths (one outliving the others), chunked prefill, a sliding
+    window; on the cpu backend every layer op is a C++ kernel."""
     prompts = [{"prompt_token_ids": [(i * 37 + j * 11) % 500 + 3 for j in range(n)]} for i, n in
                enumerate((1, 17, 40))]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (5, 9, 24)]

@@ -1,0 +1,119 @@
+"""tandem's C++ CPU kernels (``csrc/``), loaded as ``torch.ops.tandem_cpu``: the paged decode
+attention that reads each sequence's K/V blocks where they lie in the cache instead of gathering
+them into a copy, and the per-token ops of a layer in one pass each (RMSNorm, residual add +
+RMSNorm, SiLU-and-mul, rotary fused with the KV-cache write), with the torch references'
+signatures (``cpu_ops()`` is their ``Ops`` set).
+
+They are compiled once per machine with torch's extension builder (``make install`` runs
+``python -m tandem.kernels.cpu_kernels``), for the vector instructions torch itself selected on
+this CPU (AVX-512, AVX2 or none). Where they cannot be built (no C++ compiler) the torch
+references serve instead; ``available()`` says which.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tandem.kernels.ops import Ops
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("cpu_*.cpp"))
+# Per torch CPU capability: the instruction-set flags and ATen's vector-width macros, so the build
+# targets the same vector code torch's own kernels dispatch to on this CPU
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mfma", "-mavx2", "-mf16c",
+                         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+              "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]}
+
+
+def _capability() -> str:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" if cap.startswith("AVX512") else cap if cap in _ISA_FLAGS else "DEFAULT"
+
+
+def _build_spec() -> tuple[str, list[str], Path]:
+    """(library name, compiler flags, build directory). The name carries a digest of the sources,
+    the flags and the torch version, so a built library is reused exactly while all are unchanged."""
+    cap = _capability()
+    flags = ["-O3", "-fopenmp", "-std=c++17", *_ISA_FLAGS.get(cap, ["-DCPU_CAPABILITY=DEFAULT"])]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) +
+                            " ".join([*flags, torch.__version__]).encode()).hexdigest()[:12]
+    name = f"tandem_cpu_kernels_{cap.lower()}_{digest}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return name, flags, root / "tandem" / name
+
+
+@functools.cache
+def available() -> bool:
+    """Loads the operators, building them first if this machine has no build of the current
+    sources (under the builder's file lock, so concurrent processes build once); False, with a
+    warning, when that fails."""
+    name, flags, build_dir = _build_spec()
+    library = build_dir / f"{name}.so"
+    try:
+        if not library.exists():
+            from torch.utils import cpp_extension
+
+            logger.info("building tandem's CPU kernels in %s (once per machine)", build_dir)
+            build_dir.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
+                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+                               verbose=False)
+        else:
+            torch.ops.load_library(str(library))
+    except (OSError, RuntimeError, ImportError) as exc:  # no compiler / ninja, or the build failed
+        logger.warning("tandem's CPU kernels unavailable (%s); using the torch references", exc)
+        return False
+    return True
+
+
+def _ops() -> object:
+    if not available():
+        raise RuntimeError("tandem's CPU kernels could not be built here")
+    return torch.ops.tandem_cpu
+
+
+def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """As ``tandem.kernels.paged_attention.paged_decode_attention`` (same arguments and result);
+    a sequence of context length 0 gets zeros."""
+    return _ops().paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens,  # type: ignore[attr-defined]
+                                         scale, sliding_window or 0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _ops().rms_norm(x.contiguous(), weight, eps)  # type: ignore[attr-defined]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (rms_norm(residual + x), residual + x)."""
+    return _ops().add_rms_norm(x.contiguous(), residual.contiguous(), weight, eps)  # type: ignore[attr-defined]
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _ops().silu_and_mul(x.contiguous())  # type: ignore[attr-defined]
+
+
+def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``tandem.kernels.rope_kv.rope_and_write_kv_ref``; q and k may be views into the QKV output."""
+    return _ops().rope_and_write_kv(positions, q, k, v, cos, sin, k_cache, v_cache,  # type: ignore[attr-defined]
+                                    slot_mapping)
+
+
+def cpu_ops() -> Ops:
+    return Ops(rms_norm, add_rms_norm, silu_and_mul, rope_and_write_kv)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if available() else 1)
