@@ -28,8 +28,10 @@ def main(work: str, stamp: str, out: str) -> None:
         "date": tandem["date"],
         "output_tokens_per_second": by_engine,
         "median_output_tokens_per_second": median,
+        "range_output_tokens_per_second": {e: [min(v), max(v)] for e, v in by_engine.items()},
         "tandem_vs": {e: median["tandem"] / m for e, m in median.items() if e != "tandem"},
-        "notes": "vllm-default: vLLM CPU reduces torch to 1 thread for its engine core; vllm-omp2: "
+        "notes": "tandem: defaults (on a CPU the attention backend 'cpu': tandem's C++ kernels); "
+                 "tandem-torchattn: --attention-backend torch (the torch references). vllm-default: vLLM CPU reduces torch to 1 thread for its engine core; vllm-omp2: "
                  "OMP_NUM_THREADS=2. transformers: static batches of 16, left-padded, only requested "
                  "tokens counted. vLLM output tok/s = its total tok/s x output share (same requests).",
         "runs": runs,

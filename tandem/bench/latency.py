@@ -25,6 +25,11 @@ Definitions (all times from ``time.perf_counter``):
   with the weights plus every sequence's KV at its mean decode context (``input_len +
   output_len / 2``) as the bytes a step reads, and the copy bandwidth measured on the device in the
   same run (``copy_bandwidth_gbps``: read + write of a large tensor copy);
+* ``decode_roofline_fraction``: the step's roofline bound over its median time, the bound being
+  the larger of its bytes over the copy bandwidth and its FLOPs (``decode_flops_per_step()``: every
+  linear weight and the LM head once per sequence, attention over the mean decode context) over
+  the matmul throughput; ``decode_bound`` says which one binds (a batched fp32 decode on a CPU is
+  usually compute-bound, so the bandwidth fraction alone understates it);
 * ``prefill_flops_fraction``: ``prefill_flops / median_prefill_compute_s / matmul throughput``,
   with ``prefill_flops`` from the model's shape (``prefill_flops()``: linear weights per prompt
   token, the LM head per prompt, causal attention), ``median_prefill_compute_s`` the median over
@@ -253,6 +258,17 @@ def prefill_flops(shape: dict[str, Any], num_seqs: int, input_len: int) -> float
     return float(linear + attention)
 
 
+def decode_flops_per_step(shape: dict[str, Any], num_seqs: int, input_len: int, output_len: int) -> float:
+    """FLOPs of one decode step of ``num_seqs`` sequences at their mean decode context: every linear
+    weight and the LM head once per sequence, QK and PV over the context per head and layer."""
+    hidden, vocab = shape["hidden_size"], shape["vocab_size"]
+    input_embedding = vocab * hidden
+    linear = 2 * (shape["num_params"] - input_embedding) * num_seqs
+    context = input_len + output_len // 2
+    attention = 4 * shape["num_layers"] * shape["num_heads"] * shape["head_dim"] * context * num_seqs
+    return float(linear + attention)
+
+
 def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, num_seqs: int, input_len: int,
                           output_len: int) -> int:
     """Every weight once, plus every sequence's KV at its mean decode context."""
@@ -261,16 +277,21 @@ def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, num_seqs: 
 
 def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | None = None,
               copy_bandwidth: float | None = None, flops: float | None = None,
-              matmul_flops: float | None = None) -> dict[str, Any]:
+              matmul_flops: float | None = None, step_flops: float | None = None) -> dict[str, Any]:
     """vLLM's avg_latency / latencies / percentiles, plus step times, weight bandwidth, the
-    fraction of the copy bandwidth a decode step achieves and the fraction of the matmul
-    throughput the prefill steps achieve (``flops``: the batch's prefill FLOPs)."""
+    fraction of the copy bandwidth a decode step achieves, its fraction of the roofline bound
+    (``step_flops``: a decode step's FLOPs) and the fraction of the matmul throughput the prefill
+    steps achieve (``flops``: the batch's prefill FLOPs)."""
     latencies = [t.latency_s for t in timings]
     prefill_compute_s = statistics.median(sum(t.prefill_steps_s) for t in timings)
     flops_fraction = flops / prefill_compute_s / matmul_flops if flops and matmul_flops and prefill_compute_s else None
     decode_steps = [s for t in timings for s in t.decode_steps_s]
     decode_s = statistics.median(decode_steps) if decode_steps else None
     fraction = step_bytes / decode_s / copy_bandwidth if decode_s and step_bytes and copy_bandwidth else None
+    bounds = {"memory": step_bytes / copy_bandwidth if step_bytes and copy_bandwidth else 0.0,
+              "compute": step_flops / matmul_flops if step_flops and matmul_flops else 0.0}
+    binding = max(bounds, key=lambda k: bounds[k])
+    roofline = bounds[binding] / decode_s if decode_s and bounds[binding] else None
     return {
         "avg_latency": float(np.mean(latencies)),
         "latencies": latencies,
@@ -284,6 +305,10 @@ def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | N
         "decode_bytes_per_step": step_bytes,
         "copy_bandwidth_gbps": copy_bandwidth / 1e9 if copy_bandwidth else None,
         "decode_bandwidth_fraction": fraction,
+        "decode_flops_per_step": step_flops,
+        "decode_roofline_bound_ms": bounds[binding] * 1e3 if roofline else None,
+        "decode_bound": binding if roofline else None,
+        "decode_roofline_fraction": roofline,
         "median_prefill_compute_s": prefill_compute_s,
         "prefill_flops": flops,
         "matmul_gflops": matmul_flops / 1e9 if matmul_flops else None,
@@ -299,6 +324,9 @@ def _print_summary(res: dict[str, Any]) -> None:
         print(f"Median decode step: {res['median_decode_step_ms']:.3f} ms, weights read at "
               f"{res['achieved_weight_bandwidth_gbps']:.2f} GB/s; {res['decode_bandwidth_fraction']:.1%} of the "
               f"measured copy bandwidth ({res['copy_bandwidth_gbps']:.1f} GB/s)")
+    if res.get("decode_roofline_fraction") is not None:
+        print(f"Decode roofline: {res['decode_bound']}-bound, {res['decode_roofline_bound_ms']:.2f} ms per step; "
+              f"the median step is at {res['decode_roofline_fraction']:.1%} of it")
     if res.get("prefill_flops_fraction") is not None:
         print(f"Prefill steps: {res['median_prefill_compute_s'] * 1e3:.2f} ms for {res['prefill_flops'] / 1e9:.2f} "
               f"GFLOP; {res['prefill_flops_fraction']:.1%} of the measured matmul throughput "
@@ -318,12 +346,14 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     step_bytes = decode_bytes_per_step(weight_bytes, runner.kv_bytes_per_block // runner.block_size,
                                        args.batch_size * args.n, args.input_len, args.output_len)
     timings = _measure(args, llm)
+    num_seqs = args.batch_size * args.n
     try:
-        flops: float | None = prefill_flops(shape, args.batch_size * args.n, args.input_len)
-    except (KeyError, TypeError):  # a shape without the fields the count needs
-        flops = None
+        flops: float | None = prefill_flops(shape, num_seqs, args.input_len)
+        step_flops: float | None = decode_flops_per_step(shape, num_seqs, args.input_len, args.output_len)
+    except (KeyError, TypeError):  # a shape without the fields the counts need
+        flops = step_flops = None
     results = summarize(timings, weight_bytes, step_bytes, measure_copy_bandwidth(runner.device), flops,
-                        measure_matmul_flops(runner.device, runner.dtype))
+                        measure_matmul_flops(runner.device, runner.dtype), step_flops)
     if args.profile:
         results["profile"] = _profile(args, llm)
     results.update({

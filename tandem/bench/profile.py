@@ -31,7 +31,8 @@ MODULE_CATEGORIES = {"Linear": "matmul", "ShardedLinear": "matmul", "MLP": "acti
                      "DecoderLayer": "norm_and_residual", "RMSNorm": "norm_and_residual",
                      "RotaryEmbedding": "rope", "VocabEmbedding": "embedding",
                      "LlamaModel": "embedding"}
-ATTENTION_OPS = [(re.compile(r"index_select|gather"), "kv_gather"),
+ATTENTION_OPS = [(re.compile(r"rope_and_write_kv"), "rope_and_kv_write"),  # tandem_cpu's fused op
+                 (re.compile(r"index_select|gather"), "kv_gather"),
                  (re.compile(r"index_put|index_copy|scatter"), "kv_write"),
                  (re.compile(r"scaled_dot_product|softmax|bmm|matmul|_flash_attention|paged_decode_attention"), "attention"),
                  (re.compile(r"copy_|clone|contiguous|cat|stack"), "attention_layout_copies")]

@@ -186,13 +186,14 @@ def _cpu_model_name() -> str:
 
 
 def describe_device(device: Any = None) -> str:
-    """'cpu: <model name>, N threads' or 'cuda: <device name>'."""
+    """'cpu: <model name>, N threads, <vector ISA torch dispatches to>' or 'cuda: <device name>'
+    (the same model name covers CPUs with and without AVX-512, so the ISA is named too)."""
     import torch
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
-    return f"cpu: {_cpu_model_name()}, {torch.get_num_threads()} threads"
+    return f"cpu: {_cpu_model_name()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _safetensors_param_count(model_dir: Path) -> int | None:

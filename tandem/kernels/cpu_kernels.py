@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,18 +58,21 @@ def available() -> bool:
     warning, when that fails."""
     name, flags, build_dir = _build_spec()
     library = build_dir / f"{name}.so"
-    try:
-        if not library.exists():
-            from torch.utils import cpp_extension
-
-            logger.info("building tandem's CPU kernels in %s (once per machine)", build_dir)
-            build_dir.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
-                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
-                               verbose=False)
-        else:
+    if library.exists():
+        try:
             torch.ops.load_library(str(library))
-    except (OSError, RuntimeError, ImportError) as exc:  # no compiler / ninja, or the build failed
+            return True
+        except OSError:  # half-written by a build still running elsewhere: wait for it below
+            pass
+    try:
+        from torch.utils import cpp_extension
+
+        logger.info("building tandem's CPU kernels in %s (once per machine)", build_dir)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+                           verbose=False)
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as exc:  # no compiler/ninja, failed build
         logger.warning("tandem's CPU kernels unavailable (%s); using the torch references", exc)
         return False
     return True

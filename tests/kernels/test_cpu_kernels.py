@@ -140,3 +140,24 @@ def test_cpu_backend_greedy_equals_torch_backend(make_llm, preset):
         assert llm.llm_engine.runner.attention_backend == backend
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs["cpu"] == outs["torch"]
+
+
+def test_without_a_compiler_the_engine_serves_on_the_torch_path(model_dirs, tmp_path):
+    """A machine with no working C++ compiler and no prior build: a warning, then the torch backend."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from tandem import LLM, SamplingParams\n"
+        "from tandem.kernels import cpu_kernels\n"
+        "assert not cpu_kernels.available()\n"
+        f"llm = LLM(model={str(model_dirs['llama3-gqa'])!r}, kv_cache_memory='8MiB')\n"
+        "assert llm.llm_engine.runner.attention_backend == 'torch'\n"
+        "out = llm.generate([{'prompt_token_ids': [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=3))\n"
+        "print('tokens', len(out[0].outputs[0].token_ids))\n")
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tokens 3" in done.stdout and "CPU kernels unavailable" in done.stderr
