@@ -117,6 +117,23 @@ def test_rope_and_kv_write_match_reference_on_qkv_views(dtype, tol):
         cpu_kernels.rope_and_write_kv(positions + 64, q, k, v, cos, sin, caches[2], caches[3], slots)
 
 
+@pytest.mark.parametrize(("torch_capability", "flags"), [
+    ("AVX512", ["-mavx512f", "-DCPU_CAPABILITY_AVX512"]), ("AVX512_BF16", ["-mavx512f", "-DCPU_CAPABILITY_AVX512"]),
+    ("AVX2", ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]), ("DEFAULT", ["-DCPU_CAPABILITY=DEFAULT"]),
+    ("SVE256", ["-DCPU_CAPABILITY=DEFAULT"]), ("ZVECTOR", ["-DCPU_CAPABILITY=DEFAULT"])])
+def test_build_targets_the_isa_torch_dispatches_to(monkeypatch, torch_capability, flags):
+    """No CPU model is named anywhere: the flags follow torch's own runtime choice, and each ISA's
+    build has its own library name (a home directory shared by two machines keeps both)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: torch_capability)
+    name, got, build_dir = cpu_kernels._build_spec()
+    assert set(flags) <= set(got) and build_dir.name == name
+    assert ("-mavx512f" in got) == torch_capability.startswith("AVX512") and ("-mavx2" in got) == (
+        torch_capability.startswith("AVX512") or torch_capability == "AVX2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT" if "AVX" in torch_capability
+                        else "AVX2")
+    assert cpu_kernels._build_spec()[0] != name
+
+
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
     assert resolve_backend_name("auto", torch.device("cpu")) == "cpu"
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
