@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the local CPU build, so nothing later pulls the CUDA wheels
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test,lint]"
-	# the C++ CPU paged attention, built for this CPU (without a compiler the torch path serves)
-	$(PY) -m tandem.kernels.cpu_kernels || echo "warning: CPU paged attention not built; torch attention will serve"
+	# tandem's C++ CPU kernels (tandem/kernels/csrc), built for this CPU; without a compiler torch serves
+	$(PY) -m tandem.kernels.cpu_kernels || echo "warning: tandem's CPU kernels not built; the torch references will serve"
 	touch $(STAMP)
 
 # Types and style: both must report nothing (.ci/run runs this before the tests).
