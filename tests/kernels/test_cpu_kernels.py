@@ -111,6 +111,9 @@ def test_rope_and_kv_write_match_reference_on_qkv_views(dtype, tol):
     torch.testing.assert_close(k_got, k_ref, atol=tol, rtol=tol)
     torch.testing.assert_close(caches[2], caches[0], atol=tol, rtol=tol)
     assert torch.equal(caches[3], caches[1])  # v is copied as it is
+    strided = torch.stack([positions, positions], dim=1)[:, 0]  # indices that are a non-contiguous view
+    q_strided, _ = cpu_kernels.rope_and_write_kv(strided, q, k, v, cos, sin, caches[2], caches[3], slots)
+    assert not strided.is_contiguous() and torch.equal(q_strided, q_got)
     with pytest.raises(RuntimeError, match="outside the cache"):
         cpu_kernels.rope_and_write_kv(positions, q, k, v, cos, sin, caches[2], caches[3], slots + 20)
     with pytest.raises(RuntimeError, match="outside the rotary table"):

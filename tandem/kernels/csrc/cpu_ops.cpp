@@ -189,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor> rope_and_write_kv(const at::Tensor& positions
               "head_dim / cache layout mismatch");
   TORCH_CHECK(positions.numel() == tokens && slot_mapping.numel() == tokens, "one position and slot per token");
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1), max_pos = cos.size(0);
-  const int64_t* pos = positions.contiguous().data_ptr<int64_t>();
-  const at::Tensor slots_t = slot_mapping.contiguous();
+  const at::Tensor pos_t = positions.contiguous(), slots_t = slot_mapping.contiguous();  // alive while read
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
   const int64_t* slots = slots_t.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
     TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "position ", pos[t], " outside the rotary table");
