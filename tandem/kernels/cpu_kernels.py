@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,12 +44,29 @@ def _build_spec() -> tuple[str, list[str], Path]:
     """(library name, compiler flags, build directory). The name carries a digest of the sources,
     the flags and the torch version, so a built library is reused exactly while all are unchanged."""
     cap = _capability()
-    flags = ["-O3", "-fopenmp", "-std=c++17", *_ISA_FLAGS.get(cap, ["-DCPU_CAPABILITY=DEFAULT"])]
+    flags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(cap, ["-DCPU_CAPABILITY=DEFAULT"])]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) +
                             " ".join([*flags, torch.__version__]).encode()).hexdigest()[:12]
     name = f"tandem_cpu_kernels_{cap.lower()}_{digest}"
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     return name, flags, root / "tandem" / name
+
+
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
+
+
+def _build(name: str, flags: list[str], build_dir: Path) -> None:
+    """Compiles and links under torch's builder lock (concurrent processes build once)."""
+    from torch.utils import cpp_extension
+
+    logger.info("building tandem's CPU kernels in %s (once per machine)", build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        logger.warning("removing a stale build lock %s", lock)
+        lock.unlink(missing_ok=True)
+    cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build_dir), is_python_module=False, verbose=False)
 
 
 @functools.cache
@@ -57,21 +75,12 @@ def available() -> bool:
     sources (under the builder's file lock, so concurrent processes build once); False, with a
     warning, when that fails."""
     name, flags, build_dir = _build_spec()
-    library = build_dir / f"{name}.so"
-    if library.exists():
-        try:
-            torch.ops.load_library(str(library))
-            return True
-        except OSError:  # half-written by a build still running elsewhere: wait for it below
-            pass
+    library, built = build_dir / f"{name}.so", build_dir / f"{name}.ok"
     try:
-        from torch.utils import cpp_extension
-
-        logger.info("building tandem's CPU kernels in %s (once per machine)", build_dir)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
-                           verbose=False)
+        if not built.exists():  # the marker is written only after a whole build (a linker writes in place)
+            _build(name, flags, build_dir)
+            built.touch()
+        torch.ops.load_library(str(library))
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as exc:  # no compiler/ninja, failed build
         logger.warning("tandem's CPU kernels unavailable (%s); using the torch references", exc)
         return False

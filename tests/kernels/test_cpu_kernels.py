@@ -73,6 +73,10 @@ def test_bad_metadata_is_an_error_not_a_crash():
         cpu_kernels.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.25)
     with pytest.raises(RuntimeError, match="longer than its block table"):
         cpu_kernels.paged_decode_attention(query, k_cache, v_cache, tables[:, :1], lens, 0.25)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):  # fp32 math would lose fp64's
+        cpu_kernels.paged_decode_attention(query.double(), k_cache.double(), v_cache.double(), tables, lens, 0.25)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        cpu_kernels.rms_norm(query.double(), torch.ones(16, dtype=torch.float64), 1e-6)
 
 
 # (dtype, tolerance): fp32 to rounding; bf16/fp16 within one ulp of the reference's roundings

@@ -48,7 +48,14 @@ void norm_row(const float* xf, const T* w, int64_t n, double eps, T* y) {
   }
 }
 
+// The kernels compute in fp32: float, bfloat16 and half only (a double would lose precision silently).
+void check_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "float32, bfloat16 or float16 only, got ", x.scalar_type());
+}
+
 void check_rows(const at::Tensor& x, const at::Tensor& weight) {
+  check_dtype(x);
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "a contiguous CPU tensor");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type(),
               "weight [hidden] in the input's dtype");
@@ -137,7 +144,9 @@ void silu_and_mul_rows(const T* xp, T* yp, int64_t rows, int64_t n) {
 
 // [T, 2N] (gate, up) -> silu(gate) * up [T, N].
 at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.size(-1) % 2 == 0, "a contiguous CPU [.., 2N] tensor");
+  check_dtype(x);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.is_contiguous() && x.size(-1) % 2 == 0,
+              "a contiguous CPU [.., 2N] tensor");
   const int64_t two_n = x.size(-1), n = two_n / 2, rows = two_n ? x.numel() / two_n : 0;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -179,12 +188,15 @@ std::tuple<at::Tensor, at::Tensor> rope_and_write_kv(const at::Tensor& positions
                                                      const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
                                                      const at::Tensor& slot_mapping) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0), "bad shapes");
+  check_dtype(q);
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "head_dim must be contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(), "cache");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous(), "cos/sin fp32 [max_positions, D/2]");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong, "int64 indices");
   const int64_t tokens = q.size(0), heads = q.size(1), kv_heads = k.size(1), d = q.size(2);
+  TORCH_CHECK(k.size(2) == d && cos.dim() == 2 && sin.sizes() == cos.sizes() && k_cache.dim() == 4,
+              "q/k head_dim, cos/sin or cache rank mismatch");
   TORCH_CHECK(d % 2 == 0 && cos.size(1) == d / 2 && k_cache.size(2) == kv_heads && k_cache.size(3) == d,
               "head_dim / cache layout mismatch");
   TORCH_CHECK(positions.numel() == tokens && slot_mapping.numel() == tokens, "one position and slot per token");

@@ -189,6 +189,8 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   TORCH_CHECK(query.device().is_cpu() && k_cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
               "query and cache dtypes differ");
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16 ||
+                  query.scalar_type() == at::kHalf, "float32, bfloat16 or float16 only (fp32 accumulation)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
   TORCH_CHECK(query.stride(2) == 1, "query's last dim must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 metadata");
@@ -199,6 +201,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   const int64_t table_stride = block_tables.stride(0);
   Shape s{query.size(1), k_cache.size(2), k_cache.size(3), k_cache.size(1), block_tables.size(1),
           query.stride(0), query.stride(1), 0, 0};
+  TORCH_CHECK(s.kv_heads > 0 && s.block_size > 0, "empty cache layout");
   TORCH_CHECK(query.size(2) == s.head_dim && s.heads % s.kv_heads == 0, "heads must be a multiple of kv heads");
   at::Tensor out = at::empty({batch, s.heads, s.head_dim}, query.options());
   s.o_stride_b = out.stride(0);
