@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tandem.h2d import copy_into, to_device
+from tandem.kernels import cpu_kernels
 from tandem.kernels import paged_attention as ref
 from tandem.kernels.ops import TORCH_OPS, Ops
 
@@ -140,7 +141,7 @@ class WriteThenAttend:
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window)
+        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window, fresh_kv=(key, value))
 
 
 # -- torch reference backend ---------------------------------------------------------------------------
@@ -176,8 +177,11 @@ def decode_groups(num_blocks: list[int], max_waste: float = 0.25) -> list[tuple[
 
 
 class TorchMetadataBuilder:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    """group_decodes: split decodes into runs of similar table width (``decode_groups``), for a
+    decode kernel that pads every row of a run to the run's widest table."""
+
+    def __init__(self, device: torch.device, group_decodes: bool = True) -> None:
+        self.device, self.group_decodes = device, group_decodes
 
     def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         nd, starts, dev = common.num_decodes, common.query_start_loc, self.device
@@ -191,7 +195,7 @@ class TorchMetadataBuilder:
             decode_block_tables=to_device(pad_block_tables(decode_tables), dev),
             decode_seq_lens=to_device(common.seq_lens[:nd], dev, torch.int64),
             prefills=prefills,
-            decode_groups=decode_groups([len(t) for t in decode_tables]),
+            decode_groups=decode_groups([len(t) for t in decode_tables]) if self.group_decodes else None,
         )
 
     def decode_graph_buffers(self, max_batch: int, max_blocks: int, pad_slot: int) -> DecodeGraphBuffers:
@@ -211,12 +215,6 @@ class TorchAttentionBackend(WriteThenAttend):
     def make_builder(self, device: torch.device) -> TorchMetadataBuilder:
         return TorchMetadataBuilder(device)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
-        ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window, fresh_kv=(key, value))
-
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, sliding_window: int | None = None,
                fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -233,7 +231,7 @@ class TorchAttentionBackend(WriteThenAttend):
                 meta.decode_seq_lens[start:end], scale, sliding_window)
         for seq in meta.prefills:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            own = (fresh_kv[0][rows], fresh_kv[1][rows]) if fresh_kv and seq.query_len == seq.context_len else None
+            own = (fresh_kv[0][rows], fresh_kv[1][rows]) if fresh_kv else None  # used when no prefix
             out[rows] = ref.paged_prefill_attention(query[rows], k_cache, v_cache, seq.block_table, seq.context_len,
                                                     scale, self.workspace, sliding_window, own)
         return out
@@ -245,16 +243,6 @@ class TorchAttentionBackend(WriteThenAttend):
                                           sliding_window)
 
 
-class CpuMetadataBuilder(TorchMetadataBuilder):
-    """As the torch builder, with all decodes in one run: the CPU kernel reads each row only up to
-    its own context length, so a wide table costs nothing."""
-
-    def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
-        meta = super().build(common)
-        meta.decode_groups = None
-        return meta
-
-
 class CpuAttentionBackend(TorchAttentionBackend):
     """The torch backend with tandem's C++ CPU kernels (``tandem.kernels.cpu_kernels``): decodes
     read K/V blocks in place, and the layer's norms, activation and rotary + KV write are one pass
@@ -263,24 +251,23 @@ class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     def __init__(self) -> None:
-        from tandem.kernels import cpu_kernels
-
         if not cpu_kernels.available():
             raise RuntimeError("attention backend 'cpu': tandem's C++ CPU kernels could not be built here "
                                "(see the warning above); use 'torch'")
-        self._decode = cpu_kernels.paged_decode_attention
         self.ops = cpu_kernels.cpu_ops()
         super().__init__()
 
-    def make_builder(self, device: torch.device) -> CpuMetadataBuilder:
+    def make_builder(self, device: torch.device) -> TorchMetadataBuilder:
         if device.type != "cpu":
             raise ValueError(f"attention backend 'cpu' runs on a CPU, not on {device}")
-        return CpuMetadataBuilder(device)
+        # all decodes in one call: the kernel reads each row only up to its own context length
+        return TorchMetadataBuilder(device, group_decodes=False)
 
     def _decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                           sliding_window: int | None) -> torch.Tensor:
-        return self._decode(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+        return cpu_kernels.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                  sliding_window)
 
 
 def _triton_backend() -> AttentionBackend:

@@ -56,8 +56,6 @@ def resolve_sampling_backend(name: str, device: torch.device, attention_backend:
         if name not in SAMPLING_BACKENDS:
             raise ValueError(f"sampling backend {name!r} unknown; available: {list(SAMPLING_BACKENDS)}")
         return name
-    if device.type == "cuda":
-        return "triton" if attention_backend == "triton" else "torch"
     return "triton" if attention_backend == "triton" else "torch"
 
 
