@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from tandem.h2d import copy_into, to_device
-from tandem.kernels import cpu_kernels
 from tandem.kernels import paged_attention as ref
 from tandem.kernels.ops import TORCH_OPS, Ops
 
@@ -251,10 +250,13 @@ class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     def __init__(self) -> None:
+        from tandem.kernels import cpu_kernels  # not at import: `python -m tandem.kernels.cpu_kernels` builds it
+
         if not cpu_kernels.available():
             raise RuntimeError("attention backend 'cpu': tandem's C++ CPU kernels could not be built here "
                                "(see the warning above); use 'torch'")
         self.ops = cpu_kernels.cpu_ops()
+        self._paged_decode = cpu_kernels.paged_decode_attention
         super().__init__()
 
     def make_builder(self, device: torch.device) -> TorchMetadataBuilder:
@@ -266,8 +268,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def _decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                           sliding_window: int | None) -> torch.Tensor:
-        return cpu_kernels.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                                                  sliding_window)
+        return self._paged_decode(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
 
 
 def _triton_backend() -> AttentionBackend:
