@@ -1,4 +1,4 @@
-"""Command line: ``tandem generate``, ``tandem bench throughput``, ``tandem eval perplexity``."""
+"""Command line: ``tandem generate``, ``tandem bench throughput``, ``tandem eval perplexity|quality``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+def _cmd_eval_quality(args: argparse.Namespace) -> int:
+    from tandem.eval.quality import run_quality
+
+    return run_quality(args)
+
+
 def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from tandem.eval.perplexity import run_perplexity
 
@@ -232,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = evaluate.add_parser("perplexity", help="per-token perplexity of text files, from prompt logprobs")
     add_perplexity_args(ppl)
     ppl.set_defaults(func=_cmd_eval_perplexity)
+    from tandem.eval.quality import add_quality_args
+
+    quality = evaluate.add_parser("quality", help="quality of a precision choice (quantization, policy, KV cache "
+                                                  "dtype) against the unquantized model; exits 1 past thresholds")
+    add_quality_args(quality)
+    quality.set_defaults(func=_cmd_eval_quality)
     return parser
 
 

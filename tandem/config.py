@@ -116,6 +116,8 @@ class ModelConfig:
     cuda_graph_sizes: list[int] | None = None
     attention_backend: str = "auto"  # auto: Triton on a CUDA GPU, the C++ decode kernel on a CPU, else torch
     cpu_gemm: str = "auto"  # fp32 linear layers on a CPU: auto (measured at load), blas, onednn
+    quantization: str | None = None  # online weight quantization of every linear layer but the LM head
+    precision_policy: str | None = None  # a YAML file of per-layer schemes (tandem/quantization/policy.py)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from tandem.quantization.schemes import QUANTIZATION_METHODS
 
 ModelFlag = Literal["positional", "option"] | None
 
@@ -108,6 +109,13 @@ class EngineArgs:
         ModelConfig.cpu_gemm, "fp32 linear layers on a CPU: auto (per weight shape and row count, the faster of "
                               "torch's BLAS and oneDNN with the weight packed once, measured at load), blas, onednn",
         choices=("auto", "blas", "onednn"))
+    quantization: str | None = _arg(
+        ModelConfig.quantization, "quantize the weights of every linear layer but the LM head when loading: fp8 "
+                                  "(e4m3, per channel), int8 (weight-only, per channel), mxfp4, nvfp4 (emulated "
+                                  "off Blackwell)", choices=QUANTIZATION_METHODS)
+    precision_policy: str | None = _arg(
+        ModelConfig.precision_policy, "YAML file of ordered rules (match -> scheme) choosing each linear layer's "
+                                      "precision; see examples/policies/ (not with --quantization)")
     enforce_eager: bool = _arg(ModelConfig.enforce_eager, "no CUDA graphs for decode steps")
     cuda_graph_sizes: list[int] | None = _arg(
         ModelConfig.cuda_graph_sizes, "decode batch sizes replayed from CUDA graphs (default on CUDA: 1, 2, 4, 8, "
@@ -218,7 +226,8 @@ class EngineArgs:
                               max_model_len=self.max_model_len, seed=self.seed, device=self.device,
                               load_format=self.load_format, enforce_eager=self.enforce_eager,
                               cuda_graph_sizes=None if self.cuda_graph_sizes is None else list(self.cuda_graph_sizes),
-                              attention_backend=self.attention_backend, cpu_gemm=self.cpu_gemm),
+                              attention_backend=self.attention_backend, cpu_gemm=self.cpu_gemm,
+                              quantization=self.quantization, precision_policy=self.precision_policy),
             cache=CacheConfig(block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                               kv_cache_memory=self.kv_cache_memory,
                               gpu_memory_utilization=self.gpu_memory_utilization,

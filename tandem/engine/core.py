@@ -28,6 +28,8 @@ from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from tandem.scheduler_output import SchedulerOutput
 
 if TYPE_CHECKING:
+    import torch
+
     from tandem.engine.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -142,6 +144,17 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def score_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """The model's fp32 logits at every position of ``token_ids`` (one prefill on blocks taken
+        from the pool and given back): evaluation tools read whole next-token distributions here."""
+        if not 0 < len(token_ids) <= self.max_model_len:
+            raise ValueError(f"score_logits takes 1 to {self.max_model_len} tokens, got {len(token_ids)}")
+        blocks = self.kv.pool.get_new_blocks(-(-len(token_ids) // self.runner.block_size))
+        try:
+            return self.runner.prefill_logits(token_ids, [b.block_id for b in blocks])
+        finally:
+            self.kv.free_blocks(blocks)
 
     def step(self) -> list[CoreOutput]:
         outputs: dict[str, CoreOutput] = {}

@@ -104,6 +104,8 @@ def plan_cpu_gemm(model: object, mode: str) -> dict[tuple[int, int], tuple[bool,
     with torch.no_grad():
         for module in linear_weights(model):
             weight = module.weight
+            if module.quant is not None:
+                continue  # its product is the quantized weight's (tandem/quantization)
             if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
                 continue
             shape = (weight.shape[0], weight.shape[1])

@@ -22,6 +22,7 @@ from tandem.kernels.rope_kv import rotate_neox
 
 if TYPE_CHECKING:
     from tandem.model.cpu_gemm import GemmRoute
+    from tandem.quantization.schemes import QuantizedWeight
 
 # (param, loaded weight, shard id or None) -> None: copies the checkpoint tensor into the parameter
 WeightLoader = Callable[..., None]
@@ -69,8 +70,12 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
         self.gemm_route: GemmRoute | None = None  # set by plan_cpu_gemm
+        # set by tandem.quantization.apply_precision, which then empties self.weight
+        self.quant: QuantizedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant(x, self.bias)
         return linear(x, self.weight, self.bias, self.gemm_route)
 
 
@@ -113,9 +118,17 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.weight = _param(vocab_size, dim, dtype=dtype)
         self.gemm_route: GemmRoute | None = None  # as the LM head: set by plan_cpu_gemm
+        # as the LM head: set by apply_precision (which keeps the weight when the embeddings share it)
+        self.quant: QuantizedWeight | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This table used as the LM head: hidden [T, dim] -> [T, vocab] in hidden's dtype."""
+        if self.quant is not None:
+            return self.quant(hidden, None)
+        return linear(hidden, self.weight, route=self.gemm_route)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from tandem.kernels.ops import Ops
 from tandem.model.attention import AttentionBackend, AttentionMetadata
-from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding, linear
+from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding
 
 
 @dataclass
@@ -177,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight, route=self.lm_head.gemm_route).float()
+        return self.lm_head.logits(hidden).float()
 
     def attention_layers(self) -> list[Attention]:
         layers = []

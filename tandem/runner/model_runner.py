@@ -22,6 +22,7 @@ from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.profiling import span
+from tandem.quantization import PrecisionReport, apply_precision, load_policy
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import (
@@ -34,6 +35,7 @@ from tandem.runner.sampler import (
     resolve_sampling_backend,
     sampling_kernel,
 )
+from tandem.sampling_params import SamplingParams
 from tandem.scheduler_output import PLACEHOLDER_TOKEN, ScheduledChunk, SchedulerOutput
 from tandem.utils import cdiv
 
@@ -91,6 +93,9 @@ class ModelRunner:
         self.attn_metadata_builder = backend.make_builder(self.device)
         self.model: CausalLM = load_model(model_config.model, self.dtype, self.device, backend,
                                           model_config.load_format, model_config.seed)
+        # each linear layer's precision (tandem/quantization), before the GEMM plan skips quantized layers
+        policy = load_policy(model_config.quantization, model_config.precision_policy)
+        self.precision: PrecisionReport | None = apply_precision(self.model, policy) if policy else None
         # which GEMM each fp32 linear layer uses at each row count, measured on this CPU
         self.gemm_choices = plan_cpu_gemm(self.model, model_config.cpu_gemm) if self.device.type == "cpu" else {}
         self.args = self.model.args
@@ -133,6 +138,20 @@ class ModelRunner:
             raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block "
                              f"({self.kv_bytes_per_block} bytes); raise kv_cache_memory")
         return num
+
+    @torch.inference_mode()
+    def prefill_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [len(token_ids), vocab] at every position of one paged prefill into
+        ``block_ids`` (the caller owns them; nothing is sampled and no request state is kept)."""
+        request_id = "\x00prefill-logits"  # cannot collide: request ids reaching the engine are printable
+        chunk = ScheduledChunk(request_id, token_ids, 0, block_ids, sample=False, num_prompt_tokens=len(token_ids))
+        self.states[request_id] = self.sampler.make_state(SamplingParams(), token_ids)
+        try:
+            batch = self._prepare([chunk])
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+            return self.model.compute_logits(hidden)[:, : self.args.vocab_size]
+        finally:
+            self.states.pop(request_id)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> int:

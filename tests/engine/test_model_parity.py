@@ -6,21 +6,12 @@ import pytest
 import torch
 
 from tandem import SamplingParams
-from tandem.scheduler_output import ScheduledChunk
 from tests.helpers import ALL_PRESETS, hf_greedy, hf_model, prompts_for
 
 
 def tandem_prefill_logits(llm, prompt: list[int]) -> torch.Tensor:
     """Logits at every prompt position from one paged prefill through the runner."""
-    runner = llm.llm_engine.runner
-    blocks = list(range((len(prompt) + runner.block_size - 1) // runner.block_size))
-    chunk = ScheduledChunk("x", prompt, 0, blocks, sample=False, num_prompt_tokens=len(prompt))
-    with torch.inference_mode():
-        runner.states["x"] = runner.sampler.make_state(SamplingParams(), prompt)
-        b = runner._prepare([chunk])
-        hidden = runner.model(b.input_ids, b.positions, b.meta)
-        runner.states.pop("x")
-        return runner.model.compute_logits(hidden)
+    return llm.llm_engine.core.score_logits(prompt)
 
 
 @pytest.mark.parametrize("cpu_gemm", ["blas", "onednn"])

@@ -31,6 +31,8 @@ OWN_FLAGS = {
     ("bench", "latency"): {"input_len", "output_len", "batch_size", "n", "num_iters_warmup", "num_iters",
                            "output_json", "disable_tqdm", "profile"},
     ("eval", "perplexity"): {"files", "window", "output_json"},
+    ("eval", "quality"): {"text", "window", "max_windows", "prompt_len", "continuation_len", "max_ppl_ratio",
+                          "max_kl", "show_policy", "output_json"},
 }
 # Where a command means to differ from the engine default, and why.
 DEFAULT_OVERRIDES = {
@@ -38,7 +40,8 @@ DEFAULT_OVERRIDES = {
     (("bench", "latency"), "enable_prefix_caching"): False,
 }
 MODEL_FORM = {("generate",): "positional", ("serve",): "positional", ("bench", "throughput"): "option",
-              ("bench", "latency"): "option", ("eval", "perplexity"): "positional"}
+              ("bench", "latency"): "option", ("eval", "perplexity"): "positional",
+              ("eval", "quality"): "positional"}
 
 
 def _subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -91,7 +94,7 @@ def test_cli_round_trip_of_every_flag():
             "--no-enable-prefix-caching", "--kv-cache-memory", "64MiB", "--gpu-memory-utilization", "0.5",
             "--num-gpu-blocks-override", "100", "--max-num-batched-tokens", "512", "--max-num-seqs", "8",
             "--no-enable-chunked-prefill", "--scheduling-policy", "priority", "--async-scheduling",
-            "--cpu-gemm", "onednn"]
+            "--cpu-gemm", "onednn", "--quantization", "int8", "--precision-policy", "p.yaml"]
     engine_args = EngineArgs.from_cli_args(build_parser().parse_args(argv))
     changed = {name for name, f in FIELDS.items() if getattr(engine_args, name) != f.default}
     assert changed == set(FIELDS), f"flags not exercised here: {sorted(set(FIELDS) - changed)}"
@@ -105,7 +108,7 @@ def test_every_field_reaches_the_engine_config():
              "cuda_graph_sizes": [1], "block_size": 32, "enable_prefix_caching": False, "kv_cache_memory": "1MiB",
              "gpu_memory_utilization": 0.5, "num_gpu_blocks_override": 3, "max_num_batched_tokens": 64,
              "max_num_seqs": 2, "enable_chunked_prefill": False, "scheduling_policy": "priority",
-             "async_scheduling": True, "cpu_gemm": "blas"}
+             "async_scheduling": True, "cpu_gemm": "blas", "quantization": "fp8", "precision_policy": "p.yaml"}
     assert set(other) == set(FIELDS)
     for name, value in other.items():
         config = dataclasses.replace(EngineArgs(model="m"), **{name: value}).create_engine_config()

@@ -1,0 +1,231 @@
+"""Precision schemes: what a linear layer's weight is stored as, and how it is multiplied.
+
+A scheme turns a loaded float weight ``[N out, K in]`` into a ``QuantizedWeight`` module that
+replaces the layer's matmul (``Linear.quant``). Every ``QuantizedWeight`` computes
+``x @ dequantize().T + bias`` in the activation's dtype; the formats and their references are in
+``tandem/kernels/quant.py``. On a CUDA GPU the Triton kernels of ``tandem/kernels/quant_triton.py``
+run; on a CPU:
+
+* int8 uses ``torch.ops.aten._weight_int8pack_mm`` (activations in bf16) at the row counts where it
+  beats dequantizing the weight and multiplying in the activation dtype, measured per weight shape
+  when the model is quantized (as ``tandem/model/cpu_gemm.py`` measures its GEMMs);
+* fp8, mxfp4 and nvfp4 are stored packed and dequantized for each product: a CPU has no FP8 or
+  FP4 arithmetic, so they save memory, not time (and FP4 is emulated on every GPU before Blackwell).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import importlib
+import time
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.kernels import quant as Q
+
+FLOAT_SCHEMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZED_SCHEMES = ("fp8", "fp8_block", "int8", "mxfp4", "nvfp4")
+SCHEMES = QUANTIZED_SCHEMES + tuple(FLOAT_SCHEMES)
+QUANTIZATION_METHODS = ("fp8", "int8", "mxfp4", "nvfp4")  # the online ``quantization`` flag's values
+
+
+def _triton(name: str) -> Callable[..., torch.Tensor]:
+    return getattr(importlib.import_module("tandem.kernels.quant_triton"), name)
+
+
+class QuantizedWeight(nn.Module):
+    """A linear weight in a storage format; ``forward(x [M, K], bias) -> [M, N]`` in x's dtype."""
+
+    scheme: ClassVar[str]
+    out_features: int
+    in_features: int
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, out={self.out_features}, in={self.in_features}, bytes={self.nbytes}"
+
+    def _dequantized_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = self.dequantize().to(x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+class FloatWeight(QuantizedWeight):
+    """The layer kept in a float type (``bf16``, ``fp16``, ``fp32``) whatever the model's dtype."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, scheme: str) -> None:
+        super().__init__()
+        self.scheme = scheme  # type: ignore[misc]  # one class serves the three float schemes
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.to(FLOAT_SCHEMES[scheme]).contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        dt = self.weight.dtype
+        return F.linear(x.to(dt), self.weight, None if bias is None else bias.to(dt)).to(x.dtype)
+
+
+# int8 on a CPU: rows up to these limits take the choice measured at the matching probe row count
+INT8_PROBE_ROWS = (1, 8, 32, 128)
+INT8_BUCKET_LIMITS = (2, 16, 64)
+
+
+class Int8Weight(QuantizedWeight):
+    scheme = "int8"
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = Q.quantize_int8(weight)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        # CPU: per probe row count, whether _weight_int8pack_mm (bf16) beats dequantize + matmul
+        self.use_int8pack: tuple[bool, ...] = (False,) * len(INT8_PROBE_ROWS)
+        self._scale_bf16 = scale.to(torch.bfloat16)
+
+    def dequantize(self) -> torch.Tensor:
+        return Q.dequantize_int8(self.q, self.scale)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda:
+            return _triton("int8_linear")(x, self.q, self.scale, bias)
+        if x.dim() == 2 and self.use_int8pack[bisect.bisect_left(INT8_BUCKET_LIMITS, x.shape[0])]:
+            return self.int8pack(x, bias)
+        return self._dequantized_linear(x, bias)
+
+    def int8pack(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self._scale_bf16).to(x.dtype)
+        return out.add_(bias.to(x.dtype)) if bias is not None else out
+
+    def measure_cpu_routes(self, cache: dict[tuple[int, int, torch.dtype], tuple[bool, ...]],
+                           dtype: torch.dtype) -> None:
+        """Time both CPU paths once per (shape, activation dtype) and remember the faster per row count."""
+        key = (self.out_features, self.in_features, dtype)
+        if key not in cache:
+            cache[key] = tuple(_faster_first(functools.partial(self.int8pack, x, None),
+                                             functools.partial(self._dequantized_linear, x, None))
+                               for x in (torch.randn(rows, self.in_features, dtype=dtype) for rows in INT8_PROBE_ROWS))
+        self.use_int8pack = cache[key]
+
+
+def _faster_first(first: Callable[[], object], second: Callable[[], object], repeats: int = 3) -> bool:
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+    return best(first) < best(second)
+
+
+class Fp8Weight(QuantizedWeight):
+    """e4m3 per output channel (``fp8``) or per 128x128 block (``fp8_block``). On a GPU the
+    per-channel form runs W8A8 (activations quantized per token); blocks run W8A16."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, block: bool) -> None:
+        super().__init__()
+        self.scheme = "fp8_block" if block else "fp8"  # type: ignore[misc]
+        self.out_features, self.in_features = weight.shape
+        q, scale = Q.quantize_fp8(weight, block=block)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return Q.dequantize_fp8(self.q, self.scale)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda:
+            kernel = "fp8_linear" if self.scale.dim() == 2 else "fp8_w8a8_linear"
+            return _triton(kernel)(x, self.q, self.scale, bias)
+        return self._dequantized_linear(x, bias)
+
+
+class Mxfp4Weight(QuantizedWeight):
+    scheme = "mxfp4"
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        packed, scales = Q.quantize_mxfp4(weight)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return Q.dequantize_mxfp4(self.packed, self.scales)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda:
+            return _triton("mxfp4_linear")(x, self.packed, self.scales, bias)
+        return self._dequantized_linear(x, bias)
+
+
+class Nvfp4Weight(QuantizedWeight):
+    scheme = "nvfp4"
+    packed: torch.Tensor
+    scales: torch.Tensor
+    global_scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        packed, scales, global_scale = Q.quantize_nvfp4(weight)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("global_scale", global_scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return Q.dequantize_nvfp4(self.packed, self.scales, self.global_scale)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda:
+            return _triton("nvfp4_linear")(x, self.packed, self.scales, self.global_scale, bias)
+        return self._dequantized_linear(x, bias)
+
+
+# the input dimension a scheme needs to divide (fp4 scales cover whole blocks along K)
+K_MULTIPLE = {"mxfp4": Q.MX_BLOCK, "nvfp4": Q.NV_BLOCK}
+
+
+def check_scheme(scheme: str, in_features: int) -> str | None:
+    """Why a weight with ``in_features`` inputs cannot take ``scheme``, or None if it can."""
+    if scheme not in SCHEMES:
+        return f"unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})"
+    multiple = K_MULTIPLE.get(scheme)
+    if multiple and in_features % multiple:
+        return f"{scheme} needs the input size to be a multiple of {multiple}, this layer's is {in_features}"
+    return None
+
+
+def quantize_weight(weight: torch.Tensor, scheme: str) -> QuantizedWeight:
+    reason = check_scheme(scheme, weight.shape[1])
+    if reason:
+        raise ValueError(reason)
+    w = weight.detach()
+    if scheme in FLOAT_SCHEMES:
+        return FloatWeight(w, scheme)
+    if scheme in ("fp8", "fp8_block"):
+        return Fp8Weight(w, block=scheme == "fp8_block")
+    return {"int8": Int8Weight, "mxfp4": Mxfp4Weight, "nvfp4": Nvfp4Weight}[scheme](w)
