@@ -89,15 +89,18 @@ class Int8Weight(QuantizedWeight):
     q: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q, scale = Q.quantize_int8(weight)
+        self.out_features, self.in_features = q.shape
         self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
+        self.register_buffer("scale", scale.float())
         # CPU: per probe row count, whether _weight_int8pack_mm (bf16) beats dequantize + matmul
         self.use_int8pack: tuple[bool, ...] = (False,) * len(INT8_PROBE_ROWS)
         self._scale_bf16 = scale.to(torch.bfloat16)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Weight:
+        return cls(*Q.quantize_int8(weight))
 
     def dequantize(self) -> torch.Tensor:
         return Q.dequantize_int8(self.q, self.scale)
@@ -143,13 +146,17 @@ class Fp8Weight(QuantizedWeight):
     q: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, block: bool) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """scale: [N] per channel, or [ceil(N/128), ceil(K/128)] per block."""
         super().__init__()
-        self.scheme = "fp8_block" if block else "fp8"  # type: ignore[misc]
-        self.out_features, self.in_features = weight.shape
-        q, scale = Q.quantize_fp8(weight, block=block)
+        self.scheme = "fp8_block" if scale.dim() == 2 else "fp8"  # type: ignore[misc]
+        self.out_features, self.in_features = q.shape
         self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
+        self.register_buffer("scale", scale.float())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, block: bool) -> Fp8Weight:
+        return cls(*Q.quantize_fp8(weight, block=block))
 
     def dequantize(self) -> torch.Tensor:
         return Q.dequantize_fp8(self.q, self.scale)
@@ -166,12 +173,15 @@ class Mxfp4Weight(QuantizedWeight):
     packed: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        packed, scales = Q.quantize_mxfp4(weight)
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Mxfp4Weight:
+        return cls(*Q.quantize_mxfp4(weight))
 
     def dequantize(self) -> torch.Tensor:
         return Q.dequantize_mxfp4(self.packed, self.scales)
@@ -188,13 +198,16 @@ class Nvfp4Weight(QuantizedWeight):
     scales: torch.Tensor
     global_scale: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        packed, scales, global_scale = Q.quantize_nvfp4(weight)
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
-        self.register_buffer("global_scale", global_scale)
+        self.register_buffer("global_scale", global_scale.float())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Nvfp4Weight:
+        return cls(*Q.quantize_nvfp4(weight))
 
     def dequantize(self) -> torch.Tensor:
         return Q.dequantize_nvfp4(self.packed, self.scales, self.global_scale)
@@ -203,6 +216,51 @@ class Nvfp4Weight(QuantizedWeight):
         if x.is_cuda:
             return _triton("nvfp4_linear")(x, self.packed, self.scales, self.global_scale, bias)
         return self._dequantized_linear(x, bias)
+
+
+class Int4Weight(QuantizedWeight):
+    """Symmetric int4 with a scale per group of input columns (compressed-tensors' W4A16): codes
+    q + 8 packed two per byte, element 2i in the low nibble. Loaded from checkpoints only; computed
+    by dequantizing (no int4 kernel yet)."""
+
+    scheme = "int4"
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, in_features: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0], in_features
+        if in_features % scales.shape[1]:
+            raise ValueError(f"int4: {scales.shape[1]} scale groups do not divide {in_features} input columns")
+        self.group_size = in_features // scales.shape[1]
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales.float())
+
+    def dequantize(self) -> torch.Tensor:
+        q = Q.unpack_fp4(self.packed)[:, : self.in_features].to(torch.int8) - 8
+        return q.float() * self.scales.repeat_interleave(self.group_size, dim=1)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._dequantized_linear(x, bias)
+
+
+class ConcatWeight(QuantizedWeight):
+    """A fused layer (q/k/v, gate/up) whose parts a checkpoint quantized separately, each with its
+    own scales: the parts' outputs side by side, in the fused layer's shard order."""
+
+    def __init__(self, parts: list[QuantizedWeight]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.scheme = "+".join(sorted({p.scheme for p in parts}))  # type: ignore[misc]
+        self.out_features = sum(p.out_features for p in parts)
+        self.in_features = parts[0].in_features
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])  # type: ignore[operator]
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.cat([p(x, None) for p in self.parts], dim=-1)
+        return out.add_(bias.to(out.dtype)) if bias is not None else out
 
 
 # the input dimension a scheme needs to divide (fp4 scales cover whole blocks along K)
@@ -227,5 +285,7 @@ def quantize_weight(weight: torch.Tensor, scheme: str) -> QuantizedWeight:
     if scheme in FLOAT_SCHEMES:
         return FloatWeight(w, scheme)
     if scheme in ("fp8", "fp8_block"):
-        return Fp8Weight(w, block=scheme == "fp8_block")
-    return {"int8": Int8Weight, "mxfp4": Mxfp4Weight, "nvfp4": Nvfp4Weight}[scheme](w)
+        return Fp8Weight.from_float(w, block=scheme == "fp8_block")
+    if scheme == "int8":
+        return Int8Weight.from_float(w)
+    return Mxfp4Weight.from_float(w) if scheme == "mxfp4" else Nvfp4Weight.from_float(w)

@@ -108,13 +108,13 @@ def test_quantized_linear_equals_dequantize_then_matmul(scheme, rows, dtype):
 
 
 def test_int8_cpu_routes_agree_with_each_other():
-    qw = Int8Weight(_weight(64, 128))
+    qw = Int8Weight.from_float(_weight(64, 128))
     x = torch.randn(8, 128)
     assert _rel(qw.int8pack(x, None), qw._dequantized_linear(x, None)) < 1e-2
     routes: dict = {}
     qw.measure_cpu_routes(routes, torch.float32)
     assert list(routes) == [(64, 128, torch.float32)] and len(qw.use_int8pack) == 4
-    Int8Weight(_weight(64, 128, seed=2)).measure_cpu_routes(routes, torch.float32)
+    Int8Weight.from_float(_weight(64, 128, seed=2)).measure_cpu_routes(routes, torch.float32)
     assert len(routes) == 1  # measured once per shape
 
 
