@@ -105,10 +105,12 @@ def _round_to_e4m3(v):
     """fp32 v, |v| <= 448 -> the nearest e4m3 value (ties to even), as fp32. e4m3 keeps 3 mantissa
     bits, so the spacing at v is 2 ** (floor(log2 |v|) - 3), and 2 ** -9 below the smallest normal
     2 ** -6; v / spacing has |.| < 16, and adding then removing 1.5 * 2 ** 23 rounds it to an
-    integer by fp32's own round-to-nearest-even."""
+    integer by fp32's own round-to-nearest-even. Rounded as |v| and signed after, so a negative
+    value that rounds to zero gives -0, as the cast does."""
     exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 |v|); -127 for 0
     spacing = (((tl.maximum(exponent, -6) - 3) + 127) << 23).to(tl.float32, bitcast=True)
-    return ((v / spacing + 12582912.0) - 12582912.0) * spacing
+    mag = ((tl.abs(v) / spacing + 12582912.0) - 12582912.0) * spacing
+    return tl.where(v < 0, -mag, mag)
 
 
 @triton.jit
