@@ -30,8 +30,7 @@ import triton.language as tl
 from tandem.kernels.quant import FP8_BLOCK, FP8_E4M3_MAX, MX_BLOCK, NV_BLOCK
 
 _TINY = 1e-12  # as quant.py: an all-zero token gets this scale
-_BLOCK_N, _BLOCK_K = 64, 64  # _BLOCK_K divides FP8_BLOCK (block-scaled fp8) and is a multiple of 32 and 16 (fp4)
-assert FP8_BLOCK % _BLOCK_K == 0 and _BLOCK_K % MX_BLOCK == 0 and _BLOCK_K % NV_BLOCK == 0
+_BLOCK_N = 64  # K tiles (_tiles) are 16 or 64: they divide FP8_BLOCK, as block-scaled fp8 needs
 
 
 @triton.jit
@@ -184,9 +183,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block_m(m: int) -> int:
-    """Rows per program: 16 (tl.dot's minimum) for decode-sized batches, up to 64."""
-    return min(64, max(16, triton.next_power_of_2(m)))
+def _tiles(dtype: torch.dtype, m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps). Rows per program: 16 (tl.dot's minimum) for decode-sized
+    batches, up to 64. fp32 dots run on FMA units (IEEE, no tensor cores), where a 64-wide K tile
+    spills; K 16 does not. 8 warps for 64 rows: 4 spill (ptxas for sm_90, checked on the CPU)."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    return block_m, 16 if dtype == torch.float32 else 64, 8 if block_m == 64 else 4
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -208,11 +210,11 @@ def _scaled_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torc
     if m and n:
         q = q if q.stride(-1) == 1 else q.contiguous()
         scale = scale.contiguous()
-        block_m = _block_m(m)
+        block_m, block_k, num_warps = _tiles(x.dtype, m)
         _scaled_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, _BLOCK_N))](
             x, q, scale, x_scale, bias, y, m, n, k, x.stride(0), q.stride(0), scale.stride(0), y.stride(0),
             BLOCK_SCALED=scale.dim() == 2, SCALE_BLOCK=FP8_BLOCK, PRECISION=_precision(x.dtype),
-            FP32_DOT=_fp32_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+            FP32_DOT=_fp32_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=block_k, num_warps=num_warps)
     return y.view(*lead, n)
 
 
@@ -268,12 +270,12 @@ def _fp4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, global_
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
         packed, scales = packed.contiguous(), scales.contiguous()
-        block_m = _block_m(m)
+        block_m, block_k, num_warps = _tiles(x.dtype, m)
         _fp4_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, _BLOCK_N))](
             x2, packed, scales, global_scale, _bias(bias), y, m, n, k, x2.stride(0), packed.stride(0),
             scales.stride(0), y.stride(0), NVFP4=global_scale is not None, GROUP=group,
             PRECISION=_precision(x.dtype), FP32_DOT=_fp32_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
-            BLOCK_K=_BLOCK_K)
+            BLOCK_K=block_k, num_warps=num_warps)
     return y.view(*x.shape[:-1], n)
 
 
