@@ -13,9 +13,10 @@ fp16, returning ``[..., N]`` in x's dtype. Layouts and scales are those of ``qua
   Per-channel weight scales only, as in the reference.
 * ``mxfp4_linear``, ``nvfp4_linear``: **emulated**. The E2M1 nibbles and their block scales are
   dequantized in the kernel to x's dtype (exact: a code times a power of two, or times an e4m3
-  scale, has at most 6 significant bits) and multiplied with an ordinary bf16/fp16/fp32 dot; the
-  nvfp4 per-tensor scale multiplies the accumulator. Native FP4 tensor-core math exists only on
-  Blackwell (sm_100+); on Hopper and older, and in the interpreter, this path is what runs.
+  scale, has at most 6 significant bits; for fp16, as long as the weight lies in fp16's range) and
+  multiplied with an ordinary bf16/fp16/fp32 dot; the nvfp4 per-tensor scale multiplies the
+  accumulator. Native FP4 tensor-core math exists only on Blackwell (sm_100+); these kernels do
+  not use it: everywhere, Blackwell included, and in the interpreter, the emulation is what runs.
 
 fp32 activations use IEEE fp32 dots (no TF32), so fp32 runs match the references. Runs on NVIDIA
 GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (how CI checks it).
