@@ -84,19 +84,20 @@ def _per_token_fp8_kernel(X, XQ, XS, K, stride_xm, stride_qm, FP8_MAX: tl.conste
     saturated to +-FP8_MAX and rounded to e4m3 (to nearest even, as torch's cast). The rounding is
     done in fp32 (``_round_to_e4m3``) so the cast itself is exact: the GPU's cvt.rn would round the
     same way, but the interpreter's fp8 cast rounds ties up and drops a mantissa carry into the
-    exponent (124.3 -> 64 instead of 128)."""
+    exponent (124.3 -> 64 instead of 128). Divisions are IEEE (div_rn) like torch's: Triton's ``/``
+    is div.full.f32 on NVIDIA GPUs, off by up to 2 ulp."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(X + row * stride_xm + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, TINY)
+    scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), FP8_MAX), TINY)
     tl.store(XS + row, scale)
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + cols < K
         x = tl.load(X + row * stride_xm + k0 + cols, mask=ok, other=0.0).to(tl.float32)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX))
+        q = _round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX))
         tl.store(XQ + row * stride_qm + k0 + cols, q.to(XQ.dtype.element_ty), mask=ok)
 
 
@@ -104,12 +105,14 @@ def _per_token_fp8_kernel(X, XQ, XS, K, stride_xm, stride_qm, FP8_MAX: tl.conste
 def _round_to_e4m3(v):
     """fp32 v, |v| <= 448 -> the nearest e4m3 value (ties to even), as fp32. e4m3 keeps 3 mantissa
     bits, so the spacing at v is 2 ** (floor(log2 |v|) - 3), and 2 ** -9 below the smallest normal
-    2 ** -6; v / spacing has |.| < 16, and adding then removing 1.5 * 2 ** 23 rounds it to an
-    integer by fp32's own round-to-nearest-even. Rounded as |v| and signed after, so a negative
-    value that rounds to zero gives -0, as the cast does."""
+    2 ** -6; v / spacing (times an exact power-of-two inverse) has |.| < 16, and adding then
+    removing 1.5 * 2 ** 23 rounds it to an integer by fp32's own round-to-nearest-even. Rounded as
+    |v| and signed after, so a negative value that rounds to zero gives -0, as the cast does."""
     exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 |v|); -127 for 0
-    spacing = (((tl.maximum(exponent, -6) - 3) + 127) << 23).to(tl.float32, bitcast=True)
-    mag = ((tl.abs(v) / spacing + 12582912.0) - 12582912.0) * spacing
+    spacing_exp = tl.maximum(exponent, -6) - 3  # in [-9, 5]
+    spacing = ((spacing_exp + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((127 - spacing_exp) << 23).to(tl.float32, bitcast=True)
+    mag = ((tl.abs(v) * inverse + 12582912.0) - 12582912.0) * spacing
     return tl.where(v < 0, -mag, mag)
 
 
