@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from tandem import SamplingParams
-from tandem.kernels import sampling
+from tandem.kernels import quant, quant_triton, sampling
 from tandem.kernels import triton_attention as tri
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-          torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+          torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+          torch.float8_e4m3fn: "fp8e4nv"}
 
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -117,4 +118,28 @@ def test_every_kernel_compiles_for_hopper_as_a_gpu_run_launches_it(make_llm, lau
     names = {sig[1] for sig in launches.values()}
     assert {"_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_rope_kv_kernel",
             "_rms_norm_kernel", "_silu_and_mul_kernel", "_sample_kernel", "_apply_bitmask_kernel"} <= names, names
+    _compile_for_sm90(launches)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # bf16 dots interpreted on their raw bits (below)
+def test_quantized_linear_kernels_compile_for_hopper(launches, monkeypatch):
+    """Every quantized-linear kernel as a GPU run launches it, fp32 and bf16 activations, decode-
+    and prefill-sized row tiles, with and without bias. The interpreter's fp32 stand-in for bf16
+    dots is turned off, so the bf16 launches are the GPU's (their interpreted numbers are garbage)."""
+    pytest.importorskip("triton.backends.nvidia")
+    monkeypatch.setattr(quant_triton, "_FP32_DOT", False)
+    w = torch.randn(130, 200) * 0.05
+    int8, fp8, fp8_block = quant.quantize_int8(w), quant.quantize_fp8(w), quant.quantize_fp8(w, block=True)
+    mxfp4, nvfp4 = quant.quantize_mxfp4(w[:, :192]), quant.quantize_nvfp4(w[:, :192])
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (3, 40):  # BLOCK_M 16 and 64
+            x, bias = torch.randn(m, 200, dtype=dtype), torch.randn(130, dtype=dtype)
+            quant_triton.int8_linear(x, *int8, bias)
+            quant_triton.fp8_linear(x, *fp8)
+            quant_triton.fp8_linear(x, *fp8_block, bias)
+            quant_triton.fp8_w8a8_linear(x, *fp8, bias)
+            quant_triton.mxfp4_linear(x[:, :192], *mxfp4)
+            quant_triton.nvfp4_linear(x[:, :192], *nvfp4, bias)
+    names = {sig[1] for sig in launches.values()}
+    assert names == {"_scaled_mm_kernel", "_per_token_fp8_kernel", "_fp4_mm_kernel"}, names
     _compile_for_sm90(launches)
