@@ -85,6 +85,8 @@ def fp8_w8a8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 (per-channel weight scales only): activations quantized per token to e4m3, the
     product of the two fp8 operands accumulated in fp32, then both scales applied."""
+    if scale.dim() != 1:
+        raise ValueError("W8A8 takes per-channel weight scales; 128x128 block scales run W8A16 (fp8_linear_ref)")
     xq, x_scale = quantize_fp8_per_token(x)
     acc = xq.float() @ q.float().t()
     return _finish(acc * x_scale[:, None] * scale[None, :], bias, x.dtype)
