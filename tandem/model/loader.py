@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -12,6 +13,9 @@ from torch import nn
 from tandem.model.attention import AttentionBackend
 from tandem.model.interface import CausalLM
 from tandem.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from tandem.quantization.checkpoint import CheckpointQuantization
 
 # HF ``architectures`` entry -> (model class, family flag)
 MODEL_REGISTRY: dict[str, tuple[type, str]] = {
@@ -59,9 +63,11 @@ LOAD_FORMATS = ("auto", "dummy")
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               backend: AttentionBackend, load_format: str = "auto", seed: int = 0) -> CausalLM:
+               backend: AttentionBackend, load_format: str = "auto", seed: int = 0,
+               prequantized: CheckpointQuantization | None = None) -> CausalLM:
     """load_format auto: the directory's safetensors; dummy: random weights of its config.json
-    (benchmarks of a model's shape without its checkpoint, as vLLM's ``--load-format dummy``)."""
+    (benchmarks of a model's shape without its checkpoint, as vLLM's ``--load-format dummy``).
+    prequantized: what the checkpoint's ``quantization_config`` says (read by the caller)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     hf_config = read_hf_config(model_dir)
@@ -69,9 +75,12 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
     with torch.device(device):
         model = cls(hf_config, family, dtype, backend)
     if load_format == "dummy":
+        if prequantized:
+            raise ValueError(f"{model_dir}: load_format dummy cannot fill a pre-quantized checkpoint's layers "
+                             f"({prequantized.method})")
         init_dummy_weights(model, seed)
     else:
-        load_weights(model, model_dir)
+        load_weights(model, model_dir, prequantized)
     return model.eval()
 
 
@@ -86,8 +95,10 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             param.normal_(0.0, 0.02, generator=gen)
 
 
-def load_weights(model: CausalLM, model_dir: str | Path) -> None:
-    """Stream every tensor of every safetensors file through its parameter's ``weight_loader``.
+def load_weights(model: CausalLM, model_dir: str | Path, prequantized: CheckpointQuantization | None = None) -> None:
+    """Stream every tensor of every safetensors file through its parameter's ``weight_loader``;
+    the tensors of a pre-quantized checkpoint's quantized modules become their layers'
+    ``QuantizedWeight`` instead (tandem/quantization/checkpoint.py).
 
     Strict: a checkpoint tensor with no parameter, a tensor of the wrong shape, and a parameter
     shard (q/k/v, gate/up, or a whole tensor) that no file supplied each fail with the names."""
@@ -97,9 +108,13 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     assert isinstance(model, nn.Module)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[int, object]] = set()  # (id of the parameter, shard id): tied names share one
+    if prequantized is not None:
+        prequantized.scan([name for file in files for name in _keys(file)])
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if prequantized is not None and prequantized.take(name, f.get_tensor(name)):
+                    continue
                 mapped = model.map_checkpoint_name(name)
                 if mapped is None:
                     continue
@@ -112,12 +127,22 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
                 except ValueError as e:
                     raise ValueError(f"{file.name}: checkpoint tensor {name!r}: {e}") from e
                 loaded.add((id(param), shard))
+    if prequantized is not None:
+        loaded |= prequantized.attach(model)
     _check_all_loaded(model, params, loaded)
+
+
+def _keys(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
 
 
 def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
     if shard not in getattr(param, "shard_ids", (None,)):
         raise ValueError(f"shard {shard!r} is not one of the parameter's {param.shard_ids}")  # type: ignore[attr-defined]
+    if not tensor.is_floating_point() or tensor.element_size() == 1:
+        raise ValueError(f"stored as {tensor.dtype}, a quantized form, without the scales that would dequantize it "
+                         "(weight_scale / weight_scale_inv / weight_packed) or a quantization_config naming them")
     tensor = tensor.to(param.dtype)
     if shard is None:
         param.weight_loader(param, tensor)  # type: ignore[attr-defined]

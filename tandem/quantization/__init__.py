@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tandem.model.layers import Linear, VocabEmbedding
 
 __all__ = ["QUANTIZATION_METHODS", "SCHEMES", "PrecisionPolicy", "PrecisionReport", "apply_precision",
-           "linear_layers", "load_policy", "model_weight_bytes"]
+           "checkpoint_precision", "linear_layers", "load_policy", "model_weight_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +88,15 @@ def linear_layers(model: nn.Module) -> dict[str, tuple[LayerRef, Linear | VocabE
             dotted = f".{name}."
             parts = tuple(dotted.replace(fused, frag).strip(".") for frag, (fused, _) in stacked.items()
                           if fused in dotted)
-        found[name] = (LayerRef(name, _kind(name), module.weight.shape[1], parts), module)
+        found[name] = (LayerRef(name, _kind(name), _in_features(module), parts), module)
     lm_head = getattr(model, LM_HEAD, None)
     if isinstance(lm_head, VocabEmbedding):
-        found[LM_HEAD] = (LayerRef(LM_HEAD, LM_HEAD, lm_head.weight.shape[1]), lm_head)
+        found[LM_HEAD] = (LayerRef(LM_HEAD, LM_HEAD, _in_features(lm_head)), lm_head)
     return found
+
+
+def _in_features(module: Linear | VocabEmbedding) -> int:
+    return module.quant.in_features if module.quant is not None else module.weight.shape[1]
 
 
 @torch.no_grad()
@@ -116,6 +120,22 @@ def apply_precision(model: object, policy: PrecisionPolicy) -> PrecisionReport:
         if isinstance(quantized, Int8Weight) and weight.device.type == "cpu":
             quantized.measure_cpu_routes(int8_routes, weight.dtype)
     report = PrecisionReport(policy.source, resolved, before, model_weight_bytes(model))
+    logger.info("%s", report.table())
+    return report
+
+
+def checkpoint_precision(model: object, source: str) -> PrecisionReport:
+    """The report of a model whose layers a pre-quantized checkpoint chose (``before``: the same
+    layers in the model's dtype)."""
+    assert isinstance(model, nn.Module)
+    layers, float_bytes = [], 0
+    for ref, module in linear_layers(model).values():
+        quant = module.quant
+        layers.append(LayerPrecision(ref.name, ref.kind, quant.scheme if quant else None, source))
+        if quant is not None:
+            float_bytes += quant.out_features * quant.in_features * module.weight.element_size() - quant.nbytes
+    after = model_weight_bytes(model)
+    report = PrecisionReport(source, layers, after + float_bytes, after)
     logger.info("%s", report.table())
     return report
 

@@ -22,7 +22,8 @@ from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.profiling import span
-from tandem.quantization import PrecisionReport, apply_precision, load_policy
+from tandem.quantization import PrecisionReport, apply_precision, checkpoint_precision, load_policy
+from tandem.quantization.checkpoint import CheckpointQuantization
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import (
@@ -91,11 +92,17 @@ class ModelRunner:
         backend = get_backend(self.attention_backend)
         # turns each step's CommonAttentionMetadata into the backend's own metadata
         self.attn_metadata_builder = backend.make_builder(self.device)
-        self.model: CausalLM = load_model(model_config.model, self.dtype, self.device, backend,
-                                          model_config.load_format, model_config.seed)
-        # each linear layer's precision (tandem/quantization), before the GEMM plan skips quantized layers
+        prequantized = CheckpointQuantization.from_hf_config(self.hf_config)
         policy = load_policy(model_config.quantization, model_config.precision_policy)
-        self.precision: PrecisionReport | None = apply_precision(self.model, policy) if policy else None
+        if prequantized and policy:
+            raise ValueError(f"{model_config.model} is already quantized ({prequantized.method}); quantization and "
+                             "precision_policy apply to float checkpoints")
+        self.model: CausalLM = load_model(model_config.model, self.dtype, self.device, backend,
+                                          model_config.load_format, model_config.seed, prequantized)
+        # each linear layer's precision (tandem/quantization), before the GEMM plan skips quantized layers
+        self.precision: PrecisionReport | None = (
+            apply_precision(self.model, policy) if policy
+            else checkpoint_precision(self.model, f"checkpoint ({prequantized.method})") if prequantized else None)
         # which GEMM each fp32 linear layer uses at each row count, measured on this CPU
         self.gemm_choices = plan_cpu_gemm(self.model, model_config.cpu_gemm) if self.device.type == "cpu" else {}
         self.args = self.model.args

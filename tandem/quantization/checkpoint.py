@@ -1,0 +1,215 @@
+"""Pre-quantized checkpoints, loaded as they ship (``quantization_config`` in config.json).
+
+* compressed-tensors (llm-compressor's format): ``config_groups`` of ``targets`` with weight
+  arguments, plus ``ignore``. Supported weights: FP8 (``type: float``, 8 bits; ``tensor``,
+  ``channel`` or 128x128 ``block`` scales) stored as ``weight`` + ``weight_scale``; INT8
+  (``type: int``, 8 bits, symmetric, ``tensor``/``channel``) the same; INT4 W4A16 (``type: int``,
+  4 bits, symmetric, ``group``/``channel``) as ``pack-quantized`` ``weight_packed`` (eight
+  offset-by-8 codes per int32) + ``weight_scale`` + ``weight_shape``. Activation quantization in
+  a checkpoint (W8A8) is honoured as dynamic per-token FP8 on a GPU (static input scales are not
+  used; logged), and activations stay unquantized on a CPU.
+* ``quant_method: fp8`` with ``weight_block_size: [128, 128]`` (DeepSeek-V3 style): ``weight``
+  in e4m3 and ``weight_scale_inv`` per block (the factor that dequantizes).
+
+The loader hands every tensor of a quantized module (``<module>.weight``, ``.weight_scale``,
+...) to ``CheckpointQuantization.take``; once the files are read, ``build`` turns each module's
+tensors into a ``QuantizedWeight`` without requantizing, so the loaded model computes exactly
+the checkpoint's dequantized weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.kernels import quant as Q
+from tandem.quantization.schemes import ConcatWeight, Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+# the per-module tensors a quantized checkpoint stores beside (or instead of) ``weight``
+QUANT_FIELDS = ("weight", "weight_scale", "weight_scale_inv", "weight_packed", "weight_shape",
+                "weight_zero_point", "weight_g_idx", "input_scale")
+# a module is quantized in the checkpoint exactly when one of these is stored for it
+SCALE_FIELDS = ("weight_scale", "weight_scale_inv", "weight_packed")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one group of a checkpoint stores its weights."""
+    kind: str  # "fp8", "int8", "int4"
+    strategy: str  # "tensor", "channel", "block", "group"
+
+
+@dataclass
+class CheckpointQuantization:
+    method: str  # "compressed-tensors" or "fp8"
+    groups: list[tuple[list[str], WeightFormat]]  # (targets, format), first match wins
+    ignore: list[str] = field(default_factory=list)
+    pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> field -> tensor
+    quantized: set[str] = field(default_factory=set)  # checkpoint modules with scales (set by scan)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict) -> CheckpointQuantization | None:
+        cfg = hf_config.get("quantization_config")
+        if not cfg:
+            return None
+        method = cfg.get("quant_method")
+        if method == "compressed-tensors":
+            return cls(method, [_compressed_group(name, g) for name, g in (cfg.get("config_groups") or {}).items()],
+                       list(cfg.get("ignore") or []))
+        if method == "fp8":
+            return cls(method, [(["Linear"], _fp8_block_format(cfg))],
+                       list(cfg.get("modules_to_not_convert") or cfg.get("ignored_layers") or []))
+        raise NotImplementedError(f"quantization_config quant_method {method!r} is not supported "
+                                  "(compressed-tensors and fp8 are)")
+
+    def format_of(self, module: str) -> WeightFormat | None:
+        """The format of a checkpoint module (``model.layers.0.self_attn.q_proj``), None if unquantized."""
+        if any(_target_matches(t, module) for t in self.ignore):
+            return None
+        return next((fmt for targets, fmt in self.groups if any(_target_matches(t, module) for t in targets)), None)
+
+    def scan(self, names: list[str]) -> None:
+        """Note which modules the checkpoint quantized (those with scales) before any tensor is read;
+        a quantized module that no config group targets is an error."""
+        for name in names:
+            module, _, leaf = name.rpartition(".")
+            if leaf in SCALE_FIELDS:
+                if self.format_of(module) is None:
+                    raise ValueError(f"checkpoint module {module} is stored quantized ({leaf}) but no group of the "
+                                     f"{self.method} quantization_config targets it")
+                self.quantized.add(module)
+
+    def take(self, name: str, tensor: torch.Tensor) -> bool:
+        """Keep ``tensor`` if it belongs to a quantized module (then the float loader skips it)."""
+        module, _, leaf = name.rpartition(".")
+        if leaf not in QUANT_FIELDS or module not in self.quantized:
+            return False
+        self.pending.setdefault(module, {})[leaf] = tensor
+        return True
+
+    def build(self, module: str) -> QuantizedWeight:
+        fmt = self.format_of(module)
+        assert fmt is not None, "only modules take() accepted are pending"
+        tensors = self.pending.pop(module)
+        try:
+            return _build(fmt, tensors, self.method)
+        except KeyError as e:
+            raise ValueError(f"checkpoint module {module}: {fmt.kind} weights need tensor {module}.{e.args[0]}") from e
+
+
+    def attach(self, model: object) -> set[tuple[int, object]]:
+        """Give every pending module's layer its QuantizedWeight (a fused layer its parts, in
+        shard order) and free the float weight it replaces. Returns the (parameter id, shard)
+        pairs now loaded, for the loader's completeness check."""
+        from tandem.model.layers import Linear, ShardedLinear, VocabEmbedding
+
+        assert isinstance(model, torch.nn.Module)
+        modules = dict(model.named_modules())
+        parts: dict[str, dict[object, QuantizedWeight]] = {}
+        for ckpt_module in list(self.pending):
+            mapped = model.map_checkpoint_name(ckpt_module + ".weight")  # type: ignore[operator]
+            if mapped is None:
+                raise ValueError(f"checkpoint module {ckpt_module} is quantized but has no layer here")
+            parts.setdefault(mapped[0].removesuffix(".weight"), {})[mapped[1]] = self.build(ckpt_module)
+        loaded: set[tuple[int, object]] = set()
+        for name, by_shard in parts.items():
+            layer = modules.get(name)
+            if not isinstance(layer, (Linear, VocabEmbedding)):
+                raise ValueError(f"checkpoint tensors for {name} are quantized, but it is not a linear layer")
+            order = list(layer.shard_offsets) if isinstance(layer, ShardedLinear) else [None]
+            missing = [s for s in order if s not in by_shard]
+            if missing:
+                raise ValueError(f"checkpoint is missing the quantized parts {missing} of {name}")
+            quant = by_shard[None] if order == [None] else ConcatWeight([by_shard[s] for s in order])
+            if (quant.out_features, quant.in_features) != tuple(layer.weight.shape):
+                raise ValueError(f"{name}: quantized weight of shape {(quant.out_features, quant.in_features)} "
+                                 f"does not fit {tuple(layer.weight.shape)}")
+            layer.quant = quant.to(layer.weight.device)
+            loaded |= {(id(layer.weight), shard) for shard in order}
+            layer.weight.data = torch.empty(0, dtype=layer.weight.dtype, device=layer.weight.device)
+        return loaded
+
+
+def _target_matches(target: str, module: str) -> bool:
+    """compressed-tensors targets: a layer class (every linear layer here is a ``Linear``; the LM
+    head too), ``re:`` a regular expression matched from the start, or a module name."""
+    if target == "Linear":
+        return True
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target == module
+
+
+def _compressed_group(name: str, group: dict) -> tuple[list[str], WeightFormat]:
+    w = group.get("weights") or {}
+    bits, kind, strategy = w.get("num_bits"), w.get("type"), w.get("strategy")
+    where = f"compressed-tensors group {name!r}"
+    if not w.get("symmetric", True):
+        raise NotImplementedError(f"{where}: asymmetric weights (zero points) are not supported")
+    if w.get("actorder"):
+        raise NotImplementedError(f"{where}: activation-ordered groups (g_idx) are not supported")
+    if kind == "float" and bits == 8 and strategy in ("tensor", "channel", "block"):
+        if strategy == "block" and list(w.get("block_structure") or []) != [Q.FP8_BLOCK, Q.FP8_BLOCK]:
+            raise NotImplementedError(f"{where}: fp8 blocks must be {Q.FP8_BLOCK}x{Q.FP8_BLOCK}")
+        fmt = WeightFormat("fp8", strategy)
+    elif kind == "int" and bits == 8 and strategy in ("tensor", "channel"):
+        fmt = WeightFormat("int8", strategy)
+    elif kind == "int" and bits == 4 and strategy in ("group", "channel"):
+        fmt = WeightFormat("int4", strategy)
+    else:
+        raise NotImplementedError(f"{where}: {kind} {bits}-bit weights with {strategy!r} scales are not supported "
+                                  "(fp8 tensor/channel/block, int8 tensor/channel, int4 group/channel are)")
+    acts = group.get("input_activations")
+    if acts and not acts.get("dynamic", False):
+        logger.info("%s: static input scales are not used; activations are quantized per token on a GPU", where)
+    return list(group.get("targets") or []), fmt
+
+
+def _fp8_block_format(cfg: dict) -> WeightFormat:
+    block = cfg.get("weight_block_size")
+    if list(block or []) != [Q.FP8_BLOCK, Q.FP8_BLOCK]:
+        raise NotImplementedError(f"fp8 checkpoints need weight_block_size [{Q.FP8_BLOCK}, {Q.FP8_BLOCK}], "
+                                  f"got {block}")
+    if cfg.get("fmt", "e4m3") != "e4m3":
+        raise NotImplementedError(f"fp8 checkpoints in {cfg.get('fmt')!r} are not supported (e4m3 is)")
+    return WeightFormat("fp8", "block")
+
+
+def _per_channel(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A tensor-wide or per-channel scale ([], [1], [N] or [N, 1]) as [N] fp32."""
+    flat = scale.float().reshape(-1)
+    return flat.expand(rows).clone() if flat.numel() == 1 else flat
+
+
+def _build(fmt: WeightFormat, t: dict[str, torch.Tensor], method: str) -> QuantizedWeight:
+    if fmt.kind == "int4":
+        return _build_int4(t)
+    q = t["weight"]
+    if fmt.kind == "int8":
+        if q.dtype != torch.int8:
+            raise ValueError(f"int8 weights stored as {q.dtype}")
+        return Int8Weight(q, _per_channel(t["weight_scale"], q.shape[0]))
+    if q.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8 weights stored as {q.dtype} (float8_e4m3fn expected)")
+    if fmt.strategy == "block":
+        scale = t["weight_scale_inv"] if method == "fp8" else t["weight_scale"]
+        expected = (-(-q.shape[0] // Q.FP8_BLOCK), -(-q.shape[1] // Q.FP8_BLOCK))
+        if tuple(scale.shape) != expected:
+            raise ValueError(f"block scales of shape {tuple(scale.shape)}, expected {expected}")
+        return Fp8Weight(q, scale.float())
+    return Fp8Weight(q, _per_channel(t["weight_scale"], q.shape[0]))
+
+
+def _build_int4(t: dict[str, torch.Tensor]) -> Int4Weight:
+    packed32, scale = t["weight_packed"], t["weight_scale"].float()
+    rows, cols = (int(v) for v in t["weight_shape"].tolist())
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    codes = ((packed32.unsqueeze(-1) >> shifts) & 0xF).reshape(rows, -1)[:, :cols].to(torch.uint8)
+    if cols % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1), value=8)  # an int4 zero pads the odd column
+    return Int4Weight(Q.pack_fp4(codes), scale.reshape(rows, -1), cols)
