@@ -17,8 +17,8 @@ Definitions (all times from ``time.perf_counter``):
 * ``median_prefill_s``: per iteration, the time from the batch start to the end of its last
   prefill step (all prompts computed), median over the timed iterations;
 * ``median_decode_step_ms``: median duration of all decode steps of all timed iterations;
-* ``model_weight_bytes``: parameter count from the safetensors headers times the element size
-  of the loaded dtype;
+* ``model_weight_bytes``: the loaded weights' bytes (quantized layers at their stored size)
+  (the embeddings included);
 * ``achieved_weight_bandwidth_gbps``: ``model_weight_bytes / median decode step (s) / 1e9``,
   since a decode step reads every weight once (KV cache reads are not counted);
 * ``decode_bandwidth_fraction``: ``decode_bytes_per_step / median decode step / copy bandwidth``,
@@ -342,7 +342,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     model, llm = _build_llm(args)
     runner = llm.llm_engine.runner
     shape = loaded_shape(model, runner)
-    weight_bytes = int(shape["num_params"] or 0) * runner.dtype.itemsize
+    weight_bytes = int(shape["weight_bytes"])
     step_bytes = decode_bytes_per_step(weight_bytes, runner.kv_bytes_per_block // runner.block_size,
                                        args.batch_size * args.n, args.input_len, args.output_len)
     timings = _measure(args, llm)

@@ -267,10 +267,21 @@ def resolve_bench_model(args: argparse.Namespace) -> str:
 
 
 def loaded_shape(model: str, runner) -> dict[str, Any]:
-    """model_shape, with the parameter count of the loaded model where there are no safetensors."""
+    """model_shape, with the parameter count of the loaded model where there are no safetensors,
+    the bytes its weights take as loaded (quantized layers at their stored size) and, under a
+    precision policy or a pre-quantized checkpoint, the layers per scheme."""
+    from collections import Counter
+
+    from tandem.quantization import model_weight_bytes
+
     shape = model_shape(model)
     if not shape.get("num_params"):
         shape["num_params"] = sum(p.numel() for p in runner.model.parameters())
+    shape["weight_bytes"] = model_weight_bytes(runner.model)
+    report = runner.precision
+    if report is not None:
+        shape["precision"] = {"source": report.source, "layers_per_scheme": dict(Counter(report.schemes().values())),
+                              "weight_bytes_unquantized": report.weight_bytes_before}
     return shape
 
 
