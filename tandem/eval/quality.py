@@ -31,7 +31,7 @@ from tandem.engine.arg_utils import EngineArgs
 from tandem.sampling_params import SamplingParams
 
 # the engine arguments that choose a precision: the candidate takes them, the reference does not
-PRECISION_ARGS = {"quantization": None, "precision_policy": None, "kv_cache_dtype": "auto"}
+PRECISION_ARGS = {"quantization": None, "precision_policy": None, "kv_cache_dtype": "auto", "dtype": "auto"}
 
 
 @dataclass
