@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # Types and style: both must report nothing (.ci/run runs this before the tests).
 lint: install
-	$(VENV)/bin/ruff check tandem tests
+	$(VENV)/bin/ruff check tandem tests scripts
 	$(VENV)/bin/mypy
 
 # The suite, with its total time and slowest tests at the end. Should the test process itself crash

@@ -12,13 +12,13 @@ import argparse
 import json
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from tandem.bench.throughput import describe_device, model_shape
 from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tandem.engine.core import EngineCore
 from tandem.engine.request import Request
-from tandem.bench.throughput import describe_device, model_shape
 from tandem.kv_transfer.ticket import KVTransferConfig, parse_ticket
 from tandem.sampling_params import SamplingParams
 
@@ -92,11 +92,11 @@ def main() -> None:
             print(rows[-1])
     for c in (prefill, *decodes.values()):
         c.close()
-    out = {"benchmark": "KV transfer vs one decode step of the same request", "date": datetime.now(timezone.utc).isoformat(),
+    out = {"benchmark": "KV transfer vs one decode step of the same request", "date": datetime.now(UTC).isoformat(),
            "device": describe_device("cpu"), "model": model_shape(args.model), "transports": {"tcp": "ZMQ TCP 127.0.0.1, msgspec headers + raw frames",
                                                              "shm": "memfd region mapped read-only, one copy"},
            "flags": {"block_size": 16, "dtype": "float32", "reps": args.reps}, "rows": rows}
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = Path("benchmarks/results") / f"kv-transfer-vs-decode-{stamp}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(path)

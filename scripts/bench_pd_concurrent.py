@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -107,7 +107,7 @@ def main() -> None:
     summary = {m: {"median_ttft_ms": statistics.median(v) * 1e3, "mean_ttft_ms": statistics.mean(v) * 1e3,
                    "p90_ttft_ms": sorted(v)[int(0.9 * (len(v) - 1))] * 1e3, "n": len(v)} for m, v in samples.items()}
     out = {"benchmark": "split-request TTFT: prefill and decode legs sequential vs concurrent (pending tickets)",
-           "date": datetime.now(timezone.utc).isoformat(), "device": describe_device("cpu"),
+           "date": datetime.now(UTC).isoformat(), "device": describe_device("cpu"),
            "model": model_shape(args.model),
            "workload": {"prompt_len": args.prompt_len, "requests_per_fleet": args.requests, "rounds": args.rounds,
                         "background_streams": args.streams, "background": "32-token prompts, 200 tokens out",
@@ -117,7 +117,7 @@ def main() -> None:
            "ratio_sequential_over_concurrent_median": summary["sequential"]["median_ttft_ms"]
            / summary["concurrent"]["median_ttft_ms"],
            "samples_ms": {m: [x * 1e3 for x in v] for m, v in samples.items()}}
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = Path("benchmarks/results") / f"pd-concurrent-legs-{stamp}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(summary, indent=1), path)

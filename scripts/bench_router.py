@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", default="128MiB", help="per worker: about half the groups' prompts")
     args = ap.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     setups = [s for s in args.setups.split(",")
               if s != "sglang-cache-aware" or Path(args.sglang_venv, "bin/python").exists()]
     runs: dict[str, list[dict]] = {s: [] for s in setups}
@@ -194,7 +194,7 @@ def main() -> None:
                      "system_len": args.system_len, "question_len": args.question_len,
                      "output_len": args.output_len, "request_rate": args.rate, "arrivals": "poisson, seed 0",
                      "kv_cache_memory_per_worker": args.kv_cache_memory},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "best_possible_hit_rate": best,
         "median_over_repetitions": med,
         "ratios": {f"mean_ttft {s} / cache-aware": med[s]["mean_ttft_ms"] / med["cache-aware"]["mean_ttft_ms"]

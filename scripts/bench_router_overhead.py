@@ -17,15 +17,15 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_router import RAW, free_port, stop, wait_for  # noqa: E402
+from bench_router import RAW, free_port, stop, wait_for
 
-from tandem.bench.throughput import describe_device, model_shape  # noqa: E402
+from tandem.bench.throughput import describe_device, model_shape
 
 
 def one(http: httpx.Client, url: str, prompt: str) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100)
     args = ap.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     port, log = free_port(), RAW / f"router-overhead-{stamp}.log"
     fleet = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", args.model, "--replicas", "1", "--port",
                               str(port), "--worker-args", "--served-model-name bench --max-model-len 2048"],
@@ -76,7 +76,7 @@ def main() -> None:
                      "sequential streamed completions, ~40-token prompts, 4 output tokens",
         "device": describe_device("cpu"),
         "model_shape": model_shape(args.model),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "requests_each": args.requests,
         "first_byte": {n: quantiles([s[0] for s in xs]) for n, xs in samples.items()},
         "total": {n: quantiles([s[1] for s in xs]) for n, xs in samples.items()},

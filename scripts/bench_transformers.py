@@ -20,15 +20,14 @@ import argparse
 import json
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from tandem.bench.throughput import (_range_ratio, describe_device, model_shape, resolve_bench_model,
-                                     sample_random_requests)
+from tandem.bench.throughput import _range_ratio, describe_device, model_shape, resolve_bench_model, sample_random_requests
 from tandem.tokenizer import load_tokenizer
 
 
@@ -95,7 +94,7 @@ def main() -> None:
                      "seed": args.seed, "total_prompt_tokens": prompt_tokens,
                      "total_output_tokens": output_tokens},
         "flags": {"batch_size": args.batch_size, "load_format": args.load_format},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }

@@ -7,7 +7,7 @@ import argparse
 import json
 import re
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tandem.bench.throughput import describe_device, model_shape
@@ -41,7 +41,7 @@ def main() -> None:
         "model_shape": model_shape(args.model),
         "workload": {k: next(iter(next(iter(table.values())).values()))[0].get(k)
                      for k in ("num_prompts", "request_rate", "burstiness", "total_input_tokens")},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "median_over_repetitions": medians,
         "tandem_client_over_vllm_client": ratios,
         "within_15_percent": {s: all(abs(r[m] - 1) <= 0.15 for m in ("median_ttft_ms", "median_tpot_ms"))

@@ -14,7 +14,7 @@ import argparse
 import json
 import re
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tandem.bench.throughput import describe_device, model_shape
@@ -109,7 +109,7 @@ def main() -> None:
         setups[name] = {"setup": desc, "num_runs": len(runs), "summary": summary(runs),
                         "goodput_by_slo": goodput_grid([res for _, res in results]), "runs": runs}
     p99 = {name: s["summary"]["chat_p99_itl_ms"]["median"] for name, s in setups.items()}
-    out = {"benchmark": "disaggregated prefill/decode under interference", "date": datetime.now(timezone.utc).isoformat(),
+    out = {"benchmark": "disaggregated prefill/decode under interference", "date": datetime.now(UTC).isoformat(),
            "device": describe_device("cpu"), "model": model_shape(args.model),
            "workload": {k: first.get(k) for k in ("dataset_name", "num_prompts", "request_rate", "goodput_slos_ms",
                                                    "workload", "flags") if k in first},
@@ -118,7 +118,7 @@ def main() -> None:
            "chat_p99_itl_colocated_over_pd": {  # medians over the runs; > 1: disaggregation's tail is lower
                f"{other}/{pd}": p99[other] / p99[pd] for pd in p99 if pd.startswith("pd")
                for other in ("replicas", "single") if other in p99}}
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = Path("benchmarks/results") / f"disagg-interference-{stamp}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(path)

@@ -7,7 +7,7 @@ import argparse
 import json
 import re
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tandem.bench.throughput import describe_device, model_shape
@@ -44,7 +44,7 @@ def main() -> None:
                   "vllm": f"vllm serve --dtype float32 --max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=2, "
                           f"OMP_NUM_THREADS={args.vllm_omp}"},
         "dtype": "float32",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "repetitions": {s: len(rs) for s, rs in by_server.items()},
         "median_over_runs": median,
         "tandem_over_vllm": {m: median["tandem"][m] / median["vllm"][m] for m in METRICS
