@@ -77,11 +77,11 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, share_kv_cache: bool = False,
-                 scheduler_config: SchedulerConfig | None = None, sampling_backend: str = "auto") -> None:
+                 scheduler_config: SchedulerConfig | None = None) -> None:
         """share_kv_cache: on CPU, keep the KV cache in a shared-memory region (``self.kv_region``)
         that decode workers on this host can read (tandem/kv_transfer/shm.py). scheduler_config:
         the largest step, profiled on a GPU to size the KV cache (tandem/runner/kv_sizing.py).
-        sampling_backend: the sampling kernel, torch / triton / auto (``resolve_sampling_backend``)."""
+        The sampling kernel follows the attention backend (``resolve_sampling_backend``)."""
         self.device = resolve_device(model_config.device)
         if self.device.type == "cpu":
             tune_glibc_malloc()
@@ -109,7 +109,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.model_config = model_config
         self.decode_graphs: DecodeGraphs | None = None  # set by setup_decode_graphs once max_model_len is known
-        self.sampling_backend = resolve_sampling_backend(sampling_backend, self.device, self.attention_backend)
+        self.sampling_backend = resolve_sampling_backend("auto", self.device, self.attention_backend)
         self.sampler = Sampler(self.args.vocab_size, model_config.seed, self.device,
                                sampling_kernel(self.sampling_backend), bitmask_kernel(self.sampling_backend))
         self.states: dict[str, SamplingState] = {}
