@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from tandem.config import KV_FAILURE_POLICIES, KV_ROLES, KV_TRANSPORTS
 from tandem.entrypoints.http_protocol import add_timeout_args
 from tandem.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
+
+if TYPE_CHECKING:
+    from tandem.engine.arg_utils import EngineArgs
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -122,7 +126,18 @@ def _cmd_router(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from tandem.router.launch import run_up
 
+    check_worker_args(args.model or "MODEL", args.worker_args)
     return run_up(args)
+
+
+def check_worker_args(model: str, worker_args: str) -> EngineArgs:
+    """``tandem up --worker-args``, read as ``tandem serve`` would read it, before any worker
+    starts: an unknown flag exits 2 with serve's usage, a bad value is a ValueError naming it."""
+    import shlex
+
+    from tandem.engine.arg_utils import EngineArgs
+
+    return EngineArgs.from_cli_args(build_parser().parse_args(["serve", model, *shlex.split(worker_args)]))
 
 
 def _cmd_eval_quality(args: argparse.Namespace) -> int:

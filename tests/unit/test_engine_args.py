@@ -9,7 +9,7 @@ import inspect
 import pytest
 
 from tandem import LLM
-from tandem.cli import build_parser
+from tandem.cli import build_parser, check_worker_args, main
 from tandem.config import EngineConfig
 from tandem.engine.arg_utils import EngineArgs
 from tandem.router.launch import worker_block_size
@@ -192,3 +192,12 @@ def test_up_passes_engine_flags_verbatim_and_shares_the_block_size():
     with pytest.raises(ValueError, match="--block-size"):
         worker_block_size(32, ["--block-size", "16"])
     assert _actions(_subparser(("router",)))["block_size"].default == EngineArgs.block_size
+
+
+def test_up_checks_worker_args_before_starting_workers(capsys):
+    assert check_worker_args("m", "--max-num-seqs 8 --quantization int8").max_num_seqs == 8
+    with pytest.raises(SystemExit):
+        main(["up", "--worker-args", "--no-such-flag 1"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    assert main(["up", "--worker-args", "--max-num-seqs 0"]) == 2
+    assert "max_num_seqs must be >= 1" in capsys.readouterr().err
