@@ -105,6 +105,7 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    _check_index(Path(model_dir), files)
     assert isinstance(model, nn.Module)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[int, object]] = set()  # (id of the parameter, shard id): tied names share one
@@ -130,6 +131,17 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
     if prequantized is not None:
         loaded |= prequantized.attach(model)
     _check_all_loaded(model, params, loaded)
+
+
+def _check_index(model_dir: Path, files: list[Path]) -> None:
+    """A sharded checkpoint's ``model.safetensors.index.json`` names its files: one missing is named."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    missing = sorted(wanted - {f.name for f in files})
+    if missing:
+        raise FileNotFoundError(f"{model_dir}: the checkpoint index lists {', '.join(missing)}, which is missing")
 
 
 def _keys(file: Path) -> list[str]:

@@ -4,6 +4,7 @@ files and one with tied embeddings load whole."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,15 @@ def test_a_checkpoint_split_over_files_loads_and_matches(model_dirs, tmp_path):
     outs = [LLM(model=str(p), kv_cache_memory="8MiB").generate(["hello world"], params)[0].outputs[0].token_ids
             for p in (src, dst)]
     assert outs[0] == outs[1]
+
+    # the index names both files: one of them gone is named, not reported as missing tensors
+    weight_map = {n: "model-00001-of-00002.safetensors" if n in first else "model-00002-of-00002.safetensors"
+                  for n in names}
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert torch.equal(next(_load(dst).parameters()), next(whole.parameters()))
+    (dst / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="index lists model-00002-of-00002.safetensors, which is missing"):
+        _load(dst)
 
 
 def test_tied_embeddings_need_no_head_tensor(model_dirs):
