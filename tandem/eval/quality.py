@@ -156,7 +156,7 @@ def run_quality(args: argparse.Namespace) -> int:
         raise ValueError(f"--window must be in [2, {candidate.llm_engine.max_model_len}], got {args.window}")
     reference = LLM(**(vars(engine_args) | {k: v for k, v in PRECISION_ARGS.items() if k in vars(engine_args)}))
     model_dir = candidate.llm_engine.runner.model_config.model
-    token_ids = candidate.get_tokenizer().encode(_texts(args, model_dir))
+    token_ids = candidate.get_tokenizer().encode(_texts(args, model_dir), verbose=False)  # scored in windows
     started = time.perf_counter()
     report = compare(reference, candidate, windows(token_ids, args.window, args.max_windows), args.prompt_len,
                      args.continuation_len)
