@@ -2,7 +2,8 @@
 attention that reads each sequence's K/V blocks where they lie in the cache instead of gathering
 them into a copy, and the per-token ops of a layer in one pass each (RMSNorm, residual add +
 RMSNorm, SiLU-and-mul, rotary fused with the KV-cache write), with the torch references'
-signatures (``cpu_ops()`` is their ``Ops`` set).
+signatures (``cpu_ops()`` is their ``Ops`` set); and the weight-only int8 linear product that the
+``int8`` precision scheme runs on a CPU.
 
 They are compiled once per machine with torch's extension builder (``make install`` runs
 ``python -m tandem.kernels.cpu_kernels``), for the vector instructions torch itself selected on
@@ -122,6 +123,16 @@ def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """As ``tandem.kernels.rope_kv.rope_and_write_kv_ref``; q and k may be views into the QKV output."""
     return _ops().rope_and_write_kv(positions, q, k, v, cos, sin, k_cache, v_cache,  # type: ignore[attr-defined]
                                     slot_mapping)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As ``tandem.kernels.quant.int8_linear_ref`` (x [..., K] in any float type, computed in fp32,
+    returned in x's dtype)."""
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    out = _ops().int8_linear(x2, q, scale, b)  # type: ignore[attr-defined]
+    return out.to(x.dtype).view(*x.shape[:-1], q.shape[0])
 
 
 def cpu_ops() -> Ops:

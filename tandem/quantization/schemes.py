@@ -6,8 +6,9 @@ replaces the layer's matmul (``Linear.quant``). Every ``QuantizedWeight`` comput
 ``tandem/kernels/quant.py``. On a CUDA GPU the Triton kernels of ``tandem/kernels/quant_triton.py``
 run; on a CPU:
 
-* int8 uses ``torch.ops.aten._weight_int8pack_mm`` (activations in bf16) at the row counts where it
-  beats dequantizing the weight and multiplying in the activation dtype, measured per weight shape
+* int8 runs, per row count, the fastest of tandem's C++ kernel (``tandem/kernels/csrc/
+  cpu_int8_linear.cpp``: fp32 activations, the weights widened in L1), torch's
+  ``_weight_int8pack_mm`` (bf16 activations) and dequantize + matmul, measured per weight shape
   when the model is quantized (as ``tandem/model/cpu_gemm.py`` measures its GEMMs);
 * fp8, mxfp4 and nvfp4 are stored packed and dequantized for each product: a CPU has no FP8 or
   FP4 arithmetic, so they save memory, not time (and FP4 is emulated on every GPU before Blackwell).
@@ -79,9 +80,12 @@ class FloatWeight(QuantizedWeight):
         return F.linear(x.to(dt), self.weight, None if bias is None else bias.to(dt)).to(x.dtype)
 
 
-# int8 on a CPU: rows up to these limits take the choice measured at the matching probe row count
+# int8 on a CPU: rows up to these limits take the path measured fastest at the matching probe row count
 INT8_PROBE_ROWS = (1, 8, 32, 128)
 INT8_BUCKET_LIMITS = (2, 16, 64)
+# tandem: the C++ kernel (fp32 activations); int8pack: torch's _weight_int8pack_mm (bf16 activations);
+# dequant: the weight widened to the activations' dtype, then torch's matmul
+INT8_CPU_PATHS = ("tandem", "int8pack", "dequant")
 
 
 class Int8Weight(QuantizedWeight):
@@ -94,8 +98,8 @@ class Int8Weight(QuantizedWeight):
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q)
         self.register_buffer("scale", scale.float())
-        # CPU: per probe row count, whether _weight_int8pack_mm (bf16) beats dequantize + matmul
-        self.use_int8pack: tuple[bool, ...] = (False,) * len(INT8_PROBE_ROWS)
+        # CPU: the path per probe row count (measure_cpu_routes); dequantize + matmul until measured
+        self.cpu_routes: tuple[str, ...] = ("dequant",) * len(INT8_PROBE_ROWS)
         self._scale_bf16 = scale.to(torch.bfloat16)
 
     @classmethod
@@ -108,35 +112,44 @@ class Int8Weight(QuantizedWeight):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
             return _triton("int8_linear")(x, self.q, self.scale, bias)
-        if x.dim() == 2 and self.use_int8pack[bisect.bisect_left(INT8_BUCKET_LIMITS, x.shape[0])]:
-            return self.int8pack(x, bias)
+        rows = x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[-1])
+        return self.run_cpu(self.cpu_routes[bisect.bisect_left(INT8_BUCKET_LIMITS, rows)], x, bias)
+
+    def run_cpu(self, path: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if path == "tandem":
+            from tandem.kernels import cpu_kernels
+
+            return cpu_kernels.int8_linear(x, self.q, self.scale, bias)
+        if path == "int8pack" and x.dim() == 2:
+            out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self._scale_bf16).to(x.dtype)
+            return out.add_(bias.to(x.dtype)) if bias is not None else out
         return self._dequantized_linear(x, bias)
 
-    def int8pack(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self._scale_bf16).to(x.dtype)
-        return out.add_(bias.to(x.dtype)) if bias is not None else out
-
-    def measure_cpu_routes(self, cache: dict[tuple[int, int, torch.dtype], tuple[bool, ...]],
+    def measure_cpu_routes(self, cache: dict[tuple[int, int, torch.dtype], tuple[str, ...]],
                            dtype: torch.dtype) -> None:
-        """Time both CPU paths once per (shape, activation dtype) and remember the faster per row count."""
+        """Time each CPU path once per (shape, activation dtype) and keep the fastest per row count."""
+        from tandem.kernels import cpu_kernels
+
         key = (self.out_features, self.in_features, dtype)
         if key not in cache:
-            cache[key] = tuple(_faster_first(functools.partial(self.int8pack, x, None),
-                                             functools.partial(self._dequantized_linear, x, None))
-                               for x in (torch.randn(rows, self.in_features, dtype=dtype) for rows in INT8_PROBE_ROWS))
-        self.use_int8pack = cache[key]
+            paths = [p for p in INT8_CPU_PATHS if p != "tandem" or cpu_kernels.available()]
+            xs = [torch.randn(rows, self.in_features, dtype=dtype) for rows in INT8_PROBE_ROWS]
+            cache[key] = tuple(self._fastest(paths, x) for x in xs)
+        self.cpu_routes = cache[key]
+
+    def _fastest(self, paths: list[str], x: torch.Tensor) -> str:
+        times = {path: _best_ms(functools.partial(self.run_cpu, path, x, None)) for path in paths}
+        return min(times, key=times.__getitem__)
 
 
-def _faster_first(first: Callable[[], object], second: Callable[[], object], repeats: int = 3) -> bool:
-    def best(fn: Callable[[], object]) -> float:
+def _best_ms(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()  # warm (first calls allocate)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return min(times)
-    return best(first) < best(second)
+        times.append(time.perf_counter() - started)
+    return min(times) * 1e3
 
 
 class Fp8Weight(QuantizedWeight):

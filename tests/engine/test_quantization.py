@@ -53,7 +53,7 @@ def test_quantized_engine_equals_transformers_on_dequantized_weights(scheme, pre
     llm = make_llm(preset, precision_policy=str(policy), cpu_gemm="blas")
     for module in llm.llm_engine.runner.model.modules():
         if isinstance(module, Int8Weight):
-            module.use_int8pack = (False,) * len(module.use_int8pack)  # fp32 activations: comparable at 1e-4
+            module.cpu_routes = ("tandem",) * len(module.cpu_routes)  # fp32 activations: comparable at 1e-4
     hf = hf_model(str(model_dirs[preset]))
     _dequantized_into_hf(llm, hf)
     for prompt in prompts_for(hf.config.vocab_size, lengths=[5, 23]):

@@ -185,3 +185,29 @@ def test_without_a_compiler_the_engine_serves_on_the_torch_path(model_dirs, tmp_
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tokens 3" in done.stdout and "CPU kernels unavailable" in done.stderr
+
+
+@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 8, 8), (3, 37, 100), (17, 130, 768),
+                                                                     (2, 9, 1030)])
+def test_int8_linear_matches_its_reference(rows, out_features, in_features):
+    """Blocks of 8 channels with a partial last one, K chunks of 512 with a tail, any row count."""
+    from tandem.kernels import quant
+
+    g = torch.Generator().manual_seed(rows * out_features)
+    q, scale = quant.quantize_int8(torch.randn(out_features, in_features, generator=g))
+    x, bias = torch.randn(rows, in_features, generator=g), torch.randn(out_features, generator=g)
+    for b in (None, bias):
+        expected = quant.int8_linear_ref(x, q, scale, b)
+        torch.testing.assert_close(cpu_kernels.int8_linear(x, q, scale, b), expected, rtol=1e-5, atol=1e-4)
+    halves = cpu_kernels.int8_linear(x.bfloat16().view(1, rows, in_features), q, scale)
+    assert halves.dtype == torch.bfloat16 and halves.shape == (1, rows, out_features)
+
+
+def test_int8_linear_refuses_what_it_cannot_read():
+    q, scale = torch.zeros(4, 16, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(RuntimeError, match="int8"):
+        cpu_kernels.int8_linear(torch.randn(2, 16), q.float(), scale)
+    with pytest.raises(RuntimeError, match="x's K"):
+        cpu_kernels.int8_linear(torch.randn(2, 15), q, scale)
+    with pytest.raises(RuntimeError, match="scale"):
+        cpu_kernels.int8_linear(torch.randn(2, 16), q, torch.ones(3))

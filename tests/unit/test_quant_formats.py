@@ -107,15 +107,28 @@ def test_quantized_linear_equals_dequantize_then_matmul(scheme, rows, dtype):
     assert qw.nbytes < w.numel() * 4 or scheme == "fp32"
 
 
-def test_int8_cpu_routes_agree_with_each_other():
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_int8_cpu_paths_agree_with_the_reference(rows):
+    """tandem's C++ kernel (fp32 activations) to fp32 rounding; torch's int8pack (bf16) to bf16's."""
+    qw = Int8Weight.from_float(_weight(37, 200))  # a partial block of 8 channels, K not a multiple of 8
+    x, bias = torch.randn(rows, 200), torch.randn(37)
+    ref = Q.int8_linear_ref(x, qw.q, qw.scale, bias)
+    assert _rel(qw.run_cpu("tandem", x, bias), ref) < 1e-6
+    assert _rel(qw.run_cpu("dequant", x, bias), ref) < 1e-6
+    assert _rel(qw.run_cpu("int8pack", x, bias), ref) < 1e-2
+    bf = x.bfloat16()
+    assert qw.run_cpu("tandem", bf, None).dtype == torch.bfloat16
+
+
+def test_int8_cpu_routes_are_measured_once_per_shape():
     qw = Int8Weight.from_float(_weight(64, 128))
-    x = torch.randn(8, 128)
-    assert _rel(qw.int8pack(x, None), qw._dequantized_linear(x, None)) < 1e-2
     routes: dict = {}
     qw.measure_cpu_routes(routes, torch.float32)
-    assert list(routes) == [(64, 128, torch.float32)] and len(qw.use_int8pack) == 4
-    Int8Weight.from_float(_weight(64, 128, seed=2)).measure_cpu_routes(routes, torch.float32)
-    assert len(routes) == 1  # measured once per shape
+    assert list(routes) == [(64, 128, torch.float32)] and len(qw.cpu_routes) == 4
+    assert set(qw.cpu_routes) <= {"tandem", "int8pack", "dequant"}
+    other = Int8Weight.from_float(_weight(64, 128, seed=2))
+    other.measure_cpu_routes(routes, torch.float32)
+    assert len(routes) == 1 and other.cpu_routes == qw.cpu_routes
 
 
 def test_check_scheme_names_the_problem():
