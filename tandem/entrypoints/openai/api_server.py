@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20
 MAX_HEADER_BYTES = 64 * 2**10  # 431 beyond it (h11 also refuses an incomplete head past this size)
+OVERLOADED = "overloaded"  # 503 + Retry-After: at capacity, the request did not run (retry, here or elsewhere)
+ENGINE_DEAD = "engine_dead"  # 500: the engine core died (perhaps of this request): not to be retried elsewhere
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -139,7 +141,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
     def admit(count: int) -> None:
         if capacity is not None and engine.num_in_flight + count > capacity:
             raise OpenAIError(503, f"server is at capacity ({capacity} requests in flight); retry shortly",
-                              "ServiceUnavailableError", code="overloaded")
+                              "ServiceUnavailableError", code=OVERLOADED)
 
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
@@ -159,7 +161,9 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(_: Request, exc: OpenAIError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        # NOTE: Retry-After only for admission's refusal: the request never ran, and a router sends
+        # it to another worker. Nothing that may have run (or broken) the engine carries it.
+        headers = {"Retry-After": "1"} if exc.code == OVERLOADED else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.get("/metrics")
@@ -431,7 +435,7 @@ def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
         with _as_400(structured_field):
             stream = engine.generate(prompt, params, rid, priority=priority, **(disagg or {}))
     except EngineDeadError as e:
-        raise OpenAIError(503, f"engine is not running: {e}", "ServiceUnavailableError") from None
+        raise OpenAIError(500, f"engine is not running: {e}", "InternalServerError", code=ENGINE_DEAD) from None
     return stream
 
 
@@ -441,8 +445,10 @@ async def _close_all(streams: list[RequestStream]) -> None:
 
 
 async def _engine_errors_as_openai(stream: RequestStream) -> AsyncIterator[RequestOutput]:
-    """A dead engine -> 503; a request that finished with an error: a failed KV load -> 502, the
-    engine's own failure on this request (the engine serves on) -> 500."""
+    """A dead engine -> 500 ``engine_dead`` (never 503 + Retry-After: this very request may have
+    killed it, and a router must not hand it to another worker); a request that finished with an
+    error: a failed KV load -> 502, the engine's own failure on this request (the engine serves
+    on) -> 500."""
     try:
         async for out in stream:
             if out.finished and out.error is not None:
@@ -451,7 +457,7 @@ async def _engine_errors_as_openai(stream: RequestStream) -> AsyncIterator[Reque
                 raise OpenAIError(500, out.error, "InternalServerError", code="request_failed")
             yield out
     except EngineDeadError as e:
-        raise OpenAIError(503, f"engine died: {e}", "ServiceUnavailableError") from None
+        raise OpenAIError(500, f"engine died: {e}", "InternalServerError", code=ENGINE_DEAD) from None
     finally:
         await stream.aclose()
 
