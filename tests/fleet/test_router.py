@@ -16,6 +16,7 @@ import pytest
 
 from tandem.engine.arg_utils import EngineArgs
 from tests.helpers import (
+    api_idle,
     engine_core_pid,
     free_port,
     metric_sum,
@@ -124,6 +125,30 @@ def test_clients_gone_before_the_first_byte_release_their_worker(fleet):
             break
         assert time.monotonic() < deadline, f"router in flight {in_flight}, workers running {running}"
         time.sleep(0.3)
+
+
+def test_a_non_streaming_client_that_leaves_is_aborted_on_its_worker(fleet):
+    """Issue 17, item 2 through the router: a non-streaming client that times out closes the
+    router's request to its worker, which aborts every sequence (they run for tens of seconds
+    when left alone, and would end "finished", not "aborted")."""
+    url, _, worker_urls = fleet
+
+    def aborted() -> float:
+        return sum(metric_sum(httpx.get(f"{w}/metrics").text, "tandem:api_requests_ended_total", 'outcome="aborted"')
+                   for w in worker_urls)
+
+    def idle() -> bool:
+        return (all(api_idle(w) for w in worker_urls)
+                and metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_in_flight") == 0)
+
+    before = aborted()
+    body = {"model": "tiny", "prompt": "a client that will not wait", "max_tokens": 480, "ignore_eos": True, "n": 32}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    left = time.monotonic()
+    wait_until(lambda: aborted() > before, 15, what="the worker aborts the request")
+    wait_until(idle, 15, what="every sequence ended and every block free, on the workers and in the router")
+    assert time.monotonic() - left < 15
 
 
 def test_killing_a_worker_under_load_leaves_no_hung_request(fleet):
