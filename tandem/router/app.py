@@ -554,12 +554,16 @@ async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: s
     """The response for the client, or None when the caller may retry on another worker: the
     connection failed before the worker got the request, or (``may_retry``) the worker answered
     503 with Retry-After. Releases ``routed`` exactly once (here, or when the stream ends).
-    ``client``: the client's request, its body read: the worker's answer is awaited only while
-    the client stays (_while_client_stays; once a stream is relayed, _relay sees it leave)."""
+    ``client``: the client's request, its body read: a non-streaming answer is awaited only while
+    the client stays (_while_client_stays); a stream's client is seen leaving by _relay."""
     url = routed.worker.url + path
-    try:  # a non-streaming answer's head comes with its end: the client may leave before either
-        upstream = await _while_client_stays(client, http.send(http.build_request("POST", url, content=body,
-                                                                                  headers=headers), stream=True))
+    # a non-streaming answer's head comes with its end: the client may leave before either. NOTE: a
+    # stream's head comes at once; cut before it, a decode leg might never reach its worker, whose
+    # prefill worker would then hold the KV lease of a concurrent split until it expires
+    watched = None if stream else client
+    try:
+        upstream = await _while_client_stays(watched, http.send(http.build_request("POST", url, content=body,
+                                                                                   headers=headers), stream=True))
     except _ClientLeft:
         router.release(routed)
         return _client_left()
@@ -578,7 +582,7 @@ async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: s
     passthrough = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
     if not stream:
         try:
-            content = await _while_client_stays(client, upstream.aread())
+            content = await _while_client_stays(watched, upstream.aread())
         except _ClientLeft:
             return _client_left()
         except httpx.HTTPError as e:
