@@ -125,6 +125,36 @@ def api_idle(base: str, headers: dict | None = None) -> bool:
             and metric(text, "tandem:api_requests_accepted_total") == metric(text, "tandem:api_requests_ended_total"))
 
 
+# -- processes (Linux: /proc) ------------------------------------------------------------------
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc/*/stat (field 4 is the parent pid)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def engine_core_pid(api_pid: int) -> int:
+    """The multiprocessing (spawn) child that runs the engine core; not the resource tracker."""
+    cores = [c for c in children(api_pid)
+             if "multiprocessing" in cmdline(c) and "resource_tracker" not in cmdline(c)]
+    assert len(cores) == 1, [(c, cmdline(c)) for c in children(api_pid)]
+    return cores[0]
+
+
 # -- models and references ----------------------------------------------------------------------
 ALL_PRESETS = sorted(PRESETS)
 

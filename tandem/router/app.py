@@ -8,7 +8,8 @@ failed before any byte reached it, or it answered 503 with Retry-After (overload
 dropped the request after receiving it, or answered 500, may have been broken by that very
 request: the client gets 502 `worker_failed` and no other worker sees it. 4xx answers pass through
 as is. After the first byte the client sees the worker's stream as is. Every request the router
-sends is released exactly once (in_flight and the policy's per-prefix counts go back down).
+sends is released exactly once (in_flight and the policy's per-prefix counts go back down). A
+client that leaves closes its worker request, streaming or not, so the worker aborts it.
 
 What a client sends is bounded before it costs anything (issue 17): the API key (when set) is
 checked before the body is read; the body is counted as it arrives (MAX_BODY_BYTES, 413) and must
@@ -27,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import astuple, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -47,6 +48,7 @@ from tandem.router.workers import WorkerPool
 from tandem.tokenizer import chat_token_ids, template_messages
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SESSION_HEADER = "x-session-id"
 MAX_BODY_BYTES = 4 * 2**20
@@ -499,7 +501,7 @@ def build_router_app(router: Router, http: httpx.AsyncClient, api_key: str | Non
                     return e.response()
             router.record(routed)  # after the P/D decision, which must not see this request as cached
             response = await _send(router, http, routed, path, body_bytes, headers, bool(body.get("stream")),
-                                   may_retry=attempt == 0)
+                                   may_retry=attempt == 0, client=raw)
             if response is not None:
                 router.metrics.requests.labels(routed.worker.url, router.decision).inc()
                 return response
@@ -548,13 +550,23 @@ def _fatal(resp: httpx.Response) -> bool:
 
 
 async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: str, body: bytes,
-                headers: dict, stream: bool, may_retry: bool = True) -> Response | None:
+                headers: dict, stream: bool, may_retry: bool = True, client: Request | None = None) -> Response | None:
     """The response for the client, or None when the caller may retry on another worker: the
     connection failed before the worker got the request, or (``may_retry``) the worker answered
-    503 with Retry-After. Releases ``routed`` exactly once (here, or when the stream ends)."""
+    503 with Retry-After. Releases ``routed`` exactly once (here, or when the stream ends).
+    ``client``: the client's request, its body read: a non-streaming answer is awaited only while
+    the client stays (_while_client_stays); a stream's client is seen leaving by _relay."""
     url = routed.worker.url + path
+    # a non-streaming answer's head comes with its end: the client may leave before either. NOTE: a
+    # stream's head comes at once; cut before it, a decode leg might never reach its worker, whose
+    # prefill worker would then hold the KV lease of a concurrent split until it expires
+    watched = None if stream else client
     try:
-        upstream = await http.send(http.build_request("POST", url, content=body, headers=headers), stream=True)
+        upstream = await _while_client_stays(watched, http.send(http.build_request("POST", url, content=body,
+                                                                                   headers=headers), stream=True))
+    except _ClientLeft:
+        router.release(routed)
+        return _client_left()
     except httpx.HTTPError as e:
         router.pool.report_failure(routed.worker.url)
         router.release(routed)
@@ -570,12 +582,14 @@ async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: s
     passthrough = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
     if not stream:
         try:
-            content = await upstream.aread()
+            content = await _while_client_stays(watched, upstream.aread())
+        except _ClientLeft:
+            return _client_left()
         except httpx.HTTPError as e:
             router.pool.report_failure(routed.worker.url)
             return WorkerFailed(url, type(e).__name__).response()
         finally:
-            await upstream.aclose()
+            await upstream.aclose()  # unread (the client left): closes the connection, the worker aborts
             router.release(routed)
         if upstream.status_code == 200:
             try:
@@ -585,6 +599,42 @@ async def _send(router: Router, http: httpx.AsyncClient, routed: Routed, path: s
         return Response(content, status_code=upstream.status_code, headers=passthrough)
     return StreamingResponse(_relay(router, routed, upstream), status_code=upstream.status_code,
                              headers=passthrough)
+
+
+def _client_left() -> JSONResponse:
+    """The answer to a client that is gone: nobody reads it."""
+    return _error(499, "client disconnected", "client_closed_request", headers=_CLOSE)
+
+
+class _ClientLeft(Exception):
+    """The client disconnected while the router waited on its worker."""
+
+
+async def _while_client_stays(client: Request | None, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or _ClientLeft when the client disconnects first: ``awaitable`` is
+    then cancelled. An upstream request cancelled before its answer is read to the end loses its
+    connection, so the worker sees its client leave and aborts the request, as for a direct client."""
+    if client is None:
+        return await awaitable
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_client_gone(client))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request is cancelled: neither task outlives it
+        pending = [t for t in (work, gone) if not t.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    if work.cancelled():
+        raise _ClientLeft
+    return work.result()
+
+
+async def _client_gone(client: Request) -> None:
+    """Return when the client disconnects. NOTE: its body was read to the end, so the ASGI receive
+    channel has nothing left to give but http.disconnect."""
+    while (await client.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _single_prompt(prompt: Any) -> str | list[int] | None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import httpx
 import openai
@@ -173,6 +174,32 @@ def test_forged_ticket_through_the_router_is_refused(fleet):
                                "block_ids": [0], "num_tokens": 1, "block_size": 16, "compat": "x", "prompt": "x",
                                "lease_s": 1.0, "kv_bytes_per_token": 1, "mac": "00"}}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params"
+    fleet.wait_idle()
+
+
+def test_a_router_without_kv_events_splits_a_fresh_prompt(fleet, model_dirs):
+    """Issue 17, item 10, through the router's request path: a hand-started router over the same
+    workers, without their KV events, knows what they cache only from its own routing. A fresh
+    prompt must be split: were it recorded on the decode worker before the P/D decision, only
+    its last partial block (under 16 tokens, below the threshold of 32) would look uncached."""
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "tandem.cli", "router", "--port", str(port), "--tokenizer",
+                               str(model_dirs["llama3-gqa"]), "--pd-threshold", "32", "--seed", "0",
+                               "--worker", f"{fleet.prefill},role=prefill", "--worker", f"{fleet.decode},role=decode"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, router)
+        transfers = fleet.metric(fleet.decode, "tandem:kv_transfers_total")
+        prompt = f"{uuid.uuid4().hex}: nobody sent this prompt before, " * 4  # about 100 tokens
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text[:500]
+        assert r.json()["usage"]["prompt_tokens"] >= 64
+        assert fleet.metric(url, "tandem_router_pd_decisions_total", 'decision="split"') == 1
+        assert fleet.metric(url, "tandem_router_pd_decisions_total", 'decision="local"') == 0
+        assert fleet.metric(fleet.decode, "tandem:kv_transfers_total") == transfers + 1
+    finally:
+        stop_server(router)
     fleet.wait_idle()
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,16 @@ import openai
 import pytest
 
 from tandem.engine.arg_utils import EngineArgs
-from tests.helpers import free_port, metric_sum, wait_healthy, wait_until
+from tests.helpers import (
+    api_idle,
+    engine_core_pid,
+    free_port,
+    metric_sum,
+    start_server,
+    stop_server,
+    wait_healthy,
+    wait_until,
+)
 
 WORKER_FLAGS = ("--max-num-seqs", "8")
 
@@ -117,6 +127,30 @@ def test_clients_gone_before_the_first_byte_release_their_worker(fleet):
         time.sleep(0.3)
 
 
+def test_a_non_streaming_client_that_leaves_is_aborted_on_its_worker(fleet):
+    """Issue 17, item 2 through the router: a non-streaming client that times out closes the
+    router's request to its worker, which aborts every sequence (they run for tens of seconds
+    when left alone, and would end "finished", not "aborted")."""
+    url, _, worker_urls = fleet
+
+    def aborted() -> float:
+        return sum(metric_sum(httpx.get(f"{w}/metrics").text, "tandem:api_requests_ended_total", 'outcome="aborted"')
+                   for w in worker_urls)
+
+    def idle() -> bool:
+        return (all(api_idle(w) for w in worker_urls)
+                and metric_sum(httpx.get(f"{url}/metrics").text, "tandem_router_requests_in_flight") == 0)
+
+    before = aborted()
+    body = {"model": "tiny", "prompt": "a client that will not wait", "max_tokens": 480, "ignore_eos": True, "n": 32}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    left = time.monotonic()
+    wait_until(lambda: aborted() > before, 15, what="the worker aborts the request")
+    wait_until(idle, 15, what="every sequence ended and every block free, on the workers and in the router")
+    assert time.monotonic() - left < 15
+
+
 def test_killing_a_worker_under_load_leaves_no_hung_request(fleet):
     url, workers, worker_urls = fleet
 
@@ -146,6 +180,51 @@ def test_killing_a_worker_under_load_leaves_no_hung_request(fleet):
                        timeout=60)
         assert r.status_code == 200, r.text
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.fixture
+def pair(model_dirs):
+    """Two plain workers (no KV events) and a round-robin `tandem router` in front, all stopped after."""
+    model = model_dirs["llama3-gqa"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        started = [f.result() for f in [pool.submit(start_server, model, *WORKER_FLAGS) for _ in range(2)]]
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "tandem.cli", "router", "--port", str(port), "--tokenizer",
+                               str(model), "--policy", "round-robin", "--seed", "0",
+                               *[a for _, base in started for a in ("--worker", base)]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, router)
+        yield url, [proc for proc, _ in started], [base for _, base in started]
+    finally:
+        for proc in [router, *(proc for proc, _ in started)]:
+            stop_server(proc)
+
+
+def test_a_request_whose_engine_core_dies_goes_to_no_other_worker(pair):
+    """Issue 17, item 1: a worker whose engine core dies under a request answers 500 engine_dead
+    (not 503 + Retry-After, which reads as overload), so the router answers 502 worker_failed and
+    the request, which may be what killed the core, reaches no other worker."""
+    url, procs, bases = pair
+
+    def accepted(base: str) -> float:
+        return metric_sum(httpx.get(f"{base}/metrics").text, "tandem:api_requests_accepted_total")
+
+    def running_on() -> str | None:
+        return next((b for b in bases if metric_sum(httpx.get(f"{b}/metrics").text, "vllm:num_requests_running")), None)
+
+    before = {b: accepted(b) for b in bases}
+    body = {"model": "tiny", "prompt": "the last request of this core", "max_tokens": 480, "ignore_eos": True, "n": 8}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=120)
+        victim = wait_until(running_on, 60, what="the request runs on a worker")
+        os.kill(engine_core_pid(procs[bases.index(victim)].pid), signal.SIGKILL)
+        r = answer.result(timeout=120)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "worker_failed", r.text[:500]
+    other = next(b for b in bases if b != victim)
+    assert accepted(other) == before[other], "the request was sent to the other worker"
+    assert httpx.post(f"{other}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
 def test_tandem_up_starts_and_stops_a_fleet(model_dirs):

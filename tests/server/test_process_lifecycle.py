@@ -14,32 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import children, cmdline, engine_core_pid, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 EXIT_DEADLINE_S = 10.0
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc/*/stat (field 4 is the parent pid)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -49,14 +28,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return text[text.rindex(")") + 2] != "Z"
-
-
-def _engine_core_pid(api_pid: int) -> int:
-    """The multiprocessing (spawn) child that runs the engine core; not the resource tracker."""
-    cores = [c for c in _children(api_pid)
-             if "multiprocessing" in _cmdline(c) and "resource_tracker" not in _cmdline(c)]
-    assert len(cores) == 1, [(c, _cmdline(c)) for c in _children(api_pid)]
-    return cores[0]
 
 
 def _wait_gone(pid: int, deadline_s: float) -> bool:
@@ -92,7 +63,7 @@ def serve(model_dirs, tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        core = _engine_core_pid(proc.pid)
+        core = engine_core_pid(proc.pid)
         started.append((proc, core))
         return proc, base, core
 
@@ -173,10 +144,10 @@ def _up(model_dirs) -> subprocess.Popen:
 
 def _workers_of(up: subprocess.Popen, count: int = 2) -> list[int]:
     deadline = time.monotonic() + 60
-    while len(workers := [c for c in _children(up.pid) if " serve " in _cmdline(c)]) < count:
+    while len(workers := [c for c in children(up.pid) if " serve " in cmdline(c)]) < count:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert len(workers) == count, [_cmdline(c) for c in _children(up.pid)]
+    assert len(workers) == count, [cmdline(c) for c in children(up.pid)]
     return workers
 
 

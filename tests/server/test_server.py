@@ -214,7 +214,7 @@ def test_engine_death_turns_health_503_and_server_exits_nonzero(model_dirs):
             for pid in engine_pids:
                 os.kill(pid, signal.SIGKILL)
             rest = list(lines)
-        assert any("error" in line for line in rest), rest[-3:]
+        assert any('"code": "engine_dead"' in line for line in rest), rest[-3:]  # not retryable (issue 17)
         deadline = time.monotonic() + 10
         codes = set()
         while time.monotonic() < deadline and proc.poll() is None:

@@ -4,6 +4,7 @@ every resource a request can claim has a bound. Real servers, real sockets; each
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -190,6 +191,39 @@ def test_big_inputs_are_tokenized_off_the_event_loop(server):
     assert answers[-1].status_code == 200 and answers[-1].json()["count"] > 100_000
     assert _health_stalls_while(server, many_prompts) < 1.0
     assert _assert_openai_error(answers[-1], 400)["code"] == "context_length_exceeded"
+
+
+def test_a_big_detokenize_runs_off_the_event_loop(server):
+    """A million ids (4 MB, the body limit) cost a core about a second to parse, check and decode:
+    on the tokenize pool (the decode with the GIL released), while /health answers at once."""
+    rng = random.Random(0)
+    ids = [rng.randrange(3, 500) for _ in range(1_000_000)]
+    body = json.dumps({"model": "tiny", "tokens": ids}, separators=(",", ":")).encode()
+    assert 3 * 2**20 < len(body) < 4 * 2**20
+    answers: list[httpx.Response] = []
+
+    def detokenize() -> None:
+        for _ in range(3):
+            answers.append(httpx.post(f"{server}/detokenize", content=body,
+                                      headers={"content-type": "application/json"}, timeout=120))
+
+    # on the loop this was 0.8 s and more; what stays (the GIL held while the JSON is parsed) ~0.2 s
+    assert _health_stalls_while(server, detokenize) < 0.45
+    assert all(a.status_code == 200 for a in answers), answers[-1].text[:300]
+    small = httpx.post(f"{server}/detokenize", json={"tokens": ids[:50]}).json()["prompt"]
+    assert answers[-1].json()["prompt"].startswith(small)
+
+
+@pytest.mark.parametrize("size", [10, 5000])  # parsed on the loop, and on the tokenize pool
+def test_detokenize_refuses_bad_bodies_in_openai_shape(server, size):
+    pad = [5] * size
+    for body in ({"tokens": [*pad, "x"]}, {"tokens": [*pad, 2**70]}, {"tokens": [*pad, 1.5]}, {"prompt": pad},
+                 [pad], {"model": "nope", "tokens": pad}):
+        r = httpx.post(f"{server}/detokenize", json=body)
+        _assert_openai_error(r, 404 if isinstance(body, dict) and body.get("model") == "nope" else 400)
+    for raw in (b"{not json", b'{"tokens": [1, 2]' + b"\xff}", b"[" * 100_000 + b"]" * 100_000):
+        _assert_openai_error(httpx.post(f"{server}/detokenize", content=raw,
+                                        headers={"content-type": "application/json"}), 400)
 
 
 # -- 11, 7: slow, idle and unauthenticated clients -------------------------------------------------------

@@ -19,10 +19,12 @@ from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
@@ -55,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20
 MAX_HEADER_BYTES = 64 * 2**10  # 431 beyond it (h11 also refuses an incomplete head past this size)
+OVERLOADED = "overloaded"  # 503 + Retry-After: at capacity, the request did not run (retry, here or elsewhere)
+ENGINE_DEAD = "engine_dead"  # 500: the engine core died (perhaps of this request): not to be retried elsewhere
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -137,7 +141,7 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
     def admit(count: int) -> None:
         if capacity is not None and engine.num_in_flight + count > capacity:
             raise OpenAIError(503, f"server is at capacity ({capacity} requests in flight); retry shortly",
-                              "ServiceUnavailableError", code="overloaded")
+                              "ServiceUnavailableError", code=OVERLOADED)
 
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
@@ -157,7 +161,9 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(_: Request, exc: OpenAIError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        # NOTE: Retry-After only for admission's refusal: the request never ran, and a router sends
+        # it to another worker. Nothing that may have run (or broken) the engine carries it.
+        headers = {"Retry-After": "1"} if exc.code == OVERLOADED else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.get("/metrics")
@@ -207,12 +213,13 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], api_key: str 
         async def get_tokenizer_info():
             return tokenizer_info(engine.tokenizer, engine.max_model_len)
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        _check_model(body.model, served_model_names)
-        with _as_400():
-            engine.input_processor.check_token_ids(body.tokens, "tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
+    async def detokenize(raw: Request):
+        # NOTE: the body is parsed here, not by FastAPI (on the loop): 4 MB of ids (a million) cost
+        # ~1 s of a core to parse, validate, check and decode, all of it on the tokenize pool
+        data = await raw.body()
+        answer = functools.partial(_detokenize, engine, served_model_names, data)
+        return await _off_loop(answer) if len(data) > TOKENIZE_INLINE_CHARS else answer()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
@@ -288,7 +295,8 @@ def _as_400(structured_field: str | None = None) -> Iterator[None]:
         raise OpenAIError(400, str(e), param=param, code=e.code) from None
 
 
-# Inputs longer than this (characters in all) are tokenized on a worker thread, never on the loop.
+# Inputs longer than this (characters in all; ids for /detokenize) are (de)tokenized on a worker
+# thread, never on the loop.
 TOKENIZE_INLINE_CHARS = 4096
 _tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
@@ -296,6 +304,39 @@ _tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize"
 async def _off_loop(fn, *args):
     """Run a tokenizer call on the tokenize pool (Rust tokenizers release the GIL while encoding)."""
     return await asyncio.get_running_loop().run_in_executor(_tokenize_pool, functools.partial(fn, *args))
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    """openapi_extra for an endpoint that parses its JSON body itself: the schema it accepts."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _detokenize(engine: AsyncLLM, served: Sequence[str], data: bytes) -> JSONResponse:
+    """/detokenize's whole work on its body, its answer serialized: errors as FastAPI's own
+    parsing of a DetokenizeRequest would give them (400)."""
+    try:
+        parsed = msgspec.json.decode(data)  # twice json's speed; it holds the GIL as json does
+    except (msgspec.DecodeError, RecursionError):
+        raise OpenAIError(400, "request body is not valid JSON (UTF-8, nested at most 1000 deep)") from None
+    try:
+        body = DetokenizeRequest.model_validate(parsed)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+    _check_model(body.model, served)
+    with _as_400():
+        engine.input_processor.check_token_ids(body.tokens, "tokens")
+    return JSONResponse({"prompt": _decode(engine.tokenizer, body.tokens)})
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    """``tokenizer.decode(ids)``. NOTE: a fast tokenizer's own decode holds the GIL for the whole
+    decode (0.4 s per million ids), so on the tokenize pool it would still stall the event loop;
+    its batch decode releases the GIL. Used where that is the same text: no clean-up of spaces
+    after decoding (which transformers does in Python)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer.decode(ids)
+    return backend.decode_batch([ids], skip_special_tokens=False)[0]
 
 
 async def _prompt_ids(engine: AsyncLLM, prompts: list[str | dict]) -> list[list[int]]:
@@ -394,7 +435,7 @@ def _start(engine: AsyncLLM, prompt: dict, params: SamplingParams, rid: str,
         with _as_400(structured_field):
             stream = engine.generate(prompt, params, rid, priority=priority, **(disagg or {}))
     except EngineDeadError as e:
-        raise OpenAIError(503, f"engine is not running: {e}", "ServiceUnavailableError") from None
+        raise OpenAIError(500, f"engine is not running: {e}", "InternalServerError", code=ENGINE_DEAD) from None
     return stream
 
 
@@ -404,8 +445,10 @@ async def _close_all(streams: list[RequestStream]) -> None:
 
 
 async def _engine_errors_as_openai(stream: RequestStream) -> AsyncIterator[RequestOutput]:
-    """A dead engine -> 503; a request that finished with an error: a failed KV load -> 502, the
-    engine's own failure on this request (the engine serves on) -> 500."""
+    """A dead engine -> 500 ``engine_dead`` (never 503 + Retry-After: this very request may have
+    killed it, and a router must not hand it to another worker); a request that finished with an
+    error: a failed KV load -> 502, the engine's own failure on this request (the engine serves
+    on) -> 500."""
     try:
         async for out in stream:
             if out.finished and out.error is not None:
@@ -414,7 +457,7 @@ async def _engine_errors_as_openai(stream: RequestStream) -> AsyncIterator[Reque
                 raise OpenAIError(500, out.error, "InternalServerError", code="request_failed")
             yield out
     except EngineDeadError as e:
-        raise OpenAIError(503, f"engine died: {e}", "ServiceUnavailableError") from None
+        raise OpenAIError(500, f"engine died: {e}", "InternalServerError", code=ENGINE_DEAD) from None
     finally:
         await stream.aclose()
 

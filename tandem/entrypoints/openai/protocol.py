@@ -91,7 +91,8 @@ def _reject_unencodable(value: Any, depth: int = 0) -> None:
             _reject_unencodable(v, depth + 1)
     elif depth < 64 and isinstance(value, list):
         for v in value:
-            _reject_unencodable(v, depth + 1)
+            if type(v) is not int:  # token ids, most of a big body, have no text: no call per id
+                _reject_unencodable(v, depth + 1)
 
 
 class _Body(BaseModel):
