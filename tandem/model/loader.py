@@ -96,6 +96,7 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
     assert isinstance(model, nn.Module)
     params = dict(model.named_parameters(remove_duplicate=False))
+    scales = kv_scale_buffers(model)  # optional: a checkpoint without them keeps 1.0
     loaded: set[tuple[int, object]] = set()  # (id of the parameter, shard id): tied names share one
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -104,6 +105,9 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
                 if mapped is None:
                     continue
                 target, shard = mapped
+                if target in scales:
+                    _load_kv_scale(file.name, name, scales[target], f.get_tensor(name))
+                    continue
                 if target not in params:
                     raise ValueError(f"{file.name}: checkpoint tensor {name!r} has no matching parameter")
                 param = params[target]
@@ -113,6 +117,23 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
                     raise ValueError(f"{file.name}: checkpoint tensor {name!r}: {e}") from e
                 loaded.add((id(param), shard))
     _check_all_loaded(model, params, loaded)
+
+
+def kv_scale_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The attention layers' FP8 KV cache scales (``...self_attn.k_scale`` / ``v_scale``) by name."""
+    return {name: buf for name, buf in model.named_buffers() if name.endswith((".k_scale", ".v_scale"))}
+
+
+def _load_kv_scale(file: str, name: str, buf: torch.Tensor, tensor: torch.Tensor) -> None:
+    """A per-tensor scale: one positive finite value (per-head or per-channel scales are refused)."""
+    if tensor.numel() != 1:
+        raise ValueError(f"{file}: checkpoint tensor {name!r}: a KV cache scale must be one value per layer "
+                         f"(per-tensor), got shape {tuple(tensor.shape)}")
+    value = tensor.reshape(1).float()
+    if not (torch.isfinite(value).all() and (value > 0).all()):
+        raise ValueError(f"{file}: checkpoint tensor {name!r}: a KV cache scale must be positive and finite, "
+                         f"got {value.item()}")
+    buf.copy_(value)
 
 
 def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
