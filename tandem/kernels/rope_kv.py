@@ -50,10 +50,11 @@ def _round_to_fp8_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
 def _to_cache(x, scale_ptr, C, FP8: tl.constexpr, FP8_MAX: tl.constexpr, MANT: tl.constexpr,
               EMIN: tl.constexpr):
     """x as the cache at C stores it: itself, or clamp(x / scale) in FP8 (kv_quant.quantize)."""
-    if FP8:
-        y = tl.minimum(tl.maximum(x.to(tl.float32) / tl.load(scale_ptr), -FP8_MAX), FP8_MAX)
-        return _round_to_fp8_grid(y, MANT, EMIN).to(C.dtype.element_ty)
-    return x
+    if FP8:  # NOTE: one return: the compiler types every return of a function alike
+        # div_rn: IEEE division as torch's (a plain / is an approximate division on the GPU)
+        y = tl.math.div_rn(x.to(tl.float32), tl.load(scale_ptr))
+        x = _round_to_fp8_grid(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX), MANT, EMIN)
+    return x.to(C.dtype.element_ty)
 
 
 @triton.jit
