@@ -14,7 +14,8 @@ Field metadata:
   cli_choices  choices the CLI offers but the Python API does not enforce (registries that code
            may extend, such as attention backends)
   check    value -> error text or None, for anything else
-  cli_type the flag's argparse type when it is not the field's (a list read from one 'a,b' word)
+  cli_type the flag's argparse type when it is not the field's (a list read from one 'a,b' word),
+           with its ``metavar``
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class EngineArgs:
                                          "batch (absmax / FP8 max) and keep them (not with KV transfer)")
     kv_cache_dtype_skip_layers: list[int] | None = _arg(
         None, "layer indices whose KV cache keeps the model's dtype under an FP8 KV cache (CLI: 0,31)",
-        check=_layer_indices, cli_type=_comma_ints)
+        check=_layer_indices, cli_type=_comma_ints, metavar="I,J")
     # scheduler
     max_num_batched_tokens: int | None = _arg(
         None, "per-step token budget shared by decodes and prefill chunks "
@@ -219,7 +220,7 @@ class EngineArgs:
                     continue
             base, is_list = _cli_type(hints[f.name])
             if "cli_type" in f.metadata:
-                kwargs["type"] = f.metadata["cli_type"]
+                kwargs.update(type=f.metadata["cli_type"], metavar=f.metadata.get("metavar"))
             elif base is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
