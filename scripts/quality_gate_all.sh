@@ -14,3 +14,5 @@ run() {  # name, flags...
 for q in fp8 int8 mxfp4 nvfp4; do run "$q" --quantization "$q"; done
 for p in examples/policies/*.yaml; do run "policy-$(basename "$p" .yaml)" --precision-policy "$p"; done
 run bf16 --dtype bfloat16
+MAX_PPL_RATIO=1.05 run kv-fp8 --kv-cache-dtype fp8
+MAX_PPL_RATIO=1.05 run kv-fp8-e5m2 --kv-cache-dtype fp8_e5m2

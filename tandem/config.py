@@ -64,6 +64,10 @@ class KVTransferConfig:
         return self.role in ("decode", "both")
 
 
+# vLLM's names: auto = the model's dtype; fp8 = fp8_e4m3 (tandem/kernels/kv_quant.py)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -72,10 +76,18 @@ class CacheConfig:
     kv_cache_memory: int | str | None = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None  # exact block count, mostly for tests
+    cache_dtype: str = "auto"  # vLLM's kv_cache_dtype: auto, fp8 (= fp8_e4m3), fp8_e5m2
+    calculate_kv_scales: bool = False  # FP8: per-layer scales from the first batch instead of the checkpoint's
+    kv_cache_dtype_skip_layers: list[int] = field(default_factory=list)  # layers that keep the model's dtype
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        if any(i < 0 for i in self.kv_cache_dtype_skip_layers):
+            raise ValueError(f"kv_cache_dtype_skip_layers must be layer indices >= 0, "
+                             f"got {self.kv_cache_dtype_skip_layers}")
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -14,6 +14,8 @@ Field metadata:
   cli_choices  choices the CLI offers but the Python API does not enforce (registries that code
            may extend, such as attention backends)
   check    value -> error text or None, for anything else
+  cli_type the flag's argparse type when it is not the field's (a list read from one 'a,b' word),
+           with its ``metavar``
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from tandem.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from tandem.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
 from tandem.quantization.schemes import QUANTIZATION_METHODS
 
 ModelFlag = Literal["positional", "option"] | None
@@ -57,6 +59,18 @@ def _size(v: int | str) -> str | None:
 
 def _positive_ints(v: Sequence[int]) -> str | None:
     return None if all(x >= 1 for x in v) else "must all be >= 1"
+
+
+def _layer_indices(v: Sequence[int]) -> str | None:
+    return None if all(x >= 0 for x in v) else "must be layer indices >= 0"
+
+
+def _comma_ints(text: str) -> list[int]:
+    """CLI form of a list of ints: '0,31' (spaces allowed)."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _arg(default: Any, help: str, **meta: Any) -> Any:
@@ -134,6 +148,17 @@ class EngineArgs:
         check=_fraction)
     num_gpu_blocks_override: int | None = _arg(
         CacheConfig.num_gpu_blocks_override, "exact number of KV cache blocks (mostly for tests)", min=0)
+    kv_cache_dtype: str = _arg(
+        CacheConfig.cache_dtype, "KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2: "
+                                 "twice the tokens of a 16-bit cache (4x float32) in the same memory, for a small "
+                                 "loss of precision; per-layer scales from the checkpoint's k_scale/v_scale, "
+                                 "else 1.0, or --calculate-kv-scales", choices=KV_CACHE_DTYPES)
+    calculate_kv_scales: bool = _arg(
+        CacheConfig.calculate_kv_scales, "with an FP8 KV cache: set each layer's K and V scale from the first "
+                                         "batch (absmax / FP8 max) and keep them (not with KV transfer)")
+    kv_cache_dtype_skip_layers: list[int] | None = _arg(
+        None, "layer indices whose KV cache keeps the model's dtype under an FP8 KV cache (CLI: 0,31)",
+        check=_layer_indices, cli_type=_comma_ints, metavar="I,J")
     # scheduler
     max_num_batched_tokens: int | None = _arg(
         None, "per-step token budget shared by decodes and prefill chunks "
@@ -202,7 +227,9 @@ class EngineArgs:
                     group.add_argument("model", nargs="?", **kwargs)
                     continue
             base, is_list = _cli_type(hints[f.name])
-            if base is bool:
+            if "cli_type" in f.metadata:
+                kwargs.update(type=f.metadata["cli_type"], metavar=f.metadata.get("metavar"))
+            elif base is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = base
@@ -231,7 +258,9 @@ class EngineArgs:
             cache=CacheConfig(block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                               kv_cache_memory=self.kv_cache_memory,
                               gpu_memory_utilization=self.gpu_memory_utilization,
-                              num_gpu_blocks_override=self.num_gpu_blocks_override),
+                              num_gpu_blocks_override=self.num_gpu_blocks_override,
+                              cache_dtype=self.kv_cache_dtype, calculate_kv_scales=self.calculate_kv_scales,
+                              kv_cache_dtype_skip_layers=list(self.kv_cache_dtype_skip_layers or [])),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=self.max_num_batched_tokens or SchedulerConfig.max_num_batched_tokens,
                 max_num_seqs=self.max_num_seqs, enable_chunked_prefill=self.enable_chunked_prefill,

@@ -90,9 +90,16 @@ class EngineCore:
         from tandem.kv_transfer.connector import KVConnector
         from tandem.kv_transfer.ticket import compat_hash
 
+        if config.cache.calculate_kv_scales and self.runner.kv_spec.quantized_layers:
+            raise ValueError("calculate_kv_scales cannot be used with KV transfer: each worker would calibrate "
+                             "its own scales and read the other's FP8 blocks wrongly; use a checkpoint with "
+                             "k_scale/v_scale (or the default 1.0)")
         runner = self.runner
-        caches = [(a.k_cache, a.v_cache) for a in runner.model.attention_layers()]
-        compat = compat_hash(self.hf_config, str(runner.dtype), config.cache.block_size)
+        layers = runner.model.attention_layers()
+        caches = [(a.k_cache, a.v_cache) for a in layers]
+        compat = compat_hash(self.hf_config, str(runner.dtype), config.cache.block_size,
+                             [str(dtype) for dtype in runner.kv_spec.layer_dtypes],
+                             [(float(a.k_scale), float(a.v_scale)) for a in layers])
         return KVConnector(config.kv_transfer, caches, compat, config.cache.block_size,
                            runner.kv_bytes_per_block // config.cache.block_size, runner.kv_region)
 

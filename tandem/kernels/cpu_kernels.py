@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tandem.kernels.ops import Ops
+from tandem.kernels.paged_attention import Scale
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +97,12 @@ def _ops() -> object:
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, k_scale: Scale = 1.0,
+                           v_scale: Scale = 1.0) -> torch.Tensor:
     """As ``tandem.kernels.paged_attention.paged_decode_attention`` (same arguments and result);
-    a sequence of context length 0 gets zeros."""
+    a sequence of context length 0 gets zeros. An FP8 cache is read with k_scale / v_scale."""
     return _ops().paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens,  # type: ignore[attr-defined]
-                                         scale, sliding_window or 0)
+                                         scale, sliding_window or 0, float(k_scale), float(v_scale))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,10 +121,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      slot_mapping: torch.Tensor, k_scale: Scale = 1.0,
+                      v_scale: Scale = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """As ``tandem.kernels.rope_kv.rope_and_write_kv_ref``; q and k may be views into the QKV output."""
     return _ops().rope_and_write_kv(positions, q, k, v, cos, sin, k_cache, v_cache,  # type: ignore[attr-defined]
-                                    slot_mapping)
+                                    slot_mapping, float(k_scale), float(v_scale))
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,

@@ -17,7 +17,8 @@ class Ops:
     rms_norm: Callable  # (x, weight, eps) -> y
     add_rms_norm: Callable  # (x, residual, weight, eps) -> (norm(residual + x), residual + x)
     silu_and_mul: Callable  # [T, 2N] -> [T, N]
-    # (positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> (q, k) rotated, cache written;
+    # (positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> (q, k) rotated,
+    # cache written (an FP8 cache quantized with the layer's scales);
     # None: the model rotates in torch and the attention backend writes the cache
     rope_and_write_kv: Callable | None = None
 

@@ -5,6 +5,9 @@ position ``p`` of a request lives in block ``block_table[p // block_size]`` at o
 ``p % block_size``, i.e. flat slot ``block_id * block_size + offset``.
 
 These are the references a GPU (Triton) backend must match; on CPU they are also the fast path.
+
+FP8 caches (``kv_quant``): this step's K/V are quantized with the layer's ``k_scale``/``v_scale``
+on write, and gathered pages are dequantized to the query's dtype on read.
 """
 
 from __future__ import annotations
@@ -12,13 +15,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels.kv_quant import dequantize, is_fp8, quantize, store
+
+Scale = torch.Tensor | float
+
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """key/value: [T, kv_heads, head_dim] written at flat slots ``slot_mapping`` [T]."""
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+                   slot_mapping: torch.Tensor, k_scale: Scale = 1.0, v_scale: Scale = 1.0) -> None:
+    """key/value: [T, kv_heads, head_dim] written at flat slots ``slot_mapping`` [T] (quantized
+    with k_scale/v_scale when the cache is FP8)."""
+    if is_fp8(k_cache.dtype):
+        key, value = quantize(key, k_scale, k_cache.dtype), quantize(value, v_scale, v_cache.dtype)
+    store(k_cache, slot_mapping, key)
+    store(v_cache, slot_mapping, value)
 
 
 class GatherWorkspace:
@@ -47,31 +56,44 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor
     ``out`` [B * max_blocks, block_size, kv_heads, head_dim] when given)."""
     b, nb = block_tables.shape
     _, bs, h, d = cache.shape
-    # NOTE: index_select on dim 0 copies whole blocks; ~2.5x faster on CPU than cache[block_tables]
-    flat = torch.index_select(cache, 0, block_tables.reshape(-1), out=out) if out is not None \
-        else cache.index_select(0, block_tables.reshape(-1))
-    return flat.view(b, nb * bs, h, d).transpose(1, 2)
+    # NOTE: index_select on dim 0 copies whole blocks; ~2.5x faster on CPU than cache[block_tables].
+    # FP8 blocks are copied as bytes (not every device's index_select takes FP8)
+    src = _as_bytes_if_fp8(cache)
+    flat = torch.index_select(src, 0, block_tables.reshape(-1), out=_as_bytes_if_fp8(out)) if out is not None \
+        else src.index_select(0, block_tables.reshape(-1))
+    return flat.view(cache.dtype).view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def _as_bytes_if_fp8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if is_fp8(t.dtype) else t
 
 
 def _gather_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 workspace: GatherWorkspace | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 workspace: GatherWorkspace | None, dtype: torch.dtype, k_scale: Scale,
+                 v_scale: Scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the tables' blocks in ``dtype`` (FP8 pages dequantized)."""
     if workspace is None:
-        return gather_kv(k_cache, block_tables), gather_kv(v_cache, block_tables)
-    shape = (block_tables.numel(), *k_cache.shape[1:])
-    return (gather_kv(k_cache, block_tables, workspace.get("k", shape, k_cache)),
-            gather_kv(v_cache, block_tables, workspace.get("v", shape, v_cache)))
+        keys, values = gather_kv(k_cache, block_tables), gather_kv(v_cache, block_tables)
+    else:
+        shape = (block_tables.numel(), *k_cache.shape[1:])
+        keys = gather_kv(k_cache, block_tables, workspace.get("k", shape, k_cache))
+        values = gather_kv(v_cache, block_tables, workspace.get("v", shape, v_cache))
+    if is_fp8(k_cache.dtype):
+        keys, values = dequantize(keys, k_scale, dtype), dequantize(values, v_scale, dtype)
+    return keys, values
 
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            workspace: GatherWorkspace | None = None,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, k_scale: Scale = 1.0,
+                           v_scale: Scale = 1.0) -> torch.Tensor:
     """One query token per sequence attending to its whole context (or its last ``sliding_window``
     positions, itself included).
 
     query [B, heads, head_dim]; block_tables [B, max_blocks]; seq_lens [B] (context incl. the query)
     -> [B, heads, head_dim]."""
-    keys, values = _gather_pair(k_cache, v_cache, block_tables, workspace)
+    keys, values = _gather_pair(k_cache, v_cache, block_tables, workspace, query.dtype, k_scale, v_scale)
     positions = torch.arange(keys.shape[2], device=query.device)
     mask = positions[None, :] < seq_lens[:, None]
     if sliding_window is not None:
@@ -86,7 +108,8 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
                             block_table: torch.Tensor, context_len: int, scale: float,
                             workspace: GatherWorkspace | None = None,
                             sliding_window: int | None = None,
-                            own_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                            own_kv: tuple[torch.Tensor, torch.Tensor] | None = None, k_scale: Scale = 1.0,
+                            v_scale: Scale = 1.0) -> torch.Tensor:
     """A chunk of ``q_len`` new tokens of one sequence, after ``context_len - q_len`` cached ones,
     attending causally to the cached prefix and to itself. ``own_kv``: with no cached prefix, the
     chunk's own keys and values [q_len, kv_heads, head_dim] (what the cache holds for it), used as
@@ -94,10 +117,12 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
     query [q_len, heads, head_dim]; block_table [num_blocks] -> [q_len, heads, head_dim]."""
     q_len = query.shape[0]
-    if own_kv is not None and q_len == context_len:
+    # NOTE: an FP8 cache holds a rounded copy of own_kv: the chunk reads the cache like every later
+    # step (and every backend) does, so a prompt sees the same keys its continuation will
+    if own_kv is not None and q_len == context_len and not is_fp8(k_cache.dtype):
         keys, values = (t.transpose(0, 1).unsqueeze(0) for t in own_kv)  # [1, kv_heads, q_len, head_dim]
     else:
-        keys, values = _gather_pair(k_cache, v_cache, block_table[None], workspace)
+        keys, values = _gather_pair(k_cache, v_cache, block_table[None], workspace, query.dtype, k_scale, v_scale)
         keys, values = keys[..., :context_len, :], values[..., :context_len, :]
     q = query.transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, head_dim]
     gqa = keys.shape[1] != q.shape[1]

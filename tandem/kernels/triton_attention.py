@@ -7,6 +7,10 @@ Both kernels gather K/V token by token through the block table (``block_table[po
 so any block size works, and a kernel tile may span several blocks. GQA: a decode program serves
 all query heads of one KV head, so each K/V tile is loaded once per group.
 
+FP8 caches (``kv_quant``): K/V tiles are loaded as FP8 and dequantized to the query's dtype
+(``fp8 * scale``, the scale read from its fp32 [1] tensor, so a CUDA graph sees its current value)
+before the dots, which accumulate in fp32 as for any cache.
+
 Runs on NVIDIA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (how CI checks it).
 """
 
@@ -15,6 +19,25 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from tandem.kernels.kv_quant import is_fp8
+from tandem.kernels.paged_attention import Scale
+
+
+@triton.jit
+def _load_kv(ptr, offs, mask, scale_ptr, dtype: tl.constexpr, FP8: tl.constexpr):
+    """A K or V tile in ``dtype``: as stored, or an FP8 tile times the layer's scale."""
+    x = tl.load(ptr + offs, mask=mask, other=0.0)
+    if FP8:
+        x = (x.to(tl.float32) * tl.load(scale_ptr)).to(dtype)
+    return x
+
+
+def scale_tensor(scale: Scale, device: torch.device) -> torch.Tensor:
+    """A kernel's scale argument: the layer's fp32 [1] tensor, or one made from a float (tests)."""
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
 
 
 @triton.jit
@@ -34,12 +57,12 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 # NOTE: values that change from step to step (table width, split count, window) are not
 # specialized on (Triton compiles a variant for 1 and for multiples of 16): no compile mid-run
 @triton.jit(do_not_specialize=["stride_bt", "num_splits", "window"])
-def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, scale,
+def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, scale, k_scale, v_scale,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
                          stride_pb, stride_ph, stride_ps, num_heads, num_splits, window,
                          GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, FP8: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens + b).to(tl.int32)  # int32 throughout: a branch may not change a type
     first = 0  # the first visible position
@@ -56,7 +79,9 @@ def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, sc
     d = tl.arange(0, D_P2)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(K.dtype.element_ty)
+                mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+    if not FP8:  # NOTE: an FP8 cache is dequantized to the query's dtype instead
+        q = q.to(K.dtype.element_ty)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_P2], tl.float32)
@@ -67,8 +92,8 @@ def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, sc
         block = tl.load(block_tables + b * stride_bt + pos // BLOCK_SIZE, mask=pos_ok, other=0)
         offs = block * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
         kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = _load_kv(K, offs[:, None] + d[None, :], kv_mask, k_scale, q.dtype, FP8)
+        v = _load_kv(V, offs[:, None] + d[None, :], kv_mask, v_scale, q.dtype, FP8)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [ROWS, TILE]
         s = tl.where(pos_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
@@ -118,9 +143,11 @@ def default_num_splits(batch: int, max_context: int, num_kv_heads: int) -> int:
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, num_splits: int | None = None,
-                           max_context: int | None = None) -> torch.Tensor:
+                           max_context: int | None = None, k_scale: Scale = 1.0,
+                           v_scale: Scale = 1.0) -> torch.Tensor:
     """query [B, heads, head_dim]; block_tables [B, max_blocks]; seq_lens [B] (context incl. the
     query token) -> [B, heads, head_dim]. A sequence of length 0 attends to nothing: zeros.
+    k_scale/v_scale: an FP8 cache's scales (ignored for a cache in the query's dtype).
     ``max_context`` (default: the block table's width in tokens) sets the number of splits
     without a device-to-host read of ``seq_lens``; each sequence divides its own context among them."""
     b, num_heads, head_dim = query.shape
@@ -138,12 +165,14 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     part_out = torch.empty(b, num_heads, num_splits, d_p2, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(b, num_heads, num_splits, dtype=torch.float32, device=query.device)
     q = query.contiguous()
+    fp8 = is_fp8(k_cache.dtype)
     _decode_split_kernel[(b, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
+        scale_tensor(k_scale, q.device), scale_tensor(v_scale, q.device),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), num_heads, num_splits,
         sliding_window or 0, GROUP=group, ROWS=_pow2(group, 16), HEAD_DIM=head_dim, D_P2=d_p2,
-        BLOCK_SIZE=block_size, TILE=tile, PRECISION=_precision(query.dtype))
+        BLOCK_SIZE=block_size, TILE=tile, PRECISION=_precision(query.dtype), FP8=fp8)
     _decode_reduce_kernel[(b, num_heads)](
         part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
         out.stride(0), out.stride(1), num_heads, HEAD_DIM=head_dim, D_P2=d_p2, SPLITS_P2=_pow2(num_splits))
@@ -151,11 +180,11 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 @triton.jit(do_not_specialize=["stride_bt", "window"])
-def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale,
+def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale, k_scale, v_scale,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
                     window, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, FP8: tl.constexpr):
     seq, h, m_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start + seq).to(tl.int32)  # int32 whatever the index dtype: see `lo`
     q_len = tl.load(query_start + seq + 1).to(tl.int32) - q_start
@@ -184,8 +213,8 @@ def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale
         block = tl.load(block_tables + seq * stride_bt + pos // BLOCK_SIZE, mask=pos_ok, other=0)
         offs = block * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
         kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = _load_kv(K, offs[:, None] + d[None, :], kv_mask, k_scale, q.dtype, FP8)
+        v = _load_kv(V, offs[:, None] + d[None, :], kv_mask, v_scale, q.dtype, FP8)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
         visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
         if window > 0:
@@ -200,7 +229,8 @@ def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale
 def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                                    context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
-                                   max_query_len: int | None = None) -> torch.Tensor:
+                                   max_query_len: int | None = None, k_scale: Scale = 1.0,
+                                   v_scale: Scale = 1.0) -> torch.Tensor:
     """Chunks of several sequences in one flat batch, each attending causally to its cached prefix
     and to itself. query [T, heads, head_dim]; block_tables [S, max_blocks]; query_start_loc [S + 1]
     (cumulative query lengths); context_lens [S] (cached prefix + chunk) -> [T, heads, head_dim].
@@ -221,8 +251,9 @@ def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale,
+        scale_tensor(k_scale, q.device), scale_tensor(v_scale, q.device),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), sliding_window or 0, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         D_P2=_pow2(head_dim, 16), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=_precision(query.dtype), num_warps=8)
+        PRECISION=_precision(query.dtype), FP8=is_fp8(k_cache.dtype), num_warps=8)
     return out

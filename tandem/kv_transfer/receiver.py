@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from tandem.config import KVTransferConfig
 from tandem.kv_transfer.sender import KVCaches
-from tandem.kv_transfer.shm import RemoteRegion, host_id
+from tandem.kv_transfer.shm import RemoteRegion, host_id, kv_region_layout
 from tandem.kv_transfer.ticket import Ticket
 from tandem.kv_transfer.wire import (
     KV_TRANSFER_CHANNEL,
@@ -77,13 +77,20 @@ class _Load:
     num_bytes: int = 0
 
 
+def _copy_blocks(cache: torch.Tensor, index: torch.Tensor, blocks: torch.Tensor) -> None:
+    """cache[index] = blocks, as raw bytes (any cache dtype: CPU index_copy_ has no FP8 kernel)."""
+    cache.view(torch.uint8).index_copy_(0, index, blocks.view(torch.uint8))
+
+
 class KVReceiver:
     def __init__(self, config: KVTransferConfig, kv_caches: KVCaches, compat: str, ctx: zmq.Context) -> None:
         self.config, self.kv_caches, self.compat, self.ctx = config, kv_caches, compat, ctx
         self.codec = WireCodec(config.secret, ToReceiver)
-        k_cache = kv_caches[0][0]
-        self._block_bytes = k_cache[0].numel() * k_cache.element_size()  # K (or V) of one block of one layer
-        self._frame_cap = data_frame_cap(k_cache.shape[0], self._block_bytes)  # no legitimate frame is larger
+        # K (or V) of one block of each layer: layers may differ in dtype (FP8 cache, skipped layers)
+        self._layer_block_bytes = [k[0].numel() * k.element_size() for k, _ in kv_caches]
+        self._dtypes = [k.dtype for k, _ in kv_caches]
+        # no legitimate frame is larger
+        self._frame_cap = data_frame_cap(kv_caches[0][0].shape[0], max(self._layer_block_bytes))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._socks: dict[str, zmq.Socket] = {}  # one DEALER per prefill endpoint, all in _poller
@@ -264,7 +271,7 @@ class KVReceiver:
         k_cache, v_cache = self.kv_caches[msg.layer] if 0 <= msg.layer < len(self.kv_caches) else (None, None)
         n, first = msg.num_blocks, msg.first_block
         shape = (n, *k_cache.shape[1:]) if k_cache is not None else ()
-        expected = n * self._block_bytes
+        expected = n * self._layer_block_bytes[msg.layer] if k_cache is not None else 0
         if k_cache is None or v_cache is None or n < 1 or first < 0 or first + n > len(load.local_index) \
                 or msg.nbytes != expected or len(payload) != 2 or any(len(p.buffer) != expected for p in payload):
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", f"malformed layer {msg.layer}"))
@@ -273,7 +280,7 @@ class KVReceiver:
         for cache, frame in ((k_cache, payload[0]), (v_cache, payload[1])):
             assert cache is not None
             data = torch.frombuffer(frame.buffer, dtype=torch.uint8).view(cache.dtype).view(shape)
-            cache.index_copy_(0, index, data.to(cache.device))
+            _copy_blocks(cache, index, data.to(cache.device))
         load.written += n
         load.num_bytes += 2 * expected
 
@@ -286,24 +293,24 @@ class KVReceiver:
             self._no_shm.add(engine)
             self._pull(load)
             return
-        k_cache = self.kv_caches[0][0]
+        block_shape = tuple(self.kv_caches[0][0].shape[1:])
         block_ids = grant.block_ids or load.remote_block_ids
-        if grant.nbytes != 2 * len(self.kv_caches) * grant.num_blocks * self._block_bytes \
+        if grant.nbytes != kv_region_layout(block_shape, grant.num_blocks, self._dtypes)[1] \
                 or len(block_ids) != len(load.local_index) \
                 or not 0 <= min(block_ids) <= max(block_ids) < grant.num_blocks:
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", "grant does not match the layout"))
             return
-        remote = region.layers(len(self.kv_caches), tuple(k_cache.shape[1:]), grant.num_blocks, k_cache.dtype)
+        remote = region.layers(block_shape, grant.num_blocks, self._dtypes)
         index = torch.tensor(block_ids, dtype=torch.int64)
-        for layer, caches in enumerate(self.kv_caches):
-            for half, cache in enumerate(caches):
-                cache.index_copy_(0, load.local_index, remote[2 * layer + half].index_select(0, index).to(cache.device))
+        for caches, remote_caches in zip(self.kv_caches, remote):
+            for cache, source in zip(caches, remote_caches):
+                _copy_blocks(cache, load.local_index, source.index_select(0, index).to(cache.device))
         # see the lease invariant in shm.py; held_s: how long the sender held the pull (parked
         # until its prefill ended) before granting, so the bound still starts before the grant
         if time.monotonic() >= load.pull_sent + grant.held_s + grant.valid_s:
             self._finish(load, LoadResult(load.request_id, False, "lease_expired", "copy outlived the lease"))
             return
-        num_bytes = 2 * len(self.kv_caches) * len(index) * self._block_bytes
+        num_bytes = 2 * len(index) * sum(self._layer_block_bytes)
         self._finish(load, LoadResult(load.request_id, True, num_bytes=num_bytes,
                                       seconds=time.monotonic() - load.started, transport="shm"))
 

@@ -405,7 +405,7 @@ class KVSender:
         self._send(ident, grant)
         self.stats.pulls_served += 1
         self.stats.shm_grants += 1
-        self.stats.bytes_sent += 2 * len(self.kv_caches) * len(pull.block_ids) * k_cache[0].numel() * k_cache.element_size()
+        self.stats.bytes_sent += 2 * len(pull.block_ids) * sum(k[0].numel() * k.element_size() for k, _ in self.kv_caches)
 
     def _check_pull(self, pull: Pull) -> tuple[str, str] | None:
         if pull.compat != self.compat:

@@ -16,10 +16,12 @@ moment it sent its pull (which is earlier) and discards the copy when it finishe
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import secrets
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -37,9 +39,39 @@ def host_id() -> str:
         return ""  # not Linux: no shared-memory transport
 
 
+REGION_ALIGN = 64  # bytes: every layer's K and V start on a cache line, whatever the dtypes before them
+
+
+def kv_region_layout(block_shape: Sequence[int], num_blocks: int,
+                     dtypes: Sequence[torch.dtype]) -> tuple[list[int], int]:
+    """(byte offset of every layer's K and V: layer i's K at 2i, V at 2i + 1; the region's size).
+    Each is ``[num_blocks, *block_shape]`` in its layer's dtype (layers may differ: an FP8 cache
+    with skipped layers). Both ends of a transfer derive the layout from the same spec."""
+    elems = num_blocks * math.prod(block_shape)
+    offsets, at = [], 0
+    for dtype in dtypes:
+        size = elems * torch.empty(0, dtype=dtype).element_size()
+        for _ in range(2):
+            offsets.append(at)
+            at += -(-size // REGION_ALIGN) * REGION_ALIGN
+    return offsets, at
+
+
+def _layer_views(tensor: torch.Tensor, block_shape: Sequence[int], num_blocks: int,
+                 dtypes: Sequence[torch.dtype]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    offsets, _ = kv_region_layout(block_shape, num_blocks, dtypes)
+    nbytes = [num_blocks * math.prod(block_shape) * torch.empty(0, dtype=d).element_size() for d in dtypes]
+
+    def view(i: int) -> torch.Tensor:
+        layer = i // 2
+        return tensor[offsets[i]:offsets[i] + nbytes[layer]].view(dtypes[layer]).view(num_blocks, *block_shape)
+
+    return [(view(2 * i), view(2 * i + 1)) for i in range(len(dtypes))]
+
+
 class SharedKVRegion:
-    """One memfd holding every layer's K and V: ``[2 * num_layers, num_blocks, *block_shape]``
-    (layer i's K at 2i, V at 2i + 1). Created before the model's KV cache, which is views of it."""
+    """One memfd holding every layer's K and V (``kv_region_layout``). Created before the model's
+    KV cache, which is views of it."""
 
     def __init__(self, nbytes: int) -> None:
         self.token = secrets.token_hex(16)
@@ -54,10 +86,10 @@ class SharedKVRegion:
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self.pid = os.getpid()
 
-    def layer_views(self, num_layers: int, block_shape: tuple[int, ...], num_blocks: int,
-                    dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        view = self.tensor.view(dtype).view(2 * num_layers, num_blocks, *block_shape)
-        return [(view[2 * i], view[2 * i + 1]) for i in range(num_layers)]
+    def layer_views(self, block_shape: Sequence[int], num_blocks: int,
+                    dtypes: Sequence[torch.dtype]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (K, V) cache, ``[num_blocks, *block_shape]`` in that layer's dtype."""
+        return _layer_views(self.tensor, block_shape, num_blocks, dtypes)
 
 
 def try_shared_region(nbytes: int) -> SharedKVRegion | None:
@@ -87,6 +119,6 @@ class RemoteRegion:
             warnings.simplefilter("ignore", UserWarning)
             self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
 
-    def layers(self, num_layers: int, block_shape: tuple[int, ...], num_blocks: int,
-               dtype: torch.dtype) -> torch.Tensor:
-        return self.tensor.view(dtype).view(2 * num_layers, num_blocks, *block_shape)
+    def layers(self, block_shape: Sequence[int], num_blocks: int,
+               dtypes: Sequence[torch.dtype]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return _layer_views(self.tensor, block_shape, num_blocks, dtypes)

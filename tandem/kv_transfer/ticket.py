@@ -19,9 +19,13 @@ LAYOUT_VERSION = "blocks-nhd-v1"  # per layer: K and V as [num_blocks, block_siz
 _enc = msgspec.msgpack.Encoder()
 
 
-def compat_hash(hf_config: dict, dtype: str, block_size: int) -> str:
-    """Equal only when two workers' KV blocks are interchangeable byte for byte."""
-    payload = json.dumps({"model": hf_config, "dtype": dtype, "block_size": block_size, "layout": LAYOUT_VERSION},
+def compat_hash(hf_config: dict, dtype: str, block_size: int, kv_cache_dtypes: list[str],
+                kv_scales: list[tuple[float, float]]) -> str:
+    """Equal only when two workers' KV blocks are interchangeable byte for byte and mean the same
+    values: model, dtype, block size, layout, every layer's cache dtype (FP8 or not, skipped layers
+    included) and every layer's FP8 (k_scale, v_scale)."""
+    payload = json.dumps({"model": hf_config, "dtype": dtype, "block_size": block_size, "layout": LAYOUT_VERSION,
+                          "kv_cache_dtypes": kv_cache_dtypes, "kv_scales": kv_scales},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

@@ -29,6 +29,9 @@ class AttentionLayer(Protocol):
 
     k_cache: torch.Tensor
     v_cache: torch.Tensor
+    k_scale: torch.Tensor  # fp32 [1]: an FP8 cache holds k / k_scale (tandem/kernels/kv_quant.py)
+    v_scale: torch.Tensor
+    calibrate_kv_scales: bool  # True: the next forward sets the scales from its own K/V
 
 
 class CausalLM(Protocol):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tandem.kernels.kv_quant import calibrated_scale, is_fp8
 from tandem.kernels.ops import Ops
 from tandem.model.attention import AttentionBackend, AttentionMetadata
 from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding
@@ -76,6 +77,9 @@ def sliding_window_of(cfg: dict, family: str) -> int | None:
 
 
 class Attention(nn.Module):
+    k_scale: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    v_scale: torch.Tensor
+
     def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -94,6 +98,11 @@ class Attention(nn.Module):
         # Bound by the runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # FP8 KV cache scales (fp32 [1]; used only when the cache is FP8): the checkpoint's
+        # ``self_attn.k_scale``/``v_scale`` if it has them, else 1.0, or calibrated on the first batch
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.calibrate_kv_scales = False  # set by the runner until its first step has run
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -103,14 +112,22 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        fused_rope = self.backend.ops.rope_and_write_kv
+        # NOTE: calibration needs the rotated keys before they are written: that step rotates apart
+        fused_rope = None if self.calibrate_kv_scales else self.backend.ops.rope_and_write_kv
+        scales = (self.k_scale, self.v_scale)
         if fused_rope is not None:
             q, k = fused_rope(positions, q, k, v, self.rotary.cos, self.rotary.sin, self.k_cache, self.v_cache,
-                              meta.slot_mapping)
-            out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, (k, v))
+                              meta.slot_mapping, *scales)
+            fresh = None if is_fp8(self.k_cache.dtype) else (k, v)  # an FP8 cache holds a rounded copy
+            out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, fresh,
+                                      *scales)
         else:
             q, k = self.rotary(positions, q, k)
-            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+            if self.calibrate_kv_scales:
+                self.k_scale.copy_(calibrated_scale(k, self.k_cache.dtype))
+                self.v_scale.copy_(calibrated_scale(v, self.v_cache.dtype))
+            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
+                                       *scales)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -157,6 +174,12 @@ class LlamaModel(nn.Module):
         return self.ops.rms_norm(h, self.norm.weight, self.norm.eps)
 
 
+# checkpoint tensor suffix -> the attention layer's FP8 KV cache scale buffer
+KV_SCALE_NAMES = {".self_attn.k_scale": ".self_attn.k_scale", ".self_attn.v_scale": ".self_attn.v_scale",
+                  ".self_attn.k_proj.output_scale": ".self_attn.k_scale",
+                  ".self_attn.v_proj.output_scale": ".self_attn.v_scale"}
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (fused parameter fragment, shard id)
     stacked_params = {
@@ -192,6 +215,9 @@ class LlamaForCausalLM(nn.Module):
             return None
         if name == "lm_head.weight" and self.args.tie_word_embeddings:
             return None
+        for suffix, scale in KV_SCALE_NAMES.items():  # FP8 KV cache scales (vLLM / compressed-tensors)
+            if name.endswith(suffix):
+                return name.removesuffix(suffix) + scale, None
         for frag, (fused, shard) in self.stacked_params.items():
             if frag in name:
                 return name.replace(frag, fused), shard

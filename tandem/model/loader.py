@@ -108,6 +108,7 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
     _check_index(Path(model_dir), files)
     assert isinstance(model, nn.Module)
     params = dict(model.named_parameters(remove_duplicate=False))
+    scales = kv_scale_buffers(model)  # optional: a checkpoint without them keeps 1.0
     loaded: set[tuple[int, object]] = set()  # (id of the parameter, shard id): tied names share one
     if prequantized is not None:
         prequantized.scan([name for file in files for name in _keys(file)])
@@ -120,6 +121,9 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
                 if mapped is None:
                     continue
                 target, shard = mapped
+                if target in scales:
+                    _load_kv_scale(file.name, name, scales[target], f.get_tensor(name))
+                    continue
                 if target not in params:
                     raise ValueError(f"{file.name}: checkpoint tensor {name!r} has no matching parameter")
                 param = params[target]
@@ -147,6 +151,23 @@ def _check_index(model_dir: Path, files: list[Path]) -> None:
 def _keys(file: Path) -> list[str]:
     with safe_open(str(file), framework="pt") as f:
         return list(f.keys())
+
+
+def kv_scale_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The attention layers' FP8 KV cache scales (``...self_attn.k_scale`` / ``v_scale``) by name."""
+    return {name: buf for name, buf in model.named_buffers() if name.endswith((".k_scale", ".v_scale"))}
+
+
+def _load_kv_scale(file: str, name: str, buf: torch.Tensor, tensor: torch.Tensor) -> None:
+    """A per-tensor scale: one positive finite value (per-head or per-channel scales are refused)."""
+    if tensor.numel() != 1:
+        raise ValueError(f"{file}: checkpoint tensor {name!r}: a KV cache scale must be one value per layer "
+                         f"(per-tensor), got shape {tuple(tensor.shape)}")
+    value = tensor.reshape(1).float()
+    if not (torch.isfinite(value).all() and (value > 0).all()):
+        raise ValueError(f"{file}: checkpoint tensor {name!r}: a KV cache scale must be positive and finite, "
+                         f"got {value.item()}")
+    buf.copy_(value)
 
 
 def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:

@@ -12,6 +12,7 @@ import torch
 from tandem.h2d import to_device
 from tandem.kernels import triton_attention as tri
 from tandem.kernels.ops import triton_ops
+from tandem.kernels.paged_attention import Scale
 from tandem.model.attention import (
     AttentionMetadata,
     CommonAttentionMetadata,
@@ -79,17 +80,21 @@ class TritonAttentionBackend(WriteThenAttend):
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, sliding_window: int | None = None,
-               fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None, k_scale: Scale = 1.0,
+               v_scale: Scale = 1.0) -> torch.Tensor:
         assert isinstance(meta, TritonAttentionMetadata), "metadata comes from this backend's builder"
         nd, prefill = meta.num_decode_tokens, meta.prefill
         if prefill is None:
             return tri.paged_decode_attention(query, k_cache, v_cache, meta.decode_block_tables,
-                                              meta.decode_seq_lens, scale, sliding_window)
+                                              meta.decode_seq_lens, scale, sliding_window,
+                                              k_scale=k_scale, v_scale=v_scale)
         out = torch.empty_like(query)
         if nd:
             out[:nd] = tri.paged_decode_attention(query[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                                  meta.decode_seq_lens, scale, sliding_window)
+                                                  meta.decode_seq_lens, scale, sliding_window,
+                                                  k_scale=k_scale, v_scale=v_scale)
         out[nd:] = tri.paged_prefill_attention_varlen(query[nd:], k_cache, v_cache, prefill.block_tables,
                                                       prefill.query_starts, prefill.context_lens, scale,
-                                                      sliding_window, max_query_len=prefill.max_query_len)
+                                                      sliding_window, max_query_len=prefill.max_query_len,
+                                                      k_scale=k_scale, v_scale=v_scale)
         return out

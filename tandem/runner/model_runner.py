@@ -25,6 +25,7 @@ from tandem.profiling import span
 from tandem.quantization import PrecisionReport, apply_precision, checkpoint_precision, load_policy
 from tandem.quantization.checkpoint import CheckpointQuantization
 from tandem.runner.cpu_malloc import tune_glibc_malloc
+from tandem.runner.kv_cache_spec import KVCacheSpec
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import (
     Sampler,
@@ -114,16 +115,45 @@ class ModelRunner:
                                sampling_kernel(self.sampling_backend), bitmask_kernel(self.sampling_backend))
         self.states: dict[str, SamplingState] = {}
         self._last = StepHandle()  # the latest launched step (placeholders refer to its samples)
+        self.kv_spec = KVCacheSpec.build(cache_config, self.dtype, len(self.model.attention_layers()),
+                                         self.args.num_kv_heads, self.args.head_dim)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self.kv_region: SharedKVRegion | None = None
         self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
+        # NOTE: scales are calibrated by the first step after the cache exists (never by the
+        # profile step's dummy tokens or a graph capture) and frozen after it
+        self._calibrating = cache_config.calculate_kv_scales and bool(self.kv_spec.quantized_layers)
+        self._set_calibration(self._calibrating)
 
     # -- KV cache ----------------------------------------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
-        a = self.args
-        elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
+        """K and V of one block over every layer, each layer in its own cache dtype."""
+        return self.kv_spec.bytes_per_block
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The cache's element type(s) in words, e.g. 'float8_e4m3fn (float32 in layers 0)' (the start-up log)."""
+        return self.kv_spec.describe()
+
+    def _new_cache(self, num_blocks: int, layer: int) -> torch.Tensor:
+        return torch.zeros((num_blocks, *self.kv_spec.block_shape), dtype=self.kv_spec.layer_dtypes[layer],
+                           device=self.device)
+
+    def _set_calibration(self, on: bool) -> None:
+        quantized = set(self.kv_spec.quantized_layers)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.calibrate_kv_scales = on and i in quantized
+
+    def _end_calibration(self) -> None:
+        """After the first step: the scales it set stay for the cache's lifetime."""
+        self._calibrating = False
+        self._set_calibration(False)
+        layers = self.model.attention_layers()
+        k = [float(layers[i].k_scale) for i in self.kv_spec.quantized_layers]
+        v = [float(layers[i].v_scale) for i in self.kv_spec.quantized_layers]
+        logger.info("KV cache scales calibrated on the first batch: k %.3g..%.3g, v %.3g..%.3g",
+                    min(k), max(k), min(v), max(v))
 
     def _num_blocks(self, cfg: CacheConfig, sched: SchedulerConfig | None) -> int:
         if cfg.num_gpu_blocks_override:
@@ -168,21 +198,19 @@ class ModelRunner:
         step, blocks = profile_batch(num_tokens, num_seqs, self.block_size)
         layers = self.model.attention_layers()
         saved = [(attn.k_cache, attn.v_cache) for attn in layers]
-        a, cuda = self.args, self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device) if cuda else 0
-        shape = (blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
         try:
-            for attn in layers:
-                attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for i, attn in enumerate(layers):
+                attn.k_cache, attn.v_cache = self._new_cache(blocks + 1, i), self._new_cache(blocks + 1, i)
             self.execute(step)
             if not cuda:
                 return 0
             torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - before - shape[0] * self.kv_bytes_per_block)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - before - (blocks + 1) * self.kv_bytes_per_block)
         finally:
             for attn, (k, v) in zip(layers, saved):
                 attn.k_cache, attn.v_cache = k, v
@@ -193,25 +221,24 @@ class ModelRunner:
     def _allocate_kv_cache(self, shared: bool) -> None:
         """num_blocks for the pool plus one scratch block (id num_blocks) that padded rows of a
         CUDA-graph decode write into; the pool never hands it out."""
-        a = self.args
-        shape = (self.num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
+        spec, num = self.kv_spec, self.num_blocks + 1
         layers = self.model.attention_layers()
         if shared:
-            from tandem.kv_transfer.shm import try_shared_region
+            from tandem.kv_transfer.shm import kv_region_layout, try_shared_region
 
-            self.kv_region = try_shared_region(shape[0] * self.kv_bytes_per_block)
+            self.kv_region = try_shared_region(kv_region_layout(spec.block_shape, num, spec.layer_dtypes)[1])
             if self.kv_region is None:
                 logger.warning("no shared memory for the KV cache; KV transfers from here go over TCP")
         if self.kv_region is not None:
-            views = self.kv_region.layer_views(len(layers), shape[1:], shape[0], self.dtype)
+            views = self.kv_region.layer_views(spec.block_shape, num, spec.layer_dtypes)
             for attn, (k, v) in zip(layers, views):
                 attn.k_cache, attn.v_cache = k, v
         else:
-            for attn in layers:
-                attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
-                    self.num_blocks * self.kv_bytes_per_block / 2**20)
+            for i, attn in enumerate(layers):
+                attn.k_cache, attn.v_cache = self._new_cache(num, i), self._new_cache(num, i)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), %s", self.num_blocks, self.block_size,
+                    self.num_blocks * self.block_size, self.num_blocks * self.kv_bytes_per_block / 2**20,
+                    self.kv_cache_dtype)
 
     def setup_decode_graphs(self, max_model_len: int, max_num_seqs: int) -> None:
         """Capture decode CUDA graphs (CUDA, unless enforce_eager); on a CPU only with explicit
@@ -224,8 +251,10 @@ class ModelRunner:
 
         sizes = cfg.cuda_graph_sizes or default_capture_sizes(max_num_seqs)
         max_blocks = cdiv(max_model_len, self.block_size)
+        self._set_calibration(False)  # graphs record the fused path; calibration waits for the first step
         self.decode_graphs = DecodeGraphs(self.model, self.attn_metadata_builder, self.device, sizes, max_blocks,
                                           self.block_size, scratch_block=self.num_blocks, capture=cuda)
+        self._set_calibration(self._calibrating)
 
     # -- one step -------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -255,6 +284,8 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[batch.logits_indices])
             with span("sample"):
                 handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask)
+        if self._calibrating:
+            self._end_calibration()
         self._last = handle
         return handle
 

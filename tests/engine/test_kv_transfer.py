@@ -500,13 +500,13 @@ def test_copy_that_outlives_its_grant_is_discarded(model_dir):
     import zmq
 
     from tandem.kv_transfer.receiver import KVReceiver
-    from tandem.kv_transfer.shm import SharedKVRegion, host_id
+    from tandem.kv_transfer.shm import SharedKVRegion, host_id, kv_region_layout
     from tandem.kv_transfer.ticket import prompt_hash
     from tandem.kv_transfer.wire import Pull, Release, ShmGrant, ToSender, WireCodec
 
     shape = (4, 16, 2, 8)
-    region = SharedKVRegion(2 * 2 * 4 * 16 * 2 * 8 * 4)
-    remote_caches = region.layer_views(2, shape[1:], 4, torch.float32)
+    region = SharedKVRegion(kv_region_layout(shape[1:], 4, [torch.float32] * 2)[1])
+    remote_caches = region.layer_views(shape[1:], 4, [torch.float32] * 2)
     for k, v in remote_caches:
         k.fill_(1.0)
         v.fill_(2.0)

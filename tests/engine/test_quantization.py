@@ -124,6 +124,17 @@ def test_quality_gate_passes_every_shipped_scheme_and_policy(choice, tmp_path):
     assert record["policy"]["weight_bytes_after"] < record["policy"]["weight_bytes_before"]
 
 
+@pytest.mark.parametrize("kv_dtype", ["fp8", "fp8_e5m2"])
+def test_quality_gate_passes_the_fp8_kv_cache(kv_dtype, tmp_path):
+    """The issue's bar for an FP8 KV cache: perplexity within 5% of the model's own dtype's cache."""
+    out = tmp_path / "q.json"
+    assert main(["eval", "quality", "--kv-cache-dtype", kv_dtype, *GATE, "--max-ppl-ratio", "1.05",
+                 "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["engine_args"]["kv_cache_dtype"] == kv_dtype and record["ppl_ratio"] <= 1.05
+    assert record["policy"] is None and record["top1_agreement"] > 0.9
+
+
 def test_quality_gate_fails_past_its_thresholds_and_shows_the_policy(tmp_path, capsys):
     assert main(["eval", "quality", "--quantization", "mxfp4", *GATE, "--max-kl", "1e-9"]) == 1
     assert "FAILED: mean KL" in capsys.readouterr().out

@@ -3,9 +3,9 @@
 The interpreter (how CI runs the kernels) does not type-check: a kernel can pass every CPU test
 and still fail to compile on the GPU. So this test records each kernel launch of a bf16 model on
 the Triton backend (prefill, decode with and without the padded graph path, sliding window,
-sampling with top-k/top-p) plus the attention wrappers at head_dim 128, maps the arguments to
-Triton's signature types, and compiles each distinct launch for sm_90 in a subprocess without the
-interpreter (Triton ships ptxas, so no GPU is needed)."""
+sampling with top-k/top-p; a bf16 and an FP8 KV cache) plus the attention wrappers at head_dim 128
+over bf16 and FP8 pages, maps the arguments to Triton's signature types, and compiles each distinct
+launch for sm_90 in a subprocess without the interpreter (Triton ships ptxas, so no GPU is needed)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tandem.kernels import triton_attention as tri
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
           torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
-          torch.float8_e4m3fn: "fp8e4nv"}
+          torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -97,25 +97,31 @@ def _compile_for_sm90(launches: dict) -> None:
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on a random bf16 model
 def test_every_kernel_compiles_for_hopper_as_a_gpu_run_launches_it(make_llm, launches):
     pytest.importorskip("triton.backends.nvidia")
-    for graphs in (None, [1, 2, 4]):
-        llm = make_llm("llama3-gqa", attention_backend="triton", dtype="bfloat16", cuda_graph_sizes=graphs)
+    for graphs, kv_cache_dtype in ((None, "auto"), ([1, 2, 4], "auto"), (None, "fp8"), ([1, 2], "fp8_e5m2")):
+        llm = make_llm("llama3-gqa", attention_backend="triton", dtype="bfloat16", cuda_graph_sizes=graphs,
+                       kv_cache_dtype=kv_cache_dtype)
         prompts = [{"prompt_token_ids": [(i * 37 + j) % 400 + 3 for j in range(n)]} for i, n in enumerate((3, 21))]
         llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
                                SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=3,
                                               ignore_eos=True)], use_tqdm=False)
     # the 8B shape's attention: head_dim 128, 4 query heads per KV head, block 16, int64 lengths
-    # as the runner passes them, with and without a sliding window
-    k, v = (torch.randn(8, 16, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+    # as the runner passes them, with and without a sliding window; bf16 and FP8 pages
     tables = torch.arange(8, dtype=torch.int64).view(2, 4)
-    for window in (None, 7):
-        tri.paged_decode_attention(torch.randn(2, 8, 128, dtype=torch.bfloat16), k, v, tables,
-                                   torch.tensor([40, 9]), 0.088, sliding_window=window)
-        tri.paged_prefill_attention_varlen(torch.randn(12, 8, 128, dtype=torch.bfloat16), k, v, tables,
-                                           torch.tensor([0, 5, 12], dtype=torch.int32),
-                                           torch.tensor([30, 7], dtype=torch.int32), 0.088, sliding_window=window)
+    scales = {"k_scale": torch.tensor([0.5]), "v_scale": torch.tensor([0.25])}
+    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        k, v = (torch.randn(8, 16, 2, 128).to(cache_dtype) for _ in range(2))
+        for window in (None, 7):
+            tri.paged_decode_attention(torch.randn(2, 8, 128, dtype=torch.bfloat16), k, v, tables,
+                                       torch.tensor([40, 9]), 0.088, sliding_window=window, **scales)
+            tri.paged_prefill_attention_varlen(torch.randn(12, 8, 128, dtype=torch.bfloat16), k, v, tables,
+                                               torch.tensor([0, 5, 12], dtype=torch.int32),
+                                               torch.tensor([30, 7], dtype=torch.int32), 0.088,
+                                               sliding_window=window, **scales)
     # structured outputs' mask over float32 logits, as the sampler applies it
     sampling.apply_token_bitmask(torch.randn(2, 1000), torch.full((2, 32), -1, dtype=torch.int32))
     names = {sig[1] for sig in launches.values()}
+    fp8 = {sig[1] for sig in launches.values() if any(t.startswith("*fp8") for t in sig[2].values())}
+    assert {"_decode_split_kernel", "_prefill_kernel", "_rope_kv_kernel"} <= fp8, fp8
     assert {"_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_rope_kv_kernel",
             "_rms_norm_kernel", "_silu_and_mul_kernel", "_sample_kernel", "_apply_bitmask_kernel"} <= names, names
     _compile_for_sm90(launches)

@@ -248,7 +248,7 @@ def test_metrics_have_vllm_names(server, client):
                  "vllm:generation_tokens_total", "vllm:request_success_total", "vllm:cache_config_info"):
         assert name in text, name
     assert _metric(text, "vllm:generation_tokens_total") >= 4
-    assert 'block_size="16"' in text
+    assert 'block_size="16"' in text and 'cache_dtype="auto"' in text
 
 
 def _samples(base: str) -> dict[tuple[str, frozenset], float]:

@@ -94,11 +94,13 @@ def test_cli_round_trip_of_every_flag():
             "--no-enable-prefix-caching", "--kv-cache-memory", "64MiB", "--gpu-memory-utilization", "0.5",
             "--num-gpu-blocks-override", "100", "--max-num-batched-tokens", "512", "--max-num-seqs", "8",
             "--no-enable-chunked-prefill", "--scheduling-policy", "priority", "--async-scheduling",
-            "--cpu-gemm", "onednn", "--quantization", "int8", "--precision-policy", "p.yaml"]
+            "--cpu-gemm", "onednn", "--quantization", "int8", "--precision-policy", "p.yaml",
+            "--kv-cache-dtype", "fp8_e5m2", "--calculate-kv-scales", "--kv-cache-dtype-skip-layers", "0,3"]
     engine_args = EngineArgs.from_cli_args(build_parser().parse_args(argv))
     changed = {name for name, f in FIELDS.items() if getattr(engine_args, name) != f.default}
     assert changed == set(FIELDS), f"flags not exercised here: {sorted(set(FIELDS) - changed)}"
     assert engine_args.cuda_graph_sizes == [1, 2, 4] and engine_args.kv_cache_memory == "64MiB"
+    assert engine_args.kv_cache_dtype_skip_layers == [0, 3]
 
 
 def test_every_field_reaches_the_engine_config():
@@ -108,7 +110,8 @@ def test_every_field_reaches_the_engine_config():
              "cuda_graph_sizes": [1], "block_size": 32, "enable_prefix_caching": False, "kv_cache_memory": "1MiB",
              "gpu_memory_utilization": 0.5, "num_gpu_blocks_override": 3, "max_num_batched_tokens": 64,
              "max_num_seqs": 2, "enable_chunked_prefill": False, "scheduling_policy": "priority",
-             "async_scheduling": True, "cpu_gemm": "blas", "quantization": "fp8", "precision_policy": "p.yaml"}
+             "async_scheduling": True, "cpu_gemm": "blas", "quantization": "fp8", "precision_policy": "p.yaml",
+             "kv_cache_dtype": "fp8", "calculate_kv_scales": True, "kv_cache_dtype_skip_layers": [0]}
     assert set(other) == set(FIELDS)
     for name, value in other.items():
         config = dataclasses.replace(EngineArgs(model="m"), **{name: value}).create_engine_config()
@@ -162,6 +165,9 @@ def test_unknown_llm_kwarg_is_an_error():
     ("cuda_graph_sizes", 4, TypeError),
     ("enforce_eager", "yes", TypeError),
     ("num_gpu_blocks_override", -1, ValueError),
+    ("kv_cache_dtype", "int4", ValueError),
+    ("kv_cache_dtype_skip_layers", [-1], ValueError),
+    ("kv_cache_dtype_skip_layers", 0, TypeError),
 ])
 def test_validation_names_the_parameter(name, value, error):
     with pytest.raises(error, match=name):
@@ -177,6 +183,12 @@ def test_cli_validation_error_names_the_parameter(capsys):
     assert "max_num_seqs" in capsys.readouterr().err
     assert main(["generate", "--block-size", "12", "--prompt", "x"]) == 2
     assert "block_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the choices, before anything starts
+        main(["serve", "--kv-cache-dtype", "int4"])
+    assert "--kv-cache-dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--kv-cache-dtype-skip-layers", "0,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
 
 
 def test_up_passes_engine_flags_verbatim_and_shares_the_block_size():

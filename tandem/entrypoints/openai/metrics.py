@@ -86,10 +86,13 @@ class _EngineCollector:
                                     "secret (tandem.kv_transfer.ticket.key_id)", labels=["key_id"])
             key.add_metric([key_id(self.engine.config.kv_transfer.secret)], 1.0)
             yield key
+        cache = self.engine.config.cache
+        # cache_dtype: vLLM's label, the configured kv_cache_dtype (auto, fp8, fp8_e4m3, fp8_e5m2)
         info = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration",
-                                 labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
-        info.add_metric([str(self.engine.block_size), str(self.engine.num_blocks),
-                         str(self.engine.config.cache.enable_prefix_caching)], 1.0)
+                                 labels=["block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype",
+                                         "calculate_kv_scales"])
+        info.add_metric([str(self.engine.block_size), str(self.engine.num_blocks), str(cache.enable_prefix_caching),
+                         cache.cache_dtype, str(cache.calculate_kv_scales)], 1.0)
         yield info
 
 

@@ -10,10 +10,14 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <functional>
 #include <tuple>
 #include <type_traits>
@@ -181,16 +185,44 @@ void rotate_heads(const T* x, int64_t st, int64_t sh, int64_t heads, int64_t d, 
   }
 }
 
+// dst[i] = src[i] for a cache in the source's type; an FP8 cache gets clamp(src[i] / scale, +-max)
+// rounded to nearest (tandem/kernels/kv_quant.py quantize: the same fp32 division and rounding).
+template <typename T, typename C>
+void store_row(const T* src, int64_t n, float scale, C* dst) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::copy(src, src + n, dst);
+  } else {
+    const float mx = static_cast<float>(std::numeric_limits<C>::max());
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<C>(std::clamp(static_cast<float>(src[i]) / scale, -mx, mx));
+  }
+}
+
+// Calls fn(C{}) with C the cache's element type: T itself, or an FP8 type.
+template <typename T, typename Fn>
+void dispatch_cache(at::ScalarType cache_type, Fn fn) {
+  if (cache_type == at::kFloat8_e4m3fn) {
+    fn(c10::Float8_e4m3fn{});
+  } else if (cache_type == at::kFloat8_e5m2) {
+    fn(c10::Float8_e5m2{});
+  } else {
+    TORCH_CHECK(cache_type == c10::CppTypeToScalarType<T>::value, "the cache must be in q's dtype or FP8");
+    fn(T{});
+  }
+}
+
 // q [T, heads, D], k/v [T, kv_heads, D] (views into the QKV projection) -> (rotated q, rotated k),
-// contiguous; the cache [blocks, block_size, kv_heads, D] gets rotated k and v at slot_mapping[t].
+// contiguous; the cache [blocks, block_size, kv_heads, D] gets rotated k and v at slot_mapping[t]
+// (an FP8 cache: quantized with k_scale / v_scale).
 std::tuple<at::Tensor, at::Tensor> rope_and_write_kv(const at::Tensor& positions, const at::Tensor& q,
                                                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                                                      const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
-                                                     const at::Tensor& slot_mapping) {
+                                                     const at::Tensor& slot_mapping, double k_scale, double v_scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0), "bad shapes");
   check_dtype(q);
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "head_dim must be contiguous");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(), "cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(), "cache");
+  TORCH_CHECK(k_scale > 0 && v_scale > 0, "KV scales must be positive");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous(), "cos/sin fp32 [max_positions, D/2]");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong, "int64 indices");
@@ -210,21 +242,24 @@ std::tuple<at::Tensor, at::Tensor> rope_and_write_kv(const at::Tensor& positions
   }
   at::Tensor q_out = at::empty({tokens, heads, d}, q.options()), k_out = at::empty({tokens, kv_heads, d}, k.options());
   const int64_t half = d / 2, row = kv_heads * d;
+  const float ks = static_cast<float>(k_scale), vs = static_cast<float>(v_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rope_and_write_kv", [&] {
-    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
-    scalar_t *qo = q_out.data_ptr<scalar_t>(), *ko = k_out.data_ptr<scalar_t>();
-    scalar_t *kc = k_cache.data_ptr<scalar_t>(), *vc = v_cache.data_ptr<scalar_t>();
-    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-    at::parallel_for(0, tokens, grain((heads + 2 * kv_heads) * d), [&](int64_t first, int64_t last) {
-      for (int64_t t = first; t < last; ++t) {
-        const float *c = cp + pos[t] * half, *s = sp + pos[t] * half;
-        rotate_heads(qp, q.stride(0), q.stride(1), heads, d, c, s, qo, t);
-        rotate_heads(kp, k.stride(0), k.stride(1), kv_heads, d, c, s, ko, t);
-        std::copy(ko + t * row, ko + (t + 1) * row, kc + slots[t] * row);
-        for (int64_t h = 0; h < kv_heads; ++h)
-          std::copy(vp + t * v.stride(0) + h * v.stride(1), vp + t * v.stride(0) + h * v.stride(1) + d,
-                    vc + slots[t] * row + h * d);
-      }
+    dispatch_cache<scalar_t>(k_cache.scalar_type(), [&](auto cache_tag) {
+      using C = decltype(cache_tag);
+      const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+      scalar_t *qo = q_out.data_ptr<scalar_t>(), *ko = k_out.data_ptr<scalar_t>();
+      C *kc = static_cast<C*>(k_cache.data_ptr()), *vc = static_cast<C*>(v_cache.data_ptr());
+      const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+      at::parallel_for(0, tokens, grain((heads + 2 * kv_heads) * d), [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; ++t) {
+          const float *c = cp + pos[t] * half, *s = sp + pos[t] * half;
+          rotate_heads(qp, q.stride(0), q.stride(1), heads, d, c, s, qo, t);
+          rotate_heads(kp, k.stride(0), k.stride(1), kv_heads, d, c, s, ko, t);
+          store_row(ko + t * row, row, ks, kc + slots[t] * row);
+          for (int64_t h = 0; h < kv_heads; ++h)
+            store_row(vp + t * v.stride(0) + h * v.stride(1), d, vs, vc + slots[t] * row + h * d);
+        }
+      });
     });
   });
   return {q_out, k_out};
@@ -237,7 +272,7 @@ TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rope_and_write_kv(Tensor positions, Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)");
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, float k_scale, float v_scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
