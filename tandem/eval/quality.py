@@ -11,6 +11,10 @@ Both engines score the same token windows of a text set (default: the model dire
 * ``greedy_agreement``: greedy continuations of window prefixes, the mean share of each
   continuation produced before the first token where the two differ (1.0 = identical).
 
+``--reference DIR`` compares against another model with the same tokenizer (the float original of a
+pre-quantized checkpoint). Each engine gets a 1 GiB KV cache unless ``--kv-cache-memory`` says
+otherwise (scoring needs little, and two engines share the device).
+
 The command exits 1 when ``ppl_ratio`` exceeds ``--max-ppl-ratio`` or ``mean_kl`` exceeds
 ``--max-kl``, so CI can hold every scheme and shipped policy to a quality bar.
 """
@@ -30,6 +34,7 @@ import torch
 from tandem.engine.arg_utils import EngineArgs
 from tandem.sampling_params import SamplingParams
 
+SCORING_KV_CACHE = "1GiB"  # each engine's KV cache unless --kv-cache-memory is given
 # the engine arguments that choose a precision: the candidate takes them, the reference does not
 PRECISION_ARGS = {"quantization": None, "precision_policy": None, "kv_cache_dtype": "auto", "dtype": "auto"}
 
@@ -116,6 +121,9 @@ def compare(reference: Any, candidate: Any, token_windows: list[list[int]], prom
 def add_quality_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="Hugging Face model directory (default: $TANDEM_MODEL or the bundled demo model)")
+    parser.add_argument("--reference", default=None,
+                        help="the model to compare against (default: MODEL itself without the precision flags); "
+                             "for a pre-quantized checkpoint, the float model it was made from")
     parser.add_argument("--text", nargs="+", default=None,
                         help="text files to score (default: the model directory's heldout-sample.txt)")
     parser.add_argument("--window", type=int, default=256, help="tokens per scored window")
@@ -146,6 +154,8 @@ def run_quality(args: argparse.Namespace) -> int:
     from tandem import LLM
 
     engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.kv_cache_memory is None:  # two engines share the device: neither may size by free memory
+        engine_args.kv_cache_memory = SCORING_KV_CACHE
     candidate = LLM(**vars(engine_args))
     runner = candidate.llm_engine.runner
     if args.show_policy:
@@ -154,7 +164,12 @@ def run_quality(args: argparse.Namespace) -> int:
         return 0
     if args.window < 2 or args.window > candidate.llm_engine.max_model_len:
         raise ValueError(f"--window must be in [2, {candidate.llm_engine.max_model_len}], got {args.window}")
-    reference = LLM(**(vars(engine_args) | {k: v for k, v in PRECISION_ARGS.items() if k in vars(engine_args)}))
+    reference_args = vars(engine_args) | PRECISION_ARGS | ({"model": args.reference} if args.reference else {})
+    if reference_args == vars(engine_args):
+        raise ValueError("nothing to compare: the candidate is the reference. Give --quantization, "
+                         "--precision-policy, --kv-cache-dtype or --dtype, or --reference MODEL (e.g. the "
+                         "float model a pre-quantized checkpoint was made from)")
+    reference = LLM(**reference_args)
     model_dir = candidate.llm_engine.runner.model_config.model
     token_ids = candidate.get_tokenizer().encode(_texts(args, model_dir), verbose=False)  # scored in windows
     started = time.perf_counter()
@@ -163,7 +178,8 @@ def run_quality(args: argparse.Namespace) -> int:
     failures = _failures(report, args.max_ppl_ratio, args.max_kl)
     _print(report, failures)
     if args.output_json:
-        record = {"model": model_dir, "engine_args": engine_args.to_dict(), "window": args.window,
+        record = {"model": model_dir, "reference": reference.llm_engine.runner.model_config.model,
+                  "engine_args": engine_args.to_dict(), "window": args.window,
                   "elapsed_s": time.perf_counter() - started, **report.to_dict(),
                   "thresholds": {"max_ppl_ratio": args.max_ppl_ratio, "max_kl": args.max_kl},
                   "passed": not failures, "policy": runner.precision.to_dict() if runner.precision else None}

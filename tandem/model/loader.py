@@ -115,7 +115,8 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if prequantized is not None and prequantized.take(name, f.get_tensor(name)):
+                if prequantized is not None and prequantized.wants(name):
+                    prequantized.take(name, f.get_tensor(name))
                     continue
                 mapped = model.map_checkpoint_name(name)
                 if mapped is None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tandem.model.layers import Linear, VocabEmbedding
 
 __all__ = ["QUANTIZATION_METHODS", "SCHEMES", "PrecisionPolicy", "PrecisionReport", "apply_precision",
-           "checkpoint_precision", "linear_layers", "load_policy", "model_weight_bytes"]
+           "checkpoint_precision", "linear_layers", "load_policy", "model_weight_bytes", "plan_int8_routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ def apply_precision(model: object, policy: PrecisionPolicy) -> PrecisionReport:
     resolved = policy.resolve([ref for ref, _ in layers.values()])
     # a weight reachable under two names (a tied LM head's, which the embeddings also read) is kept
     names_per_weight = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    int8_routes: dict = {}
     for layer in resolved:
         if layer.scheme is None:
             continue
@@ -117,11 +116,19 @@ def apply_precision(model: object, policy: PrecisionPolicy) -> PrecisionReport:
         module.quant = quantized
         if names_per_weight[id(weight)] == 1:
             weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)  # freed: quant holds it now
-        if isinstance(quantized, Int8Weight) and weight.device.type == "cpu":
-            quantized.measure_cpu_routes(int8_routes, weight.dtype)
     report = PrecisionReport(policy.source, resolved, before, model_weight_bytes(model))
     logger.info("%s", report.table())
     return report
+
+
+def plan_int8_routes(model: object, dtype: torch.dtype) -> None:
+    """On a CPU, give every int8 weight (a fused layer's parts too) the fastest path per row count,
+    timed once per weight shape."""
+    assert isinstance(model, nn.Module)
+    routes: dict = {}
+    for module in model.modules():
+        if isinstance(module, Int8Weight):
+            module.measure_cpu_routes(routes, dtype)
 
 
 def checkpoint_precision(model: object, source: str) -> PrecisionReport:

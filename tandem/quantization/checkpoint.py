@@ -42,6 +42,7 @@ class WeightFormat:
     """How one group of a checkpoint stores its weights."""
     kind: str  # "fp8", "int8", "int4"
     strategy: str  # "tensor", "channel", "block", "group"
+    bits: int = 8
 
 
 @dataclass
@@ -84,13 +85,14 @@ class CheckpointQuantization:
                                      f"{self.method} quantization_config targets it")
                 self.quantized.add(module)
 
-    def take(self, name: str, tensor: torch.Tensor) -> bool:
-        """Keep ``tensor`` if it belongs to a quantized module (then the float loader skips it)."""
+    def wants(self, name: str) -> bool:
+        """Whether a checkpoint tensor belongs to a quantized module (then ``take`` it, not the float loader)."""
         module, _, leaf = name.rpartition(".")
-        if leaf not in QUANT_FIELDS or module not in self.quantized:
-            return False
+        return leaf in QUANT_FIELDS and module in self.quantized
+
+    def take(self, name: str, tensor: torch.Tensor) -> None:
+        module, _, leaf = name.rpartition(".")
         self.pending.setdefault(module, {})[leaf] = tensor
-        return True
 
     def build(self, module: str) -> QuantizedWeight:
         fmt = self.format_of(module)
@@ -160,7 +162,7 @@ def _compressed_group(name: str, group: dict) -> tuple[list[str], WeightFormat]:
     elif kind == "int" and bits == 8 and strategy in ("tensor", "channel"):
         fmt = WeightFormat("int8", strategy)
     elif kind == "int" and bits == 4 and strategy in ("group", "channel"):
-        fmt = WeightFormat("int4", strategy)
+        fmt = WeightFormat("int4", strategy, bits=4)
     else:
         raise NotImplementedError(f"{where}: {kind} {bits}-bit weights with {strategy!r} scales are not supported "
                                   "(fp8 tensor/channel/block, int8 tensor/channel, int4 group/channel are)")
@@ -189,11 +191,13 @@ def _per_channel(scale: torch.Tensor, rows: int) -> torch.Tensor:
 def _build(fmt: WeightFormat, t: dict[str, torch.Tensor], method: str) -> QuantizedWeight:
     if fmt.kind == "int4":
         return _build_int4(t)
-    q = t["weight"]
     if fmt.kind == "int8":
+        # weight-only int8 (W8A16) ships pack-quantized (four codes per int32); W8A8 as plain int8
+        q = _unpack_int32(t["weight_packed"], 8, t["weight_shape"]) if "weight_packed" in t else t["weight"]
         if q.dtype != torch.int8:
             raise ValueError(f"int8 weights stored as {q.dtype}")
         return Int8Weight(q, _per_channel(t["weight_scale"], q.shape[0]))
+    q = t["weight"]
     if q.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fp8 weights stored as {q.dtype} (float8_e4m3fn expected)")
     if fmt.strategy == "block":
@@ -205,11 +209,19 @@ def _build(fmt: WeightFormat, t: dict[str, torch.Tensor], method: str) -> Quanti
     return Fp8Weight(q, _per_channel(t["weight_scale"], q.shape[0]))
 
 
+def _unpack_int32(packed: torch.Tensor, bits: int, shape: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' pack-quantized layout: 32 // bits codes per int32 along K, the first in
+    the lowest bits, each offset by 2 ** (bits - 1) -> the signed codes [N, K] as int8."""
+    rows, cols = (int(v) for v in shape.tolist())
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    codes = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
+    return (codes - (1 << (bits - 1))).to(torch.int8)
+
+
 def _build_int4(t: dict[str, torch.Tensor]) -> Int4Weight:
-    packed32, scale = t["weight_packed"], t["weight_scale"].float()
-    rows, cols = (int(v) for v in t["weight_shape"].tolist())
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    codes = ((packed32.unsqueeze(-1) >> shifts) & 0xF).reshape(rows, -1)[:, :cols].to(torch.uint8)
+    q = _unpack_int32(t["weight_packed"], 4, t["weight_shape"])
+    rows, cols = q.shape
+    codes = (q + 8).to(torch.uint8)
     if cols % 2:
         codes = torch.nn.functional.pad(codes, (0, 1), value=8)  # an int4 zero pads the odd column
-    return Int4Weight(Q.pack_fp4(codes), scale.reshape(rows, -1), cols)
+    return Int4Weight(Q.pack_fp4(codes), t["weight_scale"].float().reshape(rows, -1), cols)

@@ -92,6 +92,7 @@ class Int8Weight(QuantizedWeight):
     scheme = "int8"
     q: torch.Tensor
     scale: torch.Tensor
+    scale_bf16: torch.Tensor
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
@@ -100,7 +101,10 @@ class Int8Weight(QuantizedWeight):
         self.register_buffer("scale", scale.float())
         # CPU: the path per probe row count (measure_cpu_routes); dequantize + matmul until measured
         self.cpu_routes: tuple[str, ...] = ("dequant",) * len(INT8_PROBE_ROWS)
-        self._scale_bf16 = scale.to(torch.bfloat16)
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
+        # NOTE: torch 2.13's _weight_int8pack_mm on AVX2 returns garbage or crashes for K % 8 != 0
+        # (measured: 3 rows wrong, 8 rows a segfault at K = 100): that path is never taken there
+        self.int8pack_ok = self.in_features % 8 == 0
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Weight:
@@ -120,8 +124,8 @@ class Int8Weight(QuantizedWeight):
             from tandem.kernels import cpu_kernels
 
             return cpu_kernels.int8_linear(x, self.q, self.scale, bias)
-        if path == "int8pack" and x.dim() == 2:
-            out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self._scale_bf16).to(x.dtype)
+        if path == "int8pack" and x.dim() == 2 and self.int8pack_ok:
+            out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale_bf16).to(x.dtype)
             return out.add_(bias.to(x.dtype)) if bias is not None else out
         return self._dequantized_linear(x, bias)
 
@@ -132,7 +136,8 @@ class Int8Weight(QuantizedWeight):
 
         key = (self.out_features, self.in_features, dtype)
         if key not in cache:
-            paths = [p for p in INT8_CPU_PATHS if p != "tandem" or cpu_kernels.available()]
+            paths = [p for p in INT8_CPU_PATHS if (p != "tandem" or cpu_kernels.available())
+                     and (p != "int8pack" or self.int8pack_ok)]
             xs = [torch.randn(rows, self.in_features, dtype=dtype) for rows in INT8_PROBE_ROWS]
             cache[key] = tuple(self._fastest(paths, x) for x in xs)
         self.cpu_routes = cache[key]

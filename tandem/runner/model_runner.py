@@ -22,7 +22,7 @@ from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
 from tandem.profiling import span
-from tandem.quantization import PrecisionReport, apply_precision, checkpoint_precision, load_policy
+from tandem.quantization import PrecisionReport, apply_precision, checkpoint_precision, load_policy, plan_int8_routes
 from tandem.quantization.checkpoint import CheckpointQuantization
 from tandem.runner.cpu_malloc import tune_glibc_malloc
 from tandem.runner.kv_cache_spec import KVCacheSpec
@@ -104,6 +104,8 @@ class ModelRunner:
         self.precision: PrecisionReport | None = (
             apply_precision(self.model, policy) if policy
             else checkpoint_precision(self.model, f"checkpoint ({prequantized.method})") if prequantized else None)
+        if self.precision is not None and self.device.type == "cpu":
+            plan_int8_routes(self.model, self.dtype)
         # which GEMM each fp32 linear layer uses at each row count, measured on this CPU
         self.gemm_choices = plan_cpu_gemm(self.model, model_config.cpu_gemm) if self.device.type == "cpu" else {}
         self.args = self.model.args
@@ -186,6 +188,8 @@ class ModelRunner:
         try:
             batch = self._prepare([chunk])
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+            if self._calibrating:  # as after a step: the first batch sets the KV scales, then they hold
+                self._end_calibration()
             return self.model.compute_logits(hidden)[:, : self.args.vocab_size]
         finally:
             self.states.pop(request_id)

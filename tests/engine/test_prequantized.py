@@ -14,7 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tandem import LLM
+from tandem.cli import build_parser, main
+from tandem.eval.quality import run_quality
 from tandem.kernels import quant as Q
+from tandem.quantization.schemes import Int8Weight
 from tests.helpers import hf_model, prompts_for
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,10 +30,13 @@ def _int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.round(g / scale[..., None]).clamp(-8, 7).to(torch.int8).view(n, k), scale
 
 
-def _pack_int32(q: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' pack-quantized layout: codes + 8, eight per int32, the first lowest."""
-    codes = (q.to(torch.int32) + 8).view(q.shape[0], -1, 8)
-    return (codes << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+def _pack_int32(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """compressed-tensors' pack-quantized layout: codes + 2 ** (bits - 1), 32 // bits per int32, the
+    first in the lowest bits (summed as int64, then wrapped to int32 as the format stores them)."""
+    per = 32 // bits
+    codes = (q.to(torch.int64) + (1 << (bits - 1))).view(q.shape[0], -1, per)
+    packed = (codes << torch.arange(0, 32, bits, dtype=torch.int64)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def _quantize(kind: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -48,6 +54,10 @@ def _quantize(kind: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torc
     if kind == "int8":
         q, s = Q.quantize_int8(w)
         return {"weight": q, "weight_scale": s[:, None]}, Q.dequantize_int8(q, s)
+    if kind == "int8-packed":
+        q, s = Q.quantize_int8(w)
+        return ({"weight_packed": _pack_int32(q, 8), "weight_scale": s[:, None], "weight_shape": torch.tensor(list(w.shape))},
+                Q.dequantize_int8(q, s))
     q, s = _int4_groups(w, 32)
     return ({"weight_packed": _pack_int32(q), "weight_scale": s, "weight_shape": torch.tensor(list(w.shape))},
             q.float() * s.repeat_interleave(32, dim=1))
@@ -74,6 +84,10 @@ CASES = {
     "ct-int8-w8a16": ({"quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],
                        "config_groups": {"group_0": {"targets": ["Linear"], "weights": _group(8, "int", "channel")}}},
                       lambda m: "int8"),
+    "ct-int8-w8a16-packed": ({"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                              "config_groups": {"group_0": {"targets": ["Linear"],
+                                                            "weights": _group(8, "int", "channel")}}},
+                             lambda m: "int8-packed"),
     "ct-w4a16-mixed": ({"quant_method": "compressed-tensors", "format": "mixed-precision",
                         "ignore": ["lm_head", "re:model\\.layers\\.0\\.mlp\\..*"],
                         "config_groups": {
@@ -113,6 +127,10 @@ def test_prequantized_checkpoint_equals_transformers_dequantized(case, model_dir
     config, kind_of = CASES[case]
     dequantized = _write_prequantized(src, tmp_path / "q", config, kind_of)
     llm = LLM(model=str(tmp_path / "q"), cpu_gemm="blas", kv_cache_memory="8MiB")
+    for module in llm.llm_engine.runner.model.modules():
+        if isinstance(module, Int8Weight):  # routes were measured at load; the fp32 path compares at 1e-4
+            assert len(module.cpu_routes) == 4
+            module.cpu_routes = ("tandem",) * 4
     report = llm.llm_engine.runner.precision
     assert report is not None and report.weight_bytes_after < report.weight_bytes_before
     quantized = {layer.name for layer in report.layers if layer.scheme}
@@ -124,6 +142,23 @@ def test_prequantized_checkpoint_equals_transformers_dequantized(case, model_dir
             theirs = hf(torch.tensor([prompt])).logits[0]
         torch.testing.assert_close(llm.llm_engine.core.score_logits(prompt), theirs, atol=2e-4, rtol=1e-4)
     llm.llm_engine.assert_idle()
+
+
+def test_quality_gate_compares_a_prequantized_checkpoint_with_its_float_model(model_dirs, tmp_path):
+    src = model_dirs["llama3-gqa"]
+    config, kind_of = CASES["ct-int8-w8a16-packed"]
+    _write_prequantized(src, tmp_path / "q", config, kind_of)
+    text = tmp_path / "text.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    gate = ["--text", str(text), "--window", "64", "--continuation-len", "4", "--cpu-gemm", "blas"]
+    with pytest.raises(ValueError, match="nothing to compare"):
+        run_quality(build_parser().parse_args(["eval", "quality", str(tmp_path / "q"), *gate]))
+    out = tmp_path / "q.json"
+    assert main(["eval", "quality", str(tmp_path / "q"), "--reference", str(src), *gate, "--max-ppl-ratio", "1.1",
+                 "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["reference"] == str(src) and record["policy"]["source"] == "checkpoint (compressed-tensors)"
+    assert record["mean_kl"] > 0  # the int8 weights differ from the float ones they were made from
 
 
 def test_prequantized_checkpoint_errors_name_the_problem(model_dirs, tmp_path):

@@ -31,7 +31,7 @@ OWN_FLAGS = {
     ("bench", "latency"): {"input_len", "output_len", "batch_size", "n", "num_iters_warmup", "num_iters",
                            "output_json", "disable_tqdm", "profile"},
     ("eval", "perplexity"): {"files", "window", "output_json"},
-    ("eval", "quality"): {"text", "window", "max_windows", "prompt_len", "continuation_len", "max_ppl_ratio",
+    ("eval", "quality"): {"reference", "text", "window", "max_windows", "prompt_len", "continuation_len", "max_ppl_ratio",
                           "max_kl", "show_policy", "output_json"},
 }
 # Where a command means to differ from the engine default, and why.

@@ -108,16 +108,22 @@ def test_quantized_linear_equals_dequantize_then_matmul(scheme, rows, dtype):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 33])
-def test_int8_cpu_paths_agree_with_the_reference(rows):
-    """tandem's C++ kernel (fp32 activations) to fp32 rounding; torch's int8pack (bf16) to bf16's."""
-    qw = Int8Weight.from_float(_weight(37, 200))  # a partial block of 8 channels, K not a multiple of 8
-    x, bias = torch.randn(rows, 200), torch.randn(37)
+@pytest.mark.parametrize("in_features", [200, 100])
+def test_int8_cpu_paths_agree_with_the_reference(rows, in_features):
+    """tandem's C++ kernel (fp32 activations) to fp32 rounding; torch's int8pack (bf16) to bf16's, and
+    never taken where K % 8 != 0 (torch's op is wrong or crashes there on AVX2)."""
+    qw = Int8Weight.from_float(_weight(37, in_features))  # a partial block of 8 channels, a K tail
+    assert qw.int8pack_ok == (in_features % 8 == 0)
+    x, bias = torch.randn(rows, in_features), torch.randn(37)
     ref = Q.int8_linear_ref(x, qw.q, qw.scale, bias)
     assert _rel(qw.run_cpu("tandem", x, bias), ref) < 1e-6
     assert _rel(qw.run_cpu("dequant", x, bias), ref) < 1e-6
     assert _rel(qw.run_cpu("int8pack", x, bias), ref) < 1e-2
     bf = x.bfloat16()
     assert qw.run_cpu("tandem", bf, None).dtype == torch.bfloat16
+    routes: dict = {}
+    qw.measure_cpu_routes(routes, torch.float32)
+    assert qw.int8pack_ok or "int8pack" not in qw.cpu_routes
 
 
 def test_int8_cpu_routes_are_measured_once_per_shape():
