@@ -246,7 +246,8 @@ def test_lease_expires_without_heartbeat_and_then_fails_or_recomputes(model_dir,
         wait_until(lambda: prefill.step() is not None and prefill.connector.sender.stats.leases_expired == 1,
                    timeout_s=10, what="the unrenewed lease to expire")
         wait_idle(prefill)  # the lease ended: its blocks went back to the pool
-        unknown, recomputed = decode.connector.stats.failures["unknown_lease"], recompute_decode.connector.stats.recomputed
+        unknown = decode.connector.stats.failures.get("unknown_lease", 0)
+        recomputed = recompute_decode.connector.stats.recomputed
         out = fail_and_check(prefill, decode, "d-exp", prompt, params)
         assert out[-1].finish_reason == "error" and "unknown_lease" in out[-1].error
         assert decode.connector.stats.failures["unknown_lease"] == unknown + 1
