@@ -5,6 +5,7 @@ and tensor names, give the logits of transformers running the same weights dequa
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_prequantized_checkpoint_equals_transformers_dequantized(case, model_dir
     assert report is not None and report.weight_bytes_after < report.weight_bytes_before
     quantized = {layer.name for layer in report.layers if layer.scheme}
     assert "lm_head" not in quantized and ("model.layers.0.mlp.down_proj" in quantized) == (case != "ct-w4a16-mixed")
-    hf = hf_model(str(src))
+    hf = copy.deepcopy(hf_model(str(src)))  # hf_model is cached and shared: change a copy
     hf.load_state_dict(dequantized)
     for prompt in prompts_for(hf.config.vocab_size, lengths=[6, 19]):
         with torch.no_grad():

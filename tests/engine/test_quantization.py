@@ -5,6 +5,7 @@ and fails past its thresholds."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_quantized_engine_equals_transformers_on_dequantized_weights(scheme, pre
     for module in llm.llm_engine.runner.model.modules():
         if isinstance(module, Int8Weight):
             module.cpu_routes = ("tandem",) * len(module.cpu_routes)  # fp32 activations: comparable at 1e-4
-    hf = hf_model(str(model_dirs[preset]))
+    hf = copy.deepcopy(hf_model(str(model_dirs[preset])))  # hf_model is cached and shared: change a copy
     _dequantized_into_hf(llm, hf)
     for prompt in prompts_for(hf.config.vocab_size, lengths=[5, 23]):
         ours = llm.llm_engine.core.score_logits(prompt)
