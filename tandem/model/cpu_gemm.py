@@ -55,7 +55,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def _best_ms(fn: Callable[[], object], repeats: int) -> float:
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -74,7 +74,7 @@ def measure_shape(weight: torch.Tensor, default: Callable[[torch.Tensor, torch.T
         blas = functools.partial(default, x, weight)
         onednn(), blas()  # warm both (first calls allocate)
         reps = repeats if rows < 256 else max(1, repeats - 1)
-        choice.append(_best_ms(onednn, reps) < ONEDNN_MARGIN * _best_ms(blas, reps))
+        choice.append(best_ms(onednn, reps) < ONEDNN_MARGIN * best_ms(blas, reps))
     return tuple(choice)
 
 

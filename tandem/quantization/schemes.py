@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import functools
 import importlib
-import time
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -27,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels import cpu_kernels
 from tandem.kernels import quant as Q
+from tandem.model.cpu_gemm import best_ms
 
 FLOAT_SCHEMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_SCHEMES = ("fp8", "fp8_block", "int8", "mxfp4", "nvfp4")
@@ -121,8 +122,6 @@ class Int8Weight(QuantizedWeight):
 
     def run_cpu(self, path: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if path == "tandem":
-            from tandem.kernels import cpu_kernels
-
             return cpu_kernels.int8_linear(x, self.q, self.scale, bias)
         if path == "int8pack" and x.dim() == 2 and self.int8pack_ok:
             out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale_bf16).to(x.dtype)
@@ -132,8 +131,6 @@ class Int8Weight(QuantizedWeight):
     def measure_cpu_routes(self, cache: dict[tuple[int, int, torch.dtype], tuple[str, ...]],
                            dtype: torch.dtype) -> None:
         """Time each CPU path once per (shape, activation dtype) and keep the fastest per row count."""
-        from tandem.kernels import cpu_kernels
-
         key = (self.out_features, self.in_features, dtype)
         if key not in cache:
             paths = [p for p in INT8_CPU_PATHS if (p != "tandem" or cpu_kernels.available())
@@ -143,18 +140,11 @@ class Int8Weight(QuantizedWeight):
         self.cpu_routes = cache[key]
 
     def _fastest(self, paths: list[str], x: torch.Tensor) -> str:
-        times = {path: _best_ms(functools.partial(self.run_cpu, path, x, None)) for path in paths}
+        runs = {path: functools.partial(self.run_cpu, path, x, None) for path in paths}
+        for run in runs.values():
+            run()  # warm: first calls allocate
+        times = {path: best_ms(run, repeats=3) for path, run in runs.items()}
         return min(times, key=times.__getitem__)
-
-
-def _best_ms(fn: Callable[[], object], repeats: int = 3) -> float:
-    fn()  # warm (first calls allocate)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times) * 1e3
 
 
 class Fp8Weight(QuantizedWeight):
