@@ -26,6 +26,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,7 @@ def _texts(args: argparse.Namespace, model_dir: str) -> str:
 
 def run_quality(args: argparse.Namespace) -> int:
     from tandem import LLM
+    from tandem.bench.throughput import describe_device
 
     engine_args = EngineArgs.from_cli_args(args)
     if engine_args.kv_cache_memory is None:  # two engines share the device: neither may size by free memory
@@ -181,6 +183,8 @@ def run_quality(args: argparse.Namespace) -> int:
         record = {"model": model_dir, "reference": reference.llm_engine.runner.model_config.model,
                   "engine_args": engine_args.to_dict(), "window": args.window,
                   "elapsed_s": time.perf_counter() - started, **report.to_dict(),
+                  "device": describe_device(candidate.llm_engine.runner.device),
+                  "date": datetime.now(UTC).isoformat(timespec="seconds"),
                   "thresholds": {"max_ppl_ratio": args.max_ppl_ratio, "max_kl": args.max_kl},
                   "passed": not failures, "policy": runner.precision.to_dict() if runner.precision else None}
         Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")

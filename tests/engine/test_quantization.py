@@ -121,6 +121,7 @@ def test_quality_gate_passes_every_shipped_scheme_and_policy(choice, tmp_path):
     assert main(["eval", "quality", *choice, *GATE, "--output-json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["passed"] and record["ppl_ratio"] <= 1.03 and record["tokens_scored"] > 500
+    assert record["device"].startswith("cpu: ") and record["date"]
     assert 0 <= record["mean_kl"] < 0.05 and record["top1_agreement"] > 0.9
     assert record["policy"]["weight_bytes_after"] < record["policy"]["weight_bytes_before"]
 
