@@ -64,6 +64,27 @@ class KVTransferConfig:
         return self.role in ("decode", "both")
 
 
+KV_OFFLOADING_BACKENDS = ("native",)
+
+
+@dataclass
+class KVOffloadConfig:
+    """KV offloading (tandem/kv_offload): a host tier of ``host_bytes`` and an optional disk tier."""
+
+    host_bytes: int
+    backend: str = "native"
+    disk_path: str | None = None  # a directory; blocks survive a restart there
+    disk_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in KV_OFFLOADING_BACKENDS:
+            raise ValueError(f"kv_offloading_backend must be one of {KV_OFFLOADING_BACKENDS}, got {self.backend!r}")
+        if self.host_bytes <= 0:
+            raise ValueError("kv_offloading_size must be > 0 GiB")
+        if self.disk_path is not None and self.disk_bytes <= 0:
+            raise ValueError("kv_disk_size must be > 0 GiB with kv_disk_path")
+
+
 # vLLM's names: auto = the model's dtype; fp8 = fp8_e4m3 (tandem/kernels/kv_quant.py)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
@@ -138,3 +159,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer: KVTransferConfig | None = None  # disaggregated prefill/decode (tandem/kv_transfer)
+    kv_offload: KVOffloadConfig | None = None  # host and disk KV tiers (tandem/kv_offload)

@@ -35,7 +35,15 @@ from typing import Any, Literal
 
 import torch
 
-from tandem.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from tandem.config import (
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    KVOffloadConfig,
+    ModelConfig,
+    SchedulerConfig,
+    parse_size,
+)
 from tandem.quantization.schemes import QUANTIZATION_METHODS
 
 ModelFlag = Literal["positional", "option"] | None
@@ -159,6 +167,16 @@ class EngineArgs:
     kv_cache_dtype_skip_layers: list[int] | None = _arg(
         None, "layer indices whose KV cache keeps the model's dtype under an FP8 KV cache (CLI: 0,31)",
         check=_layer_indices, cli_type=_comma_ints, metavar="I,J")
+    # KV offloading (tandem/kv_offload)
+    kv_offloading_size: float | None = _arg(
+        None, "GiB of host memory for a second KV tier: blocks of ended requests are copied there and a later "
+              "prompt with the same prefix loads them back instead of recomputing (needs prefix caching)", min=0.0)
+    kv_offloading_backend: str | None = _arg(
+        None, "KV offloading implementation (default with --kv-offloading-size: native)", choices=("native",))
+    kv_disk_path: str | None = _arg(
+        None, "directory for a disk KV tier under the host tier (with --kv-offloading-size); blocks there "
+              "survive a restart of the server")
+    kv_disk_size: float = _arg(10.0, "GiB of the disk KV tier (with --kv-disk-path)", min=0.0)
     # scheduler
     max_num_batched_tokens: int | None = _arg(
         None, "per-step token budget shared by decodes and prefill chunks "
@@ -248,6 +266,7 @@ class EngineArgs:
     # -- the engine's config objects -----------------------------------------------------------------
     def create_engine_config(self) -> EngineConfig:
         return EngineConfig(
+            kv_offload=self._kv_offload_config(),
             model=ModelConfig(model=str(self.model or default_model_path()), tokenizer=self.tokenizer,
                               dtype=self.dtype,  # type: ignore[arg-type]  # a torch.dtype passes through
                               max_model_len=self.max_model_len, seed=self.seed, device=self.device,
@@ -266,6 +285,18 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy, async_scheduling=self.async_scheduling),
         )
+
+    def _kv_offload_config(self) -> KVOffloadConfig | None:
+        if not self.kv_offloading_size:
+            if self.kv_disk_path is not None:
+                raise ValueError("kv_disk_path needs kv_offloading_size: the disk tier sits under the host tier")
+            return None
+        if not self.enable_prefix_caching:
+            raise ValueError("kv_offloading_size needs enable_prefix_caching: offloaded blocks are found by "
+                             "their prefix hash")
+        return KVOffloadConfig(host_bytes=int(self.kv_offloading_size * 2**30),
+                               backend=self.kv_offloading_backend or "native",
+                               disk_path=self.kv_disk_path, disk_bytes=int(self.kv_disk_size * 2**30))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-friendly values (results files record the flags a run used)."""

@@ -15,14 +15,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandem.config import EngineConfig
+from tandem.config import EngineConfig, ModelConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
-from tandem.engine.kv_events import KVEventBatch
+from tandem.engine.kv_events import BlockRemoved, BlockStored, KVEvent, KVEventBatch
 from tandem.engine.protocol import EngineCoreOutput, EngineCoreRequest
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler
+from tandem.kv_transfer.base import TierChange
 from tandem.profiling import span
 from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from tandem.scheduler_output import SchedulerOutput
@@ -85,23 +87,50 @@ class EngineCore:
         return requested or limit
 
     def _make_connector(self, config: EngineConfig):
+        if config.kv_offload is not None:
+            return self._make_offloading_connector(config)
         if config.kv_transfer is None:
             return None
         from tandem.kv_transfer.connector import KVConnector
-        from tandem.kv_transfer.ticket import compat_hash
 
         if config.cache.calculate_kv_scales and self.runner.kv_spec.quantized_layers:
             raise ValueError("calculate_kv_scales cannot be used with KV transfer: each worker would calibrate "
                              "its own scales and read the other's FP8 blocks wrongly; use a checkpoint with "
                              "k_scale/v_scale (or the default 1.0)")
         runner = self.runner
-        layers = runner.model.attention_layers()
-        caches = [(a.k_cache, a.v_cache) for a in layers]
-        compat = compat_hash(self.hf_config, str(runner.dtype), config.cache.block_size,
-                             [str(dtype) for dtype in runner.kv_spec.layer_dtypes],
-                             [(float(a.k_scale), float(a.v_scale)) for a in layers])
-        return KVConnector(config.kv_transfer, caches, compat, config.cache.block_size,
+        return KVConnector(config.kv_transfer, self._kv_caches(), self._kv_compat(), config.cache.block_size,
                            runner.kv_bytes_per_block // config.cache.block_size, runner.kv_region)
+
+    def _make_offloading_connector(self, config: EngineConfig):
+        from tandem.kv_offload.connector import OffloadingConnector
+
+        if config.kv_transfer is not None:
+            raise ValueError("KV offloading does not combine with disaggregated prefill/decode yet")
+        if config.scheduler.async_scheduling:
+            raise ValueError("KV offloading does not combine with async scheduling yet")
+        if config.cache.calculate_kv_scales and self.runner.kv_spec.quantized_layers:
+            raise ValueError("calculate_kv_scales cannot be used with KV offloading: saved FP8 blocks would be "
+                             "read with another run's scales")
+        assert config.kv_offload is not None
+        return OffloadingConnector(config.kv_offload, self._kv_caches(), self._kv_compat(weights=True),
+                                   config.cache.block_size)
+
+    def _kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(a.k_cache, a.v_cache) for a in self.runner.model.attention_layers()]
+
+    def _kv_compat(self, weights: bool = False) -> str:
+        """Equal only where KV blocks are interchangeable (``ticket.compat_hash``); ``weights``: also
+        the checkpoint's files (a disk tier outlives the process that wrote it)."""
+        from tandem.kv_transfer.ticket import compat_hash
+
+        runner = self.runner
+        layers = runner.model.attention_layers()
+        hf_config = dict(self.hf_config)
+        if weights:
+            hf_config["_weights"] = weights_identity(self.config.model)
+        return compat_hash(hf_config, str(runner.dtype), self.config.cache.block_size,
+                           [str(dtype) for dtype in runner.kv_spec.layer_dtypes],
+                           [(float(a.k_scale), float(a.v_scale)) for a in layers])
 
     def close(self) -> None:
         if self.connector is not None:
@@ -178,6 +207,8 @@ class EngineCore:
             sched_out = self.scheduler.schedule()
         if sched_out.chunks:
             self._step_tokens.append(sched_out.num_batched_tokens)
+        elif self.scheduler.num_loading and self._in_flight is None and self.connector is not None:
+            self.connector.wait(0.005)  # every request waits for its KV: the next step would be empty too
         sched_out.grammar_bitmask = self._grammar_bitmask(sched_out)
         try:
             handle = self.runner.launch(sched_out)
@@ -299,6 +330,8 @@ class EngineCore:
     def _flush_kv_events(self) -> None:
         """One sequence-numbered batch per step that changed the cache (seq counts batches)."""
         events = self.kv.pool.take_events()
+        if self.connector is not None:
+            events.extend(tier_events(self.connector.take_tier_changes(), self.kv.block_size))
         if not events:
             return
         batch = KVEventBatch(self._kv_event_seq, time.time(), events)
@@ -315,9 +348,44 @@ class EngineCore:
         self._kv_event_backlog.clear()
         return events
 
+    def settle_offload(self, timeout_s: float = 30.0) -> None:
+        """Wait for the KV offload copies that ended requests queued, and apply them (their blocks
+        go back to the pool). Offload jobs always end; a P/D connector's leases are not waited for."""
+        if self.connector is None or self.connector.offload_report() is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.has_pending_transfers() and time.monotonic() < deadline:
+            time.sleep(0.002)
+            self.scheduler.update_transfers()
+        self._flush_kv_events()
+
     def assert_idle(self) -> None:
         """No request in flight: every block free, every reference count 0."""
+        self.settle_offload()
         assert not self.scheduler.has_unfinished_requests(), "scheduler still holds requests"
         assert self._in_flight is None, "a step is still in flight"
         assert not self.scheduler.has_pending_transfers(), "KV leases or loads still hold blocks"
         self.kv.pool.assert_idle()
+        if self.connector is not None:
+            self.connector.check_idle()
+
+
+def tier_events(changes: list[TierChange], block_size: int) -> list[KVEvent]:
+    """KV events of the offload tiers' changes (one BlockStored per block: each has its tokens)."""
+    events: list[KVEvent] = []
+    for change in changes:
+        if change.stored:
+            events.extend(BlockStored([h], None, list(tokens), block_size, medium=change.medium)
+                          for h, tokens in change.blocks)
+        elif change.blocks:
+            events.append(BlockRemoved([h for h, _ in change.blocks], medium=change.medium))
+    return events
+
+
+def weights_identity(model: ModelConfig) -> str:
+    """The checkpoint as files (name, size, mtime) or, for dummy weights, the seed that makes them."""
+    if model.load_format == "dummy":
+        return f"dummy:{model.seed}"
+    root = Path(model.model).resolve()
+    files = sorted(p for p in root.glob("*.safetensors"))
+    return f"{root}:" + ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)

@@ -256,7 +256,8 @@ def stats(core: EngineCore) -> EngineStats:
     return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting) + sched.num_loading,
                        kv_cache_usage=kv.usage, prefix_cache_queries=kv.stats.queries,
                        prefix_cache_hits=kv.stats.hits, num_preemptions=sched.num_preemptions,
-                       transfer=_transfer_stats(core), new_step_tokens=core.take_step_tokens())
+                       transfer=_transfer_stats(core), new_step_tokens=core.take_step_tokens(),
+                       offload=core.connector.offload_report() if core.connector is not None else None)
 
 
 def _transfer_stats(core: EngineCore) -> TransferStats | None:

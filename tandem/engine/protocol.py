@@ -13,6 +13,7 @@ import hmac
 
 import msgspec
 
+from tandem.kv_offload.stats import OffloadStats
 from tandem.kv_transfer.stats import TransferStats
 from tandem.kv_transfer.ticket import Ticket
 from tandem.outputs import TopLogprobs
@@ -74,6 +75,7 @@ class EngineStats(msgspec.Struct):
     prefix_cache_hits: int
     num_preemptions: int
     transfer: TransferStats | None = None
+    offload: OffloadStats | None = None  # KV offload tiers (tandem/kv_offload)
     new_step_tokens: list[int] = []  # tokens of each step since the previous report
 
 

@@ -22,6 +22,7 @@ Call order, each from the core thread:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ KV_TRANSFER_FAILED = "KV transfer failed"
 if TYPE_CHECKING:
     from tandem.engine.block_pool import KVCacheBlock
     from tandem.engine.request import Request
+    from tandem.kv_offload.stats import OffloadStats
     from tandem.kv_transfer.stats import TransferStats
     from tandem.scheduler_output import SchedulerOutput
 
@@ -59,6 +61,16 @@ class FinishedTransfer:
     request: Request | None = None  # a request whose load ended (it waits no more)
     ok: bool = False  # its KV is in its blocks up to request.kv_load_tokens: admit it like a prefix hit
     error: str | None = None  # not ok: end it with finish_reason "error"; None: compute it here
+
+
+@dataclass
+class TierChange:
+    """Blocks an offload tier (``medium``: CPU, DISK) now holds (``stored``) or no longer holds; the
+    core turns these into KV events (``BlockStored`` / ``BlockRemoved`` with that medium)."""
+
+    medium: str
+    stored: bool
+    blocks: list[tuple[bytes, tuple[int, ...]]]  # (block hash, its tokens)
 
 
 class KVConnectorBase:
@@ -111,6 +123,21 @@ class KVConnectorBase:
 
     def report(self) -> TransferStats | None:
         return None
+
+    def wait(self, timeout_s: float) -> None:
+        """Nothing can run until a transfer ends: give its threads the time (at most ``timeout_s``)."""
+        time.sleep(timeout_s)
+
+    def offload_report(self) -> OffloadStats | None:
+        """Counters of the KV offload tiers (``tandem.kv_offload``), or None without them."""
+        return None
+
+    def take_tier_changes(self) -> list[TierChange]:
+        """What the offload tiers stored or dropped since the last call."""
+        return []
+
+    def check_idle(self) -> None:
+        """Assert that nothing is queued or held (tests, after the last request ended)."""
 
     def close(self) -> None:
         pass

@@ -95,7 +95,9 @@ def test_cli_round_trip_of_every_flag():
             "--num-gpu-blocks-override", "100", "--max-num-batched-tokens", "512", "--max-num-seqs", "8",
             "--no-enable-chunked-prefill", "--scheduling-policy", "priority", "--async-scheduling",
             "--cpu-gemm", "onednn", "--quantization", "int8", "--precision-policy", "p.yaml",
-            "--kv-cache-dtype", "fp8_e5m2", "--calculate-kv-scales", "--kv-cache-dtype-skip-layers", "0,3"]
+            "--kv-cache-dtype", "fp8_e5m2", "--calculate-kv-scales", "--kv-cache-dtype-skip-layers", "0,3",
+            "--kv-offloading-size", "1.5", "--kv-offloading-backend", "native", "--kv-disk-path", "d",
+            "--kv-disk-size", "2"]
     engine_args = EngineArgs.from_cli_args(build_parser().parse_args(argv))
     changed = {name for name, f in FIELDS.items() if getattr(engine_args, name) != f.default}
     assert changed == set(FIELDS), f"flags not exercised here: {sorted(set(FIELDS) - changed)}"
@@ -111,12 +113,21 @@ def test_every_field_reaches_the_engine_config():
              "gpu_memory_utilization": 0.5, "num_gpu_blocks_override": 3, "max_num_batched_tokens": 64,
              "max_num_seqs": 2, "enable_chunked_prefill": False, "scheduling_policy": "priority",
              "async_scheduling": True, "cpu_gemm": "blas", "quantization": "fp8", "precision_policy": "p.yaml",
-             "kv_cache_dtype": "fp8", "calculate_kv_scales": True, "kv_cache_dtype_skip_layers": [0]}
+             "kv_cache_dtype": "fp8", "calculate_kv_scales": True, "kv_cache_dtype_skip_layers": [0],
+             "kv_offloading_size": 1.0, "kv_offloading_backend": "native", "kv_disk_path": "d", "kv_disk_size": 2.0}
+    # fields that mean something only beside another: compared with a config that has that one alone
+    needs = {"kv_offloading_backend": {"kv_offloading_size": 1.0}, "kv_disk_path": {"kv_offloading_size": 1.0},
+             "kv_disk_size": {"kv_offloading_size": 1.0, "kv_disk_path": "d"}}
     assert set(other) == set(FIELDS)
     for name, value in other.items():
-        config = dataclasses.replace(EngineArgs(model="m"), **{name: value}).create_engine_config()
+        context = needs.get(name, {})
+        before = dataclasses.replace(EngineArgs(model="m"), **context).create_engine_config() if context else base
+        config = dataclasses.replace(EngineArgs(model="m"), **{**context, name: value}).create_engine_config()
         assert isinstance(config, EngineConfig)
-        assert config != base, f"EngineArgs.{name} does not reach the engine config"
+        if name == "kv_offloading_backend":  # its one choice is also what None means
+            assert config.kv_offload is not None and config.kv_offload.backend == value
+            continue
+        assert config != before, f"EngineArgs.{name} does not reach the engine config"
     assert EngineArgs(model="m", attention_backend="triton").create_engine_config().model.attention_backend == "triton"
 
 

@@ -21,6 +21,7 @@ LEAVES = {
     "tandem.sampling_params": set(),
     "tandem.scheduler_output": {"tandem.sampling_params"},
     "tandem.kv_transfer.stats": set(),
+    "tandem.kv_offload.stats": set(),
 }
 
 

@@ -81,6 +81,7 @@ class _EngineCollector:
             ended.add_metric([outcome], count)
         yield ended
         yield from _transfer_metrics(s.transfer if s else None)
+        yield from _offload_metrics(s.offload if s else None)
         if self.engine.config.kv_transfer is not None:  # a router never splits across different secrets
             key = GaugeMetricFamily("tandem:kv_transfer_key_info", "Fingerprint of this worker's KV transfer "
                                     "secret (tandem.kv_transfer.ticket.key_id)", labels=["key_id"])
@@ -122,6 +123,40 @@ def _transfer_metrics(t):
     held = GaugeMetricFamily("tandem:kv_leases_held", "Finished prefills holding blocks for a decode worker")
     held.add_metric([], t.leases_held)
     yield held
+
+
+def _offload_metrics(o):
+    """With KV offloading only: the host (CPU) and disk tiers (tandem/kv_offload)."""
+    if o is None:
+        return
+    for name, doc, value in [
+        ("tandem:kv_offload_stored_blocks", "KV blocks copied from the device cache to the host tier", o.stored_blocks),
+        ("tandem:kv_offload_stored_bytes", "KV bytes copied to the host tier", o.stored_bytes),
+        ("tandem:kv_offload_store_seconds", "Seconds the offload thread spent saving blocks", o.store_seconds),
+        ("tandem:kv_offload_disk_written_blocks", "KV blocks written to the disk tier", o.disk_written_blocks),
+        ("tandem:kv_offload_loaded_bytes", "KV bytes loaded back from the tiers", o.loaded_bytes),
+        ("tandem:kv_offload_load_seconds", "Seconds the offload thread spent loading blocks", o.load_seconds),
+        ("tandem:kv_offload_load_failures", "Loads that fell back to computing the prompt", o.loads_failed),
+        ("tandem:kv_offload_corrupt_files", "Disk tier files skipped (bad checksum, foreign, unreadable)",
+         o.corrupt_files),
+    ]:
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], value)
+        yield c
+    hits = CounterMetricFamily("tandem:kv_offload_hit_tokens", "Prompt tokens loaded from a KV offload tier "
+                               "instead of computed", labels=["medium"])
+    for medium in ("CPU", "DISK"):
+        hits.add_metric([medium], o.hit_tokens.get(medium, 0))
+    yield hits
+    used = GaugeMetricFamily("tandem:kv_offload_blocks", "KV blocks held (or being written) by a tier",
+                             labels=["medium"])
+    total = GaugeMetricFamily("tandem:kv_offload_capacity_blocks", "KV blocks a tier can hold", labels=["medium"])
+    for medium, n, cap in (("CPU", o.host_blocks_used, o.host_blocks_total),
+                           ("DISK", o.disk_blocks_used, o.disk_blocks_total)):
+        used.add_metric([medium], n)
+        total.add_metric([medium], cap)
+    yield used
+    yield total
 
 
 class ServerMetrics:

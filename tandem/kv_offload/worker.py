@@ -1,0 +1,180 @@
+"""The offload worker: one thread that moves block bytes between the device KV cache, the host
+tier's rows and the disk tier's files, in the order jobs were queued (FIFO; ``tiers.py`` relies on
+it). It decides nothing: the core thread chose every slot, file and block before queueing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tandem.kv_offload import disk
+
+logger = logging.getLogger(__name__)
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (K, V), [num_blocks, block_size, heads, dim]
+
+
+class BlockLayout:
+    """One block over every layer as one row of bytes: layer 0 K, layer 0 V, layer 1 K, ..."""
+
+    def __init__(self, kv_caches: KVCaches) -> None:
+        # uint8 views [num_blocks, bytes_per_block_of_that_tensor] (raw bytes: FP8 layers too)
+        self.views = [c.view(torch.uint8).view(c.shape[0], -1) for layer in kv_caches for c in layer]
+        self.offsets: list[int] = []
+        total = 0
+        for v in self.views:
+            self.offsets.append(total)
+            total += v.shape[1]
+        self.bytes_per_block = total
+        self.device = self.views[0].device
+
+
+@dataclass
+class StoreJob:
+    job_id: int
+    block_ids: list[int]  # device blocks, held by the connector until the result
+    slots: list[int]  # host rows, one per block
+    disk_writes: list[tuple[int, bytes, list[int]]] = field(default_factory=list)  # (index in block_ids, hash, tokens)
+    disk_deletes: list[bytes] = field(default_factory=list)  # hashes whose files go first
+
+
+@dataclass
+class LoadJob:
+    job_id: int
+    block_ids: list[int]  # device blocks to fill
+    sources: list[tuple[str, int | bytes]]  # per block: ("CPU", slot) or ("DISK", hash)
+    promote: list[tuple[int, int]] = field(default_factory=list)  # (index, host slot): disk blocks kept on host too
+
+
+@dataclass
+class JobResult:
+    job_id: int
+    ok: bool
+    num_bytes: int
+    seconds: float
+    error: str | None = None
+    corrupt: list[bytes] = field(default_factory=list)  # disk blocks found corrupt (their files are gone)
+    written: list[bytes] = field(default_factory=list)  # disk blocks written
+    unwritten: list[bytes] = field(default_factory=list)  # disk writes that failed
+
+
+class OffloadWorker:
+    def __init__(self, layout: BlockLayout, host: torch.Tensor, disk_root: Path | None, compat: str) -> None:
+        self.layout, self.host, self.disk_root, self.compat = layout, host, disk_root, compat
+        self._jobs: queue.SimpleQueue[StoreJob | LoadJob | None] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
+        self.result_ready = threading.Event()
+        self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name="tandem-kv-offload", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: StoreJob | LoadJob) -> None:
+        if self._stream is not None:  # the copies start after every kernel queued so far
+            event = torch.cuda.Event()
+            event.record()
+            job.ready_event = event  # type: ignore[union-attr]
+        self._jobs.put(job)
+
+    def take_results(self) -> list[JobResult]:
+        self.result_ready.clear()
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    # -- worker thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while (job := self._jobs.get()) is not None:
+            start = time.perf_counter()
+            try:
+                result = self._store(job) if isinstance(job, StoreJob) else self._load(job)
+            except Exception as e:  # NOTE: every job gets exactly one result
+                logger.exception("KV offload job %d failed", job.job_id)
+                result = JobResult(job.job_id, False, 0, 0.0, error=f"{type(e).__name__}: {e}")
+            result.seconds = time.perf_counter() - start
+            self._results.put(result)
+            self.result_ready.set()
+
+    def _sync_start(self, job: StoreJob | LoadJob) -> None:
+        event = getattr(job, "ready_event", None)
+        if event is not None and self._stream is not None:
+            self._stream.wait_event(event)
+
+    def _store(self, job: StoreJob) -> JobResult:
+        self._sync_start(job)
+        ids = torch.tensor(job.block_ids, device=self.layout.device)
+        slots = torch.tensor(job.slots)
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            for view, off in zip(self.layout.views, self.layout.offsets):
+                rows = view.index_select(0, ids).to("cpu")
+                self.host[slots, off:off + view.shape[1]] = rows
+        if self._stream is not None:
+            self._stream.synchronize()
+        result = JobResult(job.job_id, True, len(job.block_ids) * self.layout.bytes_per_block, 0.0)
+        if self.disk_root is not None:
+            for block_hash in job.disk_deletes:
+                disk.block_path(self.disk_root, block_hash).unlink(missing_ok=True)
+            for i, block_hash, token_ids in job.disk_writes:
+                try:
+                    disk.write_block(self.disk_root, self.compat, block_hash, token_ids,
+                                     self.host[job.slots[i]].numpy().data)
+                    result.written.append(block_hash)
+                except OSError as e:
+                    logger.warning("KV disk tier: cannot write block %s: %s", block_hash.hex()[:12], e)
+                    result.unwritten.append(block_hash)
+        return result
+
+    def _load(self, job: LoadJob) -> JobResult:
+        self._sync_start(job)
+        n, width = len(job.block_ids), self.layout.bytes_per_block
+        staging = torch.empty((n, width), dtype=torch.uint8)
+        result = JobResult(job.job_id, True, n * width, 0.0)
+        host_rows = [(i, s) for i, (medium, s) in enumerate(job.sources) if medium == "CPU"]
+        if host_rows:
+            staging[[i for i, _ in host_rows]] = self.host[[int(s) for _, s in host_rows]]
+        for i, (medium, block_hash) in enumerate(job.sources):
+            if medium != "DISK":
+                continue
+            assert self.disk_root is not None and isinstance(block_hash, bytes)
+            path = disk.block_path(self.disk_root, block_hash)
+            try:
+                staging[i] = torch.frombuffer(bytearray(disk.read_block(path, self.compat, block_hash, width)),
+                                              dtype=torch.uint8)
+            except (OSError, disk.CorruptBlockFile) as e:
+                logger.warning("KV disk tier: not loading %s: %s (the prompt is recomputed)", path, e)
+                path.unlink(missing_ok=True)
+                result.corrupt.append(block_hash)
+        if result.corrupt:
+            result.ok, result.error = False, f"{len(result.corrupt)} disk block(s) unreadable"
+            return result
+        for i, slot in job.promote:
+            self.host[slot] = staging[i]
+        ids = torch.tensor(job.block_ids, device=self.layout.device)
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            for view, off in zip(self.layout.views, self.layout.offsets):
+                view.index_copy_(0, ids, staging[:, off:off + view.shape[1]].to(self.layout.device, non_blocking=False))
+        if self._stream is not None:
+            self._stream.synchronize()
+        return result
+
+
+def host_rows(num_blocks: int, layout: BlockLayout) -> torch.Tensor:
+    """The host tier's storage: one row of bytes per block (pinned when the cache is on a GPU)."""
+    pin = layout.device.type == "cuda"
+    return torch.zeros((num_blocks, layout.bytes_per_block), dtype=torch.uint8, pin_memory=pin)
+
+
