@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import time
 
+import msgspec
 import pytest
 import zmq
 
@@ -108,6 +109,118 @@ def test_remove_and_reset_worker():
     assert index.expected_seq(W2) is None and index.num_blocks(W2) == 0
     assert index.match_blocks([h("a")]) == {W2: 0}
     assert index.apply(W2, batch(7, stored(h("b")))) == "gap"  # seq forgotten
+
+
+# -- tiers: the device pool (medium None) and offload tiers (CPU, DISK) ------------------------------------
+def on(medium: str | None, *hashes: bytes) -> BlockStored:
+    return BlockStored(list(hashes), None, [0] * 4, 4, medium=medium)
+
+
+def test_events_with_a_medium_change_only_their_tier():
+    index = PrefixIndex()
+    a, b, c = h("a"), h("b"), h("c")
+    index.apply(W1, batch(0, stored(a, b), on("CPU", b, c), on("DISK", c)))
+    assert index.blocks(W1) == {a, b} and index.num_blocks(W1) == 2  # the device tier
+    assert index.blocks(W1, "CPU") == {b, c} and index.num_blocks(W1, "DISK") == 1
+    assert index.media(W1) == ["CPU", "DISK"] and index.media(W2) == []
+    index.apply(W1, batch(1, BlockRemoved([b]), BlockRemoved([c], medium="DISK")))
+    assert index.blocks(W1) == {a} and index.blocks(W1, "CPU") == {b, c}
+    assert index.blocks(W1, "DISK") == frozenset() and index.media(W1) == ["CPU"]
+    index.apply(W1, batch(2, BlockRemoved([a], medium="CPU")))  # not on CPU: nothing changes
+    assert index.blocks(W1) == {a} and index.blocks(W1, "CPU") == {b, c}
+
+
+def test_block_evicted_from_device_but_on_cpu_matches_at_the_lower_weight():
+    index = PrefixIndex()
+    req = [h("r", i) for i in range(4)]
+    index.apply(W1, batch(0, stored(*req), on("CPU", *req[:3]), on("DISK", req[0])))
+    assert index.match_blocks(req) == {W1: 4} and index.match_weighted(req) == {W1: 4.0}
+    index.apply(W1, batch(1, BlockRemoved(req[:2])))  # off the device: block 0, 1 now best on CPU
+    assert index.match_blocks(req) == {W1: 4}
+    assert index.match_weighted(req)[W1] == pytest.approx(0.8 + 0.8 + 1 + 1)
+    index.apply(W1, batch(2, BlockRemoved([req[0]], medium="CPU")))  # block 0 left on DISK only
+    assert index.match_weighted(req)[W1] == pytest.approx(0.5 + 0.8 + 1 + 1)
+    index.apply(W1, batch(3, BlockRemoved([req[1]], medium="CPU")))  # block 1 in no tier: ends it
+    assert index.match_blocks(req) == {W1: 1}
+    assert index.match_weighted(req)[W1] == pytest.approx(0.5)
+    index.apply(W1, batch(4, BlockRemoved([req[0]], medium="DISK")))
+    assert index.match_blocks(req) == {W1: 0} and index.match_weighted(req) == {W1: 0.0}
+
+
+def test_removal_from_cpu_after_device_removal_ends_the_match():
+    index = PrefixIndex()
+    req = [h("r", i) for i in range(3)]
+    index.apply(W1, batch(0, stored(*req), on("CPU", *req)))
+    index.apply(W1, batch(1, BlockRemoved(req)))
+    assert index.match_blocks(req) == {W1: 3} and index.match_weighted(req)[W1] == pytest.approx(2.4)
+    index.apply(W1, batch(2, BlockRemoved(req, medium="CPU")))
+    assert index.match_blocks(req) == {W1: 0} and index.match_weighted(req) == {W1: 0.0}
+    assert index.media(W1) == []
+
+
+def test_all_blocks_cleared_keeps_the_offload_tiers():
+    index = PrefixIndex()
+    a, b = h("a"), h("b")
+    index.apply(W1, batch(0, stored(a, b), on("CPU", a), on("DISK", b)))
+    index.apply(W1, batch(1, AllBlocksCleared()))
+    assert index.blocks(W1) == frozenset()
+    assert index.blocks(W1, "CPU") == {a} and index.blocks(W1, "DISK") == {b}
+    assert index.match_weighted([a, b])[W1] == pytest.approx(0.8 + 0.5)
+
+
+def test_restart_drops_every_tier():
+    index = PrefixIndex()
+    a, b, c = h("a"), h("b"), h("c")
+    index.apply(W1, batch(0, stored(a), on("CPU", b), on("DISK", c), ts=100.0))
+    index.apply(W1, batch(1, ts=101.0))
+    # the new process re-announces its disk blocks in its first batch
+    assert index.apply(W1, batch(0, on("DISK", c), ts=200.0)) == "restart"
+    assert index.blocks(W1) == frozenset() and index.blocks(W1, "CPU") == frozenset()
+    assert index.blocks(W1, "DISK") == {c} and index.media(W1) == ["DISK"]
+    index.reset_worker(W1)
+    assert index.media(W1) == [] and index.match_blocks([c]) == {W1: 0}
+
+
+def test_tier_weights_are_configurable():
+    req = [h("r", i) for i in range(2)]
+    index = PrefixIndex(tier_weights={"CPU": 0.5, "NVME": 0.25})
+    index.apply(W1, batch(0, on("CPU", req[0]), on("NVME", req[1])))
+    index.apply(W2, batch(0, on("DISK", *req)))  # not in the table: weighs as the lightest (0.25)
+    assert index.match_weighted(req) == {W1: pytest.approx(0.75), W2: pytest.approx(0.5)}
+    assert index.weight(None) == 1.0 and index.weight("CPU") == 0.5
+    assert PrefixIndex().weight("CPU") == 0.8 and PrefixIndex().weight("DISK") == 0.5
+    for bad in ({"CPU": 1.5}, {"CPU": -0.1}):
+        with pytest.raises(ValueError):
+            PrefixIndex(tier_weights=bad)
+
+
+def test_events_with_a_medium_round_trip_and_old_events_decode_as_device():
+    new = KVEventBatch(3, 1.5, [on("CPU", h("a")), BlockRemoved([h("b")], medium="DISK"), stored(h("c")),
+                                AllBlocksCleared()])
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=KVEventBatch) == new
+
+    # the same structs as published before tiers existed (same tags, no medium field)
+    class OldStored(msgspec.Struct, tag="BlockStored", frozen=True):
+        block_hashes: list[bytes]
+        parent_block_hash: bytes | None
+        token_ids: list[int]
+        block_size: int
+
+    class OldRemoved(msgspec.Struct, tag="BlockRemoved", frozen=True):
+        block_hashes: list[bytes]
+
+    class OldBatch(msgspec.Struct, frozen=True):
+        seq: int
+        ts: float
+        events: list[OldStored | OldRemoved]
+
+    old = OldBatch(0, 1.0, [OldStored([h("a")], None, [1, 2], 2), OldRemoved([h("b")])])
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=KVEventBatch)
+    assert [type(e).__name__ for e in decoded.events] == ["BlockStored", "BlockRemoved"]
+    assert all(e.medium is None for e in decoded.events)
+    index = PrefixIndex()
+    index.apply(W1, decoded)
+    assert index.blocks(W1) == {h("a")} and index.media(W1) == []  # on the device: a stored, b removed
 
 
 # -- ApproxPrefixIndex ----------------------------------------------------------------------------------
