@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import time
 
 import msgspec
@@ -15,6 +16,9 @@ from tandem import SamplingParams
 from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from tandem.engine.kv_publisher import KVEventPublisher
 from tandem.router.index import ApproxPrefixIndex, KVEventSubscriber, PrefixIndex, prompt_block_hashes
+from tandem.router.pd import PDCosts, PDDecider
+from tandem.router.policy import PrefillCostScorer, PrefixCacheScorer, build_policy
+from tandem.router.types import RouteRequest, WorkerState
 
 W1, W2 = "http://w1:8000", "http://w2:8000"
 
@@ -192,6 +196,62 @@ def test_tier_weights_are_configurable():
     for bad in ({"CPU": 1.5}, {"CPU": -0.1}):
         with pytest.raises(ValueError):
             PrefixIndex(tier_weights=bad)
+
+
+def test_router_yaml_tier_weights_reach_the_index_and_the_combined_matcher(tmp_path):
+    import argparse
+
+    from tandem.router.launch import add_router_args, build_router
+
+    config = tmp_path / "router.yaml"
+    config.write_text("scorers: {prefix_cache: 1}\ntier_weights: {CPU: 0.6}\n")
+    args = add_router_args(argparse.ArgumentParser()).parse_args(
+        ["--worker", f"{W1},events=tcp://127.0.0.1:1", "--worker", W2, "--config", str(config)])
+    router, subscribers = build_router(args.worker, args, b"secret")
+    index = subscribers[0].index
+    assert index.tier_weights == {"CPU": 0.6} and router.decision == "router"
+    req = [h("r", i) for i in range(2)]
+    index.apply(W1, batch(0, on("CPU", *req)))
+    router.approx.record(W2, req[:1])
+    assert router.matcher.match_weighted(req) == {W1: pytest.approx(1.2), W2: 1.0}
+    assert router.matcher.match_blocks(req) == {W1: 2, W2: 1}
+    assert router.matcher.num_blocks(W1) == 0 and router.matcher.num_blocks(W2) == 1  # device / routed
+    for sub in subscribers:
+        sub.close()
+    config.write_text("tier_weights: {CPU: 2}\n")
+    with pytest.raises(ValueError):
+        build_router(args.worker, args, b"secret")
+
+
+def test_scorers_prefer_device_over_cpu_over_nothing():
+    index = PrefixIndex()
+    req_hashes = [h("p", i) for i in range(4)]
+    dev, cpu, none = "http://dev:1", "http://cpu:1", "http://none:1"
+    index.apply(dev, batch(0, stored(*req_hashes)))
+    index.apply(cpu, batch(0, stored(*req_hashes), on("CPU", *req_hashes)))
+    index.apply(cpu, batch(1, BlockRemoved(req_hashes)))  # evicted to host memory
+    index.apply(none, batch(0, stored(h("other"))))
+    workers = [WorkerState(url) for url in (dev, cpu, none)]
+    req = RouteRequest("m", list(range(16)), req_hashes)
+    assert PrefixCacheScorer(index)(req, workers) == {dev: 1.0, cpu: pytest.approx(0.8), none: 0.0}
+    costs = PrefillCostScorer(index, block_size=4).costs(req, workers)
+    assert costs[dev] == 0 and costs[cpu] == pytest.approx(16 * 0.2) and costs[none] == 16
+    policy = build_policy("cache-aware", index, rng=random.Random(0))
+    scores = policy.scores(req, workers)
+    assert scores[dev] > scores[cpu] > scores[none]
+    assert policy.pick(req, workers, record=False).url == dev
+    assert policy.pick(req, workers[1:], record=False).url == cpu
+
+
+def test_pd_decider_counts_the_decode_workers_host_tier_as_cache():
+    index = PrefixIndex()
+    req = [h("p", i) for i in range(62)]  # 992 of 1000 tokens in full blocks of 16
+    d, p = WorkerState("http://d", role="decode", num_running=6), WorkerState("http://p", role="prefill")
+    decider = PDDecider(PDCosts(kv_bytes_per_token=24_576), block_size=16)
+    index.apply(d.url, batch(0, stored(h("other"))))
+    assert decider.plan(1000, d, [p], index.match_blocks(req)).split  # busy and uncached: sheds it
+    index.apply(d.url, batch(1, on("CPU", *req)))
+    assert not decider.plan(1000, d, [p], index.match_blocks(req)).split  # in host memory: keeps it
 
 
 def test_events_with_a_medium_round_trip_and_old_events_decode_as_device():
