@@ -210,7 +210,7 @@ def _cost(decider: PDDecider, attr: str) -> float:
 class Routed:
     worker: WorkerState
     req: RouteRequest
-    predicted_blocks: int
+    predicted_blocks: int  # leading blocks of the prompt the worker holds in any tier
     prefill_tokens: int  # counted in worker.pending_prefill_tokens until the first byte comes back
 
 
@@ -297,9 +297,11 @@ class Router:
         return routed
 
     def _account(self, worker: WorkerState, req: RouteRequest) -> Routed:
-        """Count the request on the worker: in flight, and its uncached prompt as pending prefill."""
+        """Count the request on the worker: in flight, and its uncached prompt as pending prefill
+        (prompt tokens - weighted cached blocks * block size, as the policy's prefill cost)."""
         predicted = self._matched_blocks(req).get(worker.url, 0)
-        prefill = max(0, len(req.token_ids) - predicted * self.block_size)
+        weighted = self._weighted_blocks(req).get(worker.url, 0.0)
+        prefill = max(0, len(req.token_ids) - round(weighted * self.block_size))
         worker.in_flight += 1
         worker.pending_prefill_tokens += prefill
         return Routed(worker, req, predicted, prefill)
@@ -360,6 +362,11 @@ class Router:
         if not req.block_hashes:
             return {}
         return self.matcher.match_blocks(req.block_hashes)
+
+    def _weighted_blocks(self, req: RouteRequest) -> dict[str, float]:
+        if not req.block_hashes:
+            return {}
+        return self.matcher.match_weighted(req.block_hashes)
 
     def release(self, routed: Routed) -> None:
         self.first_byte(routed)

@@ -1,8 +1,20 @@
 """Which worker already holds a request's prefix in its KV cache.
 
 * ``prompt_block_hashes``: the engine's chained hashes of a prompt's full blocks.
-* ``PrefixIndex``: exact per-worker sets of cached block hashes, built from the workers' KV events.
+* ``PrefixIndex``: exact per-worker sets of cached block hashes, built from the workers' KV events,
+  one set per tier: the device pool (events with ``medium`` None) and each offload tier (``"CPU"``,
+  ``"DISK"``, ...). An event changes only its own tier; ``AllBlocksCleared`` clears only the device
+  tier; a worker restart drops every tier.
 * ``ApproxPrefixIndex``: for workers that publish no events, what the router itself sent them (LRU).
+
+Matching a request's block hashes against a worker (both indexes answer both questions):
+  ``match_blocks``    leading blocks held in ANY tier (an int): the prefix ends at the first block
+                      held in no tier.
+  ``match_weighted``  the same leading blocks, each counted with the weight of the best tier that
+                      holds it: device 1.0, then ``tier_weights`` (default CPU 0.8, DISK 0.5; a medium
+                      not in the table weighs as the lightest one there). A float in [0, match_blocks]:
+                      cache-equivalent blocks, what routing scores and prefill costs use.
+  ``ApproxPrefixIndex`` has no tiers: its weighted match equals its block match.
 * ``KVEventSubscriber``: keeps one worker's part of a ``PrefixIndex`` in step with its publisher
   (``tandem.engine.kv_publisher``), filling gaps by replay and resynchronising when it cannot.
 
@@ -22,7 +34,7 @@ import asyncio
 import hmac
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -37,6 +49,10 @@ from tandem.zmq_auth import present_secret
 logger = logging.getLogger(__name__)
 
 OK, GAP, STALE, RESTART = "ok", "gap", "stale", "restart"
+
+# Weight of a block held only in an offload tier, relative to one on the device (1.0): about the
+# share of its prefill work the worker saves by loading it from there instead of recomputing it.
+DEFAULT_TIER_WEIGHTS: dict[str, float] = {"CPU": 0.8, "DISK": 0.5}
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int, cache_salt: str | None = None) -> list[bytes]:
@@ -64,16 +80,26 @@ def _leading_matches(blocks, block_hashes: Sequence[bytes]) -> int:
 # -- exact index from events ------------------------------------------------------------------------
 @dataclass
 class _WorkerEntry:
-    blocks: set[bytes] = field(default_factory=set)
+    blocks: set[bytes] = field(default_factory=set)  # the device pool (medium None)
+    offloaded: dict[str, set[bytes]] = field(default_factory=dict)  # medium -> hashes; no empty sets
     next_seq: int | None = None  # last applied seq + 1; None until a batch is applied (or after reset)
     last_ts: float = float("-inf")  # ts of the last applied batch
 
 
 class PrefixIndex:
-    """Per-worker sets of cached block hashes. Invariant: a worker's set is the result of applying
-    its batches in seq order (exactly, unless a gap was applied without being filled)."""
+    """Per-worker, per-tier sets of cached block hashes. Invariant: a worker's sets are the result
+    of applying its batches in seq order (exactly, unless a gap was applied without being filled).
 
-    def __init__(self) -> None:
+    ``tier_weights``: offload medium -> weight in [0, 1] for ``match_weighted`` (the device tier
+    always weighs 1.0); default ``DEFAULT_TIER_WEIGHTS``."""
+
+    def __init__(self, tier_weights: Mapping[str, float] | None = None) -> None:
+        weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
+        for medium, weight in weights.items():
+            if not isinstance(medium, str) or not 0.0 <= float(weight) <= 1.0:
+                raise ValueError(f"tier_weights: {medium!r} -> {weight!r}; want a medium name -> weight in [0, 1]")
+        self.tier_weights = {m: float(w) for m, w in weights.items()}
+        self._unknown_weight = min(self.tier_weights.values(), default=0.0)
         self._workers: dict[str, _WorkerEntry] = {}
 
     def classify(self, worker: str, seq: int, ts: float) -> str:
@@ -98,8 +124,9 @@ class PrefixIndex:
         entry = self._workers.setdefault(worker, _WorkerEntry())
         if status == RESTART:
             entry.blocks.clear()
+            entry.offloaded.clear()
         for event in batch.events:
-            _apply_event(entry.blocks, event)
+            _apply_event(entry, event)
         entry.next_seq, entry.last_ts = batch.seq + 1, batch.ts
         return status
 
@@ -108,9 +135,41 @@ class PrefixIndex:
         return entry.next_seq if entry else None
 
     def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
-        """Every known worker -> how many leading blocks of the request it holds. A worker without
-        the first block costs one set lookup."""
-        return {w: _leading_matches(e.blocks, block_hashes) for w, e in self._workers.items()}
+        """Every known worker -> how many leading blocks of the request it holds in any tier. A
+        worker without the first block costs one lookup per tier it has."""
+        return {w: self._match(e, block_hashes)[0] for w, e in self._workers.items()}
+
+    def match_weighted(self, block_hashes: Sequence[bytes]) -> dict[str, float]:
+        """Every known worker -> its leading blocks of the request (as ``match_blocks``), each
+        weighted by the best tier holding it (device 1.0, offload tiers by ``tier_weights``)."""
+        return {w: self._match(e, block_hashes)[1] for w, e in self._workers.items()}
+
+    def _match(self, entry: _WorkerEntry, block_hashes: Sequence[bytes]) -> tuple[int, float]:
+        """(leading blocks in any tier, their weighted count); O(matched + 1) lookups per tier."""
+        if not entry.offloaded:
+            n = _leading_matches(entry.blocks, block_hashes)
+            return n, float(n)
+        tiers = sorted(((self.weight(m), hs) for m, hs in entry.offloaded.items()), key=lambda t: -t[0])
+        device = entry.blocks
+        n, weighted = 0, 0.0
+        for h in block_hashes:
+            if h in device:
+                weighted += 1.0
+            else:
+                for weight, hashes in tiers:
+                    if h in hashes:
+                        weighted += weight
+                        break
+                else:
+                    break
+            n += 1
+        return n, weighted
+
+    def weight(self, medium: str | None) -> float:
+        """The weight of a block in tier ``medium`` (None: the device, 1.0)."""
+        if medium is None:
+            return 1.0
+        return self.tier_weights.get(medium, self._unknown_weight)
 
     def remove_worker(self, worker: str) -> None:
         self._workers.pop(worker, None)
@@ -122,23 +181,43 @@ class PrefixIndex:
     def workers(self) -> list[str]:
         return list(self._workers)
 
-    def num_blocks(self, worker: str) -> int:
+    def num_blocks(self, worker: str, medium: str | None = None) -> int:
+        """Blocks the worker holds in tier ``medium`` (None: its device pool)."""
+        return len(self._tier(worker, medium))
+
+    def blocks(self, worker: str, medium: str | None = None) -> frozenset[bytes]:
+        """A copy of the worker's hashes in tier ``medium`` (None: its device pool), for tests and
+        debugging."""
+        return frozenset(self._tier(worker, medium))
+
+    def media(self, worker: str) -> list[str]:
+        """The offload tiers the worker holds blocks in (the device tier is not listed)."""
         entry = self._workers.get(worker)
-        return len(entry.blocks) if entry else 0
+        return sorted(entry.offloaded) if entry else []
 
-    def blocks(self, worker: str) -> frozenset[bytes]:
-        """A copy of the worker's cached hashes (for tests and debugging)."""
+    def _tier(self, worker: str, medium: str | None) -> set[bytes]:
         entry = self._workers.get(worker)
-        return frozenset(entry.blocks) if entry else frozenset()
+        if entry is None:
+            return set()
+        return entry.blocks if medium is None else entry.offloaded.get(medium, set())
 
 
-def _apply_event(blocks: set[bytes], event: KVEvent) -> None:
+def _apply_event(entry: _WorkerEntry, event: KVEvent) -> None:
+    """One event on its own tier only (``medium`` None: the device pool)."""
     if isinstance(event, BlockStored):
-        blocks.update(event.block_hashes)
+        if event.medium is None:
+            entry.blocks.update(event.block_hashes)
+        elif event.block_hashes:
+            entry.offloaded.setdefault(event.medium, set()).update(event.block_hashes)
     elif isinstance(event, BlockRemoved):
-        blocks.difference_update(event.block_hashes)
+        if event.medium is None:
+            entry.blocks.difference_update(event.block_hashes)
+        elif (hashes := entry.offloaded.get(event.medium)) is not None:
+            hashes.difference_update(event.block_hashes)
+            if not hashes:
+                del entry.offloaded[event.medium]
     elif isinstance(event, AllBlocksCleared):
-        blocks.clear()
+        entry.blocks.clear()  # the device pool only: offload tiers keep theirs
 
 
 # -- approximate index from the router's own decisions ----------------------------------------------
@@ -165,6 +244,10 @@ class ApproxPrefixIndex:
 
     def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         return {w: _leading_matches(lru, block_hashes) for w, lru in self._workers.items()}
+
+    def match_weighted(self, block_hashes: Sequence[bytes]) -> dict[str, float]:
+        """No tiers here: every matched block weighs 1."""
+        return {w: float(n) for w, n in self.match_blocks(block_hashes).items()}
 
     def remove_worker(self, worker: str) -> None:
         self._workers.pop(worker, None)

@@ -48,7 +48,15 @@ class CombinedMatcher:
         out.update({w: n for w, n in exact.items() if w in self.evented})
         return out
 
+    def match_weighted(self, block_hashes: Sequence[bytes]) -> dict[str, float]:
+        exact = self.index.match_weighted(block_hashes)
+        guessed = self.approx.match_weighted(block_hashes)
+        out = {w: n for w, n in guessed.items() if w not in self.evented}
+        out.update({w: n for w, n in exact.items() if w in self.evented})
+        return out
+
     def num_blocks(self, worker: str) -> int:
+        """Device blocks of an evented worker (``PrefixIndex.num_blocks``), else routed ones."""
         return (self.index if worker in self.evented else self.approx).num_blocks(worker)
 
 
@@ -61,7 +69,8 @@ def add_router_args(p: argparse.ArgumentParser, with_workers: bool = True) -> ar
         p.add_argument("--tokenizer", default=None,
                        help="local tokenizer directory (prefix-aware routing needs the workers' token ids)")
     p.add_argument("--policy", choices=POLICIES, default="cache-aware")
-    p.add_argument("--config", default=None, help="router.yaml: filters, scorers and weights, picker")
+    p.add_argument("--config", default=None, help="router.yaml: filters, scorers and weights, picker, "
+                                                                "tier_weights (offload medium -> weight)")
     if with_workers:
         p.add_argument("--block-size", type=int, default=EngineArgs.block_size,
                        help="the workers' KV block size (default: %(default)s, the engine's)")
@@ -104,13 +113,14 @@ def build_router(specs: list[WorkerSpec], args, secret: bytes | None,
                  kv_secret: bytes | None = None) -> tuple[Router, list[KVEventSubscriber]]:
     import random
 
-    from tandem.router.policy import build_policy, load_policy_file
+    from tandem.router.policy import build_policy, read_policy_file, tier_weights_of
 
-    index, approx = PrefixIndex(), ApproxPrefixIndex()
+    config = read_policy_file(args.config) if args.config else None
+    index, approx = PrefixIndex(tier_weights=tier_weights_of(config)), ApproxPrefixIndex()
     evented = {s.url for s in specs if s.events}
     matcher = CombinedMatcher(index, approx, evented)
     rng = random.Random(args.seed)
-    policy = load_policy_file(args.config, matcher) if args.config else build_policy(args.policy, matcher, rng=rng)
+    policy = build_policy(config, matcher) if config is not None else build_policy(args.policy, matcher, rng=rng)
 
     def on_down(url: str) -> None:
         index.remove_worker(url)

@@ -1,7 +1,10 @@
 """The P/D decider: per request, prefill on the chosen decode worker, or on a prefill worker with
 the KV shipped over (disaggregation), whichever costs less.
 
-Costs, in seconds, with ``c`` = prefill seconds per token (learned from prefill legs):
+Costs, in seconds, with ``c`` = prefill seconds per token (learned from prefill legs) and
+``uncached_x`` = prompt tokens - worker x's cached leading blocks * block size, where cached means
+held in any tier (``PrefixMatcher.match_blocks``): a prefix in a decode worker's host memory or on
+its disk counts as cache in full, since loading it is cheap next to computing it or shipping it:
 - local:  the request waits (pending_d + uncached_d) * c, and every stream running on the decode
           worker stalls for uncached_d * c while the prompt is computed there, weighted by
           ``interference_weight``: local = (pending_d + uncached_d) * c + w * running_d * uncached_d * c
@@ -58,8 +61,9 @@ class PDDecider:
 
     def plan(self, num_tokens: int, decode: WorkerState, prefills: list[WorkerState],
              matched: dict[str, int], counted_on_decode: int = 0) -> PDPlan:
-        """counted_on_decode: this request's tokens, already in the decode worker's pending count
-        (the policy's pick accounted them); they are not a queue ahead of it."""
+        """matched: url -> leading blocks held in any tier. counted_on_decode: this request's
+        tokens, already in the decode worker's pending count (the policy's pick accounted them);
+        they are not a queue ahead of it."""
         c = self.costs
         uncached_d = max(0, num_tokens - matched.get(decode.url, 0) * self.block_size)
         pending_d = max(0, decode.pending_prefill_tokens - counted_on_decode)

@@ -7,9 +7,9 @@ Pipeline, run by ``Policy.pick(req, workers)``:
    answers 503). ``not_saturated`` never empties the list: if every worker is saturated it keeps
    them all, since queueing on a busy worker beats refusing.
 2. Scorers, each ``(req, candidates) -> {url: score}`` with every score in [0, 1], 1 = best:
-   ``prefix_cache`` (share of the request's full blocks the worker already holds, by a
-   ``PrefixMatcher``), ``prefill_cost`` (1 - (pending prefill tokens + the request's uncached
-   tokens) / the max of that), ``queue_depth`` (1 - waiting / max waiting), ``kv_cache_utilization``
+   ``prefix_cache`` (share of the request's full blocks the worker already holds, weighted by
+   tier, by a ``PrefixMatcher``), ``prefill_cost`` (1 - (pending prefill tokens + the request's
+   uncached tokens) / the max of that), ``queue_depth`` (1 - waiting / max waiting), ``kv_cache_utilization``
    (1 - kv_usage), ``running_requests`` (1 - load / max load), ``session_affinity`` (1 on the
    worker that last served the request's session). Total score of a worker =
    sum(weight_i * score_i) / sum(weight_i), so totals lie in [0, 1] too.
@@ -17,6 +17,14 @@ Pipeline, run by ``Policy.pick(req, workers)``:
    ``weighted_random`` (probability proportional to total), ``round_robin`` (ignores scores).
 4. Hot-spot guard (optional; on in ``cache-aware``): may move the pick off an overloaded
    prefix holder, see ``HotspotGuard``.
+
+Cached blocks, for ``prefix_cache``, ``prefill_cost`` and the hot-spot guard, are the matcher's
+``match_weighted``: the request's leading blocks the worker holds in any tier (the prefix ends at
+the first block held in none), each counted with the weight of the best tier holding it: 1.0 on
+the device, less in an offload tier (``tandem.router.index.DEFAULT_TIER_WEIGHTS``: CPU 0.8, DISK
+0.5; router.yaml ``tier_weights`` overrides them). A prefix on a worker's device therefore beats
+the same prefix in its host memory, which beats nothing. Uncached tokens = prompt tokens -
+weighted blocks * block size.
 
 State hooks. ``pick`` records its choice by calling ``observe(req, worker)`` (session affinity,
 per-prefix in-flight counts) unless called with ``record=False``; the caller must then call
@@ -30,6 +38,7 @@ Built-in policies (``build_policy(name, matcher)``): ``round-robin``, ``least-lo
     scorers: {prefix_cache: 2, running_requests: 1, queue_depth: 1}
     picker: max_score
     hotspot_margin: 4        # present and not null -> hot-spot guard on
+    tier_weights: {CPU: 0.8, DISK: 0.5}   # read by the router for its exact index (not the policy)
 """
 
 from __future__ import annotations
@@ -55,10 +64,16 @@ DEFAULT_HOTSPOT_MARGIN = 4.0
 class PrefixMatcher(Protocol):
     """Anything that says how many leading blocks of a request each worker holds."""
 
-    def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]: ...
+    def match_blocks(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
+        """url -> leading blocks held in any tier."""
+        ...
+
+    def match_weighted(self, block_hashes: Sequence[bytes]) -> dict[str, float]:
+        """url -> the same leading blocks, each weighted by the best tier holding it (device 1)."""
+        ...
 
     def num_blocks(self, worker: str) -> int:
-        """Blocks the index believes ``worker`` holds."""
+        """Blocks the index believes ``worker`` holds (on its device, for an index with tiers)."""
         ...
 
 
@@ -151,8 +166,8 @@ class RoleFilter:
 
 
 class PrefixCacheScorer:
-    """Matched leading blocks / request blocks, from the matcher; 0 when the request has no full
-    block."""
+    """Weighted matched leading blocks (``match_weighted``) / request blocks; 0 when the request
+    has no full block."""
 
     name = "prefix_cache"
 
@@ -163,8 +178,8 @@ class PrefixCacheScorer:
         total = len(req.block_hashes)
         if total == 0:
             return {w.url: 0.0 for w in workers}
-        matched = self.matcher.match_blocks(req.block_hashes)
-        return {w.url: _clamp01(matched.get(w.url, 0) / total) for w in workers}
+        matched = self.matcher.match_weighted(req.block_hashes)
+        return {w.url: _clamp01(matched.get(w.url, 0.0) / total) for w in workers}
 
 
 class QueueDepthScorer:
@@ -202,7 +217,8 @@ class RunningRequestsScorer:
 
 class PrefillCostScorer:
     """Prefill work ahead of the request's first token on each worker: the worker's pending
-    prefill tokens (router-counted) plus this request's tokens it does not cache (by the matcher).
+    prefill tokens (router-counted) plus this request's tokens it does not cache (prompt tokens -
+    the matcher's weighted blocks * block size: an offloaded block costs its share of a prefill).
     Score = 1 - cost / max cost over the candidates; all 1 when every cost is 0. Unlike request
     counts, it tells a worker busy with a long uncached prompt from one serving cache hits."""
 
@@ -212,9 +228,9 @@ class PrefillCostScorer:
         self.matcher, self.block_size = matcher, block_size
 
     def costs(self, req: RouteRequest, workers: list[WorkerState]) -> dict[str, float]:
-        matched = self.matcher.match_blocks(req.block_hashes) if req.block_hashes else {}
+        matched = self.matcher.match_weighted(req.block_hashes) if req.block_hashes else {}
         n = len(req.token_ids)
-        return {w.url: w.pending_prefill_tokens + max(0, n - matched.get(w.url, 0) * self.block_size)
+        return {w.url: w.pending_prefill_tokens + max(0.0, n - matched.get(w.url, 0.0) * self.block_size)
                 for w in workers}
 
     def __call__(self, req: RouteRequest, workers: list[WorkerState]) -> Scores:
@@ -306,7 +322,7 @@ class HotspotGuard:
     """Keeps a popular prefix from piling onto the one worker that caches it.
 
     Applies when the picked worker ("hot") holds the best prefix match among the candidates
-    (> 0 blocks, by the matcher) and hot.load > min_load + margin, where min_load is the least
+    (weighted blocks > 0, by the matcher's ``match_weighted``) and hot.load > min_load + margin, where min_load is the least
     load among the candidates. The request then goes, with probability
 
         p = clamp(prefix_inflight_on_hot / max(1, hot.load), 0, 1)
@@ -335,9 +351,9 @@ class HotspotGuard:
         """p for sending ``req`` elsewhere than ``hot``; 0 when the rule does not apply."""
         if not req.block_hashes or len(workers) < 2:
             return 0.0
-        matched = self.matcher.match_blocks(req.block_hashes)
-        best = max(matched.get(w.url, 0) for w in workers)
-        if best <= 0 or matched.get(hot.url, 0) < best:
+        matched = self.matcher.match_weighted(req.block_hashes)
+        best = max(matched.get(w.url, 0.0) for w in workers)
+        if best <= 0 or matched.get(hot.url, 0.0) < best:
             return 0.0
         min_load = min(w.load for w in workers)
         if hot.load <= min_load + self.margin:
@@ -483,7 +499,7 @@ BUILTIN_POLICIES: dict[str, dict[str, Any]] = {
         "hotspot_margin": DEFAULT_HOTSPOT_MARGIN,
     },
 }
-CONFIG_KEYS = ("filters", "scorers", "picker", "hotspot_margin", "name")
+CONFIG_KEYS = ("filters", "scorers", "picker", "hotspot_margin", "name", "tier_weights")
 
 
 def _lookup(kind: str, table: dict[str, Any], name: str) -> Any:
@@ -531,8 +547,9 @@ def _build_picker(spec: Any, rng: random.Random) -> Picker:
 
 def policy_from_config(config: dict[str, Any], matcher: PrefixMatcher, rng: random.Random | None = None) -> Policy:
     """A Policy from a dict as loaded from YAML (keys: filters, scorers, picker, hotspot_margin,
-    name). Missing filters -> healthy, model_served, not_saturated; missing picker -> max_score;
-    hotspot_margin absent or null -> no hot-spot guard."""
+    name; tier_weights is the router's, see ``tier_weights_of``). Missing filters -> healthy,
+    model_served, not_saturated; missing picker -> max_score; hotspot_margin absent or null -> no
+    hot-spot guard."""
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown policy config keys {sorted(unknown)}; valid: {', '.join(CONFIG_KEYS)}")
@@ -565,9 +582,26 @@ def build_policy(
     raise ValueError(f"a policy is a name or a config mapping, not {type(name_or_config).__name__}")
 
 
-def load_policy_file(path: str | Path, matcher: PrefixMatcher, rng: random.Random | None = None) -> Policy:
-    """A policy from a YAML file holding a config mapping or a built-in name."""
+def read_policy_file(path: str | Path) -> str | dict[str, Any]:
+    """A YAML file's config mapping or built-in policy name."""
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, (str, dict)):
         raise ValueError(f"{path}: expected a policy mapping or name, got {type(data).__name__}")
-    return build_policy(data, matcher, rng)
+    return data
+
+
+def load_policy_file(path: str | Path, matcher: PrefixMatcher, rng: random.Random | None = None) -> Policy:
+    """A policy from a YAML file holding a config mapping or a built-in name."""
+    return build_policy(read_policy_file(path), matcher, rng)
+
+
+def tier_weights_of(config: str | dict[str, Any] | None) -> dict[str, float] | None:
+    """A config's ``tier_weights`` (offload medium -> weight in [0, 1] of a block held only there,
+    for the router's exact prefix index), or None (the index's defaults) when it has none."""
+    weights = config.get("tier_weights") if isinstance(config, dict) else None
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or not all(
+            isinstance(m, str) and isinstance(w, (int, float)) and 0 <= w <= 1 for m, w in weights.items()):
+        raise ValueError(f"tier_weights must map medium names to weights in [0, 1], not {weights!r}")
+    return {m: float(w) for m, w in weights.items()}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import time
 
+import msgspec
 import pytest
 import zmq
 
@@ -14,6 +16,9 @@ from tandem import SamplingParams
 from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from tandem.engine.kv_publisher import KVEventPublisher
 from tandem.router.index import ApproxPrefixIndex, KVEventSubscriber, PrefixIndex, prompt_block_hashes
+from tandem.router.pd import PDCosts, PDDecider
+from tandem.router.policy import PrefillCostScorer, PrefixCacheScorer, build_policy
+from tandem.router.types import RouteRequest, WorkerState
 
 W1, W2 = "http://w1:8000", "http://w2:8000"
 
@@ -108,6 +113,174 @@ def test_remove_and_reset_worker():
     assert index.expected_seq(W2) is None and index.num_blocks(W2) == 0
     assert index.match_blocks([h("a")]) == {W2: 0}
     assert index.apply(W2, batch(7, stored(h("b")))) == "gap"  # seq forgotten
+
+
+# -- tiers: the device pool (medium None) and offload tiers (CPU, DISK) ------------------------------------
+def on(medium: str | None, *hashes: bytes) -> BlockStored:
+    return BlockStored(list(hashes), None, [0] * 4, 4, medium=medium)
+
+
+def test_events_with_a_medium_change_only_their_tier():
+    index = PrefixIndex()
+    a, b, c = h("a"), h("b"), h("c")
+    index.apply(W1, batch(0, stored(a, b), on("CPU", b, c), on("DISK", c)))
+    assert index.blocks(W1) == {a, b} and index.num_blocks(W1) == 2  # the device tier
+    assert index.blocks(W1, "CPU") == {b, c} and index.num_blocks(W1, "DISK") == 1
+    assert index.media(W1) == ["CPU", "DISK"] and index.media(W2) == []
+    index.apply(W1, batch(1, BlockRemoved([b]), BlockRemoved([c], medium="DISK")))
+    assert index.blocks(W1) == {a} and index.blocks(W1, "CPU") == {b, c}
+    assert index.blocks(W1, "DISK") == frozenset() and index.media(W1) == ["CPU"]
+    index.apply(W1, batch(2, BlockRemoved([a], medium="CPU")))  # not on CPU: nothing changes
+    assert index.blocks(W1) == {a} and index.blocks(W1, "CPU") == {b, c}
+
+
+def test_block_evicted_from_device_but_on_cpu_matches_at_the_lower_weight():
+    index = PrefixIndex()
+    req = [h("r", i) for i in range(4)]
+    index.apply(W1, batch(0, stored(*req), on("CPU", *req[:3]), on("DISK", req[0])))
+    assert index.match_blocks(req) == {W1: 4} and index.match_weighted(req) == {W1: 4.0}
+    index.apply(W1, batch(1, BlockRemoved(req[:2])))  # off the device: block 0, 1 now best on CPU
+    assert index.match_blocks(req) == {W1: 4}
+    assert index.match_weighted(req)[W1] == pytest.approx(0.8 + 0.8 + 1 + 1)
+    index.apply(W1, batch(2, BlockRemoved([req[0]], medium="CPU")))  # block 0 left on DISK only
+    assert index.match_weighted(req)[W1] == pytest.approx(0.5 + 0.8 + 1 + 1)
+    index.apply(W1, batch(3, BlockRemoved([req[1]], medium="CPU")))  # block 1 in no tier: ends it
+    assert index.match_blocks(req) == {W1: 1}
+    assert index.match_weighted(req)[W1] == pytest.approx(0.5)
+    index.apply(W1, batch(4, BlockRemoved([req[0]], medium="DISK")))
+    assert index.match_blocks(req) == {W1: 0} and index.match_weighted(req) == {W1: 0.0}
+
+
+def test_removal_from_cpu_after_device_removal_ends_the_match():
+    index = PrefixIndex()
+    req = [h("r", i) for i in range(3)]
+    index.apply(W1, batch(0, stored(*req), on("CPU", *req)))
+    index.apply(W1, batch(1, BlockRemoved(req)))
+    assert index.match_blocks(req) == {W1: 3} and index.match_weighted(req)[W1] == pytest.approx(2.4)
+    index.apply(W1, batch(2, BlockRemoved(req, medium="CPU")))
+    assert index.match_blocks(req) == {W1: 0} and index.match_weighted(req) == {W1: 0.0}
+    assert index.media(W1) == []
+
+
+def test_all_blocks_cleared_keeps_the_offload_tiers():
+    index = PrefixIndex()
+    a, b = h("a"), h("b")
+    index.apply(W1, batch(0, stored(a, b), on("CPU", a), on("DISK", b)))
+    index.apply(W1, batch(1, AllBlocksCleared()))
+    assert index.blocks(W1) == frozenset()
+    assert index.blocks(W1, "CPU") == {a} and index.blocks(W1, "DISK") == {b}
+    assert index.match_weighted([a, b])[W1] == pytest.approx(0.8 + 0.5)
+
+
+def test_restart_drops_every_tier():
+    index = PrefixIndex()
+    a, b, c = h("a"), h("b"), h("c")
+    index.apply(W1, batch(0, stored(a), on("CPU", b), on("DISK", c), ts=100.0))
+    index.apply(W1, batch(1, ts=101.0))
+    # the new process re-announces its disk blocks in its first batch
+    assert index.apply(W1, batch(0, on("DISK", c), ts=200.0)) == "restart"
+    assert index.blocks(W1) == frozenset() and index.blocks(W1, "CPU") == frozenset()
+    assert index.blocks(W1, "DISK") == {c} and index.media(W1) == ["DISK"]
+    index.reset_worker(W1)
+    assert index.media(W1) == [] and index.match_blocks([c]) == {W1: 0}
+
+
+def test_tier_weights_are_configurable():
+    req = [h("r", i) for i in range(2)]
+    index = PrefixIndex(tier_weights={"CPU": 0.5, "NVME": 0.25})
+    index.apply(W1, batch(0, on("CPU", req[0]), on("NVME", req[1])))
+    index.apply(W2, batch(0, on("DISK", *req)))  # not in the table: weighs as the lightest (0.25)
+    assert index.match_weighted(req) == {W1: pytest.approx(0.75), W2: pytest.approx(0.5)}
+    assert index.weight(None) == 1.0 and index.weight("CPU") == 0.5
+    assert PrefixIndex().weight("CPU") == 0.8 and PrefixIndex().weight("DISK") == 0.5
+    for bad in ({"CPU": 1.5}, {"CPU": -0.1}):
+        with pytest.raises(ValueError):
+            PrefixIndex(tier_weights=bad)
+
+
+def test_router_yaml_tier_weights_reach_the_index_and_the_combined_matcher(tmp_path):
+    import argparse
+
+    from tandem.router.launch import add_router_args, build_router
+
+    config = tmp_path / "router.yaml"
+    config.write_text("scorers: {prefix_cache: 1}\ntier_weights: {CPU: 0.6}\n")
+    args = add_router_args(argparse.ArgumentParser()).parse_args(
+        ["--worker", f"{W1},events=tcp://127.0.0.1:1", "--worker", W2, "--config", str(config)])
+    router, subscribers = build_router(args.worker, args, b"secret")
+    index = subscribers[0].index
+    assert index.tier_weights == {"CPU": 0.6} and router.decision == "router"
+    req = [h("r", i) for i in range(2)]
+    index.apply(W1, batch(0, on("CPU", *req)))
+    router.approx.record(W2, req[:1])
+    assert router.matcher.match_weighted(req) == {W1: pytest.approx(1.2), W2: 1.0}
+    assert router.matcher.match_blocks(req) == {W1: 2, W2: 1}
+    assert router.matcher.num_blocks(W1) == 0 and router.matcher.num_blocks(W2) == 1  # device / routed
+    for sub in subscribers:
+        sub.close()
+    config.write_text("tier_weights: {CPU: 2}\n")
+    with pytest.raises(ValueError):
+        build_router(args.worker, args, b"secret")
+
+
+def test_scorers_prefer_device_over_cpu_over_nothing():
+    index = PrefixIndex()
+    req_hashes = [h("p", i) for i in range(4)]
+    dev, cpu, none = "http://dev:1", "http://cpu:1", "http://none:1"
+    index.apply(dev, batch(0, stored(*req_hashes)))
+    index.apply(cpu, batch(0, stored(*req_hashes), on("CPU", *req_hashes)))
+    index.apply(cpu, batch(1, BlockRemoved(req_hashes)))  # evicted to host memory
+    index.apply(none, batch(0, stored(h("other"))))
+    workers = [WorkerState(url) for url in (dev, cpu, none)]
+    req = RouteRequest("m", list(range(16)), req_hashes)
+    assert PrefixCacheScorer(index)(req, workers) == {dev: 1.0, cpu: pytest.approx(0.8), none: 0.0}
+    costs = PrefillCostScorer(index, block_size=4).costs(req, workers)
+    assert costs[dev] == 0 and costs[cpu] == pytest.approx(16 * 0.2) and costs[none] == 16
+    policy = build_policy("cache-aware", index, rng=random.Random(0))
+    scores = policy.scores(req, workers)
+    assert scores[dev] > scores[cpu] > scores[none]
+    assert policy.pick(req, workers, record=False).url == dev
+    assert policy.pick(req, workers[1:], record=False).url == cpu
+
+
+def test_pd_decider_counts_the_decode_workers_host_tier_as_cache():
+    index = PrefixIndex()
+    req = [h("p", i) for i in range(62)]  # 992 of 1000 tokens in full blocks of 16
+    d, p = WorkerState("http://d", role="decode", num_running=6), WorkerState("http://p", role="prefill")
+    decider = PDDecider(PDCosts(kv_bytes_per_token=24_576), block_size=16)
+    index.apply(d.url, batch(0, stored(h("other"))))
+    assert decider.plan(1000, d, [p], index.match_blocks(req)).split  # busy and uncached: sheds it
+    index.apply(d.url, batch(1, on("CPU", *req)))
+    assert not decider.plan(1000, d, [p], index.match_blocks(req)).split  # in host memory: keeps it
+
+
+def test_events_with_a_medium_round_trip_and_old_events_decode_as_device():
+    new = KVEventBatch(3, 1.5, [on("CPU", h("a")), BlockRemoved([h("b")], medium="DISK"), stored(h("c")),
+                                AllBlocksCleared()])
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=KVEventBatch) == new
+
+    # the same structs as published before tiers existed (same tags, no medium field)
+    class OldStored(msgspec.Struct, tag="BlockStored", frozen=True):
+        block_hashes: list[bytes]
+        parent_block_hash: bytes | None
+        token_ids: list[int]
+        block_size: int
+
+    class OldRemoved(msgspec.Struct, tag="BlockRemoved", frozen=True):
+        block_hashes: list[bytes]
+
+    class OldBatch(msgspec.Struct, frozen=True):
+        seq: int
+        ts: float
+        events: list[OldStored | OldRemoved]
+
+    old = OldBatch(0, 1.0, [OldStored([h("a")], None, [1, 2], 2), OldRemoved([h("b")])])
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=KVEventBatch)
+    assert [type(e).__name__ for e in decoded.events] == ["BlockStored", "BlockRemoved"]
+    assert all(e.medium is None for e in decoded.events)
+    index = PrefixIndex()
+    index.apply(W1, decoded)
+    assert index.blocks(W1) == {h("a")} and index.media(W1) == []  # on the device: a stored, b removed
 
 
 # -- ApproxPrefixIndex ----------------------------------------------------------------------------------

@@ -36,13 +36,17 @@ HASHES = [b"h0", b"h1", b"h2", b"h3"]
 
 
 class FakeMatcher:
-    """Fixed url -> matched leading blocks; ``record`` makes a worker hold every block."""
+    """Fixed url -> matched leading blocks, all on the device (weight 1); ``record`` makes a worker
+    hold every block."""
 
     def __init__(self, matched: dict[str, int] | None = None) -> None:
         self.matched = dict(matched or {})
 
     def match_blocks(self, block_hashes):
         return {u: min(n, len(block_hashes)) for u, n in self.matched.items()}
+
+    def match_weighted(self, block_hashes):
+        return {u: float(n) for u, n in self.match_blocks(block_hashes).items()}
 
     def record(self, worker: str, block_hashes) -> None:
         self.matched[worker] = len(block_hashes)
