@@ -102,6 +102,13 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_offload(args: argparse.Namespace) -> int:
+    from tandem.bench.offload import run_offload
+
+    run_offload(args)
+    return 0
+
+
 def _cmd_bench_compare(args: argparse.Namespace) -> int:
     from tandem.bench.compare import run_compare
 
@@ -221,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     from tandem.bench.compare import add_compare_args
     from tandem.bench.latency import add_latency_args
+    from tandem.bench.offload import add_offload_args
     from tandem.bench.serve import add_serve_args
     from tandem.bench.soak import add_soak_args, soak_command
     from tandem.bench.throughput import add_throughput_args
@@ -231,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
          "latency`, with decode step time and achieved weight bandwidth"),
         ("serve", add_serve_args, _cmd_bench_serve, "online serving benchmark against any OpenAI-compatible "
          "server, as `vllm bench serve`"),
+        ("offload", add_offload_args, _cmd_bench_offload, "what the KV offload tiers save on revisited prefixes, "
+         "and cost without reuse, side by side with offloading off"),
         ("compare", add_compare_args, _cmd_bench_compare, "result JSON files side by side, with ratios to the first"),
         ("soak", add_soak_args, soak_command, "a fleet under steady load for a long time, a worker killed "
          "half-way: leaks, stuck requests and memory growth"),

@@ -250,6 +250,8 @@ class Scheduler:
             if done.ok:
                 req.num_computed_tokens = req.kv_load_tokens
                 req.kv_loaded = True
+                if done.cached:
+                    req.num_cached_tokens = req.kv_load_tokens
                 self.kv.cache_computed_blocks(req)
             elif done.error is None:  # compute it here
                 self.kv.free(req)

@@ -232,7 +232,7 @@ class OffloadingConnector(KVConnectorBase):
             s.hit_tokens[medium] = s.hit_tokens.get(medium, 0) + tokens
         s.loaded_bytes += result.num_bytes
         s.load_seconds += result.seconds
-        return FinishedTransfer(request=req, ok=True)
+        return FinishedTransfer(request=req, ok=True, cached=True)
 
     def _settle(self, tier: TierIndex, medium: str, hashes: list[bytes], ok: bool) -> None:
         """A job that filled these pending entries ended: ready (announced), or forgotten."""

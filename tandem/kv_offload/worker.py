@@ -4,7 +4,6 @@ it). It decides nothing: the core thread chose every slot, file and block before
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -12,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tandem.kv_offload import disk
@@ -34,6 +34,7 @@ class BlockLayout:
             total += v.shape[1]
         self.bytes_per_block = total
         self.device = self.views[0].device
+        self.numpy_views = [v.numpy() for v in self.views] if self.device.type == "cpu" else []
 
 
 @dataclass
@@ -109,6 +110,32 @@ class OffloadWorker:
             self._results.put(result)
             self.result_ready.set()
 
+    # NOTE: on a CPU the copies go through numpy (one thread, no OpenMP team of its own), so the
+    # offload thread never competes with the model's intra-op threads beyond the bytes it moves
+    def _device_to_host(self, block_ids: list[int], slots: list[int]) -> None:
+        if self._stream is None:
+            host, ids, rows = self.host.numpy(), np.asarray(block_ids), np.asarray(slots)
+            for view, off in zip(self.layout.numpy_views, self.layout.offsets):
+                host[rows, off:off + view.shape[1]] = view[ids]
+            return
+        ids_t, slots_t = torch.tensor(block_ids, device=self.layout.device), torch.tensor(slots)
+        with torch.cuda.stream(self._stream):
+            for view_t, off in zip(self.layout.views, self.layout.offsets):
+                self.host[slots_t, off:off + view_t.shape[1]] = view_t.index_select(0, ids_t).to("cpu")
+        self._stream.synchronize()
+
+    def _staging_to_device(self, block_ids: list[int], staging: torch.Tensor) -> None:
+        if self._stream is None:
+            rows, ids = staging.numpy(), np.asarray(block_ids)
+            for view, off in zip(self.layout.numpy_views, self.layout.offsets):
+                view[ids] = rows[:, off:off + view.shape[1]]
+            return
+        ids_t = torch.tensor(block_ids, device=self.layout.device)
+        with torch.cuda.stream(self._stream):
+            for view_t, off in zip(self.layout.views, self.layout.offsets):
+                view_t.index_copy_(0, ids_t, staging[:, off:off + view_t.shape[1]].to(self.layout.device))
+        self._stream.synchronize()
+
     def _sync_start(self, job: StoreJob | LoadJob) -> None:
         event = getattr(job, "ready_event", None)
         if event is not None and self._stream is not None:
@@ -116,14 +143,7 @@ class OffloadWorker:
 
     def _store(self, job: StoreJob) -> JobResult:
         self._sync_start(job)
-        ids = torch.tensor(job.block_ids, device=self.layout.device)
-        slots = torch.tensor(job.slots)
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            for view, off in zip(self.layout.views, self.layout.offsets):
-                rows = view.index_select(0, ids).to("cpu")
-                self.host[slots, off:off + view.shape[1]] = rows
-        if self._stream is not None:
-            self._stream.synchronize()
+        self._device_to_host(job.block_ids, job.slots)
         result = JobResult(job.job_id, True, len(job.block_ids) * self.layout.bytes_per_block, 0.0)
         if self.disk_root is not None:
             for block_hash in job.disk_deletes:
@@ -145,7 +165,7 @@ class OffloadWorker:
         result = JobResult(job.job_id, True, n * width, 0.0)
         host_rows = [(i, s) for i, (medium, s) in enumerate(job.sources) if medium == "CPU"]
         if host_rows:
-            staging[[i for i, _ in host_rows]] = self.host[[int(s) for _, s in host_rows]]
+            staging.numpy()[[i for i, _ in host_rows]] = self.host.numpy()[[int(s) for _, s in host_rows]]
         for i, (medium, block_hash) in enumerate(job.sources):
             if medium != "DISK":
                 continue
@@ -163,12 +183,7 @@ class OffloadWorker:
             return result
         for i, slot in job.promote:
             self.host[slot] = staging[i]
-        ids = torch.tensor(job.block_ids, device=self.layout.device)
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            for view, off in zip(self.layout.views, self.layout.offsets):
-                view.index_copy_(0, ids, staging[:, off:off + view.shape[1]].to(self.layout.device, non_blocking=False))
-        if self._stream is not None:
-            self._stream.synchronize()
+        self._staging_to_device(job.block_ids, staging)
         return result
 
 

@@ -61,6 +61,7 @@ class FinishedTransfer:
     request: Request | None = None  # a request whose load ended (it waits no more)
     ok: bool = False  # its KV is in its blocks up to request.kv_load_tokens: admit it like a prefix hit
     error: str | None = None  # not ok: end it with finish_reason "error"; None: compute it here
+    cached: bool = False  # ok, from this worker's own cache tiers: the tokens count as cached in its usage
 
 
 @dataclass

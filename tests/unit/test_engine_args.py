@@ -30,6 +30,7 @@ OWN_FLAGS = {
                               "num_warmups", "output_json", "disable_tqdm"},
     ("bench", "latency"): {"input_len", "output_len", "batch_size", "n", "num_iters_warmup", "num_iters",
                            "output_json", "disable_tqdm", "profile"},
+    ("bench", "offload"): {"num_prompts", "input_len", "output_len", "rounds", "output_json"},
     ("eval", "perplexity"): {"files", "window", "output_json"},
     ("eval", "quality"): {"reference", "text", "window", "max_windows", "prompt_len", "continuation_len", "max_ppl_ratio",
                           "max_kl", "show_policy", "output_json"},
@@ -38,9 +39,11 @@ OWN_FLAGS = {
 DEFAULT_OVERRIDES = {
     # every iteration sends the same prompts: with prefix caching on, only the first would prefill
     (("bench", "latency"), "enable_prefix_caching"): False,
+    # the engine with the host tier (the other one runs without)
+    (("bench", "offload"), "kv_offloading_size"): 1.0,
 }
 MODEL_FORM = {("generate",): "positional", ("serve",): "positional", ("bench", "throughput"): "option",
-              ("bench", "latency"): "option", ("eval", "perplexity"): "positional",
+              ("bench", "latency"): "option", ("bench", "offload"): "option", ("eval", "perplexity"): "positional",
               ("eval", "quality"): "positional"}
 
 
