@@ -151,6 +151,7 @@ class ModelConfig:
     cpu_gemm: str = "auto"  # fp32 linear layers on a CPU: auto (measured at load), blas, onednn
     quantization: str | None = None  # online weight quantization of every linear layer but the LM head
     precision_policy: str | None = None  # a YAML file of per-layer schemes (tandem/quantization/policy.py)
+    cpu_offload_gb: float = 0.0  # GiB of decoder-layer weights kept in host memory (CUDA; runner/weight_offload.py)
 
 
 @dataclass

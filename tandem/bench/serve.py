@@ -245,7 +245,7 @@ def _result_json(args, model: str, results: list[RequestResult], duration: float
         "flags": " ".join(sys.argv[1:]),
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if len(groups) > 1 and args.dataset_name == "interference":
+    if len(groups) > 1 and args.dataset_name in ("interference", "multi-turn"):
         out["groups"] = {g: compute_metrics([r for r in results if r.group == g], duration, percentiles, slos or None)
                          for g in groups}
     if args.save_detailed:

@@ -11,6 +11,12 @@ count under the model's tokenizer, requested output length, group, optional fixe
   the output length (vLLM's filter: prompt and reply >= 4 tokens, prompt <= 1024, sum <= 2048).
 - interference: `chat` requests arriving at --request-rate plus `long` document requests sent on a
   fixed schedule (every --interference-long-interval seconds); latencies are reported per group.
+- multi-turn: --multi-turn-conversations conversations of --multi-turn-turns turns; turn k's prompt
+  is a shared-nothing context, then k earlier user messages each followed by a fixed assistant
+  reply, then the new user message (so each turn extends the previous turn's prompt). Requests
+  are sent round-robin over the conversations at --request-rate, so between two turns of one
+  conversation every other conversation sends one: with a small KV cache the prefix has been
+  evicted by the time it returns. Reported per turn (group ``turn-K``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 
 from tandem.bench.throughput import sample_random_requests
 
-DATASETS = ("random", "prefix-repetition", "shared-prefix", "sharegpt", "interference")
+DATASETS = ("random", "prefix-repetition", "shared-prefix", "sharegpt", "interference", "multi-turn")
 
 
 @dataclass
@@ -62,6 +68,13 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                    help="seconds between long-document requests (the first at interval/2)")
     p.add_argument("--interference-num-long", type=int, default=None,
                    help="long requests (default: as many as fit while the chat requests arrive)")
+    p.add_argument("--multi-turn-conversations", type=int, default=8)
+    p.add_argument("--multi-turn-turns", type=int, default=4, help="turns per conversation (--num-prompts is "
+                                                                   "ignored: conversations x turns requests)")
+    p.add_argument("--multi-turn-context-len", type=int, default=512, help="tokens before the first user message")
+    p.add_argument("--multi-turn-user-len", type=int, default=64)
+    p.add_argument("--multi-turn-reply-len", type=int, default=64, help="tokens of each earlier assistant reply")
+    p.add_argument("--multi-turn-output-len", type=int, default=32)
 
 
 def _random_text(tokenizer, rng: np.random.Generator, length: int) -> tuple[str, int]:
@@ -178,6 +191,23 @@ def interference_requests(tokenizer, args) -> list[ServeRequest]:
     return chats + longs
 
 
+def multi_turn_requests(tokenizer, args) -> list[ServeRequest]:
+    if args.request_rate in (0, float("inf")):
+        raise ValueError("--dataset-name multi-turn needs a finite --request-rate (it paces the turns)")
+    rng = np.random.default_rng(args.seed)
+    num_convs = args.multi_turn_conversations
+    out = []
+    for c in range(num_convs):
+        history = _random_text(tokenizer, rng, args.multi_turn_context_len)[0]
+        for k in range(args.multi_turn_turns):
+            user = _random_text(tokenizer, rng, args.multi_turn_user_len)[0]
+            prompt = history + user
+            out.append(ServeRequest(prompt, _count(tokenizer, prompt), args.multi_turn_output_len,
+                                    group=f"turn-{k}", send_at=(k * num_convs + c) / args.request_rate))
+            history = prompt + _random_text(tokenizer, rng, args.multi_turn_reply_len)[0]
+    return out
+
+
 def build_requests(tokenizer, args) -> list[ServeRequest]:
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
@@ -186,5 +216,6 @@ def build_requests(tokenizer, args) -> list[ServeRequest]:
             raise ValueError("--dataset-name sharegpt needs --dataset-path FILE.json")
         return load_sharegpt(args.dataset_path, tokenizer, args.num_prompts, args.seed, args.sharegpt_output_len)
     build = {"random": random_requests, "prefix-repetition": prefix_repetition_requests,
-             "shared-prefix": shared_prefix_requests, "interference": interference_requests}
+             "shared-prefix": shared_prefix_requests, "interference": interference_requests,
+             "multi-turn": multi_turn_requests}
     return build[args.dataset_name](tokenizer, args)

@@ -138,6 +138,9 @@ class EngineArgs:
     precision_policy: str | None = _arg(
         ModelConfig.precision_policy, "YAML file of ordered rules (match -> scheme) choosing each linear layer's "
                                       "precision; see examples/policies/ (not with --quantization)")
+    cpu_offload_gb: float = _arg(
+        ModelConfig.cpu_offload_gb, "GiB of decoder-layer weights kept in pinned host memory and copied to the GPU one "
+                                    "layer ahead of use, on a side stream (CUDA only; CUDA graphs off)", min=0.0)
     enforce_eager: bool = _arg(ModelConfig.enforce_eager, "no CUDA graphs for decode steps")
     cuda_graph_sizes: list[int] | None = _arg(
         ModelConfig.cuda_graph_sizes, "decode batch sizes replayed from CUDA graphs (default on CUDA: 1, 2, 4, 8, "
@@ -273,7 +276,8 @@ class EngineArgs:
                               load_format=self.load_format, enforce_eager=self.enforce_eager,
                               cuda_graph_sizes=None if self.cuda_graph_sizes is None else list(self.cuda_graph_sizes),
                               attention_backend=self.attention_backend, cpu_gemm=self.cpu_gemm,
-                              quantization=self.quantization, precision_policy=self.precision_policy),
+                              quantization=self.quantization, precision_policy=self.precision_policy,
+                              cpu_offload_gb=self.cpu_offload_gb),
             cache=CacheConfig(block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                               kv_cache_memory=self.kv_cache_memory,
                               gpu_memory_utilization=self.gpu_memory_utilization,

@@ -37,6 +37,7 @@ from tandem.runner.sampler import (
     resolve_sampling_backend,
     sampling_kernel,
 )
+from tandem.runner.weight_offload import LayerOffloader
 from tandem.sampling_params import SamplingParams
 from tandem.scheduler_output import PLACEHOLDER_TOKEN, ScheduledChunk, SchedulerOutput
 from tandem.utils import cdiv
@@ -108,6 +109,7 @@ class ModelRunner:
             plan_int8_routes(self.model, self.dtype)
         # which GEMM each fp32 linear layer uses at each row count, measured on this CPU
         self.gemm_choices = plan_cpu_gemm(self.model, model_config.cpu_gemm) if self.device.type == "cpu" else {}
+        self.weight_offloader = self._offload_weights(model_config.cpu_offload_gb)
         self.args = self.model.args
         self.block_size = cache_config.block_size
         self.model_config = model_config
@@ -126,6 +128,22 @@ class ModelRunner:
         # profile step's dummy tokens or a graph capture) and frozen after it
         self._calibrating = cache_config.calculate_kv_scales and bool(self.kv_spec.quantized_layers)
         self._set_calibration(self._calibrating)
+
+    def _offload_weights(self, gib: float) -> LayerOffloader | None:
+        """--cpu-offload-gb: decoder layers' weights to pinned host memory, prefetched a layer ahead."""
+        if gib <= 0:
+            return None
+        if self.device.type != "cuda":
+            raise ValueError("cpu_offload_gb keeps GPU weights in host memory; on a CPU device the weights are "
+                             "already there (drop --cpu-offload-gb)")
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise ValueError(f"cpu_offload_gb: {type(self.model).__name__} has no decoder layer list to offload")
+        offloader = LayerOffloader(layers, int(gib * 2**30), self.device)
+        torch.cuda.empty_cache()
+        logger.info("weight offload: %d of %d decoder layers (%.2f GiB) in host memory, CUDA graphs off",
+                    len(offloader.offloaded), len(layers), offloader.offloaded_bytes / 2**30)
+        return offloader
 
     # -- KV cache ----------------------------------------------------------------------------------
     @property
@@ -249,8 +267,8 @@ class ModelRunner:
         ``cuda_graph_sizes``, run eagerly through the same padded buffers."""
         cfg = self.model_config
         cuda = self.device.type == "cuda"
-        if cfg.enforce_eager or not (cuda or cfg.cuda_graph_sizes):
-            return
+        if cfg.enforce_eager or not (cuda or cfg.cuda_graph_sizes) or self.weight_offloader is not None:
+            return  # NOTE: offloaded weights are copied in forward hooks, which a graph replay would skip
         from tandem.runner.cuda_graphs import DecodeGraphs, default_capture_sizes
 
         sizes = cfg.cuda_graph_sizes or default_capture_sizes(max_num_seqs)

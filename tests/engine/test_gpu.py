@@ -83,3 +83,32 @@ def test_kv_cache_is_sized_from_the_profiled_peak(make_llm):
     assert runner.profile_run(2048, 256) > 0  # logits and sampler rows of 256 sequences at least
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0.0, max_tokens=4))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def _greedy_ids(llm, prompts, max_tokens=12):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+def test_weight_offload_streams_layers_and_keeps_outputs(make_llm):
+    """--cpu-offload-gb: pinned host weights copied a layer ahead on a side stream."""
+    resident = make_llm("llama3-gqa", enforce_eager=True)
+    offloaded = make_llm("llama3-gqa", cpu_offload_gb=1.0)
+    runner = offloaded.llm_engine.runner
+    assert runner.weight_offloader is not None and runner.weight_offloader.offloaded
+    assert runner.decode_graphs is None
+    prompts = prompts_for(resident.llm_engine.vocab_size, [3, 17, 40])
+    assert _greedy_ids(offloaded, prompts) == _greedy_ids(resident, prompts)
+
+
+def test_kv_offloading_reloads_evicted_prefixes_on_the_gpu(make_llm):
+    """The host tier in pinned memory, copies on a side stream after the step's event."""
+    plain = make_llm("llama3-gqa")
+    tiered = make_llm("llama3-gqa", num_gpu_blocks_override=24, block_size=16, kv_offloading_size=0.01)
+    prompts = prompts_for(plain.llm_engine.vocab_size, [150, 170, 140, 160], seed=3)
+    want = [_greedy_ids(plain, [p], 6)[0] for p in prompts]
+    for _ in range(2):
+        assert [_greedy_ids(tiered, [p], 6)[0] for p in prompts] == want
+    core = tiered.llm_engine.core
+    core.settle_offload()
+    assert core.connector.offload_report().hit_tokens.get("CPU", 0) > 0

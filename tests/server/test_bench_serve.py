@@ -125,6 +125,16 @@ def test_interference_reports_groups_and_sharegpt_loads(bench_server, tmp_path):
     assert r["completed"] == 4 and r["total_output_tokens"] == 16
 
 
+def test_multi_turn_extends_each_conversation_and_reports_turns(bench_server, tmp_path):
+    base, model_dir = bench_server
+    r = _run(base, model_dir, tmp_path, "--dataset-name", "multi-turn", "--multi-turn-conversations", "2",
+             "--multi-turn-turns", "3", "--multi-turn-context-len", "48", "--multi-turn-user-len", "8",
+             "--multi-turn-reply-len", "8", "--multi-turn-output-len", "3", "--request-rate", "20")
+    assert set(r["groups"]) == {"turn-0", "turn-1", "turn-2"}
+    assert all(g["completed"] == 2 for g in r["groups"].values())
+    assert r["server_metrics"]["prefix_cache_hit_rate"] > 0.3, "later turns extend the earlier prompts"
+
+
 def test_sweep_reports_max_goodput(bench_server, tmp_path):
     base, model_dir = bench_server
     r = _run(base, model_dir, tmp_path, "--num-prompts", "4", "--random-input-len", "16", "--random-output-len",
