@@ -106,8 +106,6 @@ class EngineCore:
 
         if config.kv_transfer is not None:
             raise ValueError("KV offloading does not combine with disaggregated prefill/decode yet")
-        if config.scheduler.async_scheduling:
-            raise ValueError("KV offloading does not combine with async scheduling yet")
         if config.cache.calculate_kv_scales and self.runner.kv_spec.quantized_layers:
             raise ValueError("calculate_kv_scales cannot be used with KV offloading: saved FP8 blocks would be "
                              "read with another run's scales")

@@ -90,18 +90,20 @@ def test_nothing_is_saved_twice_and_a_small_host_tier_evicts_lru(make_llm, refer
     assert any(isinstance(e, BlockRemoved) and e.medium == "CPU" for e in events)
 
 
-@pytest.mark.parametrize("variant", ["chunked", "preempting"])
+@pytest.mark.parametrize("variant", ["chunked", "preempting", "async"])
 def test_concurrent_requests_with_offloading_keep_their_outputs(variant, make_llm, model_dirs):
     prompts = _prompts(model_dirs["llama3-gqa"], seed=5)
     params = SamplingParams(temperature=0, max_tokens=24)
     want = [list(o.outputs[0].token_ids) for o in make_llm().generate(
         [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
-    extra = {"max_num_batched_tokens": 48} if variant == "chunked" else {"num_gpu_blocks_override": 30}
+    extra = {"chunked": {"max_num_batched_tokens": 48}, "preempting": {"num_gpu_blocks_override": 30},
+             "async": {"async_scheduling": True, "max_num_batched_tokens": 64}}[variant]
     llm = make_llm(kv_offloading_size=0.01, **{**SMALL_POOL, **extra})
     for _ in range(2):  # the second round loads what the first saved, while others run
         got = [list(o.outputs[0].token_ids) for o in llm.generate(
             [{"prompt_token_ids": p} for p in prompts + prompts[:2]], params, use_tqdm=False)]
         assert got == want + want[:2]
+    assert _report(llm).hit_tokens.get("CPU", 0) > 0
     if variant == "preempting":
         assert llm.llm_engine.core.scheduler.num_preemptions > 0
 
@@ -171,7 +173,5 @@ def test_offloading_is_refused_where_it_cannot_work(model_dirs, tmp_path):
         LLM(model=model, kv_offloading_size=0.01, enable_prefix_caching=False)
     with pytest.raises(ValueError, match="kv_disk_path needs kv_offloading_size"):
         LLM(model=model, kv_disk_path=str(tmp_path))
-    with pytest.raises(ValueError, match="async scheduling"):
-        LLM(model=model, kv_offloading_size=0.01, async_scheduling=True, kv_cache_memory="8MiB")
     with pytest.raises(ValueError, match="kv_offloading_backend"):
         LLM(model=model, kv_offloading_size=0.01, kv_offloading_backend="lmcache")
