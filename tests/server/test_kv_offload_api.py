@@ -15,10 +15,10 @@ from tests.helpers import prompts_for, start_server, stop_server
 POOL = ("--num-gpu-blocks-override", "24", "--block-size", "16", "--kv-offloading-size", "0.01")
 
 
-def _metric(base: str, name: str, medium: str) -> float:
+def _metric(base: str, name: str, labels: str) -> float:
     text = httpx.get(f"{base}/metrics").text
-    match = re.search(rf'^{re.escape(name)}_total{{medium="{medium}"}} ([0-9.e+]+)$', text, re.M)
-    assert match, f"{name} {medium} missing from /metrics"
+    match = re.search(rf'^{re.escape(name)}_total{{{re.escape(labels)}}} ([0-9.e+]+)$', text, re.M)
+    assert match, f"{name}{{{labels}}} missing from /metrics"
     return float(match.group(1))
 
 
@@ -43,13 +43,16 @@ def test_revisits_come_from_the_host_tier_then_from_disk_after_a_restart(model_d
         second = _complete(base, prompts)
         assert [t for t, _ in second] == [t for t, _ in first]
         assert all(cached >= 128 for _, cached in second), second  # whole blocks, from a tier or the device
-        assert _metric(base, "tandem:kv_offload_hit_tokens", "CPU") > 0
+        from_cpu = _metric(base, "tandem:kv_offload_hit_tokens", 'medium="CPU"')
+        assert from_cpu > 0
+        by_source = 'model_name="tiny",source="external_kv_transfer"'
+        assert _metric(base, "vllm:prompt_tokens_by_source", by_source) == from_cpu
     finally:
         stop_server(proc)
     proc, base = start_server(model, *POOL, *disk_flags)
     try:
         again = _complete(base, prompts)
         assert [t for t, _ in again] == [t for t, _ in first]
-        assert _metric(base, "tandem:kv_offload_hit_tokens", "DISK") >= 128 * len(prompts)
+        assert _metric(base, "tandem:kv_offload_hit_tokens", 'medium="DISK"') >= 128 * len(prompts)
     finally:
         stop_server(proc)

@@ -48,6 +48,13 @@ class _EngineCollector:
     def __init__(self, engine, model_name: str) -> None:
         self.engine, self.labels = engine, {"model_name": model_name}
 
+    def _tokens_by_source(self, s, names: list[str]) -> CounterMetricFamily:
+        c = CounterMetricFamily("vllm:prompt_tokens_by_source", "Prompt tokens by where their KV came from",
+                                labels=[*names, "source"])
+        for source, value in _prompt_tokens_by_source(s).items():
+            c.add_metric([self.labels["model_name"], source], value)
+        return c
+
     def collect(self):
         s = self.engine.stats
         names = ["model_name"]
@@ -71,6 +78,7 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc, labels=names)
             c.add_metric([self.labels["model_name"]], value)
             yield c
+        yield self._tokens_by_source(s, names)
         accepted = CounterMetricFamily("tandem:api_requests_accepted", "Requests the API process accepted")
         accepted.add_metric([], self.engine.requests_accepted)
         yield accepted
@@ -123,6 +131,16 @@ def _transfer_metrics(t):
     held = GaugeMetricFamily("tandem:kv_leases_held", "Finished prefills holding blocks for a decode worker")
     held.add_metric([], t.leases_held)
     yield held
+
+
+def _prompt_tokens_by_source(s) -> dict[str, float]:
+    """vLLM's split of looked-up prompt tokens: found in the device prefix cache, loaded by a
+    connector (here: the KV offload tiers), or computed."""
+    cached = s.prefix_cache_hits if s else 0
+    external = sum(s.offload.hit_tokens.values()) if s and s.offload else 0
+    queries = s.prefix_cache_queries if s else 0
+    return {"local_compute": max(0, queries - cached - external), "local_cache_hit": cached,
+            "external_kv_transfer": external}
 
 
 def _offload_metrics(o):
