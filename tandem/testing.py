@@ -182,20 +182,22 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
 
 
 def _config_class(family: str) -> type:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     classes: dict[str, type] = {
         "llama": LlamaConfig,
         "mistral": MistralConfig,
         "qwen2": Qwen2Config,
         "qwen3": Qwen3Config,
+        "qwen3_moe": Qwen3MoeConfig,
+        "mixtral": MixtralConfig,
     }
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(classes)}")
     return classes[family]
 
 
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
 def _rope_parameters(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
@@ -214,7 +216,7 @@ def _attention_bias_kwargs(family: str, attention_bias: bool | None) -> dict[str
     """qwen2 always has q/k/v bias and mistral never does; llama/qwen3 take a flag."""
     if attention_bias is None:
         return {}
-    fixed = {"qwen2": True, "mistral": False}
+    fixed = {"qwen2": True, "mistral": False, "mixtral": False}
     if family in fixed:
         if attention_bias != fixed[family]:
             raise ValueError(f"{family} has attention_bias={fixed[family]} fixed by its architecture")
@@ -331,6 +333,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-swa": dict(family="mistral", extra_config={"sliding_window": 7}),
     # head_dim 16 (vLLM's CPU build refuses it) with heads * head_dim != hidden: non-square q/o projections
     "llama-hd16": dict(family="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
+    # Mixture of Experts: 8 experts, top 2 unnormalised (Qwen3-MoE's default), layer 1 dense
+    "qwen3-moe": dict(family="qwen3_moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      extra_config={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                    "norm_topk_prob": False, "mlp_only_layers": [1]}),
+    "mixtral": dict(family="mixtral", intermediate_size=48,
+                    extra_config={"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
 }
 
 

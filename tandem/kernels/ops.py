@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.kernels.activation import silu_and_mul_ref
+from tandem.kernels.moe import fused_moe_ref
 from tandem.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 
 
@@ -21,12 +22,15 @@ class Ops:
     # cache written (an FP8 cache quantized with the layer's scales);
     # None: the model rotates in torch and the attention backend writes the cache
     rope_and_write_kv: Callable | None = None
+    # (x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights, topk_ids) -> [T, H] (tandem/kernels/moe.py)
+    fused_moe: Callable = fused_moe_ref
 
 
 TORCH_OPS = Ops(rms_norm_ref, add_rms_norm_ref, silu_and_mul_ref)
 
 
 def triton_ops() -> Ops:
-    from tandem.kernels import activation, rms_norm, rope_kv
+    from tandem.kernels import activation, moe_triton, rms_norm, rope_kv
 
-    return Ops(rms_norm.rms_norm, rms_norm.add_rms_norm, activation.silu_and_mul, rope_kv.rope_and_write_kv)
+    return Ops(rms_norm.rms_norm, rms_norm.add_rms_norm, activation.silu_and_mul, rope_kv.rope_and_write_kv,
+               moe_triton.fused_moe)

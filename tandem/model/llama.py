@@ -1,4 +1,5 @@
-"""Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm, explicit head_dim).
+"""Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm, explicit head_dim),
+and the Mixture-of-Experts members on the same attention: Qwen3-MoE and Mixtral (``moe.py``).
 
 The differences between these families are flags on one module tree whose parameter names match
 the Hugging Face checkpoints after fusing q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``.
@@ -15,6 +16,7 @@ from tandem.kernels.kv_quant import calibrated_scale, is_fp8
 from tandem.kernels.ops import Ops
 from tandem.model.attention import AttentionBackend, AttentionMetadata
 from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding
+from tandem.model.moe import MoEArgs, SparseMoE, map_expert_name
 
 
 @dataclass
@@ -35,6 +37,7 @@ class LlamaArgs:
     qk_norm: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None  # each token attends to itself and the window - 1 before it
+    moe: MoEArgs | None = None  # sparse MLP layers (Qwen3-MoE, Mixtral)
 
     @classmethod
     def from_hf(cls, cfg: dict, family: str) -> LlamaArgs:
@@ -58,8 +61,9 @@ class LlamaArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=sliding_window_of(cfg, family),
+            moe=MoEArgs.from_hf(cfg, family, cfg["num_hidden_layers"]),
         )
 
 
@@ -69,7 +73,7 @@ def sliding_window_of(cfg: dict, family: str) -> int | None:
     window = cfg.get("sliding_window")
     if not window:
         return None
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         return int(window)
     if cfg.get("use_sliding_window"):
         raise NotImplementedError(f"{family} with use_sliding_window (per-layer windows) is not supported")
@@ -144,10 +148,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(a, dtype, backend)
-        self.mlp = MLP(a, dtype, backend.ops)
+        self.mlp: nn.Module = (SparseMoE(a.hidden_size, a.moe, dtype, backend.ops.fused_moe)
+                               if a.moe is not None and index in a.moe.sparse_layers else MLP(a, dtype, backend.ops))
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.ops = backend.ops
@@ -163,7 +168,7 @@ class LlamaModel(nn.Module):
     def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(a, dtype, backend) for _ in range(a.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(a, dtype, backend, i) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.ops = backend.ops
 
@@ -215,6 +220,10 @@ class LlamaForCausalLM(nn.Module):
             return None
         if name == "lm_head.weight" and self.args.tie_word_embeddings:
             return None
+        expert = map_expert_name(name)
+        if expert is not None:
+            return expert
+        name = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")  # Mixtral's router
         for suffix, scale in KV_SCALE_NAMES.items():  # FP8 KV cache scales (vLLM / compressed-tensors)
             if name.endswith(suffix):
                 return name.removesuffix(suffix) + scale, None

@@ -23,6 +23,8 @@ MODEL_REGISTRY: dict[str, tuple[type, str]] = {
     "MistralForCausalLM": (LlamaForCausalLM, "mistral"),
     "Qwen2ForCausalLM": (LlamaForCausalLM, "qwen2"),
     "Qwen3ForCausalLM": (LlamaForCausalLM, "qwen3"),
+    "Qwen3MoeForCausalLM": (LlamaForCausalLM, "qwen3_moe"),
+    "MixtralForCausalLM": (LlamaForCausalLM, "mixtral"),
 }
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -132,7 +134,7 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
                     _load_one(param, f.get_tensor(name), shard)
                 except ValueError as e:
                     raise ValueError(f"{file.name}: checkpoint tensor {name!r}: {e}") from e
-                loaded.add((id(param), shard))
+                loaded.update((id(param), s) for s in _loaded_shards(param, shard))
     if prequantized is not None:
         loaded |= prequantized.attach(model)
     _check_all_loaded(model, params, loaded)
@@ -171,8 +173,17 @@ def _load_kv_scale(file: str, name: str, buf: torch.Tensor, tensor: torch.Tensor
     buf.copy_(value)
 
 
+def _loaded_shards(param: nn.Parameter, shard: object) -> list[object]:
+    """The shards one checkpoint tensor fills: its own, or every one when a fused parameter (fused
+    experts) takes its whole tensor at once (``whole_fills_shards``)."""
+    if shard is None and getattr(param, "whole_fills_shards", False):
+        return list(param.shard_ids)  # type: ignore[attr-defined]
+    return [shard]
+
+
 def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
-    if shard not in getattr(param, "shard_ids", (None,)):
+    if shard not in getattr(param, "shard_ids", (None,)) and not (shard is None and
+                                                                   getattr(param, "whole_fills_shards", False)):
         raise ValueError(f"shard {shard!r} is not one of the parameter's {param.shard_ids}")  # type: ignore[attr-defined]
     if not tensor.is_floating_point() or tensor.element_size() == 1:
         raise ValueError(f"stored as {tensor.dtype}, a quantized form, without the scales that would dequantize it "
@@ -203,6 +214,9 @@ def _checkpoint_name(model: nn.Module, param_name: str, shard: object) -> str:
     """Our parameter name (and shard) -> the checkpoint tensor name that should have filled it."""
     if shard is None:
         return param_name
+    if isinstance(shard, tuple):  # one expert's part of fused expert weights (tandem/model/moe.py)
+        expert, part = shard
+        return f"{param_name.rsplit('.', 1)[0]}.{expert}.{part}_proj.weight"
     for frag, (fused, shard_id) in getattr(model, "stacked_params", {}).items():
         if shard_id == shard and fused in param_name:
             return param_name.replace(fused, frag)

@@ -149,3 +149,20 @@ def test_quantized_linear_kernels_compile_for_hopper(launches, monkeypatch):
     names = {sig[1] for sig in launches.values()}
     assert names == {"_scaled_mm_kernel", "_per_token_fp8_kernel", "_fp4_mm_kernel"}, names
     _compile_for_sm90(launches)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # bf16 dots interpreted on their raw bits (below)
+def test_fused_moe_kernel_compiles_for_hopper(launches, monkeypatch):
+    """The grouped GEMMs of fused MoE as a GPU run launches them: bf16 and fp32, decode- and
+    prefill-sized row blocks (BLOCK_M 16 and 64), both GEMMs (gathering tokens, then scaled)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tandem.kernels import moe, moe_triton
+
+    monkeypatch.setattr(moe_triton, "_FP32_DOT", False)
+    for dtype in (torch.float32, torch.bfloat16):
+        for t in (3, 40):
+            x = torch.randn(t, 64, dtype=dtype)
+            w13, w2 = torch.randn(8, 96, 64, dtype=dtype), torch.randn(8, 64, 48, dtype=dtype)
+            moe_triton.fused_moe(x, w13, w2, *moe.softmax_topk(torch.randn(t, 8), 2, renormalize=False))
+    assert {sig[1] for sig in launches.values()} == {"_grouped_mm_kernel", "_silu_and_mul_kernel"}
+    _compile_for_sm90(launches)

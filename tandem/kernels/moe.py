@@ -1,0 +1,47 @@
+"""Mixture-of-Experts: routing and the expert MLPs, as torch references (CPU, and the parity
+baseline of the Triton kernels in ``moe_triton.py``).
+
+Layout (as vLLM and transformers 5 keep experts in memory): ``w13`` [E, 2I, H] holds each expert's
+gate rows then its up rows, ``w2`` [E, H, I] its down projection. Routing gives each token ``top_k``
+(expert id, weight) pairs; a token's output is the sum over its pairs of
+``weight * w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over every expert (in fp32), the top ``top_k`` by probability, optionally
+    renormalised to sum to 1 (Mixtral always; Qwen3-MoE when ``norm_topk_prob``).
+    Returns (weights fp32 [T, k], expert ids int64 [T, k])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """[T, H] -> [T, H]: each expert's MLP over the tokens routed to it, weighted and summed in
+    the activation dtype (as transformers does), experts in ascending order."""
+    out = torch.zeros_like(x)
+    inter = w2.shape[2]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = order[start:start + count]
+        start += count
+        tokens = rows // topk_ids.shape[1]
+        h = F.linear(x[tokens], w13[expert])
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        y = F.linear(h, w2[expert]) * topk_weights.reshape(-1)[rows, None].to(x.dtype)
+        out.index_add_(0, tokens, y)
+    return out

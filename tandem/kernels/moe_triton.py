@@ -1,0 +1,104 @@
+"""Fused MoE as two grouped GEMMs in Triton (GPU; CPU under ``TRITON_INTERPRET=1``), the same
+signature as ``moe.fused_moe_ref``.
+
+1. ``align_by_expert``: the T * k (token, expert) assignments sorted by expert, each expert's run
+   padded to a multiple of ``BLOCK_M`` with the sentinel ``T * k``; one expert id per block of rows
+   (-1 for the spare blocks at the end). The buffers have their largest possible size, so nothing
+   is read back to the host (CUDA-graph safe).
+2. ``_grouped_mm_kernel`` over those blocks: rows of one block share one expert's weight; the first
+   GEMM reads token ``row // k`` of x and writes [T * k, 2I], SiLU-and-mul follows, the second GEMM
+   reads row ``row`` and scales by the routing weight; the k rows of a token are then summed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tandem.kernels.activation import silu_and_mul
+
+# as in quant_triton: the interpreter multiplies bf16 tiles as raw 16-bit patterns, so there a bf16
+# dot runs on fp32 copies (a bf16 x bf16 product is exact in fp32); GPUs dot bf16 directly
+_FP32_DOT = bool(triton.knobs.runtime.interpret)
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted assignment rows [max_rows] with sentinel T*k, expert id per block [max_rows // block_m])."""
+    flat = topk_ids.reshape(-1)
+    n = flat.numel()
+    max_rows = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    order = torch.argsort(flat, stable=True)
+    experts_sorted = flat[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n, device=flat.device) - first_of_expert[experts_sorted]
+    sorted_rows = torch.full((max_rows,), n, dtype=torch.int32, device=flat.device)
+    sorted_rows[starts[experts_sorted] + rank] = order.to(torch.int32)
+    block_experts = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m,
+                                            output_size=None)
+    expert_ids = torch.full((max_rows // block_m,), -1, dtype=torch.int32, device=flat.device)
+    expert_ids[: block_experts.numel()] = block_experts.to(torch.int32)
+    return sorted_rows, expert_ids
+
+
+@triton.jit
+def _grouped_mm_kernel(A, W, OUT, ROWS, EXPERTS, SCALE, num_rows, N, K, stride_am, stride_we, stride_wn,
+                       stride_om, ROW_DIV: tl.constexpr, SCALED: tl.constexpr, FP32_DOT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(EXPERTS + pid_m)
+    if expert < 0:
+        return
+    rows = tl.load(ROWS + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < num_rows
+    a_rows = tl.where(valid, rows // ROW_DIV, 0)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = tl.load(A + a_rows[:, None] * stride_am + rk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + expert.to(tl.int64) * stride_we + rn[None, :] * stride_wn + rk[:, None],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if FP32_DOT:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        elif A.dtype.element_ty == tl.float32:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+    if SCALED:
+        acc *= tl.load(SCALE + rows, mask=valid, other=0.0)[:, None]
+    tl.store(OUT + rows[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty),
+             mask=valid[:, None] & n_ok[None, :])
+
+
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, num_rows: int,
+                row_div: int, scale: torch.Tensor | None, block_m: int) -> torch.Tensor:
+    num_e, n, k = w.shape
+    out = torch.empty((num_rows, n), dtype=a.dtype, device=a.device)
+    block_n, block_k = 64, 32 if a.dtype == torch.float32 else 64
+    grid = (experts.numel(), triton.cdiv(n, block_n))
+    _grouped_mm_kernel[grid](a, w, out, rows, experts, scale if scale is not None else out, num_rows, n, k,
+                             a.stride(0), w.stride(0), w.stride(1), out.stride(0), ROW_DIV=row_div,
+                             SCALED=scale is not None, FP32_DOT=_FP32_DOT and a.dtype == torch.bfloat16,
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """[T, H] -> [T, H]; see the module docstring."""
+    t, top_k = topk_ids.shape
+    block_m = 16 if t * top_k <= 64 else 64
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    rows, experts = align_by_expert(topk_ids, w13.shape[0], block_m)
+    num_rows = t * top_k
+    h = _grouped_mm(x, w13, rows, experts, num_rows, top_k, None, block_m)
+    h = silu_and_mul(h)
+    weights = topk_weights.reshape(-1).float().contiguous()
+    y = _grouped_mm(h, w2, rows, experts, num_rows, 1, weights, block_m)
+    return y.view(t, top_k, -1).sum(dim=1)

@@ -1,0 +1,123 @@
+"""Sparse Mixture-of-Experts MLP blocks (Qwen3-MoE, Mixtral): a router and fused expert weights.
+
+Experts are stored fused, as vLLM and transformers 5 keep them in memory: ``experts.gate_up_proj``
+[E, 2I, H] (each expert's gate rows, then its up rows) and ``experts.down_proj`` [E, H, I]. They
+fill from either checkpoint layout: per-expert tensors (``experts.N.gate_proj/up_proj/down_proj``,
+Mixtral's ``experts.N.w1/w3/w2``) through shard ids ``(N, "gate" | "up" | "down")``, or the fused
+3-D tensors as they are. A later expert-parallel rank will load only its experts through the same
+loader. The router (``gate``) stays in the model's float type and is never quantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.kernels.moe import softmax_topk
+from tandem.model.layers import WeightParameter, default_weight_loader
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per expert
+    renormalize: bool  # the top-k weights sum to 1
+    sparse_layers: frozenset[int]  # layers whose MLP is the MoE block (the others are dense)
+
+    @classmethod
+    def from_hf(cls, cfg: dict, family: str, num_layers: int) -> MoEArgs | None:
+        # the shipped checkpoints say num_experts (Qwen) or num_local_experts (Mixtral); transformers 5
+        # writes num_local_experts for both
+        num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        if family == "mixtral":
+            return cls(num_experts, cfg["num_experts_per_tok"], cfg["intermediate_size"], True,
+                       frozenset(range(num_layers)))
+        if family == "qwen3_moe":
+            step = int(cfg.get("decoder_sparse_step", 1) or 1)
+            dense = set(cfg.get("mlp_only_layers") or [])
+            sparse = frozenset(i for i in range(num_layers)
+                               if i not in dense and num_experts > 0 and (i + 1) % step == 0)
+            return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                       bool(cfg.get("norm_topk_prob", False)), sparse)
+        return None
+
+
+class FusedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_experts, self.inter = num_experts, inter
+        self.gate_up_proj = self._param((num_experts, 2 * inter, hidden), dtype, ("gate", "up"))
+        self.down_proj = self._param((num_experts, hidden, inter), dtype, ("down",))
+
+    def _param(self, shape: tuple[int, ...], dtype: torch.dtype, parts: tuple[str, ...]) -> WeightParameter:
+        p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+        p.weight_loader = self._load
+        # every expert's parts; the whole fused tensor (shard None) fills them all at once
+        p.shard_ids = tuple((e, part) for e in range(shape[0]) for part in parts)
+        p.whole_fills_shards = True  # type: ignore[attr-defined]
+        return p
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id is None:  # the fused 3-D tensor of a transformers-5 style checkpoint
+            default_weight_loader(param, loaded)
+            return
+        expert, part = cast(tuple[int, str], shard_id)
+        target = param.data[expert]
+        if part in ("gate", "up"):
+            target = target.narrow(0, 0 if part == "gate" else self.inter, self.inter)
+        if target.shape != loaded.shape:
+            raise ValueError(f"expert {expert} {part}: weight shape {tuple(loaded.shape)} != {tuple(target.shape)}")
+        target.copy_(loaded)
+
+
+class Router(nn.Module):
+    """The expert scores' weight [E, H] (``mlp.gate.weight``); not a Linear, so never quantized."""
+
+    def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = WeightParameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader, self.weight.shard_ids = default_weight_loader, (None,)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden: int, moe: MoEArgs, dtype: torch.dtype, fused_moe: Callable) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = moe.top_k, moe.renormalize
+        self.gate = Router(moe.num_experts, hidden, dtype)
+        self.experts = FusedExperts(moe.num_experts, hidden, moe.intermediate_size, dtype)
+        self.fused_moe = fused_moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = softmax_topk(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        return self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+
+
+def map_expert_name(name: str) -> tuple[str, object] | None:
+    """A checkpoint's per-expert (or fused) expert tensor -> (our parameter, shard id); None for
+    any other tensor. Mixtral's ``block_sparse_moe`` is our ``mlp``."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    if ".mlp.experts." not in name:
+        return None
+    head, _, tail = name.partition(".mlp.experts.")
+    if tail in ("gate_up_proj", "down_proj"):  # fused on disk
+        return f"{head}.mlp.experts.{tail}", None
+    index, _, part = tail.partition(".")
+    if not index.isdigit():
+        return None
+    fused, shard = _EXPERT_PARTS.get(part, (None, None))
+    if fused is None:
+        return None
+    return f"{head}.mlp.experts.{fused}", (int(index), shard)
+
+
+_EXPERT_PARTS = {
+    "gate_proj.weight": ("gate_up_proj", "gate"), "up_proj.weight": ("gate_up_proj", "up"),
+    "down_proj.weight": ("down_proj", "down"),
+    "w1.weight": ("gate_up_proj", "gate"), "w3.weight": ("gate_up_proj", "up"), "w2.weight": ("down_proj", "down"),
+}

@@ -1,0 +1,70 @@
+"""Mixture-of-Experts models (Qwen3-MoE, Mixtral) beyond the parity tests every preset runs
+(tests/engine/test_model_parity.py): both checkpoint layouts of the experts, a missing expert
+named, and greedy parity with transformers through prefix hits, chunked prefill and preemption."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tandem import LLM, SamplingParams
+from tests.helpers import hf_greedy, prompts_for
+
+
+def _copy_without_weights(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+
+
+def _fuse_experts(tensors: dict[str, torch.Tensor], num_layers: int, num_experts: int) -> dict[str, torch.Tensor]:
+    """Per-expert tensors -> the fused [E, 2I, H] / [E, H, I] layout transformers 5 uses in memory."""
+    out = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    for layer in range(num_layers):
+        head = f"model.layers.{layer}.mlp.experts"
+        if f"{head}.0.gate_proj.weight" not in tensors:
+            continue  # a dense layer
+        out[f"{head}.gate_up_proj"] = torch.stack([
+            torch.cat([tensors[f"{head}.{e}.gate_proj.weight"], tensors[f"{head}.{e}.up_proj.weight"]])
+            for e in range(num_experts)])
+        out[f"{head}.down_proj"] = torch.stack([tensors[f"{head}.{e}.down_proj.weight"] for e in range(num_experts)])
+    return out
+
+
+def test_fused_expert_checkpoints_load_like_per_expert_ones(make_llm, model_dirs, tmp_path):
+    src = model_dirs["qwen3-moe"]
+    fused = tmp_path / "fused"
+    _copy_without_weights(src, fused)
+    save_file(_fuse_experts(load_file(str(src / "model.safetensors")), 2, 8), str(fused / "model.safetensors"))
+    prompt = prompts_for(512, [29])[0]
+    per_expert = make_llm("qwen3-moe").llm_engine.core.score_logits(prompt)
+    from_fused = LLM(model=str(fused), kv_cache_memory="8MiB").llm_engine.core.score_logits(prompt)
+    torch.testing.assert_close(from_fused, per_expert, rtol=0, atol=0)
+
+
+def test_a_missing_expert_tensor_is_named(model_dirs, tmp_path):
+    src = model_dirs["mixtral"]
+    broken = tmp_path / "broken"
+    _copy_without_weights(src, broken)
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"):
+        LLM(model=str(broken), kv_cache_memory="8MiB")
+
+
+@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral"])
+def test_moe_greedy_matches_transformers_with_cache_chunks_and_preemption(preset, make_llm, model_dirs):
+    llm = make_llm(preset, max_num_batched_tokens=24, num_gpu_blocks_override=24, block_size=4)
+    base = prompts_for(llm.llm_engine.vocab_size)
+    prompts = base + [base[4][:33] + p for p in base[:2]]  # shared prefixes for the prefix cache
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=16),
+                        use_tqdm=False)
+    path = str(model_dirs[preset])
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(path, p, 16), f"prompt of {len(p)} tokens"
+    assert llm.llm_engine.core.scheduler.num_preemptions > 0
