@@ -115,6 +115,7 @@ class AsyncLLM:
         self.errored: str | None = None
         self.stats: EngineStats | None = None
         self.transfer_durations: list[float] = []  # KV loads not yet observed by the metrics
+        self.expert_imbalance: list[float] = []  # MoE load imbalance samples not yet observed
         self.step_tokens: list[int] = []  # tokens of each core step not yet observed by the metrics
         self._queues: dict[str, asyncio.Queue] = {}
         self._num_sequences = 0
@@ -239,6 +240,8 @@ class AsyncLLM:
                     self.stats = msg.stats
                     self.step_tokens.extend(msg.stats.new_step_tokens)
                     del self.step_tokens[:-10_000]  # unscraped: keep the newest only
+                    self.expert_imbalance.extend(msg.stats.expert_imbalance)
+                    del self.expert_imbalance[:-10_000]  # unscraped: keep the newest only
                     if msg.stats.transfer is not None:
                         self.transfer_durations.extend(msg.stats.transfer.new_durations)
                         del self.transfer_durations[:-10_000]  # unscraped: keep the newest only

@@ -25,6 +25,7 @@ from tandem.engine.protocol import EngineCoreOutput, EngineCoreRequest
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.scheduler import Scheduler
 from tandem.kv_transfer.base import TierChange
+from tandem.model.moe import load_imbalance
 from tandem.profiling import span
 from tandem.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from tandem.scheduler_output import SchedulerOutput
@@ -71,6 +72,7 @@ class EngineCore:
         # tokens of each step not yet reported (vllm:iteration_tokens_total); the newest only if unread
         self._step_tokens: deque[int] = deque(maxlen=10_000)
         self._structured: StructuredOutputManager | None = None  # made by the first structured request
+        self._experts_read_at = float("-inf")
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         limit = int(self.hf_config.get("max_position_embeddings", 4096))
@@ -178,6 +180,16 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def expert_load_imbalance(self, min_interval_s: float = 1.0) -> list[float]:
+        """MoE models: per sparse layer, max over mean tokens per expert since the last read (layers
+        that routed no token left out); [] for dense models or within ``min_interval_s`` of the last
+        read (reading the counts syncs a GPU)."""
+        now = time.monotonic()
+        if now - self._experts_read_at < min_interval_s:
+            return []
+        self._experts_read_at = now
+        return [x for counts in self.runner.take_expert_tokens() if (x := load_imbalance(counts)) is not None]
 
     def score_logits(self, token_ids: list[int]) -> torch.Tensor:
         """The model's fp32 logits at every position of ``token_ids`` (one prefill on blocks taken

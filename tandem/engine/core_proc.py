@@ -257,7 +257,8 @@ def stats(core: EngineCore) -> EngineStats:
                        kv_cache_usage=kv.usage, prefix_cache_queries=kv.stats.queries,
                        prefix_cache_hits=kv.stats.hits, num_preemptions=sched.num_preemptions,
                        transfer=_transfer_stats(core), new_step_tokens=core.take_step_tokens(),
-                       offload=core.connector.offload_report() if core.connector is not None else None)
+                       offload=core.connector.offload_report() if core.connector is not None else None,
+                       expert_imbalance=core.expert_load_imbalance())
 
 
 def _transfer_stats(core: EngineCore) -> TransferStats | None:

@@ -76,6 +76,7 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int
     transfer: TransferStats | None = None
     offload: OffloadStats | None = None  # KV offload tiers (tandem/kv_offload)
+    expert_imbalance: list[float] = []  # MoE: per sparse layer, max/mean expert load since the last report
     new_step_tokens: list[int] = []  # tokens of each step since the previous report
 
 

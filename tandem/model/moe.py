@@ -92,10 +92,33 @@ class SparseMoE(nn.Module):
         self.gate = Router(moe.num_experts, hidden, dtype)
         self.experts = FusedExperts(moe.num_experts, hidden, moe.intermediate_size, dtype)
         self.fused_moe = fused_moe
+        # tokens routed to each expert since the runner last read them (index_add_: no host sync,
+        # capturable in a CUDA graph); the load balancer of expert parallelism will read these too
+        self.expert_tokens: torch.Tensor
+        self.register_buffer("expert_tokens", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = softmax_topk(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        flat = ids.reshape(-1)
+        self.expert_tokens.index_add_(0, flat, torch.ones_like(flat))
         return self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+
+
+def take_expert_tokens(model: object) -> list[list[int]]:
+    """Per sparse layer (in order), the tokens routed to each expert since the last call; resets."""
+    assert isinstance(model, nn.Module)
+    out = []
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            out.append(module.expert_tokens.tolist())
+            module.expert_tokens.zero_()
+    return out
+
+
+def load_imbalance(counts: list[int]) -> float | None:
+    """max over mean tokens per expert (1.0: perfectly even); None when no token was routed."""
+    total = sum(counts)
+    return max(counts) * len(counts) / total if total else None
 
 
 def map_expert_name(name: str) -> tuple[str, object] | None:

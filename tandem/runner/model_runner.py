@@ -21,6 +21,7 @@ from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, g
 from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
+from tandem.model.moe import take_expert_tokens
 from tandem.profiling import span
 from tandem.quantization import PrecisionReport, apply_precision, checkpoint_precision, load_policy, plan_int8_routes
 from tandem.quantization.checkpoint import CheckpointQuantization
@@ -128,6 +129,12 @@ class ModelRunner:
         # profile step's dummy tokens or a graph capture) and frozen after it
         self._calibrating = cache_config.calculate_kv_scales and bool(self.kv_spec.quantized_layers)
         self._set_calibration(self._calibrating)
+        take_expert_tokens(self.model)  # the profile step's dummy tokens are not traffic
+
+    def take_expert_tokens(self) -> list[list[int]]:
+        """MoE models: per sparse layer, tokens routed to each expert since the last call (a host
+        sync on a GPU: callers rate-limit it); [] for dense models."""
+        return take_expert_tokens(self.model)
 
     def _offload_weights(self, gib: float) -> LayerOffloader | None:
         """--cpu-offload-gb: decoder layers' weights to pinned host memory, prefetched a layer ahead."""
@@ -277,6 +284,7 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self.model, self.attn_metadata_builder, self.device, sizes, max_blocks,
                                           self.block_size, scratch_block=self.num_blocks, capture=cuda)
         self._set_calibration(self._calibrating)
+        take_expert_tokens(self.model)  # nor the graph captures
 
     # -- one step -------------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

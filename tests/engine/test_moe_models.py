@@ -68,3 +68,19 @@ def test_moe_greedy_matches_transformers_with_cache_chunks_and_preemption(preset
     for p, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(path, p, 16), f"prompt of {len(p)} tokens"
     assert llm.llm_engine.core.scheduler.num_preemptions > 0
+
+
+def test_expert_token_counts_cover_every_routed_token(make_llm):
+    llm = make_llm("qwen3-moe")  # layer 0 sparse (8 experts, top 2), layer 1 dense
+    core = llm.llm_engine.core
+    assert core.runner.take_expert_tokens() == [[0] * 8], "start-up steps are not counted"
+    prompts = prompts_for(llm.llm_engine.vocab_size, [10, 23])
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=5,
+                                                                             ignore_eos=True), use_tqdm=False)
+    (counts,) = core.runner.take_expert_tokens()
+    computed = sum(len(p) for p in prompts) + 2 * 4  # every prompt token, then 4 decode steps each
+    assert sum(counts) == 2 * computed
+    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    (imbalance,) = core.expert_load_imbalance(min_interval_s=0)
+    assert imbalance >= 1.0
+    assert core.expert_load_imbalance(min_interval_s=3600) == [], "read at most once per interval"

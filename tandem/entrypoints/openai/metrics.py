@@ -230,6 +230,10 @@ class ServerMetrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.engine = engine
+        self.expert_imbalance = Histogram(
+            "tandem:moe_expert_load_imbalance", "Per MoE layer and about once a second: tokens of the busiest "
+            "expert over the mean per expert (1 = even)", label, buckets=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0),
+            registry=self.registry)
         self.transfer_time = Histogram("tandem:kv_transfer_duration_seconds", "Duration of one KV load",
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
                                        registry=self.registry)
@@ -242,6 +246,9 @@ class ServerMetrics:
         self.inference.labels(self.model_name).observe(metrics["prefill_time"] + metrics["decode_time"])
 
     def render(self) -> bytes:
+        imbalance, self.engine.expert_imbalance = self.engine.expert_imbalance, []
+        for x in imbalance:
+            self.expert_imbalance.labels(self.model_name).observe(x)
         durations, self.engine.transfer_durations = self.engine.transfer_durations, []
         for d in durations:
             self.transfer_time.observe(d)
