@@ -384,6 +384,26 @@ DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
     "bench-88m": {**{k: v for k, v in bench_model_config().items() if k not in ("family", "initializer_range")},
                   "architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-6,
                   "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1},
+    # Qwen3-30B-A3B's published shape: 128 experts, top 8, 3B of 30B parameters active per token
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 1,
+    },
+    # the same proportions, small enough for a CPU benchmark: 32 experts, top 4, ~105M parameters
+    "qwen3-moe-small": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 512,
+        "intermediate_size": 1536, "moe_intermediate_size": 256, "num_hidden_layers": 8,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "num_experts": 32,
+        "num_experts_per_tok": 4, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "vocab_size": 8192, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu",
+        "bos_token_id": 0, "eos_token_id": 1,
+    },
 }
 
 
