@@ -25,7 +25,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 B=(--load-format dummy --model llama-3.1-8b --dtype bfloat16 --attention-backend triton --disable-tqdm)
 if [[ $STAGE == all || $STAGE == kernels ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py tests/engine/test_gpu.py tests/unit/test_sampler.py 2>&1 \
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py tests/kernels/test_moe_kernels.py \
+    tests/engine/test_gpu.py tests/unit/test_sampler.py 2>&1 \
     | tail -25 | tee "$OUT/kernels.txt"
 fi
 if [[ $STAGE == all || $STAGE == latency ]]; then
