@@ -68,6 +68,9 @@ def test_moe_greedy_matches_transformers_with_cache_chunks_and_preemption(preset
     for p, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(path, p, 16), f"prompt of {len(p)} tokens"
     assert llm.llm_engine.core.scheduler.num_preemptions > 0
+    (twice,) = llm.generate([{"prompt_token_ids": base[1]}], SamplingParams(temperature=0, max_tokens=8, n=2),
+                            use_tqdm=False)
+    assert [c.token_ids for c in twice.outputs] == [hf_greedy(path, base[1], 8)] * 2
 
 
 def test_expert_token_counts_cover_every_routed_token(make_llm):

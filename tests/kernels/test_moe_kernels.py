@@ -63,7 +63,10 @@ def test_alignment_puts_every_assignment_once_in_its_experts_blocks():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 4, 2, 32, 16), (7, 8, 2, 48, 24), (70, 6, 3, 40, 20), (5, 3, 1, 33, 17)])
+# (tokens, experts, top-k, hidden, expert intermediate): odd sizes, top-k 1, 2, 3 and 8, and few
+# tokens over many experts (most experts empty)
+@pytest.mark.parametrize("shape", [(1, 4, 2, 32, 16), (7, 8, 2, 48, 24), (70, 6, 3, 40, 20), (5, 3, 1, 33, 17),
+                                   (4, 8, 8, 32, 16), (3, 64, 2, 32, 16)])
 def test_triton_fused_moe_matches_the_reference(shape, dtype):
     x, w13, w2, weights, ids = _case(*shape, dtype=dtype)
     want = moe.fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)
