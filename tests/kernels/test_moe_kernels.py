@@ -47,6 +47,14 @@ def test_reference_equals_the_per_token_definition(shape):
     torch.testing.assert_close(moe.fused_moe_ref(*args), _per_token(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 16, 8), (9, 8, 2, 32, 24), (33, 6, 3, 24, 16), (3, 64, 8, 32, 16)])
+def test_grouped_mm_path_equals_the_reference(shape, dtype):
+    args = _case(*shape, dtype=dtype)
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}  # bf16 sums in another order
+    torch.testing.assert_close(moe.fused_moe_grouped(*args), moe.fused_moe_ref(*args), **tol)
+
+
 def test_alignment_puts_every_assignment_once_in_its_experts_blocks():
     ids = torch.tensor([[3, 0], [0, 3], [1, 0], [3, 1], [0, 2]])
     block = 4
