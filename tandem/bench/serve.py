@@ -135,7 +135,7 @@ def arrival_times(n: int, rate: float, burstiness: float, seed: int) -> list[flo
         raise ValueError(f"--burstiness must be > 0, got {burstiness}")
     if rate <= 0:
         raise ValueError(f"--request-rate must be > 0, got {rate}")
-    if rate == float("inf"):
+    if rate == float("inf") or n == 0:  # n == 0: every request has its own send time
         return [0.0] * n
     legacy = np.random.RandomState(seed)
     gaps = [1.0 / rate] * n if burstiness == float("inf") else \

@@ -89,10 +89,18 @@ class EngineCore:
         return requested or limit
 
     def _make_connector(self, config: EngineConfig):
+        if config.kv_offload is not None and config.kv_transfer is not None:
+            from tandem.kv_offload.multi import MultiConnector
+
+            return MultiConnector(self._make_pd_connector(config), self._make_offloading_connector(config))
         if config.kv_offload is not None:
             return self._make_offloading_connector(config)
         if config.kv_transfer is None:
             return None
+        return self._make_pd_connector(config)
+
+    def _make_pd_connector(self, config: EngineConfig):
+        assert config.kv_transfer is not None
         from tandem.kv_transfer.connector import KVConnector
 
         if config.cache.calculate_kv_scales and self.runner.kv_spec.quantized_layers:
@@ -106,8 +114,6 @@ class EngineCore:
     def _make_offloading_connector(self, config: EngineConfig):
         from tandem.kv_offload.connector import OffloadingConnector
 
-        if config.kv_transfer is not None:
-            raise ValueError("KV offloading does not combine with disaggregated prefill/decode yet")
         if config.cache.calculate_kv_scales and self.runner.kv_spec.quantized_layers:
             raise ValueError("calculate_kv_scales cannot be used with KV offloading: saved FP8 blocks would be "
                              "read with another run's scales")
@@ -361,10 +367,10 @@ class EngineCore:
     def settle_offload(self, timeout_s: float = 30.0) -> None:
         """Wait for the KV offload copies that ended requests queued, and apply them (their blocks
         go back to the pool). Offload jobs always end; a P/D connector's leases are not waited for."""
-        if self.connector is None or self.connector.offload_report() is None:
+        if self.connector is None:
             return
         deadline = time.monotonic() + timeout_s
-        while self.has_pending_transfers() and time.monotonic() < deadline:
+        while self.connector.offload_busy() and time.monotonic() < deadline:
             time.sleep(0.002)
             self.scheduler.update_transfers()
         self._flush_kv_events()

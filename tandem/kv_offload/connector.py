@@ -255,6 +255,9 @@ class OffloadingConnector(KVConnectorBase):
     def has_pending(self) -> bool:
         return bool(self._jobs)
 
+    def offload_busy(self) -> bool:
+        return bool(self._jobs)
+
     @property
     def loading(self) -> Mapping[str, Request]:
         return MappingProxyType(self._loading)

@@ -129,6 +129,10 @@ class KVConnectorBase:
         """Nothing can run until a transfer ends: give its threads the time (at most ``timeout_s``)."""
         time.sleep(timeout_s)
 
+    def offload_busy(self) -> bool:
+        """KV offload copies are queued or running (they always end, unlike a P/D lease)."""
+        return False
+
     def offload_report(self) -> OffloadStats | None:
         """Counters of the KV offload tiers (``tandem.kv_offload``), or None without them."""
         return None
