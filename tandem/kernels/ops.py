@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.kernels.activation import silu_and_mul_ref
-from tandem.kernels.moe import fused_moe_ref
+from tandem.kernels.moe import fused_moe_torch
 from tandem.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 
 
@@ -23,7 +23,7 @@ class Ops:
     # None: the model rotates in torch and the attention backend writes the cache
     rope_and_write_kv: Callable | None = None
     # (x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights, topk_ids) -> [T, H] (tandem/kernels/moe.py)
-    fused_moe: Callable = fused_moe_ref
+    fused_moe: Callable = fused_moe_torch
 
 
 TORCH_OPS = Ops(rms_norm_ref, add_rms_norm_ref, silu_and_mul_ref)
