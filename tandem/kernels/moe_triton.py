@@ -76,16 +76,39 @@ def _grouped_mm_kernel(A, W, OUT, ROWS, EXPERTS, SCALE, num_rows, N, K, stride_a
              mask=valid[:, None] & n_ok[None, :])
 
 
+# Tile configurations as data: per device name (torch.cuda.get_device_name; "default" for any other
+# device and the interpreter), rows (T * top_k assignments) up to ``max_rows`` -> tiles. The H200
+# entry is the default's until a lent GPU has tuned it (scripts/gpu_check.sh runs the MoE kernels).
+TILES: dict[str, list[dict]] = {
+    "default": [
+        {"max_rows": 64, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        {"max_rows": None, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+    ],
+    "NVIDIA H200": [  # untuned: the default's tiles
+        {"max_rows": 64, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        {"max_rows": None, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+    ],
+}
+
+
+def tiles_for(num_rows: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The tile entry for this many assignment rows on this device (fp32 halves BLOCK_K)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "default"
+    entry = next(t for t in TILES.get(name, TILES["default"]) if t["max_rows"] is None or num_rows <= t["max_rows"])
+    return {**entry, "BLOCK_K": entry["BLOCK_K"] // 2} if dtype == torch.float32 else entry
+
+
 def _grouped_mm(a: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, num_rows: int,
-                row_div: int, scale: torch.Tensor | None, block_m: int) -> torch.Tensor:
+                row_div: int, scale: torch.Tensor | None, tiles: dict) -> torch.Tensor:
     num_e, n, k = w.shape
     out = torch.empty((num_rows, n), dtype=a.dtype, device=a.device)
-    block_n, block_k = 64, 32 if a.dtype == torch.float32 else 64
+    block_m, block_n, block_k = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     grid = (experts.numel(), triton.cdiv(n, block_n))
     _grouped_mm_kernel[grid](a, w, out, rows, experts, scale if scale is not None else out, num_rows, n, k,
                              a.stride(0), w.stride(0), w.stride(1), out.stride(0), ROW_DIV=row_div,
                              SCALED=scale is not None, FP32_DOT=_FP32_DOT and a.dtype == torch.bfloat16,
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tiles["num_warps"],
+                             num_stages=tiles["num_stages"])
     return out
 
 
@@ -93,12 +116,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor) -> torch.Tensor:
     """[T, H] -> [T, H]; see the module docstring."""
     t, top_k = topk_ids.shape
-    block_m = 16 if t * top_k <= 64 else 64
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    rows, experts = align_by_expert(topk_ids, w13.shape[0], block_m)
     num_rows = t * top_k
-    h = _grouped_mm(x, w13, rows, experts, num_rows, top_k, None, block_m)
+    tiles = tiles_for(num_rows, x.device, x.dtype)
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    rows, experts = align_by_expert(topk_ids, w13.shape[0], tiles["BLOCK_M"])
+    h = _grouped_mm(x, w13, rows, experts, num_rows, top_k, None, tiles)
     h = silu_and_mul(h)
     weights = topk_weights.reshape(-1).float().contiguous()
-    y = _grouped_mm(h, w2, rows, experts, num_rows, 1, weights, block_m)
+    y = _grouped_mm(h, w2, rows, experts, num_rows, 1, weights, tiles)
     return y.view(t, top_k, -1).sum(dim=1)
