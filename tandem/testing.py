@@ -182,7 +182,15 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
 
 
 def _config_class(family: str) -> type:
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        Glm4MoeConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     classes: dict[str, type] = {
         "llama": LlamaConfig,
@@ -191,13 +199,14 @@ def _config_class(family: str) -> type:
         "qwen3": Qwen3Config,
         "qwen3_moe": Qwen3MoeConfig,
         "mixtral": MixtralConfig,
+        "glm4_moe": Glm4MoeConfig,
     }
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(classes)}")
     return classes[family]
 
 
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe")
 
 
 def _rope_parameters(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
@@ -299,6 +308,10 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():  # transformers starts it at 0: random, so that choosing by it is exercised
+            for name, tensor in model.state_dict().items():
+                if name.endswith("e_score_correction_bias"):
+                    tensor.copy_(torch.randn(tensor.shape) * 0.1)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(str(out), safe_serialization=True)
     _write_generation_config(out)
@@ -339,6 +352,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                                     "norm_topk_prob": False, "mlp_only_layers": [1]}),
     "mixtral": dict(family="mixtral", intermediate_size=48,
                     extra_config={"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    # GLM-4-MoE: sigmoid routing over 2 groups of 4 (top 1 group), a shared expert, layer 0 dense,
+    # half the head dims rotated, q/k/v bias
+    "glm4-moe": dict(family="glm4_moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     attention_bias=True, rope_scaling={"partial_rotary_factor": 0.5},
+                     extra_config={"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                   "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
+                                   "first_k_dense_replace": 1, "norm_topk_prob": True}),
 }
 
 

@@ -24,6 +24,27 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
     return weights, ids
 
 
+def grouped_sigmoid_topk(router_logits: torch.Tensor, top_k: int, correction_bias: torch.Tensor, num_groups: int,
+                         topk_groups: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / GLM-4-MoE routing, in fp32: sigmoid scores; experts are *chosen* on scores plus
+    the correction bias, only within the ``topk_groups`` groups (of ``num_groups`` equal groups)
+    whose two best biased scores sum highest; the weights are the chosen experts' unbiased scores,
+    optionally renormalised to sum to 1, times ``scaling``. Returns (weights fp32, ids int64)."""
+    scores = torch.sigmoid(router_logits.float())
+    biased = scores + correction_bias.float()
+    t, e = biased.shape
+    groups = biased.view(t, num_groups, e // num_groups)
+    group_scores = groups.topk(min(2, e // num_groups), dim=-1)[0].sum(dim=-1)
+    best_groups = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores).scatter_(1, best_groups, 1.0).bool()
+    biased = biased.masked_fill(~keep.unsqueeze(-1).expand_as(groups).reshape(t, e), float("-inf"))
+    ids = torch.topk(biased, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
     """[T, H] -> [T, H]: each expert's MLP over the tokens routed to it, weighted and summed in

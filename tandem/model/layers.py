@@ -181,7 +181,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, heads, head_dim], k [T, kv_heads, head_dim]."""
+        """q [T, heads, head_dim], k [T, kv_heads, head_dim]; a table narrower than head_dim (partial
+        rotary) rotates the leading dims and passes the rest through."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
+        rotary = 2 * cos.shape[-1]
+        if rotary == q.shape[-1]:
+            return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
+        return (torch.cat((rotate_neox(q[..., :rotary], cos, sin), q[..., rotary:]), dim=-1),
+                torch.cat((rotate_neox(k[..., :rotary], cos, sin), k[..., rotary:]), dim=-1))

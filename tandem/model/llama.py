@@ -37,7 +37,8 @@ class LlamaArgs:
     qk_norm: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None  # each token attends to itself and the window - 1 before it
-    moe: MoEArgs | None = None  # sparse MLP layers (Qwen3-MoE, Mixtral)
+    moe: MoEArgs | None = None  # sparse MLP layers (Qwen3-MoE, Mixtral, GLM-4-MoE)
+    rotary_dim: int | None = None  # < head_dim: only the first rotary_dim dims rotate (GLM-4-MoE)
 
     @classmethod
     def from_hf(cls, cfg: dict, family: str) -> LlamaArgs:
@@ -61,10 +62,18 @@ class LlamaArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe"),
+            qk_norm=family in ("qwen3", "qwen3_moe") or bool(cfg.get("use_qk_norm", False)),
+            rotary_dim=_rotary_dim(cfg, rope, cfg.get("head_dim") or cfg["hidden_size"] // heads),
             sliding_window=sliding_window_of(cfg, family),
             moe=MoEArgs.from_hf(cfg, family, cfg["num_hidden_layers"]),
         )
+
+
+def _rotary_dim(cfg: dict, rope: dict, head_dim: int) -> int | None:
+    """head_dim * partial_rotary_factor where that is below head_dim, else None (all dims rotate)."""
+    factor = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    dim = int(head_dim * factor)
+    return dim if dim < head_dim else None
 
 
 def sliding_window_of(cfg: dict, family: str) -> int | None:
@@ -97,7 +106,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype)
         self.qk_norm = a.qk_norm
-        self.rotary = RotaryEmbedding(a.head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
+        self.rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position_embeddings, a.rope_theta,
+                                      a.rope_scaling)
+        self.partial_rotary = a.rotary_dim is not None  # the fused rope kernels rotate whole heads only
         self.backend = backend
         # Bound by the runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim] each.
         self.k_cache = torch.empty(0)
@@ -117,7 +128,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # NOTE: calibration needs the rotated keys before they are written: that step rotates apart
-        fused_rope = None if self.calibrate_kv_scales else self.backend.ops.rope_and_write_kv
+        fused_rope = None if self.calibrate_kv_scales or self.partial_rotary else self.backend.ops.rope_and_write_kv
         scales = (self.k_scale, self.v_scale)
         if fused_rope is not None:
             q, k = fused_rope(positions, q, k, v, self.rotary.cos, self.rotary.sin, self.k_cache, self.v_cache,
@@ -136,11 +147,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, a: LlamaArgs, dtype: torch.dtype, ops: Ops) -> None:
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, ops: Ops) -> None:
         super().__init__()
-        self.gate_up_proj = ShardedLinear(a.hidden_size, {0: a.intermediate_size, 1: a.intermediate_size},
-                                          bias=False, dtype=dtype)
-        self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False, dtype=dtype)
+        self.gate_up_proj = ShardedLinear(hidden, {0: inter, 1: inter}, bias=False, dtype=dtype)
+        self.down_proj = Linear(inter, hidden, bias=False, dtype=dtype)
         self.silu_and_mul = ops.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,11 +161,19 @@ class DecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(a, dtype, backend)
-        self.mlp: nn.Module = (SparseMoE(a.hidden_size, a.moe, dtype, backend.ops.fused_moe)
-                               if a.moe is not None and index in a.moe.sparse_layers else MLP(a, dtype, backend.ops))
+        self.mlp = self._mlp(a, dtype, backend.ops, index)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.ops = backend.ops
+
+    @staticmethod
+    def _mlp(a: LlamaArgs, dtype: torch.dtype, ops: Ops, index: int) -> nn.Module:
+        moe = a.moe
+        if moe is None or index not in moe.sparse_layers:
+            return MLP(a.hidden_size, a.intermediate_size, dtype, ops)
+        shared = (MLP(a.hidden_size, moe.intermediate_size * moe.num_shared_experts, dtype, ops)
+                  if moe.num_shared_experts else None)
+        return SparseMoE(a.hidden_size, moe, dtype, ops.fused_moe, shared)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
@@ -214,12 +232,20 @@ class LlamaForCausalLM(nn.Module):
             layers.append(layer.self_attn)
         return layers
 
+    def _beyond_last_layer(self, name: str) -> bool:
+        if not name.startswith("model.layers."):
+            return False
+        index = name.split(".")[2]
+        return index.isdigit() and int(index) >= self.args.num_layers
+
     def map_checkpoint_name(self, name: str) -> tuple[str, object] | None:
         """Checkpoint tensor name -> (our parameter name, shard id); None to skip the tensor."""
         if "rotary_emb.inv_freq" in name:
             return None
         if name == "lm_head.weight" and self.args.tie_word_embeddings:
             return None
+        if self._beyond_last_layer(name):
+            return None  # GLM-4.5's multi-token-prediction layers (speculative decoding, not served yet)
         expert = map_expert_name(name)
         if expert is not None:
             return expert

@@ -25,6 +25,7 @@ MODEL_REGISTRY: dict[str, tuple[type, str]] = {
     "Qwen3ForCausalLM": (LlamaForCausalLM, "qwen3"),
     "Qwen3MoeForCausalLM": (LlamaForCausalLM, "qwen3_moe"),
     "MixtralForCausalLM": (LlamaForCausalLM, "mixtral"),
+    "Glm4MoeForCausalLM": (LlamaForCausalLM, "glm4_moe"),
 }
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,

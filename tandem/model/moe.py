@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels.moe import softmax_topk
+from tandem.kernels.moe import grouped_sigmoid_topk, softmax_topk
 from tandem.model.layers import WeightParameter, default_weight_loader
 
 
@@ -29,6 +29,12 @@ class MoEArgs:
     intermediate_size: int  # per expert
     renormalize: bool  # the top-k weights sum to 1
     sparse_layers: frozenset[int]  # layers whose MLP is the MoE block (the others are dense)
+    scoring: str = "softmax"  # softmax over all experts, or sigmoid with grouped top-k (GLM-4-MoE)
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0  # routed_scaling_factor
+    num_shared_experts: int = 0  # an always-on MLP of num_shared * intermediate_size beside the routed ones
+    router_fp32: bool = False  # the router's weight and bias kept and applied in fp32
 
     @classmethod
     def from_hf(cls, cfg: dict, family: str, num_layers: int) -> MoEArgs | None:
@@ -45,6 +51,14 @@ class MoEArgs:
                                if i not in dense and num_experts > 0 and (i + 1) % step == 0)
             return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
                        bool(cfg.get("norm_topk_prob", False)), sparse)
+        if family == "glm4_moe":
+            num_experts = int(cfg.get("n_routed_experts") or num_experts)
+            return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                       bool(cfg.get("norm_topk_prob", True)),
+                       frozenset(range(int(cfg.get("first_k_dense_replace", 0)), num_layers)), scoring="sigmoid",
+                       num_groups=int(cfg.get("n_group", 1) or 1), topk_groups=int(cfg.get("topk_group", 1) or 1),
+                       scaling=float(cfg.get("routed_scaling_factor", 1.0)),
+                       num_shared_experts=int(cfg.get("n_shared_experts", 0) or 0), router_fp32=True)
         return None
 
 
@@ -76,20 +90,32 @@ class FusedExperts(nn.Module):
         target.copy_(loaded)
 
 
-class Router(nn.Module):
-    """The expert scores' weight [E, H] (``mlp.gate.weight``); not a Linear, so never quantized."""
+def _plain_param(*shape: int, dtype: torch.dtype) -> WeightParameter:
+    p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    p.weight_loader, p.shard_ids = default_weight_loader, (None,)
+    return p
 
-    def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype) -> None:
+
+class Router(nn.Module):
+    """The expert scores' weight [E, H] (``mlp.gate.weight``; not a Linear, so never quantized) and,
+    for sigmoid routing, the correction bias added when choosing (``e_score_correction_bias``)."""
+
+    def __init__(self, moe: MoEArgs, hidden: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = WeightParameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader, self.weight.shard_ids = default_weight_loader, (None,)
+        dtype = torch.float32 if moe.router_fp32 else dtype
+        self.weight = _plain_param(moe.num_experts, hidden, dtype=dtype)
+        self.e_score_correction_bias = (_plain_param(moe.num_experts, dtype=torch.float32)
+                                        if moe.scoring == "sigmoid" else None)
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, hidden: int, moe: MoEArgs, dtype: torch.dtype, fused_moe: Callable) -> None:
+    def __init__(self, hidden: int, moe: MoEArgs, dtype: torch.dtype, fused_moe: Callable,
+                 shared_experts: nn.Module | None = None) -> None:
         super().__init__()
+        self.moe = moe
         self.top_k, self.renormalize = moe.top_k, moe.renormalize
-        self.gate = Router(moe.num_experts, hidden, dtype)
+        self.gate = Router(moe, hidden, dtype)
+        self.shared_experts = shared_experts  # an MLP every token goes through (GLM-4-MoE, DeepSeek)
         self.experts = FusedExperts(moe.num_experts, hidden, moe.intermediate_size, dtype)
         self.fused_moe = fused_moe
         # tokens routed to each expert since the runner last read them (index_add_: no host sync,
@@ -97,11 +123,21 @@ class SparseMoE(nn.Module):
         self.expert_tokens: torch.Tensor
         self.register_buffer("expert_tokens", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False)
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, gate = self.moe, self.gate
+        if m.scoring == "softmax":
+            return softmax_topk(F.linear(x, gate.weight), m.top_k, m.renormalize)
+        assert gate.e_score_correction_bias is not None
+        logits = F.linear(x.float(), gate.weight.float())
+        return grouped_sigmoid_topk(logits, m.top_k, gate.e_score_correction_bias, m.num_groups, m.topk_groups,
+                                    m.renormalize, m.scaling)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = softmax_topk(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        weights, ids = self.route(x)
         flat = ids.reshape(-1)
         self.expert_tokens.index_add_(0, flat, torch.ones_like(flat))
-        return self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        out = self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
 def take_expert_tokens(model: object) -> list[list[int]]:

@@ -46,6 +46,20 @@ def test_fused_expert_checkpoints_load_like_per_expert_ones(make_llm, model_dirs
     torch.testing.assert_close(from_fused, per_expert, rtol=0, atol=0)
 
 
+def test_layers_past_the_last_are_skipped(make_llm, model_dirs, tmp_path):
+    """GLM-4.5 ships its multi-token-prediction layer as one more decoder layer; it is not served."""
+    src = model_dirs["glm4-moe"]
+    extended = tmp_path / "mtp"
+    _copy_without_weights(src, extended)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors.update({k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in tensors.items()
+                    if k.startswith("model.layers.1.")})
+    save_file(tensors, str(extended / "model.safetensors"))
+    prompt = prompts_for(512, [19])[0]
+    torch.testing.assert_close(LLM(model=str(extended), kv_cache_memory="8MiB").llm_engine.core.score_logits(prompt),
+                               make_llm("glm4-moe").llm_engine.core.score_logits(prompt), rtol=0, atol=0)
+
+
 def test_a_missing_expert_tensor_is_named(model_dirs, tmp_path):
     src = model_dirs["mixtral"]
     broken = tmp_path / "broken"
@@ -57,7 +71,7 @@ def test_a_missing_expert_tensor_is_named(model_dirs, tmp_path):
         LLM(model=str(broken), kv_cache_memory="8MiB")
 
 
-@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral"])
+@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral", "glm4-moe"])
 def test_moe_greedy_matches_transformers_with_cache_chunks_and_preemption(preset, make_llm, model_dirs):
     llm = make_llm(preset, max_num_batched_tokens=24, num_gpu_blocks_override=24, block_size=4)
     base = prompts_for(llm.llm_engine.vocab_size)

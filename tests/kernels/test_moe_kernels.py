@@ -82,3 +82,25 @@ def test_triton_fused_moe_matches_the_reference(shape, dtype):
     assert got.dtype == dtype and got.shape == x.shape
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: the intermediate is rounded to bf16
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
+def test_grouped_sigmoid_routing_equals_transformers_glm4_moe_router(groups):
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    n_group, topk_group = groups
+    cfg = Glm4MoeConfig(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=n_group,
+                        topk_group=topk_group, routed_scaling_factor=2.5, norm_topk_prob=True)
+    router = Glm4MoeTopkRouter(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 32, generator=g) * 0.3)
+        router.e_score_correction_bias.copy_(torch.randn(16, generator=g) * 0.2)
+    x = torch.randn(50, 32, generator=g)
+    _, want_w, want_ids = router(x)
+    weights, ids = moe.grouped_sigmoid_topk(x @ router.weight.T, 4, router.e_score_correction_bias, n_group,
+                                            topk_group, True, 2.5)
+    order, want_order = ids.argsort(-1), want_ids.argsort(-1)  # both unsorted top-k: compare as sets
+    assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order))
+    torch.testing.assert_close(weights.gather(1, order), want_w.gather(1, want_order))
