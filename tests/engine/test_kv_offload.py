@@ -175,3 +175,27 @@ def test_offloading_is_refused_where_it_cannot_work(model_dirs, tmp_path):
         LLM(model=model, kv_disk_path=str(tmp_path))
     with pytest.raises(ValueError, match="kv_offloading_backend"):
         LLM(model=model, kv_offloading_size=0.01, kv_offloading_backend="lmcache")
+
+
+def test_aborts_at_every_stage_leave_every_tier_idle(make_llm, reference, tmp_path):
+    """Abort while waiting, mid-prefill (chunked), mid-decode and while loading from the host tier
+    and from disk; afterwards the pool, the tiers and their pins are idle (make_llm checks) and
+    the tiers still serve."""
+    prompts, want, _ = reference
+    llm = make_llm(kv_offloading_size=0.01, kv_disk_path=str(tmp_path), kv_disk_size=0.01,
+                   max_num_batched_tokens=32, max_num_seqs=2, **SMALL_POOL)
+    _visit(llm, prompts)  # every prompt saved; the early ones only on the host tier and disk now
+    engine = llm.llm_engine
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("loading", {"prompt_token_ids": prompts[0]}, GREEDY)
+    engine.add_request("decoding", {"prompt_token_ids": prompts[1][:40]}, long)
+    engine.add_request("waiting", {"prompt_token_ids": prompts[2][:50]}, GREEDY)  # max_num_seqs 2
+    engine.step()
+    assert "loading" in engine.core.scheduler.loading
+    engine.abort_request(["loading", "waiting"])
+    for _ in range(4):  # prefill in chunks of 32 tokens, then decode
+        engine.step()
+    engine.add_request("prefilling", {"prompt_token_ids": prompts[3]}, GREEDY)
+    engine.step()
+    engine.abort_request(["decoding", "prefilling"])
+    assert _visit(llm, prompts[:1]) == want[:1]
