@@ -101,3 +101,19 @@ def test_expert_token_counts_cover_every_routed_token(make_llm):
     (imbalance,) = core.expert_load_imbalance(min_interval_s=0)
     assert imbalance >= 1.0
     assert core.expert_load_imbalance(min_interval_s=3600) == [], "read at most once per interval"
+
+
+def test_a_moe_model_disaggregates_like_a_dense_one(model_dirs):
+    """Prefill on one core, KV pulled over TCP by another: the MoE model decodes the single core's tokens."""
+    from tests.engine.test_kv_transfer import decode_request, finished, make_core, prefill_ticket, run_until, tokens
+    from tests.engine.test_kv_transfer import single_output as single_tokens
+
+    model = model_dirs["qwen3-moe"]
+    prefill, decode, single = make_core(model, "prefill"), make_core(model, "decode", transport="tcp"), make_core(model)
+    try:
+        prompt = prompts_for(512, [70], seed=8)[0]
+        decode.add_request(decode_request("d", prompt, prefill_ticket(prefill, "p", prompt), 8))
+        assert tokens(run_until([prefill, decode], finished("d")), "d") == single_tokens(single, prompt, 8)
+    finally:
+        prefill.close()
+        decode.close()
