@@ -346,6 +346,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-swa": dict(family="mistral", extra_config={"sliding_window": 7}),
     # head_dim 16 (vLLM's CPU build refuses it) with heads * head_dim != hidden: non-square q/o projections
     "llama-hd16": dict(family="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
+    # YaRN over an original context of 64 positions (the parity prompts run past it)
+    "qwen3-yarn": dict(family="qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
     # Mixture of Experts: 8 experts, top 2 unnormalised (Qwen3-MoE's default), layer 1 dense
     "qwen3-moe": dict(family="qwen3_moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       extra_config={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,

@@ -142,7 +142,41 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
         return inv_freq / float(s["factor"]), 1.0
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, s), 1.0
-    raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, s)
+    raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3, yarn are)")
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(dim: int, theta: float, s: dict) -> tuple[torch.Tensor, float]:
+    """YaRN: per frequency, a ramp between the original (extrapolated) and the factor-interpolated
+    inverse frequency, by how many rotations it makes over the original context (beta_fast/slow);
+    cos/sin scaled by the attention factor (given, or from factor, mscale and mscale_all_dim)."""
+    factor, old_len = float(s["factor"]), float(s["original_max_position_embeddings"])
+    attention = s.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                     else _yarn_mscale(factor))
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a one-point ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # 1: the original frequency, 0: interpolated
+    return interpolated * (1 - keep) + extrapolated * keep, float(attention)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
