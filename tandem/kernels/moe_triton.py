@@ -4,7 +4,7 @@ signature as ``moe.fused_moe_ref``.
 1. ``align_by_expert``: the T * k (token, expert) assignments sorted by expert, each expert's run
    padded to a multiple of ``BLOCK_M`` with the sentinel ``T * k``; one expert id per block of rows
    (-1 for the spare blocks at the end). The buffers have their largest possible size, so nothing
-   is read back to the host (CUDA-graph safe).
+   is read back to the host (no sync; CUDA-graph safe).
 2. ``_grouped_mm_kernel`` over those blocks: rows of one block share one expert's weight; the first
    GEMM reads token ``row // k`` of x and writes [T * k, 2I], SiLU-and-mul follows, the second GEMM
    reads row ``row`` and scales by the routing weight; the k rows of a token are then summed.
@@ -26,21 +26,21 @@ _FP32_DOT = bool(triton.knobs.runtime.interpret)
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted assignment rows [max_rows] with sentinel T*k, expert id per block [max_rows // block_m])."""
     flat = topk_ids.reshape(-1)
-    n = flat.numel()
+    n, device = flat.numel(), flat.device
     max_rows = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
-    counts = torch.bincount(flat, minlength=num_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    starts = torch.cumsum(padded, 0) - padded
+    # NOTE: index_add_ and searchsorted, not bincount / repeat_interleave, which read sizes back
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).index_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts + block_m - 1) // block_m
+    starts = (torch.cumsum(blocks, 0) - blocks) * block_m
     order = torch.argsort(flat, stable=True)
     experts_sorted = flat[order]
     first_of_expert = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n, device=flat.device) - first_of_expert[experts_sorted]
-    sorted_rows = torch.full((max_rows,), n, dtype=torch.int32, device=flat.device)
+    rank = torch.arange(n, device=device) - first_of_expert[experts_sorted]
+    sorted_rows = torch.full((max_rows,), n, dtype=torch.int32, device=device)
     sorted_rows[starts[experts_sorted] + rank] = order.to(torch.int32)
-    block_experts = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m,
-                                            output_size=None)
-    expert_ids = torch.full((max_rows // block_m,), -1, dtype=torch.int32, device=flat.device)
-    expert_ids[: block_experts.numel()] = block_experts.to(torch.int32)
+    block_index = torch.arange(max_rows // block_m, device=device)
+    expert_ids = torch.searchsorted(torch.cumsum(blocks, 0), block_index, right=True)
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
     return sorted_rows, expert_ids
 
 
@@ -52,7 +52,7 @@ def _grouped_mm_kernel(A, W, OUT, ROWS, EXPERTS, SCALE, num_rows, N, K, stride_a
     expert = tl.load(EXPERTS + pid_m)
     if expert < 0:
         return
-    rows = tl.load(ROWS + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    rows = tl.load(ROWS + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets past 2**31
     valid = rows < num_rows
     a_rows = tl.where(valid, rows // ROW_DIV, 0)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -30,7 +30,7 @@ from tandem.kv_offload import disk
 from tandem.kv_offload.stats import OffloadStats
 from tandem.kv_offload.tiers import TierEntry, TierIndex
 from tandem.kv_offload.worker import BlockLayout, JobResult, KVCaches, LoadJob, OffloadWorker, StoreJob, host_rows
-from tandem.kv_transfer.base import FinishedTransfer, KVConnectorBase, TierChange, refuse_kv_transfer
+from tandem.kv_transfer.base import FinishedTransfer, KVConnectorBase, TierChange, load_key, refuse_kv_transfer
 
 if TYPE_CHECKING:
     from tandem.engine.block_pool import KVCacheBlock
@@ -48,7 +48,7 @@ class _Job:
     request: Request | None = None  # a load: the request waiting for it (None once aborted)
     host_new: list[bytes] = field(default_factory=list)  # host entries this job fills
     disk_new: list[bytes] = field(default_factory=list)  # disk entries this job writes
-    pinned: list[tuple[str, bytes]] = field(default_factory=list)  # (medium, hash) read by this load
+    pinned: list[tuple[str, bytes, TierEntry]] = field(default_factory=list)  # (medium, hash, entry) this load reads
     hit_tokens: dict[str, int] = field(default_factory=dict)
 
 
@@ -76,6 +76,7 @@ class OffloadingConnector(KVConnectorBase):
         self._jobs: dict[int, _Job] = {}
         self._loading: dict[str, Request] = {}
         self._load_of: dict[str, int] = {}  # request id -> its load job
+        self._no_tier_load: set[str] = set()  # requests (load_key) whose tier load failed: computed instead
         logger.info("KV offloading: host tier %d blocks (%.2f GiB)%s", num_host,
                     num_host * layout.bytes_per_block / 2**30,
                     f", disk tier {self.disk.capacity} blocks in {disk_root} ({len(self.disk)} found)"
@@ -105,7 +106,7 @@ class OffloadingConnector(KVConnectorBase):
         return (DISK, entry) if entry is not None else None
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        if request.wants_prompt_logprobs:
+        if request.wants_prompt_logprobs or load_key(request) in self._no_tier_load:
             return 0, False
         bs = self.block_size
         first, last = num_computed_tokens // bs, (request.num_prompt_tokens - 1) // bs
@@ -120,18 +121,23 @@ class OffloadingConnector(KVConnectorBase):
         if not num_external_tokens:
             return
         bs = self.block_size
-        first = request.num_computed_tokens // bs
+        first, count = request.num_computed_tokens // bs, num_external_tokens // bs
         job_id, job = next(self._ids), _Job(request=request)
-        load = LoadJob(job_id, block_ids[first:first + num_external_tokens // bs], [])
-        for k, i in enumerate(range(first, first + num_external_tokens // bs)):
+        load = LoadJob(job_id, block_ids[first:first + count], [])
+        found = []
+        # NOTE: pin every source before any host slot is taken for a disk block, so that taking
+        # one can never evict a source this load still has to read
+        for i in range(first, first + count):
             block_hash, tokens = request.block_hashes[i], request.all_token_ids[i * bs:(i + 1) * bs]
-            found = self._find(block_hash, tokens)
-            assert found is not None, "a block found by get_num_new_matched_tokens is kept until its load"
-            medium, entry = found
+            hit = self._find(block_hash, tokens)
+            assert hit is not None, "a block found by get_num_new_matched_tokens is kept until its load"
+            medium, entry = hit
             entry.pins += 1
-            job.pinned.append((medium, block_hash))
+            job.pinned.append((medium, block_hash, entry))
             job.hit_tokens[medium] = job.hit_tokens.get(medium, 0) + bs
             load.sources.append((medium, entry.location if medium == CPU else block_hash))
+            found.append((medium, block_hash, tokens))
+        for k, (medium, block_hash, tokens) in enumerate(found):
             if medium == DISK and block_hash not in self.host:
                 slot = self._host_slot(block_hash, tokens)
                 if slot is not None:
@@ -149,6 +155,7 @@ class OffloadingConnector(KVConnectorBase):
         return entry.location if entry is not None else None
 
     def request_finished(self, request: Request, blocks: list[KVCacheBlock]) -> tuple[bool, dict | None]:
+        self._no_tier_load.discard(load_key(request))
         rid = request.request_id
         if self._loading.get(rid) is request:  # aborted mid-load: its blocks wait for the load's end
             del self._loading[rid]
@@ -209,14 +216,17 @@ class OffloadingConnector(KVConnectorBase):
             s.disk_written_blocks += len(result.written)
 
     def _apply_load(self, job: _Job, result: JobResult) -> FinishedTransfer:
-        for medium, block_hash in job.pinned:
-            tier = self.host if medium == CPU else self.disk
-            entry = tier.entries.get(block_hash) if tier is not None else None
-            if entry is not None:
-                entry.pins -= 1
+        for _, _, entry in job.pinned:
+            entry.pins -= 1
         if result.corrupt and self.disk is not None:
             self.stats.corrupt_files += len(result.corrupt)
-            gone = [(h, e.token_ids) for h in result.corrupt if (e := self.disk.remove(h)) is not None]
+            gone = []
+            for medium, block_hash, entry in job.pinned:
+                # only the entry this load read, and only once no other load reads it
+                if (medium == DISK and block_hash in result.corrupt and entry.pins == 0
+                        and self.disk.entries.get(block_hash) is entry):
+                    self.disk.remove(block_hash)
+                    gone.append((block_hash, entry.token_ids))
             self._changes.append(TierChange(DISK, False, gone))
         self._settle(self.host, CPU, job.host_new, result.ok)
         req = job.request
@@ -227,7 +237,8 @@ class OffloadingConnector(KVConnectorBase):
         s = self.stats
         if not result.ok:
             s.loads_failed += 1
-            return FinishedTransfer(request=req)  # computed here instead
+            self._no_tier_load.add(load_key(req))  # computed here instead, never loaded again
+            return FinishedTransfer(request=req)
         for medium, tokens in job.hit_tokens.items():
             s.hit_tokens[medium] = s.hit_tokens.get(medium, 0) + tokens
         s.loaded_bytes += result.num_bytes
@@ -278,7 +289,7 @@ class OffloadingConnector(KVConnectorBase):
         return report
 
     def check_idle(self) -> None:
-        assert not self._jobs and not self._loading, "KV offload jobs still queued"
+        assert not self._jobs and not self._loading and not self._no_tier_load, "KV offload jobs still queued"
         self.host.check_idle()
         if self.disk is not None:
             self.disk.check_idle()

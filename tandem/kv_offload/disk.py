@@ -10,10 +10,12 @@ Files are written to a temporary name and renamed, so a crash leaves no half-wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import msgspec
 logger = logging.getLogger(__name__)
 
 MAGIC = b"TANDEMKV1\n"
+STALE_TMP_S = 600.0  # a temporary file this old was left by a writer that died
 SUFFIX = ".kvb"
 _LEN = struct.Struct("<I")
 _MAX_HEADER = 1 << 20
@@ -51,10 +54,14 @@ def write_block(root: Path, compat: str, block_hash: bytes, token_ids: list[int]
     header = msgspec.msgpack.encode(BlockHeader(compat, block_hash, token_ids, len(payload), digest(payload)))
     final = block_path(root, block_hash)
     tmp = final.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + _LEN.pack(len(header)) + header)
-        f.write(payload)
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + _LEN.pack(len(header)) + header)
+            f.write(payload)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not fill up with half-written files
+        raise
 
 
 def _read_header(f, compat: str) -> BlockHeader:
@@ -106,7 +113,9 @@ def scan(root: Path, compat: str, num_bytes: int) -> tuple[list[FoundBlock], int
         except (OSError, CorruptBlockFile) as e:
             skipped += 1
             logger.warning("KV disk tier: skipping %s: %s", path, e)
-    for tmp in root.glob("*.tmp*"):  # a write that never finished
-        tmp.unlink(missing_ok=True)
+    for tmp in root.glob("*.tmp*"):  # a crashed writer's; a live engine's own are younger
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
     found.sort(key=lambda b: b.mtime)
     return found, skipped

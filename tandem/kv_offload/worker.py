@@ -142,12 +142,22 @@ class OffloadWorker:
             self._stream.wait_event(event)
 
     def _store(self, job: StoreJob) -> JobResult:
-        self._sync_start(job)
-        self._device_to_host(job.block_ids, job.slots)
         result = JobResult(job.job_id, True, len(job.block_ids) * self.layout.bytes_per_block, 0.0)
-        if self.disk_root is not None:
+        if self.disk_root is not None:  # evicted files go first, whatever happens to the copy
             for block_hash in job.disk_deletes:
-                disk.block_path(self.disk_root, block_hash).unlink(missing_ok=True)
+                try:
+                    disk.block_path(self.disk_root, block_hash).unlink(missing_ok=True)
+                except OSError as e:
+                    logger.warning("KV disk tier: cannot delete block %s: %s", block_hash.hex()[:12], e)
+        try:
+            self._sync_start(job)
+            self._device_to_host(job.block_ids, job.slots)
+        except Exception as e:  # NOTE: the result still says which files were deleted (none written)
+            logger.exception("KV offload store %d failed", job.job_id)
+            result.ok, result.error = False, f"{type(e).__name__}: {e}"
+            result.unwritten = [h for _, h, _ in job.disk_writes]
+            return result
+        if self.disk_root is not None:
             for i, block_hash, token_ids in job.disk_writes:
                 try:
                     disk.write_block(self.disk_root, self.compat, block_hash, token_ids,

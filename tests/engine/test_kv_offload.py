@@ -199,3 +199,17 @@ def test_aborts_at_every_stage_leave_every_tier_idle(make_llm, reference, tmp_pa
     engine.step()
     engine.abort_request(["decoding", "prefilling"])
     assert _visit(llm, prompts[:1]) == want[:1]
+
+
+def test_a_load_that_fails_computes_the_prompt_once_and_never_retries(make_llm, reference, monkeypatch):
+    prompts, want, _ = reference
+    llm = make_llm(kv_offloading_size=0.01, **SMALL_POOL)
+    _visit(llm, prompts)  # prompts[0] is now on the host tier only
+    worker = llm.llm_engine.core.connector.worker
+
+    def broken(block_ids, staging):
+        raise RuntimeError("device copy failed")
+
+    monkeypatch.setattr(worker, "_staging_to_device", broken)
+    assert _visit(llm, prompts[:1]) == want[:1]
+    assert _report(llm).loads_failed == 1, "one failed load, then the prompt is computed, not loaded again"

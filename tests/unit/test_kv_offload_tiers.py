@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tandem.kv_offload import disk
@@ -69,7 +71,10 @@ def test_block_files_round_trip_and_refuse_what_they_must(tmp_path):
     with pytest.raises(disk.CorruptBlockFile, match="checksum"):
         disk.read_block(path, "c" * 32, _h(7), len(payload))
     (tmp_path / f"{'00' * 32}{disk.SUFFIX}").write_bytes(b"not a block")
-    (tmp_path / "half.tmp123").write_bytes(b"x")
+    (tmp_path / "crashed.tmp123").write_bytes(b"x")
+    os.utime(tmp_path / "crashed.tmp123", (0, 0))
+    (tmp_path / "live.tmp456").write_bytes(b"x")  # another engine writing into the same directory now
     found, skipped = disk.scan(tmp_path, "c" * 32, len(payload))
     assert len(found) == 1 and skipped == 1
-    assert not (tmp_path / "half.tmp123").exists(), "an unfinished write is cleaned up"
+    assert not (tmp_path / "crashed.tmp123").exists(), "a crashed writer's temporary file is cleaned up"
+    assert (tmp_path / "live.tmp456").exists(), "a live writer's is left alone"
