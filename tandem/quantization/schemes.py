@@ -103,9 +103,10 @@ class Int8Weight(QuantizedWeight):
         # CPU: the path per probe row count (measure_cpu_routes); dequantize + matmul until measured
         self.cpu_routes: tuple[str, ...] = ("dequant",) * len(INT8_PROBE_ROWS)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
-        # NOTE: torch 2.13's _weight_int8pack_mm on AVX2 returns garbage or crashes for K % 8 != 0
-        # (measured: 3 rows wrong, 8 rows a segfault at K = 100): that path is never taken there
-        self.int8pack_ok = self.in_features % 8 == 0
+        # NOTE: torch 2.13's _weight_int8pack_mm returns garbage or crashes unless K is a multiple of
+        # its vector width (measured: on AVX2 K = 100 wrong at 3 rows and a segfault at 8; on AVX-512
+        # K = 200 a segfault from 2 rows, K = 24 wrong at 1): never taken unless K % 16 == 0
+        self.int8pack_ok = self.in_features % 16 == 0
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Weight:

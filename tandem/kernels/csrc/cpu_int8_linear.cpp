@@ -7,11 +7,13 @@
 // memory at a quarter of fp32's bytes, which is what a decode step (a few rows) is bound by.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <vector>
 
