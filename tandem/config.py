@@ -85,6 +85,57 @@ class KVOffloadConfig:
             raise ValueError("kv_disk_size must be > 0 GiB with kv_disk_path")
 
 
+SPECULATIVE_METHODS = ("ngram",)  # vLLM also has draft_model, eagle, eagle3, mtp: not built here yet
+_NOT_YET = ("draft_model", "eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's ``speculative_config`` (tandem/spec_decode). ``adaptive`` (tandem's own key): the
+    number of draft tokens per request and step is chosen from the measured acceptance and step
+    cost, down to none (off: always ``num_speculative_tokens`` where a proposal exists)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method in _NOT_YET:
+            raise ValueError(f"speculative_config method {self.method!r} is not supported yet; available: "
+                             f"{', '.join(SPECULATIVE_METHODS)}")
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                             f"got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min}, {self.prompt_lookup_max}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SpeculativeConfig:
+        """A user's dict: unknown keys are an error that names them (nothing is silently ignored)."""
+        if raw.get("method") in _NOT_YET:
+            raise ValueError(f"speculative_config method {raw['method']!r} is not supported yet; available: "
+                             f"{', '.join(SPECULATIVE_METHODS)}")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "adaptive"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unsupported key(s) {', '.join(unknown)}; "
+                             f"supported: {', '.join(sorted(known))}")
+        values = dict(raw)
+        if "prompt_lookup_max" in values and "prompt_lookup_min" not in values:
+            values["prompt_lookup_min"] = min(cls.prompt_lookup_min, values["prompt_lookup_max"])
+        if "prompt_lookup_min" in values and "prompt_lookup_max" not in values:
+            values["prompt_lookup_max"] = max(cls.prompt_lookup_max, values["prompt_lookup_min"])
+        for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
+                raise ValueError(f"speculative_config {key} must be an integer, got {values[key]!r}")
+        return cls(**values)
+
+
 # vLLM's names: auto = the model's dtype; fp8 = fp8_e4m3 (tandem/kernels/kv_quant.py)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
@@ -161,3 +212,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer: KVTransferConfig | None = None  # disaggregated prefill/decode (tandem/kv_transfer)
     kv_offload: KVOffloadConfig | None = None  # host and disk KV tiers (tandem/kv_offload)
+    speculative: SpeculativeConfig | None = None  # speculative decoding (tandem/spec_decode)

@@ -29,6 +29,9 @@ class ScheduledChunk:
     sample: bool  # the chunk reaches the last known token: sample the next one
     num_prompt_tokens: int
     serial: int = 0  # Request.serial: a step in flight never applies to a later request reusing the id
+    # speculative decoding: the last num_draft_tokens of token_ids are proposals to verify (sample is
+    # True; the runner emits the accepted ones plus one of the target's)
+    num_draft_tokens: int = 0
 
 
 @dataclass

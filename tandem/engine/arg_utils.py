@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import json
 import numbers
 import os
 import types
@@ -42,6 +43,7 @@ from tandem.config import (
     KVOffloadConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_size,
 )
 from tandem.quantization.schemes import QUANTIZATION_METHODS
@@ -79,6 +81,25 @@ def _comma_ints(text: str) -> list[int]:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """CLI form of a dict: a JSON object ('{"method": "ngram", "num_speculative_tokens": 3}')."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _speculative(v: dict[str, Any]) -> str | None:
+    try:
+        SpeculativeConfig.from_dict(v)
+    except (TypeError, ValueError) as e:
+        return f"is invalid: {e}"
+    return None
 
 
 def _arg(default: Any, help: str, **meta: Any) -> Any:
@@ -191,6 +212,12 @@ class EngineArgs:
                                   choices=("fcfs", "priority"))
     async_scheduling: bool = _arg(SchedulerConfig.async_scheduling,
                                   "schedule step N+1 while the GPU runs step N (outputs arrive one step later)")
+    # speculative decoding (tandem/spec_decode)
+    speculative_config: dict[str, Any] | None = _arg(
+        None, "speculative decoding as a JSON object, vLLM's keys: method (ngram), num_speculative_tokens (3), "
+              "prompt_lookup_min (1), prompt_lookup_max (4); tandem's adaptive (true): drafts per request and step "
+              "chosen from the measured acceptance and step cost, down to none under load",
+        check=_speculative, cli_type=_json_object, metavar="JSON")
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -270,6 +297,8 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         return EngineConfig(
             kv_offload=self._kv_offload_config(),
+            speculative=(SpeculativeConfig.from_dict(self.speculative_config)
+                         if self.speculative_config is not None else None),
             model=ModelConfig(model=str(self.model or default_model_path()), tokenizer=self.tokenizer,
                               dtype=self.dtype,  # type: ignore[arg-type]  # a torch.dtype passes through
                               max_model_len=self.max_model_len, seed=self.seed, device=self.device,
@@ -335,6 +364,8 @@ def _is_instance(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is list:
         (elem,) = typing.get_args(hint)
         return isinstance(value, (list, tuple)) and all(_is_instance(v, elem) for v in value)
+    if typing.get_origin(hint) is dict:
+        return isinstance(value, dict)
     return isinstance(value, hint)
 
 

@@ -52,6 +52,9 @@ class EngineCore:
         kv = config.kv_transfer
         if config.scheduler.async_scheduling and kv is not None:
             raise ValueError("async scheduling does not combine with disaggregated prefill/decode yet")
+        if config.speculative is not None and (config.scheduler.async_scheduling or kv is not None):
+            raise ValueError("speculative_config does not combine with async scheduling or disaggregated "
+                             "prefill/decode yet")
         self.runner = ModelRunner(config.model, config.cache,
                                   share_kv_cache=kv is not None and kv.sends and kv.transport == "auto",
                                   scheduler_config=config.scheduler)
@@ -65,7 +68,7 @@ class EngineCore:
         self.async_scheduling = config.scheduler.async_scheduling
         # async scheduling: the launched step whose output is applied during the next step() call
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.connector)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.connector, config.speculative)
         self.kv_event_sink = kv_event_sink
         self._kv_event_seq = 0
         self._kv_event_backlog: deque[KVEventBatch] = deque(maxlen=KV_EVENT_BACKLOG)
@@ -219,6 +222,7 @@ class EngineCore:
             # grammar is in the engine no step is in flight when the next one is scheduled
             drained, self._in_flight = self._in_flight, None
             self._finish_step(*drained, outputs)
+        started = time.perf_counter()
         with span("schedule"):
             sched_out = self.scheduler.schedule()
         if sched_out.chunks:
@@ -238,6 +242,8 @@ class EngineCore:
                 return list(outputs.values())
             sched_out, handle = previous
         self._finish_step(sched_out, handle, outputs)
+        if self.scheduler.planner is not None and not overlap:  # speculation sizes drafts by step cost
+            self.scheduler.planner.cost.observe(sched_out.num_batched_tokens, time.perf_counter() - started)
         return self._end_step(outputs)
 
     def _has_grammars(self) -> bool:
@@ -260,13 +266,13 @@ class EngineCore:
 
     def _apply_result(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
         with span("update"):
-            updated = self.scheduler.update_from_output(sched_out, result.sampled)
+            updated = self.scheduler.update_from_output(sched_out, result.sampled, result.emitted)
             self._advance_grammars(updated)
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)
         for req in updated:
             out = outputs.setdefault(req.request_id, CoreOutput(req.request_id, []))
-            out.new_token_ids.append(req.output_token_ids[-1])
+            out.new_token_ids.extend(req.output_token_ids[-req.num_step_tokens:])
             lp = result.logprobs.get(req.request_id)
             if lp is not None:
                 out.new_logprobs = [lp]
@@ -333,6 +339,7 @@ class EngineCore:
                 self._fail_request(chunk.request_id, e, outputs)
                 continue
             result.sampled.update(part.sampled)
+            result.emitted.update(part.emitted)
             result.logprobs.update(part.logprobs)
             result.prompt_logprobs.update(part.prompt_logprobs)
         return result

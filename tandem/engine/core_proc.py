@@ -258,7 +258,8 @@ def stats(core: EngineCore) -> EngineStats:
                        prefix_cache_hits=kv.stats.hits, num_preemptions=sched.num_preemptions,
                        transfer=_transfer_stats(core), new_step_tokens=core.take_step_tokens(),
                        offload=core.connector.offload_report() if core.connector is not None else None,
-                       expert_imbalance=core.expert_load_imbalance())
+                       expert_imbalance=core.expert_load_imbalance(),
+                       spec_decode=sched.planner.stats if sched.planner is not None else None)
 
 
 def _transfer_stats(core: EngineCore) -> TransferStats | None:

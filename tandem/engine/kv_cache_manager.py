@@ -93,6 +93,17 @@ class KVCacheManager:
         blocks.extend(self.pool.get_new_blocks(num_new))
         return True
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Give back the request's blocks past the first ``num_tokens`` positions (they held only
+        rejected draft tokens: never full of computed tokens, so never in the prefix cache)."""
+        blocks = self.req_blocks.get(request.request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if blocks and len(blocks) > keep:
+            assert keep >= self.num_cached_blocks.get(request.request_id, 0), "a cached block is never trimmed"
+            extra = blocks[keep:]
+            del blocks[keep:]
+            self.free_blocks(extra)
+
     def cache_computed_blocks(self, request: Request) -> None:
         """After a step: publish the request's blocks whose tokens are now all computed."""
         if not self.enable_caching:

@@ -18,6 +18,7 @@ from tandem.kv_transfer.stats import TransferStats
 from tandem.kv_transfer.ticket import Ticket
 from tandem.outputs import TopLogprobs
 from tandem.sampling_params import SamplingParams
+from tandem.spec_decode.planner import SpecDecodeStats
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 
@@ -76,6 +77,7 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int
     transfer: TransferStats | None = None
     offload: OffloadStats | None = None  # KV offload tiers (tandem/kv_offload)
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding (tandem/spec_decode)
     expert_imbalance: list[float] = []  # MoE: per sparse layer, max/mean expert load since the last report
     new_step_tokens: list[int] = []  # tokens of each step since the previous report
 

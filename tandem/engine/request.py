@@ -91,6 +91,7 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.prefix_queried = False  # counted in the prefix-cache statistics
         self.num_preemptions = 0
+        self.num_step_tokens = 0  # output tokens the latest applied step appended (> 1: accepted drafts)
         self.serial = 0  # set by the scheduler on add: unique per scheduler, unlike a reusable request_id
         # Disaggregation. Decode side: a verified Ticket for the prompt's KV on a prefill worker,
         # cleared once loaded (kv_loaded until admitted) or given up. Prefill side: hold the blocks

@@ -7,6 +7,11 @@ Plain Python over plain data (no torch, no sockets). Each step:
 2. if nothing was preempted, waiting requests are admitted in policy order, after a prefix-cache
    lookup, while budget, ``max_num_seqs`` and blocks last.
 
+Speculative decoding (``speculative``, tandem/spec_decode): before step 1, each running request
+that only decodes gets draft tokens from the proposer, as many as the planner finds worth their
+cost; its chunk is its last token plus the drafts, and ``update_from_output`` appends the accepted
+tokens, advances by them and gives back blocks only rejected drafts needed.
+
 KV connector (disaggregation; ``tandem.kv_transfer.base`` has the hooks): after the local prefix
 lookup the connector may claim more of a waiting request's prompt (``get_num_new_matched_tokens``);
 the request then gets blocks for its prompt and waits (WAITING_FOR_REMOTE_KVS, in the connector's
@@ -23,17 +28,20 @@ import itertools
 import time
 from collections.abc import Iterable, Mapping
 
-from tandem.config import SchedulerConfig
+from tandem.config import SchedulerConfig, SpeculativeConfig
 from tandem.engine.block_pool import KVCacheBlock
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.request import Request, RequestStatus
 from tandem.kv_transfer.base import KVConnectorBase, refuse_kv_transfer
 from tandem.scheduler_output import PLACEHOLDER_TOKEN, NewRequestData, ScheduledChunk, SchedulerOutput
+from tandem.spec_decode import speculation_allowed
+from tandem.spec_decode.ngram import NgramProposer
+from tandem.spec_decode.planner import SpeculationPlanner, truncate_plan
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 connector: KVConnectorBase | None = None) -> None:
+                 connector: KVConnectorBase | None = None, speculative: SpeculativeConfig | None = None) -> None:
         self.config = config
         self.connector = connector  # e.g. tandem.kv_transfer.connector.KVConnector; None: no KV transfer
         self.kv = kv
@@ -47,6 +55,12 @@ class Scheduler:
         self._serials = itertools.count(1)  # Request.serial
         self._order_key: dict[str, tuple] = {}
         self.num_preemptions = 0
+        self.speculative = speculative
+        self.proposer = (NgramProposer(speculative.prompt_lookup_min, speculative.prompt_lookup_max)
+                         if speculative is not None else None)
+        self.planner = (SpeculationPlanner(speculative.num_speculative_tokens, speculative.adaptive)
+                        if speculative is not None else None)
+        self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per request
 
     # -- request lifecycle ---------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -119,6 +133,7 @@ class Scheduler:
         self._finished_since_last_step = set()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        self._drafts = self._plan_drafts(budget)
         preempted = self._schedule_running(scheduled, budget)
         budget -= sum(scheduled.values())
         if not preempted:
@@ -135,9 +150,38 @@ class Scheduler:
                     self._seen_by_runner.add(req.request_id)
                     out.new_requests.append(
                         NewRequestData(req.request_id, req.prompt_token_ids, req.sampling_params))
+        self._drafts = {}
         if self.connector is not None:
             out.kv_connector_metadata = self.connector.build_connector_meta(out)
         return out
+
+    def _plan_drafts(self, budget: int) -> dict[str, list[int]]:
+        """Draft tokens for the running requests that decode one token this step (speculation)."""
+        if self.proposer is None or self.planner is None:
+            return {}
+        max_drafts = self.planner.max_drafts
+        proposals: dict[str, list[int]] = {}
+        base_tokens = 0
+        for req in self.running:
+            base_tokens += self._num_unscheduled(req)
+            if not self._decodes_alone(req):
+                continue
+            # NOTE: no draft past max_tokens or max_model_len: every emitted token must be one the
+            # request could have sampled
+            room = min(max_drafts, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
+            if room > 0 and (proposal := self.proposer.propose(req.request_id, req.all_token_ids, room)):
+                proposals[req.request_id] = proposal
+        if not proposals:
+            return {}
+        plan = self.planner.plan({rid: len(p) for rid, p in proposals.items()}, min(base_tokens, budget),
+                                 len(self.running))
+        return truncate_plan(plan, proposals)
+
+    def _decodes_alone(self, req: Request) -> bool:
+        """Computed up to its last token, nothing in flight, and speculation allowed for it."""
+        return (req.num_pending_tokens == 0 and req.num_in_flight_tokens == 0
+                and req.num_computed_tokens == req.num_tokens - 1
+                and speculation_allowed(req.sampling_params, req.num_output_tokens, req.structured is not None))
 
     def _schedule_running(self, scheduled: dict[str, int], budget: int) -> list[Request]:
         preempted: list[Request] = []
@@ -146,6 +190,10 @@ class Scheduler:
             req = self.running[i]
             num_new = min(self._num_unscheduled(req), budget)
             if num_new <= 0:
+                i += 1
+                continue
+            if self._schedule_with_drafts(req, scheduled, budget):
+                budget -= scheduled[req.request_id]
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, req.num_in_flight_tokens + num_new):
@@ -163,6 +211,17 @@ class Scheduler:
                 i += 1
             # when req itself was preempted, running[i] is already the next request
         return preempted
+
+    def _schedule_with_drafts(self, req: Request, scheduled: dict[str, int], budget: int) -> bool:
+        """Schedule req's last token plus its drafts when budget and free blocks allow (never by
+        preempting: without room the drafts are dropped and req decodes as usual)."""
+        drafts = self._drafts.get(req.request_id, [])[:budget - 1]
+        if not drafts or not self.kv.allocate_slots(req, 1 + len(drafts)):
+            self._drafts.pop(req.request_id, None)
+            return False
+        self._drafts[req.request_id] = drafts
+        scheduled[req.request_id] = 1 + len(drafts)
+        return True
 
     def _schedule_waiting(self, scheduled: dict[str, int], budget: int) -> None:
         prefilling_parents = {r.parent_id for r in self.running
@@ -286,6 +345,13 @@ class Scheduler:
 
     def _make_chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens + req.num_in_flight_tokens
+        drafts = self._drafts.get(req.request_id)
+        if drafts:
+            assert n == 1 + len(drafts) and start == req.num_tokens - 1, (req, n, drafts)
+            return ScheduledChunk(req.request_id, [req.all_token_ids[start], *drafts], start,
+                                  self.kv.get_block_ids(req.request_id), sample=True,
+                                  num_prompt_tokens=req.num_prompt_tokens, serial=req.serial,
+                                  num_draft_tokens=len(drafts))
         known = req.all_token_ids[start:start + n]
         return ScheduledChunk(
             request_id=req.request_id,
@@ -298,15 +364,25 @@ class Scheduler:
         )
 
     # -- after the model ran -----------------------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int],
+                           emitted: Mapping[str, list[int]] | None = None) -> list[Request]:
         """Advance computed tokens, append sampled tokens, finish on stop token / length.
+        emitted: for chunks with draft tokens, every token the step gives (accepted drafts, then
+        the target's own).
 
-        Returns the requests that received a token (finished ones included)."""
+        Returns the requests that received a token (finished ones included); each request's
+        ``num_step_tokens`` says how many."""
         updated = []
         for chunk in out.chunks:
             req = self.requests.get(chunk.request_id)
             if req is None or req.serial != chunk.serial:
                 continue  # finished (or aborted) while the step ran; perhaps its id was reused since
+            req.num_step_tokens = 1
+            if chunk.num_draft_tokens and req.status == RequestStatus.RUNNING:
+                tokens = (emitted or {}).get(chunk.request_id) or [sampled[chunk.request_id]]
+                self._apply_verified(req, chunk, tokens)
+                updated.append(req)
+                continue
             if req.status != RequestStatus.RUNNING:
                 # preempted after this step was scheduled (asynchronous scheduling): its KV is gone,
                 # but a token it sampled is part of its output
@@ -328,6 +404,31 @@ class Scheduler:
                 self._finish(req, req.status)
             updated.append(req)
         return updated
+
+    def _apply_verified(self, req: Request, chunk: ScheduledChunk, tokens: list[int]) -> None:
+        """A chunk with drafts: append its tokens up to a stop, advance by the KV that holds (the
+        last token and the accepted drafts), give back blocks only rejected drafts needed."""
+        assert self.planner is not None and 1 <= len(tokens) <= len(chunk.token_ids), (chunk, tokens)
+        self.planner.record(req.request_id, chunk.num_draft_tokens, len(tokens) - 1)
+        req.num_in_flight_tokens -= len(chunk.token_ids)
+        req.num_pending_tokens += len(tokens) - 1  # _take_token counts each one down
+        taken, finished = 0, False
+        for token in tokens:
+            taken += 1
+            if self._take_token(req, token):
+                finished = True
+                break
+        req.num_pending_tokens -= len(tokens) - taken
+        req.num_step_tokens = taken
+        # each taken token but the last was an input of this step (its KV is written)
+        req.num_computed_tokens += taken
+        self.kv.trim(req, req.num_tokens)
+        self.kv.cache_computed_blocks(req)
+        if self.connector is not None:
+            self.connector.progress(req, self.kv.get_block_ids(req.request_id), req.num_computed_tokens)
+        if finished:
+            self.running.remove(req)
+            self._finish(req, req.status)
 
     def _take_token(self, req: Request, token: int) -> bool:
         """Append a sampled token; True (status set) when it ends the request."""
@@ -390,6 +491,9 @@ class Scheduler:
                 self.kv.free_blocks(blocks)
         del self.requests[req.request_id]
         self._order_key.pop(req.request_id, None)
+        if self.proposer is not None and self.planner is not None:
+            self.proposer.forget(req.request_id)
+            self.planner.forget(req.request_id)
         if req.request_id in self._seen_by_runner:
             self._seen_by_runner.discard(req.request_id)
             self._finished_since_last_step.add(req.request_id)

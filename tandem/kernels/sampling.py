@@ -30,6 +30,24 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     greedy = logits.argmax(dim=-1)
     if logits.shape[0] == 0:
         return greedy
+    z, z_max, keep = survivors(logits, temperature, top_k, top_p, min_p)
+    scores = torch.exp(z - z_max) / -torch.log(noise.clamp_min(torch.finfo(noise.dtype).tiny))
+    sampled = torch.where(keep, scores, torch.full_like(scores, -1.0)).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   min_p: torch.Tensor) -> torch.Tensor:
+    """The distribution ``sample_ref`` draws from, [R, V] float32 rows summing to 1 (greedy rows:
+    the tempered softmax over the survivors; callers treat them by argmax)."""
+    z, z_max, keep = survivors(logits, temperature, top_k, top_p, min_p)
+    mass = torch.where(keep, torch.exp(z - z_max), torch.zeros_like(z))
+    return mass / mass.sum(dim=-1, keepdim=True)
+
+
+def survivors(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+              min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z = logits / temperature, max z per row, the tokens min-p, top-k and top-p keep)."""
     vocab = logits.shape[1]
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     z = logits / temp[:, None]
@@ -41,9 +59,7 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     keep = (z >= cut) & (z > -float("inf")) | (z == z_max)
     if bool((top_p < 1).any()):
         keep &= _top_p_keep(z, keep, z_max, top_p)
-    scores = torch.exp(z - z_max) / -torch.log(noise.clamp_min(torch.finfo(noise.dtype).tiny))
-    sampled = torch.where(keep, scores, torch.full_like(scores, -1.0)).argmax(dim=-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    return z, z_max, keep
 
 
 def _top_p_keep(z: torch.Tensor, keep: torch.Tensor, z_max: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
 from tandem.h2d import to_device
+from tandem.kernels.sampling import sampling_probs
 from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
@@ -39,8 +40,9 @@ from tandem.runner.sampler import (
     sampling_kernel,
 )
 from tandem.runner.weight_offload import LayerOffloader
-from tandem.sampling_params import SamplingParams
+from tandem.sampling_params import SamplingParams, SamplingType
 from tandem.scheduler_output import PLACEHOLDER_TOKEN, ScheduledChunk, SchedulerOutput
+from tandem.spec_decode.rejection import rejection_sample
 from tandem.utils import cdiv
 
 if TYPE_CHECKING:
@@ -58,6 +60,9 @@ class RunnerOutput:
     logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
     # request id -> (position of the first scored prompt token, entries for consecutive positions)
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
+    # chunks with draft tokens: every token the step gives, accepted drafts then the target's own
+    # (``sampled`` holds the first)
+    emitted: dict[str, list[int]] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -313,7 +318,9 @@ class ModelRunner:
             with span("lm_head"):
                 logits = self.model.compute_logits(hidden[batch.logits_indices])
             with span("sample"):
-                handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask)
+                verified = self._verify_drafts(batch.draft_rows, logits)
+                handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask,
+                                      verified)
         if self._calibrating:
             self._end_calibration()
         self._last = handle
@@ -375,18 +382,22 @@ class ModelRunner:
         logits_rows: list[int] = []  # flat token index of every row of the logits
         sample_rows: list[int] = []  # rows of the logits that are sampled, in chunk order
         prompt_rows: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first flat index, count)
+        draft_rows: list[tuple[ScheduledChunk, int]] = []  # (chunk with drafts, first of its 1 + k rows)
         for c, start in zip(chunks, common.query_start_loc.tolist()):
             num_prompt_scored = self._num_prompt_logprob_rows(c)
             if num_prompt_scored:
                 prompt_rows.append((c, len(logits_rows), num_prompt_scored))
                 logits_rows.extend(range(start, start + num_prompt_scored))
-            if c.sample:
+            if c.num_draft_tokens:  # the last token and each draft score the token after it
+                draft_rows.append((c, len(logits_rows)))
+                logits_rows.extend(range(start, start + len(c.token_ids)))
+            elif c.sample:
                 sample_rows.append(len(logits_rows))
                 logits_rows.append(start + len(c.token_ids) - 1)
         meta = self.attn_metadata_builder.build(common)
         return _Batch(self._input_ids(chunks, input_ids), self._to_device(positions), meta,
                       self._to_device(logits_rows, torch.int64), prompt_rows,
-                      self._to_device(sample_rows, torch.int64))
+                      self._to_device(sample_rows, torch.int64), draft_rows)
 
     def _to_device(self, values: np.ndarray | list, dtype: torch.dtype | None = None) -> torch.Tensor:
         return to_device(values, self.device, dtype)
@@ -401,10 +412,11 @@ class ModelRunner:
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sample_rows: torch.Tensor | None = None,
                 prompt_rows: Sequence[tuple[ScheduledChunk, int, int]] = (),
-                grammar: dict[str, Any] | None = None) -> StepHandle:
+                grammar: dict[str, Any] | None = None, verified: RunnerOutput | None = None) -> StepHandle:
         """sample_rows: the logits rows to sample (None: every row); prompt_rows: prompt-logprob
-        rows; grammar: request id -> its bitmask row (structured outputs)."""
-        result = RunnerOutput()
+        rows; grammar: request id -> its bitmask row (structured outputs); verified: the chunks
+        with drafts, already resolved (``_verify_drafts``)."""
+        result = verified or RunnerOutput()
         for c, first, count in prompt_rows:
             state = self.states[c.request_id]
             targets = self._to_device(state.prompt_token_ids[c.start_pos + 1:c.start_pos + 1 + count], torch.int64)
@@ -413,7 +425,7 @@ class ModelRunner:
             assert k is not None, "a chunk has prompt-logprob rows only when its request asks for them"
             result.prompt_logprobs[c.request_id] = (c.start_pos + 1,
                                                     compute_top_logprobs(lp, targets, [k] * count))
-        sampled_chunks = [c for c in chunks if c.sample]
+        sampled_chunks = [c for c in chunks if c.sample and not c.num_draft_tokens]
         if not sampled_chunks:
             return StepHandle(result=result)
         states = [self.states[c.request_id] for c in sampled_chunks]
@@ -424,6 +436,38 @@ class ModelRunner:
             if entry is not None:
                 result.logprobs[c.request_id] = entry
         return StepHandle([c.request_id for c in sampled_chunks], tokens, states, result)
+
+    def _verify_drafts(self, draft_rows: list[tuple[ScheduledChunk, int]], logits: torch.Tensor) -> RunnerOutput:
+        """Rejection-sample each chunk's drafts against the target's distributions at its 1 + k
+        rows (the sampler's temperature, top-k, top-p and min-p; n-gram drafts have q = 1); the
+        tokens are read back here (speculation runs with synchronous scheduling)."""
+        result = RunnerOutput()
+        if not draft_rows:
+            return result
+        k = max(c.num_draft_tokens for c, _ in draft_rows)
+        vocab = self.args.vocab_size
+        index = torch.tensor([[first + min(j, c.num_draft_tokens) for j in range(k + 1)] for c, first in draft_rows])
+        target = logits[index.to(logits.device)][..., :vocab].float()  # [B, k + 1, V]; padding repeats a row
+        states = [self.states[c.request_id] for c, _ in draft_rows]
+        params = [s.params for s in states]
+        greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
+        repeat = k + 1
+        probs = sampling_probs(target.reshape(-1, vocab),
+                               self._to_device([0.0 if g else p.temperature for g, p in zip(greedy, params)
+                                                for _ in range(repeat)], torch.float32),
+                               self._to_device([min(p.top_k, vocab) for p in params for _ in range(repeat)], torch.int32),
+                               self._to_device([p.top_p for p in params for _ in range(repeat)], torch.float32),
+                               self._to_device([p.min_p for p in params for _ in range(repeat)], torch.float32))
+        drafts = self._to_device([c.token_ids[1:] + [0] * (k - c.num_draft_tokens) for c, _ in draft_rows], torch.int64)
+        tokens, counts = rejection_sample(probs.reshape(len(draft_rows), repeat, vocab), drafts, None,
+                                          self._to_device(greedy, torch.bool), self.sampler.generator,
+                                          self._to_device([c.num_draft_tokens for c, _ in draft_rows], torch.int64),
+                                          target_argmax=target.argmax(-1))
+        for (c, _), state, row, n in zip(draft_rows, states, tokens.tolist(), counts.tolist()):
+            state.output_token_ids.extend(row[:n])
+            result.sampled[c.request_id] = row[0]
+            result.emitted[c.request_id] = row[:n]
+        return result
 
     def _grammar_bitmask(self, sampled: list[ScheduledChunk], grammar: dict[str, Any] | None) -> torch.Tensor | None:
         """One bitmask row per sampled chunk, all ones (-1) for requests without a grammar."""
@@ -480,3 +524,4 @@ class _Batch:
     logits_indices: torch.Tensor
     prompt_rows: list[tuple[ScheduledChunk, int, int]]
     sample_rows: torch.Tensor
+    draft_rows: list[tuple[ScheduledChunk, int]]

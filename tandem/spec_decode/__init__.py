@@ -1,3 +1,25 @@
-"""Speculative decoding building blocks (issue 25; not wired into the scheduler yet): exact
-rejection sampling (``rejection.py``) and an n-gram proposer that stays O(1) per token on long
-contexts (``ngram.py``)."""
+"""Speculative decoding (vLLM's ``speculative_config``; method ``ngram``).
+
+The scheduler asks ``NgramProposer`` (``ngram.py``) for draft tokens that follow each decoding
+request, and ``SpeculationPlanner`` (``planner.py``) how many of them are worth verifying this step
+(from measured acceptance and step cost); the request's chunk is its last token plus the drafts.
+The model runner scores all of them in one forward and ``rejection_sample`` (``rejection.py``)
+keeps the accepted prefix plus one token from the target, so the output follows the target's
+distribution exactly. The scheduler then advances the request by what was accepted and gives back
+the blocks that only rejected drafts needed.
+"""
+
+from __future__ import annotations
+
+from tandem.sampling_params import SamplingParams, SamplingType
+
+
+def speculation_allowed(params: SamplingParams, num_output_tokens: int, structured: bool) -> bool:
+    """Requests whose next tokens depend only on the model's distribution are speculated; the rest
+    decode one token per step as before (their output is the same either way):
+    logprobs (reported per sampled token), penalties, logit bias and pending min_tokens (processing
+    that reads each earlier token), grammars, and seeded requests (whose draws must not depend on
+    how many drafts a step verified)."""
+    return not (structured or params.logprobs is not None or params.logit_bias
+                or params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+                or num_output_tokens < params.min_tokens or params.sampling_type == SamplingType.RANDOM_SEED)

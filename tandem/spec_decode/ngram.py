@@ -40,3 +40,23 @@ class NgramIndex:
             if end is not None:
                 return self.tokens[end:end + k]
         return []
+
+
+class NgramProposer:
+    """One ``NgramIndex`` per request, built on its first proposal and extended with the tokens
+    appended since (prompt and output alike)."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self._indexes: dict[str, NgramIndex] = {}
+
+    def propose(self, request_id: str, token_ids: list[int], k: int) -> list[int]:
+        """Up to k draft tokens to follow ``token_ids`` (the request's tokens so far)."""
+        index = self._indexes.get(request_id)
+        if index is None or len(index.tokens) > len(token_ids):
+            index = self._indexes[request_id] = NgramIndex(self.min_n, self.max_n)
+        index.extend(token_ids[len(index.tokens):])
+        return index.propose(k) if k > 0 else []
+
+    def forget(self, request_id: str) -> None:
+        self._indexes.pop(request_id, None)

@@ -18,36 +18,45 @@ PAD = -1  # output slots after the emitted tokens
 
 
 def rejection_sample(target_probs: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Tensor | None,
-                     greedy: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     greedy: torch.Tensor, generator: torch.Generator | None = None,
+                     num_draft: torch.Tensor | None = None,
+                     target_argmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """target_probs [B, k + 1, V] (fp32, rows summing to 1); draft_ids [B, k]; draft_probs [B, k, V]
-    or None (q = 1 on each draft token); greedy [B] bool.
+    or None (q = 1 on each draft token); greedy [B] bool; num_draft [B]: draft tokens per row when
+    fewer than k (the rest padding: never accepted, their draft_probs rows zero); target_argmax
+    [B, k + 1]: the greedy choice (default: the argmax of target_probs).
     Returns (tokens [B, k + 1] with PAD after the emitted ones, number emitted [B] in 1..k + 1)."""
     b, k1, vocab = target_probs.shape
     k = k1 - 1
-    rows = torch.arange(b)
+    device = target_probs.device
+    rows = torch.arange(b, device=device)
     p_draft = target_probs[:, :k].gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # p_i(d_i) [B, k]
     q_draft = (draft_probs.gather(2, draft_ids.unsqueeze(-1)).squeeze(-1) if draft_probs is not None
                else torch.ones_like(p_draft))
-    u = torch.rand((b, k), generator=generator, device=target_probs.device)
+    u = torch.rand((b, k), generator=generator, device=device)
     accept = u * q_draft < p_draft  # u < p / q, without dividing by a zero q
-    argmax = target_probs.argmax(-1)  # [B, k + 1]
+    argmax = target_probs.argmax(-1) if target_argmax is None else target_argmax  # [B, k + 1]
     accept = torch.where(greedy[:, None], draft_ids == argmax[:, :k], accept)
-    # the first rejection (k when every draft token is accepted)
-    first_reject = torch.where(accept.all(1), torch.full((b,), k), (~accept).int().argmax(1))
+    if num_draft is None:
+        num_draft = torch.full((b,), k, device=device)
+    accept &= torch.arange(k, device=device)[None, :] < num_draft[:, None]
+    # the first rejection (num_draft when every draft token is accepted)
+    first_reject = torch.where(accept.all(1), torch.full((b,), k, device=device), (~accept).int().argmax(1))
+    first_reject = torch.minimum(first_reject, num_draft)
     # the token emitted where the run stops: the residual's draw, or the bonus token from p_{k+1}
     stop_p = target_probs[rows, first_reject]  # [B, V]
     if draft_probs is not None:
         stop_q = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, first_reject]
     else:
         stop_q = torch.zeros_like(stop_p)
-        rejected = first_reject < k
+        rejected = first_reject < num_draft
         stop_q[rows[rejected], draft_ids[rows[rejected], first_reject[rejected]]] = 1.0
     residual = torch.clamp(stop_p - stop_q, min=0)
     # NOTE: a residual that is all zero (p == q exactly) cannot happen at a rejection: u < 1 = p/q there
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, stop_p)
     drawn = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
     last = torch.where(greedy, argmax[rows, first_reject], drawn)
-    positions = torch.arange(k1)[None, :]
+    positions = torch.arange(k1, device=device)[None, :]
     tokens = torch.cat([draft_ids, torch.zeros_like(draft_ids[:, :1])], 1)
     tokens = torch.where(positions < first_reject[:, None], tokens, PAD)
     tokens[rows, first_reject] = last

@@ -100,12 +100,14 @@ def test_cli_round_trip_of_every_flag():
             "--cpu-gemm", "onednn", "--quantization", "int8", "--precision-policy", "p.yaml",
             "--kv-cache-dtype", "fp8_e5m2", "--calculate-kv-scales", "--kv-cache-dtype-skip-layers", "0,3",
             "--kv-offloading-size", "1.5", "--kv-offloading-backend", "native", "--kv-disk-path", "d",
-            "--kv-disk-size", "2", "--cpu-offload-gb", "4"]
+            "--kv-disk-size", "2", "--cpu-offload-gb", "4",
+            "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']
     engine_args = EngineArgs.from_cli_args(build_parser().parse_args(argv))
     changed = {name for name, f in FIELDS.items() if getattr(engine_args, name) != f.default}
     assert changed == set(FIELDS), f"flags not exercised here: {sorted(set(FIELDS) - changed)}"
     assert engine_args.cuda_graph_sizes == [1, 2, 4] and engine_args.kv_cache_memory == "64MiB"
     assert engine_args.kv_cache_dtype_skip_layers == [0, 3]
+    assert engine_args.speculative_config == {"method": "ngram", "num_speculative_tokens": 2}
 
 
 def test_every_field_reaches_the_engine_config():
@@ -118,7 +120,7 @@ def test_every_field_reaches_the_engine_config():
              "async_scheduling": True, "cpu_gemm": "blas", "quantization": "fp8", "precision_policy": "p.yaml",
              "kv_cache_dtype": "fp8", "calculate_kv_scales": True, "kv_cache_dtype_skip_layers": [0],
              "kv_offloading_size": 1.0, "kv_offloading_backend": "native", "kv_disk_path": "d", "kv_disk_size": 2.0,
-             "cpu_offload_gb": 4.0}
+             "cpu_offload_gb": 4.0, "speculative_config": {"method": "ngram"}}
     # fields that mean something only beside another: compared with a config that has that one alone
     needs = {"kv_offloading_backend": {"kv_offloading_size": 1.0}, "kv_disk_path": {"kv_offloading_size": 1.0},
              "kv_disk_size": {"kv_offloading_size": 1.0, "kv_disk_path": "d"}}

@@ -90,6 +90,7 @@ class _EngineCollector:
         yield ended
         yield from _transfer_metrics(s.transfer if s else None)
         yield from _offload_metrics(s.offload if s else None)
+        yield from _spec_decode_metrics(s.spec_decode if s else None, self.labels["model_name"])
         if self.engine.config.kv_transfer is not None:  # a router never splits across different secrets
             key = GaugeMetricFamily("tandem:kv_transfer_key_info", "Fingerprint of this worker's KV transfer "
                                     "secret (tandem.kv_transfer.ticket.key_id)", labels=["key_id"])
@@ -141,6 +142,25 @@ def _prompt_tokens_by_source(s) -> dict[str, float]:
     queries = s.prefix_cache_queries if s else 0
     return {"local_compute": max(0, queries - cached - external), "local_cache_hit": cached,
             "external_kv_transfer": external}
+
+
+def _spec_decode_metrics(sd, model_name: str):
+    """With speculative decoding only: vLLM's spec_decode counters."""
+    if sd is None:
+        return
+    for name, doc, value in [
+        ("vllm:spec_decode_num_drafts", "Verified steps of a request that had draft tokens", sd.num_drafts),
+        ("vllm:spec_decode_num_draft_tokens", "Draft tokens verified", sd.num_draft_tokens),
+        ("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", sd.num_accepted_tokens),
+    ]:
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric([model_name], value)
+        yield c
+    per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each "
+                                  "draft position (0 = the first)", labels=["model_name", "position"])
+    for pos, value in enumerate(sd.accepted_per_pos):
+        per_pos.add_metric([model_name, str(pos)], value)
+    yield per_pos
 
 
 def _offload_metrics(o):

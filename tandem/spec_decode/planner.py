@@ -1,0 +1,151 @@
+"""How many draft tokens each request verifies this step: from measured acceptance and step cost.
+
+A step of ``n`` tokens is modelled as taking ``fixed + per_token * n`` seconds, fitted by least
+squares over the latest steps (``StepCostModel``). A request whose drafts are accepted with
+probability ``alpha`` per position (geometric: the j-th draft counts only if the j - 1 before it
+did) gains ``alpha ** j`` expected tokens from its j-th draft, for ``per_token`` more seconds.
+``SpeculationPlanner.plan`` adds drafts in order of that gain while each one raises the step's
+expected tokens per second, i.e. while ``gain / per_token > tokens / time`` of the step so far.
+When a step is dominated by its fixed cost (a small batch reading the weights once) drafts are
+nearly free and most are taken; when per-token compute dominates (a large batch) the rate of the
+step is already about ``1 / per_token`` and no draft with ``alpha < 1`` can raise it, so
+speculation stops by itself: a loaded server is never made slower by it.
+
+Acceptance per request is counted with decay (recent behaviour counts most), starting from the
+pooled acceptance of every request so far.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+# decay of a request's acceptance counts per verified step, and the weight of the pooled prior
+ACCEPTANCE_DECAY = 0.8
+PRIOR_TRIALS = 2.0
+COST_WINDOW = 128  # steps the cost model fits over
+MIN_COST_SAMPLES = 8
+
+
+class SpecDecodeStats(msgspec.Struct):
+    """vLLM's spec_decode counters: verified steps with drafts, draft tokens, accepted tokens, and
+    accepted tokens per draft position (cumulative; sent to the API process with the engine stats)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = []
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        if len(self.accepted_per_pos) < proposed:
+            self.accepted_per_pos.extend([0] * (proposed - len(self.accepted_per_pos)))
+        for j in range(accepted):
+            self.accepted_per_pos[j] += 1
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean tokens per verified step (accepted drafts + the one the target always gives)."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class StepCostModel:
+    """seconds ~ fixed + per_token * tokens over the last COST_WINDOW steps."""
+
+    def __init__(self, window: int = COST_WINDOW) -> None:
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            self.samples.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed, per_token), both >= 0; None until the steps seen differ enough in size."""
+        if len(self.samples) < MIN_COST_SAMPLES:
+            return None
+        m = len(self.samples)
+        mean_n = sum(n for n, _ in self.samples) / m
+        mean_t = sum(t for _, t in self.samples) / m
+        var_n = sum((n - mean_n) ** 2 for n, _ in self.samples)
+        if var_n < m * 0.25:  # every step about the same size: the slope is unknown
+            return None
+        per_token = max(0.0, sum((n - mean_n) * (t - mean_t) for n, t in self.samples) / var_n)
+        fixed = max(0.0, mean_t - per_token * mean_n)
+        return fixed, per_token
+
+
+@dataclass
+class _Acceptance:
+    accepted: float
+    trials: float
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.trials if self.trials else 0.0
+
+
+class SpeculationPlanner:
+    def __init__(self, num_speculative_tokens: int, adaptive: bool = True) -> None:
+        self.max_drafts = num_speculative_tokens
+        self.adaptive = adaptive
+        self.cost = StepCostModel()
+        self.stats = SpecDecodeStats()
+        self._pooled = _Acceptance(1.0, PRIOR_TRIALS)  # starts at 0.5
+        self._per_request: dict[str, _Acceptance] = {}
+
+    def acceptance(self, request_id: str) -> float:
+        own = self._per_request.get(request_id)
+        return (own or self._pooled).rate
+
+    def record(self, request_id: str, proposed: int, accepted: int) -> None:
+        """One verified step: ``accepted`` of ``proposed`` drafts (each position a trial until the
+        first rejection)."""
+        self.stats.record(proposed, accepted)
+        trials = accepted + (accepted < proposed)
+        own = self._per_request.get(request_id)
+        if own is None:
+            own = self._per_request[request_id] = _Acceptance(self._pooled.rate * PRIOR_TRIALS, PRIOR_TRIALS)
+        own.accepted = own.accepted * ACCEPTANCE_DECAY + accepted
+        own.trials = own.trials * ACCEPTANCE_DECAY + trials
+        self._pooled.accepted += accepted
+        self._pooled.trials += trials
+
+    def forget(self, request_id: str) -> None:
+        self._per_request.pop(request_id, None)
+
+    def plan(self, available: dict[str, int], base_tokens: int, base_emitted: int) -> dict[str, int]:
+        """Draft tokens per request (absent: none). available: request id -> drafts it could verify
+        (its proposal's length); base_tokens / base_emitted: the step's tokens and sampled tokens
+        without drafts."""
+        fit = self.cost.fit() if self.adaptive else None
+        if fit is None:
+            return dict(available)  # nothing measured yet (or not adaptive): verify every proposal
+        fixed, per_token = fit
+        time = fixed + per_token * max(1, base_tokens)
+        emitted = float(max(1, base_emitted))
+        alphas = {rid: self.acceptance(rid) for rid in available}
+        heap = [(-alphas[rid], rid, 1) for rid, n in available.items() if n > 0]
+        heapq.heapify(heap)
+        chosen: dict[str, int] = {}
+        while heap:
+            neg_gain, rid, j = heapq.heappop(heap)
+            gain = -neg_gain
+            if gain * time <= emitted * per_token:
+                break  # gains only fall from here: no further draft raises the step's rate
+            chosen[rid] = j
+            time += per_token
+            emitted += gain
+            if j < available[rid]:
+                heapq.heappush(heap, (-gain * alphas[rid], rid, j + 1))
+        return chosen
+
+
+def truncate_plan(plan: dict[str, int], proposals: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """The draft tokens each planned request verifies."""
+    return {rid: list(proposals[rid][:k]) for rid, k in plan.items() if k > 0}

@@ -1,0 +1,211 @@
+"""Speculative decoding (n-gram): outputs equal those without speculation, block accounting stays
+exact, the planner backs off when drafts cost more than they give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem import SamplingParams
+from tandem.config import SchedulerConfig, SpeculativeConfig
+from tandem.engine.arg_utils import EngineArgs
+from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.request import Request
+from tandem.engine.scheduler import Scheduler
+from tandem.kernels.sampling import sample_ref, sampling_probs
+from tandem.spec_decode.planner import SpeculationPlanner, StepCostModel
+
+
+# -- the scheduler alone: a fake model whose next token depends only on (request, position) ------------
+def _target(rid: str, pos: int) -> int:
+    """The token at ``pos``: a period-7 pattern (n-gram proposals mostly right), broken every 11
+    positions (a rejection), different per request."""
+    if pos % 11 == 0:
+        return 90 + len(rid) % 5
+    return (sum(map(ord, rid)) + pos % 7) % 60 + 10
+
+
+def _spec_sched(num_blocks: int, budget: int, k: int, max_len: int = 256) -> Scheduler:
+    kv = KVCacheManager(num_blocks, 4, True)
+    spec = SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3, adaptive=False)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=4), kv, max_len, speculative=spec)
+
+
+def _run(s: Scheduler, max_steps: int = 3000) -> tuple[dict[str, list[int]], int]:
+    reqs = dict(s.requests)
+    steps = 0
+    while s.has_unfinished_requests():
+        steps += 1
+        assert steps < max_steps, "did not finish"
+        out = s.schedule()
+        sampled, emitted = {}, {}
+        for c in out.chunks:
+            if not c.sample:
+                continue
+            end = c.start_pos + len(c.token_ids)
+            if not c.num_draft_tokens:
+                sampled[c.request_id] = _target(c.request_id, end)
+                continue
+            first = c.start_pos + 1  # the position the last token's logits predict
+            tokens = []
+            for j, draft in enumerate(c.token_ids[1:]):
+                tokens.append(_target(c.request_id, first + j))
+                if draft != tokens[-1]:
+                    break
+            else:
+                tokens.append(_target(c.request_id, end))  # every draft accepted: the bonus token
+            sampled[c.request_id], emitted[c.request_id] = tokens[0], tokens
+        s.update_from_output(out, sampled, emitted)
+        s.kv.pool.check_invariants()
+        for req in s.running:  # blocks cover the computed tokens and the next one, never more
+            assert len(s.kv.req_blocks[req.request_id]) <= -(-req.num_tokens // s.kv.block_size)
+    s.kv.pool.assert_idle()
+    return {rid: r.output_token_ids for rid, r in reqs.items()}, steps
+
+
+def _fill(s: Scheduler) -> None:
+    for i, (n, m, stop_at) in enumerate([(9, 30, None), (20, 25, 13), (3, 1, None), (14, 40, None), (30, 12, 5)]):
+        rid = f"r{i}"
+        params = SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+        if stop_at is not None:  # the token at that output position stops the request
+            params.stop_token_ids = [_target(rid, n + stop_at)]
+        s.add_request(Request(rid, [_target(rid, p) for p in range(n)], params, max_tokens=m, arrival_time=i))
+
+
+@pytest.mark.parametrize("num_blocks,budget", [(64, 64), (64, 6), (14, 16)])  # plain, chunked prefill, preemption
+@pytest.mark.parametrize("k", [1, 4])
+def test_scheduler_outputs_equal_decoding_without_drafts(num_blocks, budget, k):
+    plain = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=4), KVCacheManager(num_blocks, 4),
+                      256)
+    _fill(plain)
+    want, plain_steps = _run(plain)
+    s = _spec_sched(num_blocks, budget, k)
+    _fill(s)
+    got, spec_steps = _run(s)
+    assert got == want
+    stats = s.planner.stats
+    assert stats.num_drafts > 0 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert spec_steps < plain_steps
+    # drafts past a length never count; r1 and r4 end at their stop token
+    assert [len(want[r]) for r in ("r0", "r2", "r3")] == [30, 1, 40]
+    assert len(want["r1"]) <= 14 and len(want["r4"]) <= 6
+
+
+def test_drafts_never_pass_max_model_len():
+    s = _spec_sched(64, 64, 4, max_len=30)
+    s.add_request(Request("a", [_target("a", p) for p in range(20)], SamplingParams(max_tokens=50, ignore_eos=True),
+                          max_tokens=50))
+    out, _ = _run(s)
+    assert len(out["a"]) == 10  # 20 + 10 = max_model_len
+
+
+def test_requests_that_need_every_token_are_not_speculated():
+    s = _spec_sched(64, 64, 4)
+    for i, extra in enumerate([{"logprobs": 1}, {"presence_penalty": 0.5}, {"seed": 7, "temperature": 1.0},
+                               {"logit_bias": {3: 1.0}}]):
+        params = SamplingParams(max_tokens=20, ignore_eos=True, **extra)
+        s.add_request(Request(f"x{i}", [_target("x", p) for p in range(12)], params, max_tokens=20))
+    _run(s)
+    assert s.planner.stats.num_drafts == 0
+
+
+# -- the planner ---------------------------------------------------------------------------------------
+def _planner_with_costs(fixed: float, per_token: float, accepted_of_4: int) -> SpeculationPlanner:
+    planner = SpeculationPlanner(4)
+    for n in (1, 8, 32, 64, 128, 4, 16, 2, 48, 100):
+        planner.cost.observe(n, fixed + per_token * n)
+    for _ in range(50):
+        planner.record("warm", 4, accepted_of_4)
+    planner.forget("warm")
+    return planner
+
+
+def test_cost_model_recovers_a_linear_step_time():
+    model = StepCostModel()
+    assert model.fit() is None
+    for n in range(1, 20):
+        model.observe(n, 0.010 + 0.001 * n)
+    fixed, per_token = model.fit()
+    assert fixed == pytest.approx(0.010) and per_token == pytest.approx(0.001)
+
+
+def test_planner_drafts_when_steps_cost_little_per_token_and_stops_under_load():
+    cheap = _planner_with_costs(fixed=0.020, per_token=0.0002, accepted_of_4=3)
+    assert cheap.plan({"a": 4}, base_tokens=1, base_emitted=1) == {"a": 4}
+    # 64 decodes, per-token compute dominates: no draft raises the step's tokens per second
+    loaded = _planner_with_costs(fixed=0.020, per_token=0.005, accepted_of_4=3)
+    assert loaded.plan({f"r{i}": 4 for i in range(64)}, base_tokens=64, base_emitted=64) == {}
+    # at the same cost, drafts that are always rejected are dropped, drafts always accepted kept
+    assert _planner_with_costs(0.020, 0.002, 0).plan({"a": 4, "b": 4}, 2, 2) == {}
+    assert _planner_with_costs(0.020, 0.002, 4).plan({"a": 4, "b": 4}, 2, 2) == {"a": 4, "b": 4}
+
+
+def test_planner_without_measurements_or_not_adaptive_verifies_every_proposal():
+    assert SpeculationPlanner(4).plan({"a": 3, "b": 1}, 2, 2) == {"a": 3, "b": 1}
+    fixed = _planner_with_costs(0.02, 0.002, 0)
+    fixed.adaptive = False
+    assert fixed.plan({f"r{i}": 2 for i in range(64)}, 64, 64) == {f"r{i}": 2 for i in range(64)}
+
+
+# -- the target distribution a draft is verified against ------------------------------------------------
+def test_sampling_probs_is_the_distribution_sample_ref_draws_from():
+    torch.manual_seed(0)
+    vocab, draws = 12, 20000
+    logits = torch.randn(1, vocab) * 2
+    args = (torch.tensor([0.8]), torch.tensor([6], dtype=torch.int32), torch.tensor([0.9]), torch.tensor([0.02]))
+    probs = sampling_probs(logits, *args)[0]
+    rows = logits.expand(draws, vocab).contiguous()
+    expand = [a.expand(draws).contiguous() for a in args]
+    counts = torch.bincount(sample_ref(rows, *expand, torch.rand(draws, vocab)), minlength=vocab).float()
+    assert torch.allclose(counts / draws, probs, atol=0.015)
+    assert (probs[counts == 0] == 0).all() and probs.sum() == pytest.approx(1.0)
+
+
+# -- the engine on a tiny random model --------------------------------------------------------------------
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+
+
+def _prompts() -> list[list[int]]:
+    return [[5, 6, 7, 8, 9, 10, 11, 12] * 4 + [5, 6], list(range(3, 40)) + list(range(3, 20)), [7] * 20,
+            [40, 41, 42] * 10]
+
+
+def _tokens(llm, prompts, params):
+    return [[c.token_ids for c in o.outputs] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+@pytest.mark.parametrize("preset", ["llama3-gqa", "qwen3-moe"])
+def test_greedy_outputs_equal_without_speculation(make_llm, preset):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = _tokens(make_llm(preset), _prompts(), params)
+    spec = make_llm(preset, speculative_config=SPEC)
+    assert _tokens(spec, _prompts(), params) == want
+    assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0
+
+
+def test_greedy_equal_with_chunked_prefill_preemption_and_n(make_llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2)
+    kw = {"max_num_batched_tokens": 16, "num_gpu_blocks_override": 14, "block_size": 4, "max_num_seqs": 4}
+    want = _tokens(make_llm(**kw), _prompts(), params)
+    spec = make_llm(speculative_config=SPEC, **kw)
+    assert _tokens(spec, _prompts(), params) == want
+    assert spec.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_sampled_requests_with_speculation_end_normally(make_llm):
+    spec = make_llm(speculative_config=SPEC)
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.95, max_tokens=25, ignore_eos=True, n=3)
+    out = spec.generate([{"prompt_token_ids": p} for p in _prompts()], params)
+    assert all(len(c.token_ids) == 25 for o in out for c in o.outputs)
+    assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0
+
+
+def test_speculative_config_errors_name_the_problem(make_llm):
+    with pytest.raises(ValueError, match="'eagle' is not supported yet"):
+        EngineArgs(speculative_config={"method": "eagle", "model": "x"})
+    with pytest.raises(ValueError, match="unsupported key"):
+        EngineArgs(speculative_config={"method": "ngram", "num_lookahead": 2})
+    with pytest.raises(ValueError, match="num_speculative_tokens must be >= 1"):
+        EngineArgs(speculative_config={"num_speculative_tokens": 0})
+    with pytest.raises(ValueError, match="async scheduling"):
+        make_llm(speculative_config=SPEC, async_scheduling=True)
