@@ -109,6 +109,13 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_spec(args: argparse.Namespace) -> int:
+    from tandem.bench.spec import run_spec
+
+    run_spec(args)
+    return 0
+
+
 def _cmd_bench_compare(args: argparse.Namespace) -> int:
     from tandem.bench.compare import run_compare
 
@@ -231,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.bench.offload import add_offload_args
     from tandem.bench.serve import add_serve_args
     from tandem.bench.soak import add_soak_args, soak_command
+    from tandem.bench.spec import add_spec_args
     from tandem.bench.throughput import add_throughput_args
 
     benches = (
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
          "server, as `vllm bench serve`"),
         ("offload", add_offload_args, _cmd_bench_offload, "what the KV offload tiers save on revisited prefixes, "
          "and cost without reuse, side by side with offloading off"),
+        ("spec", add_spec_args, _cmd_bench_spec, "speculative decoding (every proposal verified, and adaptive) "
+         "side by side with none, at batch 1 and a full batch, on code and copy-heavy edits"),
         ("compare", add_compare_args, _cmd_bench_compare, "result JSON files side by side, with ratios to the first"),
         ("soak", add_soak_args, soak_command, "a fleet under steady load for a long time, a worker killed "
          "half-way: leaks, stuck requests and memory growth"),

@@ -9,6 +9,7 @@ import inspect
 import pytest
 
 from tandem import LLM
+from tandem.bench.spec import DEFAULT_SPEC
 from tandem.cli import build_parser, check_worker_args, main
 from tandem.config import EngineConfig
 from tandem.engine.arg_utils import EngineArgs
@@ -31,6 +32,7 @@ OWN_FLAGS = {
     ("bench", "latency"): {"input_len", "output_len", "batch_size", "n", "num_iters_warmup", "num_iters",
                            "output_json", "disable_tqdm", "profile"},
     ("bench", "offload"): {"num_prompts", "input_len", "output_len", "rounds", "output_json"},
+    ("bench", "spec"): {"text", "num_prompts", "batch_size", "input_len", "output_len", "rounds", "output_json"},
     ("eval", "perplexity"): {"files", "window", "output_json"},
     ("eval", "quality"): {"reference", "text", "window", "max_windows", "prompt_len", "continuation_len", "max_ppl_ratio",
                           "max_kl", "show_policy", "output_json"},
@@ -41,9 +43,12 @@ DEFAULT_OVERRIDES = {
     (("bench", "latency"), "enable_prefix_caching"): False,
     # the engine with the host tier (the other one runs without)
     (("bench", "offload"), "kv_offloading_size"): 1.0,
+    # the speculative engines' config (the baseline engine runs without)
+    (("bench", "spec"), "speculative_config"): DEFAULT_SPEC,
 }
 MODEL_FORM = {("generate",): "positional", ("serve",): "positional", ("bench", "throughput"): "option",
-              ("bench", "latency"): "option", ("bench", "offload"): "option", ("eval", "perplexity"): "positional",
+              ("bench", "latency"): "option", ("bench", "offload"): "option", ("bench", "spec"): "option",
+              ("eval", "perplexity"): "positional",
               ("eval", "quality"): "positional"}
 
 
