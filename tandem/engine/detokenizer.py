@@ -123,6 +123,10 @@ class IncrementalDetokenizer:
         """The stop string that ended the text, if any."""
         return self._stop_reason
 
+    @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stop)
+
     def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Append sampled tokens; return the stop string that matched, if any.
 

@@ -154,18 +154,33 @@ class OutputProcessor:
         return outputs
 
     def _process_tokens(self, child: _Child, out: EngineCoreOutput) -> None:
-        child.token_ids.extend(out.new_token_ids)
+        new, stop_str = self._detokenize(child, out)
+        child.token_ids.extend(new)
         if child.logprobs is not None and out.new_logprobs:
             for lp in out.new_logprobs:
                 child.logprobs.append(self._logprob_dict(lp))
                 child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.logprob
-        stopped_by_token = out.finish_reason == "stop"
-        stop_str = child.detok.update(out.new_token_ids, stop_terminated=stopped_by_token)
-        if out.finish_reason is not None:
+        if out.finish_reason is not None and len(new) == len(out.new_token_ids):
             child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
         elif stop_str is not None:
-            self.core.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED, stop_str)
+            if out.finish_reason is None:
+                self.core.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED, stop_str)
             child.finish_reason, child.stop_reason = "stop", stop_str
+
+    @staticmethod
+    def _detokenize(child: _Child, out: EngineCoreOutput) -> tuple[list[int], str | None]:
+        """Feed the step's tokens to the detokenizer -> (the tokens kept, the stop string matched).
+        Several tokens in one step (accepted draft tokens) with stop strings go one at a time, so
+        that the tokens after the one completing a stop string are dropped, as if never sampled."""
+        new = out.new_token_ids
+        stopped_by_token = out.finish_reason == "stop"
+        if len(new) == 1 or not child.detok.has_stop_strings:
+            return new, child.detok.update(new, stop_terminated=stopped_by_token)
+        for i in range(len(new)):
+            stop_str = child.detok.update(new[i:i + 1], stop_terminated=stopped_by_token and i == len(new) - 1)
+            if stop_str is not None:
+                return new[:i + 1], stop_str
+        return new, None
 
     def _record_prompt_logprobs(self, parent: _Parent, first_pos: int, entries: list[TopLogprobs]) -> None:
         store = parent.prompt_logprobs

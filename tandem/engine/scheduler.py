@@ -7,9 +7,10 @@ Plain Python over plain data (no torch, no sockets). Each step:
 2. if nothing was preempted, waiting requests are admitted in policy order, after a prefix-cache
    lookup, while budget, ``max_num_seqs`` and blocks last.
 
-Speculative decoding (``speculative``, tandem/spec_decode): before step 1, each running request
-that only decodes gets draft tokens from the proposer, as many as the planner finds worth their
-cost; its chunk is its last token plus the drafts, and ``update_from_output`` appends the accepted
+Speculative decoding (``speculative``, tandem/spec_decode): after step 1 (when nothing was
+preempted), each running request that only decodes gets draft tokens from the proposer, as many as
+the planner finds worth their cost, from the budget and blocks left; its chunk is its last token
+plus the drafts, and ``update_from_output`` appends the accepted
 tokens, advances by them and gives back blocks only rejected drafts needed.
 
 KV connector (disaggregation; ``tandem.kv_transfer.base`` has the hooks): after the local prefix
@@ -133,10 +134,10 @@ class Scheduler:
         self._finished_since_last_step = set()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
-        self._drafts = self._plan_drafts(budget)
         preempted = self._schedule_running(scheduled, budget)
         budget -= sum(scheduled.values())
         if not preempted:
+            budget -= self._schedule_drafts(scheduled, budget)
             self._schedule_waiting(scheduled, budget)
         out.preempted_request_ids = [r.request_id for r in preempted]
         for req in self.running:
@@ -155,16 +156,27 @@ class Scheduler:
             out.kv_connector_metadata = self.connector.build_connector_meta(out)
         return out
 
-    def _plan_drafts(self, budget: int) -> dict[str, list[int]]:
-        """Draft tokens for the running requests that decode one token this step (speculation)."""
+    def _schedule_drafts(self, scheduled: dict[str, int], budget: int) -> int:
+        """Speculation, after every running request has its token: draft tokens for those that
+        decode one, from the budget and the blocks left (a draft never takes another request's
+        room, and never preempts). Returns the budget used."""
+        used = 0
+        for rid, drafts in self._plan_drafts(scheduled).items():
+            drafts = drafts[:budget - used]
+            if drafts and self.kv.allocate_slots(self.requests[rid], 1 + len(drafts)):
+                self._drafts[rid] = drafts
+                scheduled[rid] += len(drafts)
+                used += len(drafts)
+        return used
+
+    def _plan_drafts(self, scheduled: dict[str, int]) -> dict[str, list[int]]:
+        """Draft tokens worth verifying for the running requests scheduled to decode one token."""
         if self.proposer is None or self.planner is None:
             return {}
         max_drafts = self.planner.max_drafts
         proposals: dict[str, list[int]] = {}
-        base_tokens = 0
         for req in self.running:
-            base_tokens += self._num_unscheduled(req)
-            if not self._decodes_alone(req):
+            if scheduled.get(req.request_id) != 1 or not self._decodes_alone(req):
                 continue
             # NOTE: no draft past max_tokens or max_model_len: every emitted token must be one the
             # request could have sampled
@@ -173,8 +185,8 @@ class Scheduler:
                 proposals[req.request_id] = proposal
         if not proposals:
             return {}
-        plan = self.planner.plan({rid: len(p) for rid, p in proposals.items()}, min(base_tokens, budget),
-                                 len(self.running))
+        plan = self.planner.plan({rid: len(p) for rid, p in proposals.items()}, sum(scheduled.values()),
+                                 len(scheduled))
         return truncate_plan(plan, proposals)
 
     def _decodes_alone(self, req: Request) -> bool:
@@ -192,10 +204,6 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            if self._schedule_with_drafts(req, scheduled, budget):
-                budget -= scheduled[req.request_id]
-                i += 1
-                continue
             while not self.kv.allocate_slots(req, req.num_in_flight_tokens + num_new):
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
@@ -211,17 +219,6 @@ class Scheduler:
                 i += 1
             # when req itself was preempted, running[i] is already the next request
         return preempted
-
-    def _schedule_with_drafts(self, req: Request, scheduled: dict[str, int], budget: int) -> bool:
-        """Schedule req's last token plus its drafts when budget and free blocks allow (never by
-        preempting: without room the drafts are dropped and req decodes as usual)."""
-        drafts = self._drafts.get(req.request_id, [])[:budget - 1]
-        if not drafts or not self.kv.allocate_slots(req, 1 + len(drafts)):
-            self._drafts.pop(req.request_id, None)
-            return False
-        self._drafts[req.request_id] = drafts
-        scheduled[req.request_id] = 1 + len(drafts)
-        return True
 
     def _schedule_waiting(self, scheduled: dict[str, int], budget: int) -> None:
         prefilling_parents = {r.parent_id for r in self.running

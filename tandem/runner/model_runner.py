@@ -42,7 +42,7 @@ from tandem.runner.sampler import (
 from tandem.runner.weight_offload import LayerOffloader
 from tandem.sampling_params import SamplingParams, SamplingType
 from tandem.scheduler_output import PLACEHOLDER_TOKEN, ScheduledChunk, SchedulerOutput
-from tandem.spec_decode.rejection import rejection_sample
+from tandem.spec_decode.rejection import greedy_verify, rejection_sample
 from tandem.utils import cdiv
 
 if TYPE_CHECKING:
@@ -321,6 +321,8 @@ class ModelRunner:
                 verified = self._verify_drafts(batch.draft_rows, logits)
                 handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask,
                                       verified)
+                for rid, emitted in verified.emitted.items():  # the step succeeded: its tokens count
+                    self.states[rid].output_token_ids.extend(emitted)
         if self._calibrating:
             self._end_calibration()
         self._last = handle
@@ -438,33 +440,38 @@ class ModelRunner:
         return StepHandle([c.request_id for c in sampled_chunks], tokens, states, result)
 
     def _verify_drafts(self, draft_rows: list[tuple[ScheduledChunk, int]], logits: torch.Tensor) -> RunnerOutput:
-        """Rejection-sample each chunk's drafts against the target's distributions at its 1 + k
-        rows (the sampler's temperature, top-k, top-p and min-p; n-gram drafts have q = 1); the
-        tokens are read back here (speculation runs with synchronous scheduling)."""
+        """Verify each chunk's drafts against the target at its 1 + k rows: greedy rows by the raw
+        argmax, sampled rows by rejection sampling against the sampler's own distribution
+        (temperature, top-k, top-p, min-p; n-gram drafts have q = 1). The tokens are read back here
+        (speculation runs with synchronous scheduling); the sampling states are extended by the
+        caller once the whole step has succeeded."""
         result = RunnerOutput()
         if not draft_rows:
             return result
         k = max(c.num_draft_tokens for c, _ in draft_rows)
         vocab = self.args.vocab_size
-        index = torch.tensor([[first + min(j, c.num_draft_tokens) for j in range(k + 1)] for c, first in draft_rows])
-        target = logits[index.to(logits.device)][..., :vocab].float()  # [B, k + 1, V]; padding repeats a row
-        states = [self.states[c.request_id] for c, _ in draft_rows]
-        params = [s.params for s in states]
+        index = [[first + min(j, c.num_draft_tokens) for j in range(k + 1)] for c, first in draft_rows]
+        target = logits[self._to_device(index, torch.int64)][..., :vocab].float()  # [B, k + 1, V]; pads repeat a row
+        params = [self.states[c.request_id].params for c, _ in draft_rows]
         greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
-        repeat = k + 1
-        probs = sampling_probs(target.reshape(-1, vocab),
-                               self._to_device([0.0 if g else p.temperature for g, p in zip(greedy, params)
-                                                for _ in range(repeat)], torch.float32),
-                               self._to_device([min(p.top_k, vocab) for p in params for _ in range(repeat)], torch.int32),
-                               self._to_device([p.top_p for p in params for _ in range(repeat)], torch.float32),
-                               self._to_device([p.min_p for p in params for _ in range(repeat)], torch.float32))
         drafts = self._to_device([c.token_ids[1:] + [0] * (k - c.num_draft_tokens) for c, _ in draft_rows], torch.int64)
-        tokens, counts = rejection_sample(probs.reshape(len(draft_rows), repeat, vocab), drafts, None,
-                                          self._to_device(greedy, torch.bool), self.sampler.generator,
-                                          self._to_device([c.num_draft_tokens for c, _ in draft_rows], torch.int64),
-                                          target_argmax=target.argmax(-1))
-        for (c, _), state, row, n in zip(draft_rows, states, tokens.tolist(), counts.tolist()):
-            state.output_token_ids.extend(row[:n])
+        num_draft = self._to_device([c.num_draft_tokens for c, _ in draft_rows], torch.int64)
+        tokens, counts = greedy_verify(drafts, num_draft, target.argmax(-1))
+        sampled = [i for i, g in enumerate(greedy) if not g]
+        if sampled:  # full-vocabulary probabilities only for the rows that sample
+            rows = self._to_device(sampled, torch.int64)
+            chosen = [params[i] for i in sampled]
+            per_row = [p for p in chosen for _ in range(k + 1)]
+            probs = sampling_probs(target[rows].reshape(-1, vocab),
+                                   self._to_device([p.temperature for p in per_row], torch.float32),
+                                   self._to_device([min(p.top_k, vocab) for p in per_row], torch.int32),
+                                   self._to_device([p.top_p for p in per_row], torch.float32),
+                                   self._to_device([p.min_p for p in per_row], torch.float32))
+            s_tokens, s_counts = rejection_sample(probs.reshape(len(sampled), k + 1, vocab), drafts[rows], None,
+                                                  torch.zeros(len(sampled), dtype=torch.bool, device=rows.device),
+                                                  self.sampler.generator, num_draft[rows])
+            tokens[rows], counts[rows] = s_tokens, s_counts
+        for (c, _), row, n in zip(draft_rows, tokens.tolist(), counts.tolist()):
             result.sampled[c.request_id] = row[0]
             result.emitted[c.request_id] = row[:n]
         return result

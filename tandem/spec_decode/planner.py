@@ -12,7 +12,8 @@ step is already about ``1 / per_token`` and no draft with ``alpha < 1`` can rais
 speculation stops by itself: a loaded server is never made slower by it.
 
 Acceptance per request is counted with decay (recent behaviour counts most), starting from the
-pooled acceptance of every request so far.
+pooled acceptance of every request so far; a request passed over PROBE_INTERVAL times in a row
+verifies one draft, so that its estimate can recover.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ ACCEPTANCE_DECAY = 0.8
 PRIOR_TRIALS = 2.0
 COST_WINDOW = 128  # steps the cost model fits over
 MIN_COST_SAMPLES = 8
+# a request passed over this many times in a row verifies one draft, so that an acceptance estimate
+# that fell low can rise again when its text turns repetitive
+PROBE_INTERVAL = 64
 
 
 class SpecDecodeStats(msgspec.Struct):
@@ -60,24 +64,26 @@ class StepCostModel:
 
     def __init__(self, window: int = COST_WINDOW) -> None:
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._last: tuple[float, float] | None = None
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             self.samples.append((tokens, seconds))
 
     def fit(self) -> tuple[float, float] | None:
-        """(fixed, per_token), both >= 0; None until the steps seen differ enough in size."""
+        """(fixed, per_token), both >= 0; None until the steps seen differ enough in size (then
+        the last fit that could be made holds: a steady batch does not make the slope unknown)."""
         if len(self.samples) < MIN_COST_SAMPLES:
-            return None
+            return self._last
         m = len(self.samples)
         mean_n = sum(n for n, _ in self.samples) / m
         mean_t = sum(t for _, t in self.samples) / m
         var_n = sum((n - mean_n) ** 2 for n, _ in self.samples)
         if var_n < m * 0.25:  # every step about the same size: the slope is unknown
-            return None
+            return self._last
         per_token = max(0.0, sum((n - mean_n) * (t - mean_t) for n, t in self.samples) / var_n)
-        fixed = max(0.0, mean_t - per_token * mean_n)
-        return fixed, per_token
+        self._last = (max(0.0, mean_t - per_token * mean_n), per_token)
+        return self._last
 
 
 @dataclass
@@ -98,6 +104,7 @@ class SpeculationPlanner:
         self.stats = SpecDecodeStats()
         self._pooled = _Acceptance(1.0, PRIOR_TRIALS)  # starts at 0.5
         self._per_request: dict[str, _Acceptance] = {}
+        self._passed_over: dict[str, int] = {}
 
     def acceptance(self, request_id: str) -> float:
         own = self._per_request.get(request_id)
@@ -118,6 +125,7 @@ class SpeculationPlanner:
 
     def forget(self, request_id: str) -> None:
         self._per_request.pop(request_id, None)
+        self._passed_over.pop(request_id, None)
 
     def plan(self, available: dict[str, int], base_tokens: int, base_emitted: int) -> dict[str, int]:
         """Draft tokens per request (absent: none). available: request id -> drafts it could verify
@@ -143,6 +151,14 @@ class SpeculationPlanner:
             emitted += gain
             if j < available[rid]:
                 heapq.heappush(heap, (-gain * alphas[rid], rid, j + 1))
+        for rid in available:
+            if rid in chosen:
+                self._passed_over.pop(rid, None)
+            elif (passed := self._passed_over.get(rid, 0) + 1) >= PROBE_INTERVAL:
+                chosen[rid] = 1
+                self._passed_over.pop(rid, None)
+            else:
+                self._passed_over[rid] = passed
         return chosen
 
 

@@ -39,10 +39,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_ids: torch.Tensor, draft_
     accept = torch.where(greedy[:, None], draft_ids == argmax[:, :k], accept)
     if num_draft is None:
         num_draft = torch.full((b,), k, device=device)
-    accept &= torch.arange(k, device=device)[None, :] < num_draft[:, None]
-    # the first rejection (num_draft when every draft token is accepted)
-    first_reject = torch.where(accept.all(1), torch.full((b,), k, device=device), (~accept).int().argmax(1))
-    first_reject = torch.minimum(first_reject, num_draft)
+    first_reject = _first_rejection(accept, num_draft)
     # the token emitted where the run stops: the residual's draw, or the bonus token from p_{k+1}
     stop_p = target_probs[rows, first_reject]  # [B, V]
     if draft_probs is not None:
@@ -55,9 +52,32 @@ def rejection_sample(target_probs: torch.Tensor, draft_ids: torch.Tensor, draft_
     # NOTE: a residual that is all zero (p == q exactly) cannot happen at a rejection: u < 1 = p/q there
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, stop_p)
     drawn = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
-    last = torch.where(greedy, argmax[rows, first_reject], drawn)
-    positions = torch.arange(k1, device=device)[None, :]
+    return _emit(draft_ids, first_reject, torch.where(greedy, argmax[rows, first_reject], drawn))
+
+
+def greedy_verify(draft_ids: torch.Tensor, num_draft: torch.Tensor,
+                  target_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy rows without probabilities: accept while a draft equals the target's argmax, then
+    emit the argmax where the run stops. Same arguments and result as ``rejection_sample``."""
+    k = draft_ids.shape[1]
+    first_reject = _first_rejection(draft_ids == target_argmax[:, :k], num_draft)
+    rows = torch.arange(draft_ids.shape[0], device=draft_ids.device)
+    return _emit(draft_ids, first_reject, target_argmax[rows, first_reject])
+
+
+def _first_rejection(accept: torch.Tensor, num_draft: torch.Tensor) -> torch.Tensor:
+    """accept [B, k] -> the first position not accepted, at most num_draft (all real drafts accepted)."""
+    b, k = accept.shape
+    accept = accept & (torch.arange(k, device=accept.device)[None, :] < num_draft[:, None])
+    first = torch.where(accept.all(1), torch.full((b,), k, device=accept.device), (~accept).int().argmax(1))
+    return torch.minimum(first, num_draft)
+
+
+def _emit(draft_ids: torch.Tensor, first_reject: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted drafts, then ``last`` at the first rejection, PAD after it."""
+    b, k = draft_ids.shape
+    positions = torch.arange(k + 1, device=draft_ids.device)[None, :]
     tokens = torch.cat([draft_ids, torch.zeros_like(draft_ids[:, :1])], 1)
     tokens = torch.where(positions < first_reject[:, None], tokens, PAD)
-    tokens[rows, first_reject] = last
+    tokens[torch.arange(b, device=draft_ids.device), first_reject] = last
     return tokens, first_reject + 1

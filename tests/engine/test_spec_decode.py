@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem import SamplingParams
+from tandem import LLM, SamplingParams
 from tandem.config import SchedulerConfig, SpeculativeConfig
-from tandem.engine.arg_utils import EngineArgs
+from tandem.engine.arg_utils import DEMO_MODEL_DIR, EngineArgs
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.request import Request
 from tandem.engine.scheduler import Scheduler
 from tandem.kernels.sampling import sample_ref, sampling_probs
-from tandem.spec_decode.planner import SpeculationPlanner, StepCostModel
+from tandem.spec_decode.planner import PROBE_INTERVAL, SpeculationPlanner, StepCostModel
+from tandem.spec_decode.rejection import greedy_verify, rejection_sample
 
 
 # -- the scheduler alone: a fake model whose next token depends only on (request, position) ------------
@@ -38,6 +39,8 @@ def _run(s: Scheduler, max_steps: int = 3000) -> tuple[dict[str, list[int]], int
         steps += 1
         assert steps < max_steps, "did not finish"
         out = s.schedule()
+        # drafts take only the budget and blocks left once every running request has its token
+        assert not (out.preempted_request_ids and any(c.num_draft_tokens for c in out.chunks))
         sampled, emitted = {}, {}
         for c in out.chunks:
             if not c.sample:
@@ -140,6 +143,17 @@ def test_planner_drafts_when_steps_cost_little_per_token_and_stops_under_load():
     assert _planner_with_costs(0.020, 0.002, 4).plan({"a": 4, "b": 4}, 2, 2) == {"a": 4, "b": 4}
 
 
+def test_a_steady_batch_keeps_the_last_fit_and_passed_over_requests_are_probed():
+    planner = _planner_with_costs(fixed=0.020, per_token=0.005, accepted_of_4=3)
+    fit = planner.cost.fit()
+    for _ in range(200):  # the window fills with steps of one size: the slope cannot be refitted
+        planner.cost.observe(64, 0.34)
+    assert planner.cost.fit() == fit
+    avail = {f"r{i}": 4 for i in range(64)}
+    plans = [planner.plan(avail, 64, 64) for _ in range(PROBE_INTERVAL)]
+    assert all(p == {} for p in plans[:-1]) and plans[-1] == dict.fromkeys(avail, 1)
+
+
 def test_planner_without_measurements_or_not_adaptive_verifies_every_proposal():
     assert SpeculationPlanner(4).plan({"a": 3, "b": 1}, 2, 2) == {"a": 3, "b": 1}
     fixed = _planner_with_costs(0.02, 0.002, 0)
@@ -159,6 +173,19 @@ def test_sampling_probs_is_the_distribution_sample_ref_draws_from():
     counts = torch.bincount(sample_ref(rows, *expand, torch.rand(draws, vocab)), minlength=vocab).float()
     assert torch.allclose(counts / draws, probs, atol=0.015)
     assert (probs[counts == 0] == 0).all() and probs.sum() == pytest.approx(1.0)
+
+
+def test_greedy_verify_equals_rejection_sampling_of_greedy_rows():
+    torch.manual_seed(3)
+    b, k, vocab = 6, 3, 10
+    probs = torch.softmax(torch.randn(b, k + 1, vocab), -1)
+    argmax = probs.argmax(-1)
+    drafts = torch.where(torch.rand(b, k) < 0.7, argmax[:, :k], torch.randint(0, vocab, (b, k)))
+    num_draft = torch.tensor([3, 2, 0, 1, 3, 3])
+    want = rejection_sample(probs, drafts, None, torch.ones(b, dtype=torch.bool), num_draft=num_draft)
+    got = greedy_verify(drafts, num_draft, argmax)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[1] <= num_draft + 1).all()
 
 
 # -- the engine on a tiny random model --------------------------------------------------------------------
@@ -209,3 +236,23 @@ def test_speculative_config_errors_name_the_problem(make_llm):
         EngineArgs(speculative_config={"num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="async scheduling"):
         make_llm(speculative_config=SPEC, async_scheduling=True)
+
+
+def test_a_stop_string_inside_accepted_drafts_ends_the_tokens_there():
+    """The demo model copying text: steps accept several tokens, and a stop string completed by one
+    of them drops the rest (token ids, text and reasons equal an engine without speculation)."""
+    text = (DEMO_MODEL_DIR / "heldout-sample.txt").read_text()[:900]
+    prompt = text + "\n\n" + text[:200]
+    engines = [LLM(model=str(DEMO_MODEL_DIR), kv_cache_memory="16MiB", speculative_config=cfg)
+               for cfg in (None, {**SPEC, "prompt_lookup_min": 2})]
+    want = engines[0].generate([prompt], SamplingParams(temperature=0, max_tokens=80), use_tqdm=False)[0].outputs[0]
+    stops = {want.text[i:i + 4] for i in range(10, len(want.text) - 4, 9)} - {""}
+    for stop in sorted(stops):
+        params = SamplingParams(temperature=0, max_tokens=80, stop=[stop])
+        plain, spec = (llm.generate([prompt], params, use_tqdm=False)[0].outputs[0] for llm in engines)
+        assert (spec.token_ids, spec.text, spec.finish_reason, spec.stop_reason) == (
+            plain.token_ids, plain.text, plain.finish_reason, plain.stop_reason)
+    stats = engines[1].llm_engine.scheduler.planner.stats
+    assert max(stats.accepted_per_pos[1:]) > 0  # steps that gave three or more tokens
+    for llm in engines:
+        llm.llm_engine.assert_idle()
