@@ -76,6 +76,7 @@ class EngineCore:
         self._step_tokens: deque[int] = deque(maxlen=10_000)
         self._structured: StructuredOutputManager | None = None  # made by the first structured request
         self._experts_read_at = float("-inf")
+        self._last_emitted = 0  # output tokens the latest applied step gave (speculation's measurement)
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         limit = int(self.hf_config.get("max_position_embeddings", 4096))
@@ -242,9 +243,19 @@ class EngineCore:
                 return list(outputs.values())
             sched_out, handle = previous
         self._finish_step(sched_out, handle, outputs)
-        if self.scheduler.planner is not None and not overlap:  # speculation sizes drafts by step cost
-            self.scheduler.planner.cost.observe(sched_out.num_batched_tokens, time.perf_counter() - started)
+        if self.scheduler.planner is not None and not overlap:
+            self._observe_speculation(sched_out, time.perf_counter() - started)
         return self._end_step(outputs)
+
+    def _observe_speculation(self, sched_out: SchedulerOutput, seconds: float) -> None:
+        """Speculation sizes its drafts by the step cost, and picks its policy per batch size by the
+        decode steps' measured tokens per second."""
+        planner = self.scheduler.planner
+        assert planner is not None
+        planner.cost.observe(sched_out.num_batched_tokens, seconds)
+        speculated = self.scheduler.last_step_speculated
+        if speculated is not None and all(len(c.token_ids) == 1 or c.num_draft_tokens for c in sched_out.chunks):
+            planner.observe_step(len(sched_out.chunks), speculated, self._last_emitted, seconds)
 
     def _has_grammars(self) -> bool:
         if self._structured is None:
@@ -267,6 +278,7 @@ class EngineCore:
     def _apply_result(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
         with span("update"):
             updated = self.scheduler.update_from_output(sched_out, result.sampled, result.emitted)
+            self._last_emitted = sum(req.num_step_tokens for req in updated)
             self._advance_grammars(updated)
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)

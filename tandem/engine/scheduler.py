@@ -62,6 +62,9 @@ class Scheduler:
         self.planner = (SpeculationPlanner(speculative.num_speculative_tokens, speculative.adaptive)
                         if speculative is not None else None)
         self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per request
+        # a decode step's policy (drafts proposed or not), for the planner's measurement; None: not
+        # a decode step, or no speculation
+        self.last_step_speculated: bool | None = None
 
     # -- request lifecycle ---------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -134,6 +137,7 @@ class Scheduler:
         self._finished_since_last_step = set()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        self.last_step_speculated = None
         preempted = self._schedule_running(scheduled, budget)
         budget -= sum(scheduled.values())
         if not preempted:
@@ -172,6 +176,13 @@ class Scheduler:
     def _plan_drafts(self, scheduled: dict[str, int]) -> dict[str, list[int]]:
         """Draft tokens worth verifying for the running requests scheduled to decode one token."""
         if self.proposer is None or self.planner is None:
+            return {}
+        num_decodes = sum(1 for n in scheduled.values() if n == 1)
+        if num_decodes == len(scheduled):  # a decode step: the measured policy decides (and is measured)
+            self.last_step_speculated = self.planner.speculate_now(num_decodes)
+            if not self.last_step_speculated:
+                return {}
+        elif not self.planner.speculation_measured_better(num_decodes):
             return {}
         max_drafts = self.planner.max_drafts
         proposals: dict[str, list[int]] = {}

@@ -11,6 +11,12 @@ nearly free and most are taken; when per-token compute dominates (a large batch)
 step is already about ``1 / per_token`` and no draft with ``alpha < 1`` can raise it, so
 speculation stops by itself: a loaded server is never made slower by it.
 
+The model can be wrong (a chunk with drafts leaves the single-token decode kernel, a cost per
+sequence it does not see), so above it sits a measured check: in each batch-size bucket, decode
+steps with and without drafts are compared by their emitted tokens per second, pairing the two
+steps around each switch of policy; the faster policy runs and the slower one is retried every
+EXPLORE_EVERY-th step (``speculate_now``).
+
 Acceptance per request is counted with decay (recent behaviour counts most), starting from the
 pooled acceptance of every request so far; a request passed over PROBE_INTERVAL times in a row
 verifies one draft, so that its estimate can recover.
@@ -19,6 +25,7 @@ verifies one draft, so that its estimate can recover.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +40,10 @@ MIN_COST_SAMPLES = 8
 # a request passed over this many times in a row verifies one draft, so that an acceptance estimate
 # that fell low can rise again when its text turns repetitive
 PROBE_INTERVAL = 64
+# decode steps: the policy (speculate or not) measured worse in a batch-size bucket is still run
+# every EXPLORE_EVERY-th step there, so that a change in the workload is noticed
+EXPLORE_EVERY = 16
+RATE_EMA = 0.2
 
 
 class SpecDecodeStats(msgspec.Struct):
@@ -96,6 +107,31 @@ class _Acceptance:
         return self.accepted / self.trials if self.trials else 0.0
 
 
+@dataclass
+class _PolicyRates:
+    """Speculating or not in one batch-size bucket, judged by adjacent decode steps: each time the
+    policy switches, the two steps on either side of the switch give one sample of the ratio of
+    their emitted tokens per second (adjacent, so the growth of the contexts cancels out)."""
+
+    log_ratio: float | None = None  # EMA of log(rate with drafts / rate without)
+    steps: int = 0
+    last: tuple[bool, float] | None = None  # the previous decode step: (speculated, rate)
+
+    def choose(self) -> bool:
+        self.steps += 1
+        if self.log_ratio is None:
+            return self.steps % 2 == 1  # alternate until one pair is measured
+        best = self.log_ratio >= 0
+        return (not best) if self.steps % EXPLORE_EVERY == 0 else best
+
+    def observe(self, speculated: bool, rate: float) -> None:
+        if self.last is not None and self.last[0] != speculated and rate > 0 and self.last[1] > 0:
+            with_drafts, without = (rate, self.last[1]) if speculated else (self.last[1], rate)
+            sample = math.log(with_drafts / without)
+            self.log_ratio = sample if self.log_ratio is None else self.log_ratio + RATE_EMA * (sample - self.log_ratio)
+        self.last = (speculated, rate)
+
+
 class SpeculationPlanner:
     def __init__(self, num_speculative_tokens: int, adaptive: bool = True) -> None:
         self.max_drafts = num_speculative_tokens
@@ -105,6 +141,24 @@ class SpeculationPlanner:
         self._pooled = _Acceptance(1.0, PRIOR_TRIALS)  # starts at 0.5
         self._per_request: dict[str, _Acceptance] = {}
         self._passed_over: dict[str, int] = {}
+        self._rates: dict[int, _PolicyRates] = {}  # batch-size bucket (log2) -> measured policies
+
+    def speculate_now(self, batch_size: int) -> bool:
+        """Whether this decode step proposes drafts at all: the policy measured faster at this batch
+        size (the two alternate until measured; the slower one still runs every EXPLORE_EVERY-th
+        step). Always when not adaptive."""
+        return not self.adaptive or self._rates.setdefault(batch_size.bit_length(), _PolicyRates()).choose()
+
+    def speculation_measured_better(self, batch_size: int) -> bool:
+        """For a step that also computes prompt chunks (not measured, nothing explored): speculate
+        unless decode steps at this batch size measured it slower."""
+        rates = self._rates.get(batch_size.bit_length())
+        return not self.adaptive or rates is None or rates.log_ratio is None or rates.log_ratio >= 0
+
+    def observe_step(self, batch_size: int, speculated: bool, emitted: int, seconds: float) -> None:
+        """A decode step (no prompt chunk) ran: ``emitted`` tokens in ``seconds``."""
+        if self.adaptive and batch_size > 0 and seconds > 0:
+            self._rates.setdefault(batch_size.bit_length(), _PolicyRates()).observe(speculated, emitted / seconds)
 
     def acceptance(self, request_id: str) -> float:
         own = self._per_request.get(request_id)
