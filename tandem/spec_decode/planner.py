@@ -14,8 +14,8 @@ speculation stops by itself: a loaded server is never made slower by it.
 The model can be wrong (a chunk with drafts leaves the single-token decode kernel, a cost per
 sequence it does not see), so above it sits a measured check: in each batch-size bucket, decode
 steps with and without drafts are compared by their emitted tokens per second, pairing the two
-steps around each switch of policy; the faster policy runs and the slower one is retried every
-EXPLORE_EVERY-th step (``speculate_now``).
+steps around each switch of policy; the faster policy runs and the slower one is retried at
+intervals from EXPLORE_EVERY to MAX_EXPLORE_EVERY steps (``speculate_now``).
 
 Acceptance per request is counted with decay (recent behaviour counts most), starting from the
 pooled acceptance of every request so far; a request passed over PROBE_INTERVAL times in a row
@@ -41,8 +41,10 @@ MIN_COST_SAMPLES = 8
 # that fell low can rise again when its text turns repetitive
 PROBE_INTERVAL = 64
 # decode steps: the policy (speculate or not) measured worse in a batch-size bucket is still run
-# every EXPLORE_EVERY-th step there, so that a change in the workload is noticed
+# after EXPLORE_EVERY steps there, then at doubling intervals while it stays worse, so that a change
+# in the workload is noticed
 EXPLORE_EVERY = 16
+MAX_EXPLORE_EVERY = 128
 RATE_EMA = 0.2
 
 
@@ -111,24 +113,36 @@ class _Acceptance:
 class _PolicyRates:
     """Speculating or not in one batch-size bucket, judged by adjacent decode steps: each time the
     policy switches, the two steps on either side of the switch give one sample of the ratio of
-    their emitted tokens per second (adjacent, so the growth of the contexts cancels out)."""
+    their emitted tokens per second (adjacent, so the growth of the contexts cancels out). The
+    policy judged slower is retried after ``interval`` steps, an interval that doubles (up to
+    MAX_EXPLORE_EVERY) while the retries confirm the verdict and starts again when one reverses it."""
 
     log_ratio: float | None = None  # EMA of log(rate with drafts / rate without)
     steps: int = 0
+    since_retry: int = 0
+    interval: int = EXPLORE_EVERY
     last: tuple[bool, float] | None = None  # the previous decode step: (speculated, rate)
 
     def choose(self) -> bool:
         self.steps += 1
         if self.log_ratio is None:
             return self.steps % 2 == 1  # alternate until one pair is measured
-        best = self.log_ratio >= 0
-        return (not best) if self.steps % EXPLORE_EVERY == 0 else best
+        self.since_retry += 1
+        if self.since_retry >= self.interval:
+            self.since_retry = 0
+            return self.log_ratio < 0
+        return self.log_ratio >= 0
 
     def observe(self, speculated: bool, rate: float) -> None:
         if self.last is not None and self.last[0] != speculated and rate > 0 and self.last[1] > 0:
             with_drafts, without = (rate, self.last[1]) if speculated else (self.last[1], rate)
             sample = math.log(with_drafts / without)
-            self.log_ratio = sample if self.log_ratio is None else self.log_ratio + RATE_EMA * (sample - self.log_ratio)
+            before = self.log_ratio
+            self.log_ratio = sample if before is None else before + RATE_EMA * (sample - before)
+            if before is None or (before >= 0) != (self.log_ratio >= 0):
+                self.interval = EXPLORE_EVERY  # the verdict is new: check it again soon
+            elif speculated == (before < 0):  # a retry of the slower policy confirmed the verdict
+                self.interval = min(2 * self.interval, MAX_EXPLORE_EVERY)
         self.last = (speculated, rate)
 
 
@@ -145,8 +159,8 @@ class SpeculationPlanner:
 
     def speculate_now(self, batch_size: int) -> bool:
         """Whether this decode step proposes drafts at all: the policy measured faster at this batch
-        size (the two alternate until measured; the slower one still runs every EXPLORE_EVERY-th
-        step). Always when not adaptive."""
+        size (the two alternate until measured; the slower one is still retried now and then).
+        Always when not adaptive."""
         return not self.adaptive or self._rates.setdefault(batch_size.bit_length(), _PolicyRates()).choose()
 
     def speculation_measured_better(self, batch_size: int) -> bool:

@@ -13,7 +13,7 @@ from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.request import Request
 from tandem.engine.scheduler import Scheduler
 from tandem.kernels.sampling import sample_ref, sampling_probs
-from tandem.spec_decode.planner import PROBE_INTERVAL, SpeculationPlanner, StepCostModel
+from tandem.spec_decode.planner import EXPLORE_EVERY, PROBE_INTERVAL, SpeculationPlanner, StepCostModel
 from tandem.spec_decode.rejection import greedy_verify, rejection_sample
 
 
@@ -152,6 +152,25 @@ def test_a_steady_batch_keeps_the_last_fit_and_passed_over_requests_are_probed()
     avail = {f"r{i}": 4 for i in range(64)}
     plans = [planner.plan(avail, 64, 64) for _ in range(PROBE_INTERVAL)]
     assert all(p == {} for p in plans[:-1]) and plans[-1] == dict.fromkeys(avail, 1)
+
+
+def test_the_policy_measured_faster_runs_and_the_other_is_retried():
+    planner = SpeculationPlanner(4)
+    rates = {True: 800.0, False: 1000.0}  # tokens/s of decode steps with and without drafts
+    chosen = []
+    for _ in range(80):
+        speculate = planner.speculate_now(32)
+        chosen.append(speculate)
+        planner.observe_step(32, speculate, int(rates[speculate] / 100), 0.01)
+    assert chosen[:2] == [True, False]  # alternate until one pair is measured
+    retries = [i for i, c in enumerate(chosen) if c][1:]
+    assert retries[0] - 1 == EXPLORE_EVERY and retries[1] - retries[0] == 2 * EXPLORE_EVERY  # confirmed: rarer
+    assert not planner.speculation_measured_better(40) and planner.speculation_measured_better(4)
+    rates = {True: 1500.0, False: 1000.0}  # the workload changed: drafts now pay
+    for _ in range(64):
+        speculate = planner.speculate_now(32)
+        planner.observe_step(32, speculate, int(rates[speculate] / 100), 0.01)
+    assert planner.speculate_now(32) or planner.speculate_now(32)
 
 
 def test_planner_without_measurements_or_not_adaptive_verifies_every_proposal():
