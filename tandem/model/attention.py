@@ -183,27 +183,52 @@ def decode_groups(num_blocks: list[int], max_waste: float = 0.25) -> list[tuple[
     return groups
 
 
+# A query of at most this many tokens right after the decodes (a chunk with draft tokens, a short
+# last prompt chunk) may run as that many decode rows: row j attends to the context up to its own
+# position, which is causal attention over the cached prefix, read in place.
+SHORT_QUERY_TOKENS = 8
+
+
 class TorchMetadataBuilder:
     """group_decodes: split decodes into runs of similar table width (``decode_groups``), for a
-    decode kernel that pads every row of a run to the run's widest table."""
+    decode kernel that pads every row of a run to the run's widest table. short_queries_as_decodes:
+    the sequences of at most SHORT_QUERY_TOKENS tokens that directly follow the decodes become
+    one decode row per token (for a decode kernel that reads blocks in place)."""
 
-    def __init__(self, device: torch.device, group_decodes: bool = True) -> None:
+    def __init__(self, device: torch.device, group_decodes: bool = True, short_queries_as_decodes: bool = False) -> None:
         self.device, self.group_decodes = device, group_decodes
+        self.short_queries_as_decodes = short_queries_as_decodes
 
     def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
-        nd, starts, dev = common.num_decodes, common.query_start_loc, self.device
+        starts, dev = common.query_start_loc, self.device
+        decode_tables, decode_lens, first_prefill = self._decode_rows(common)
         prefills = [PrefillSeq(int(starts[i]), int(starts[i + 1] - starts[i]), int(common.seq_lens[i]),
                                to_device(np.asarray(common.block_tables[i], dtype=np.int64), dev))
-                    for i in range(nd, common.num_seqs)]
-        decode_tables = common.block_tables[:nd]
+                    for i in range(first_prefill, common.num_seqs)]
         return TorchAttentionMetadata(
             slot_mapping=to_device(common.slot_mapping, dev),
-            num_decode_tokens=nd,
+            num_decode_tokens=len(decode_tables),
             decode_block_tables=to_device(pad_block_tables(decode_tables), dev),
-            decode_seq_lens=to_device(common.seq_lens[:nd], dev, torch.int64),
+            decode_seq_lens=to_device(np.asarray(decode_lens, dtype=np.int64), dev, torch.int64),
             prefills=prefills,
             decode_groups=decode_groups([len(t) for t in decode_tables]) if self.group_decodes else None,
         )
+
+    def _decode_rows(self, common: CommonAttentionMetadata) -> tuple[list[list[int]], list[int], int]:
+        """(block table and context length of each decode row, the first sequence left as a prefill).
+        NOTE: decode row r is query row r, so only sequences directly after the decodes qualify."""
+        nd, starts = common.num_decodes, common.query_start_loc
+        tables, lens = list(common.block_tables[:nd]), [int(n) for n in common.seq_lens[:nd]]
+        i = nd
+        while self.short_queries_as_decodes and i < common.num_seqs:
+            q = int(starts[i + 1] - starts[i])
+            if q > SHORT_QUERY_TOKENS:
+                break
+            end = int(common.seq_lens[i])
+            tables.extend([common.block_tables[i]] * q)
+            lens.extend(range(end - q + 1, end + 1))
+            i += 1
+        return tables, lens, i
 
     def decode_graph_buffers(self, max_batch: int, max_blocks: int, pad_slot: int) -> DecodeGraphBuffers:
         return DecodeGraphBuffers(self.device, max_batch, max_blocks, pad_slot, lambda slots, tables, lens:
@@ -271,8 +296,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def make_builder(self, device: torch.device) -> TorchMetadataBuilder:
         if device.type != "cpu":
             raise ValueError(f"attention backend 'cpu' runs on a CPU, not on {device}")
-        # all decodes in one call: the kernel reads each row only up to its own context length
-        return TorchMetadataBuilder(device, group_decodes=False)
+        # all decodes in one call: the kernel reads each row only up to its own context length;
+        # short queries too, one row per token (no gather of their context)
+        return TorchMetadataBuilder(device, group_decodes=False, short_queries_as_decodes=True)
 
     def _decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,

@@ -18,7 +18,7 @@ import torch
 from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
 from tandem.h2d import to_device
 from tandem.kernels.sampling import sampling_probs
-from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, get_backend
+from tandem.model.attention import SHORT_QUERY_TOKENS, AttentionMetadata, CommonAttentionMetadata, get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
@@ -305,8 +305,10 @@ class ModelRunner:
             self.states[new.request_id] = self.sampler.make_state(new.sampling_params, new.prompt_token_ids)
         if out.is_empty:
             return StepHandle(result=RunnerOutput())
-        # decodes first, longest context first (so decode_groups can pad each group to its own width)
-        chunks = sorted(out.chunks, key=lambda c: (len(c.token_ids) != 1, -len(c.block_ids)))
+        # decodes first, then short queries (drafts; backends may run them as decode rows), then the
+        # rest; longest context first within each (so decode_groups can pad each group to its width)
+        chunks = sorted(out.chunks, key=lambda c: (len(c.token_ids) != 1, len(c.token_ids) > SHORT_QUERY_TOKENS,
+                                                   -len(c.block_ids)))
         if any(needs_history(self.states[c.request_id]) for c in chunks if c.sample):
             self._last.resolve()  # penalties and min_tokens read every earlier output token
         if self._graph_step(chunks):

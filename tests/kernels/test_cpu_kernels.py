@@ -211,3 +211,38 @@ def test_int8_linear_refuses_what_it_cannot_read():
         cpu_kernels.int8_linear(torch.randn(2, 15), q, scale)
     with pytest.raises(RuntimeError, match="scale"):
         cpu_kernels.int8_linear(torch.randn(2, 16), q, torch.ones(3))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_short_queries_run_as_decode_rows_equal_to_the_prefill_path(window):
+    """The cpu backend runs queries of up to SHORT_QUERY_TOKENS tokens right after the decodes (draft
+    chunks, short prompt tails) as one decode row per token: equal to the torch backend's causal
+    attention over the cached prefix; a longer query after them stays a prefill."""
+    import numpy as np
+
+    from tandem.model.attention import SHORT_QUERY_TOKENS, CommonAttentionMetadata, get_backend
+
+    g = torch.Generator().manual_seed(5)
+    block_size, heads, kv_heads, head_dim = 4, 4, 2, 16
+    # as the runner orders them: decodes, short queries, the rest, each by context length, longest first
+    query_lens, contexts = [1, 1, SHORT_QUERY_TOKENS, 3, 20], [30, 9, 17, 12, 25]  # context includes the query
+    tables, next_block = [], 0
+    for n in contexts:
+        count = -(-n // block_size)
+        tables.append(list(range(next_block, next_block + count))[::-1])  # scattered order
+        next_block += count
+    k_cache = torch.randn(next_block, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(next_block, block_size, kv_heads, head_dim, generator=g)
+    query = torch.randn(sum(query_lens), heads, head_dim, generator=g)
+    starts = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int64)
+    slots = np.concatenate([[t[p // block_size] * block_size + p % block_size for p in range(n - q, n)]
+                            for t, n, q in zip(tables, contexts, query_lens)]).astype(np.int64)
+    common = CommonAttentionMetadata(2, starts, np.array(contexts, dtype=np.int64), tables, slots)
+    outs = {}
+    for name in ("torch", "cpu"):
+        backend = get_backend(name)
+        meta = backend.make_builder(torch.device("cpu")).build(common)
+        outs[name] = backend.attend(query, k_cache, v_cache, meta, head_dim ** -0.5, window)
+        if name == "cpu":
+            assert meta.num_decode_tokens == 2 + 3 + SHORT_QUERY_TOKENS and len(meta.prefills) == 1
+    torch.testing.assert_close(outs["cpu"], outs["torch"], atol=2e-6, rtol=1e-5)
