@@ -171,6 +171,8 @@ class Scheduler:
                 self._drafts[rid] = drafts
                 scheduled[rid] += len(drafts)
                 used += len(drafts)
+        if self.last_step_speculated and not used:
+            self.last_step_speculated = None  # no draft to verify: this step measures neither policy
         return used
 
     def _plan_drafts(self, scheduled: dict[str, int]) -> dict[str, list[int]]:

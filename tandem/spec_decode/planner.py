@@ -45,6 +45,7 @@ PROBE_INTERVAL = 64
 # in the workload is noticed
 EXPLORE_EVERY = 16
 MAX_EXPLORE_EVERY = 128
+MIN_PAIRS = 3  # pairs of adjacent steps measured (alternating) before a verdict
 RATE_EMA = 0.2
 
 
@@ -117,7 +118,8 @@ class _PolicyRates:
     policy judged slower is retried after ``interval`` steps, an interval that doubles (up to
     MAX_EXPLORE_EVERY) while the retries confirm the verdict and starts again when one reverses it."""
 
-    log_ratio: float | None = None  # EMA of log(rate with drafts / rate without)
+    log_ratio: float | None = None  # log(rate with drafts / rate without): mean of the first pairs, then EMA
+    pairs: int = 0
     steps: int = 0
     since_retry: int = 0
     interval: int = EXPLORE_EVERY
@@ -125,8 +127,8 @@ class _PolicyRates:
 
     def choose(self) -> bool:
         self.steps += 1
-        if self.log_ratio is None:
-            return self.steps % 2 == 1  # alternate until one pair is measured
+        if self.log_ratio is None or self.pairs < MIN_PAIRS:
+            return self.steps % 2 == 1  # alternate until a few pairs are measured
         self.since_retry += 1
         if self.since_retry >= self.interval:
             self.since_retry = 0
@@ -138,8 +140,10 @@ class _PolicyRates:
             with_drafts, without = (rate, self.last[1]) if speculated else (self.last[1], rate)
             sample = math.log(with_drafts / without)
             before = self.log_ratio
-            self.log_ratio = sample if before is None else before + RATE_EMA * (sample - before)
-            if before is None or (before >= 0) != (self.log_ratio >= 0):
+            self.pairs += 1
+            weight = 1 / self.pairs if self.pairs <= MIN_PAIRS else RATE_EMA
+            self.log_ratio = sample if before is None else before + weight * (sample - before)
+            if before is None or self.pairs <= MIN_PAIRS or (before >= 0) != (self.log_ratio >= 0):
                 self.interval = EXPLORE_EVERY  # the verdict is new: check it again soon
             elif speculated == (before < 0):  # a retry of the slower policy confirmed the verdict
                 self.interval = min(2 * self.interval, MAX_EXPLORE_EVERY)

@@ -13,7 +13,7 @@ from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.request import Request
 from tandem.engine.scheduler import Scheduler
 from tandem.kernels.sampling import sample_ref, sampling_probs
-from tandem.spec_decode.planner import EXPLORE_EVERY, PROBE_INTERVAL, SpeculationPlanner, StepCostModel
+from tandem.spec_decode.planner import EXPLORE_EVERY, MIN_PAIRS, PROBE_INTERVAL, SpeculationPlanner, StepCostModel
 from tandem.spec_decode.rejection import greedy_verify, rejection_sample
 
 
@@ -162,9 +162,11 @@ def test_the_policy_measured_faster_runs_and_the_other_is_retried():
         speculate = planner.speculate_now(32)
         chosen.append(speculate)
         planner.observe_step(32, speculate, int(rates[speculate] / 100), 0.01)
-    assert chosen[:2] == [True, False]  # alternate until one pair is measured
-    retries = [i for i, c in enumerate(chosen) if c][1:]
-    assert retries[0] - 1 == EXPLORE_EVERY and retries[1] - retries[0] == 2 * EXPLORE_EVERY  # confirmed: rarer
+    # alternate until a few pairs are measured (each switch is a pair: MIN_PAIRS + 1 steps)
+    assert chosen[:MIN_PAIRS + 1] == [i % 2 == 0 for i in range(MIN_PAIRS + 1)]
+    retries = [i for i, c in enumerate(chosen) if c and i > MIN_PAIRS]
+    first = MIN_PAIRS + EXPLORE_EVERY
+    assert retries[:2] == [first, first + 2 * EXPLORE_EVERY]  # each confirmed retry: the next one later
     assert not planner.speculation_measured_better(40) and planner.speculation_measured_better(4)
     rates = {True: 1500.0, False: 1000.0}  # the workload changed: drafts now pay
     for _ in range(64):
