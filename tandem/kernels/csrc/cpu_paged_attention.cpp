@@ -95,6 +95,12 @@ void weighted_rows(const float* p, Rows rows, int64_t n, int64_t d, float* acc) 
     a2.store(acc + i + 2 * kW);
     a3.store(acc + i + 3 * kW);
   }
+  // NOTE: a head_dim under 4 vectors (32 on AVX-512) lands here, not in the scalar tail below
+  for (; i + kW <= d; i += kW) {
+    Vec a = Vec::loadu(acc + i);
+    for (int64_t r = 0; r < n; ++r) a = at::vec::fmadd(Vec(p[r]), Vec::loadu(rows.row(r) + i), a);
+    a.store(acc + i);
+  }
   for (; i < d; ++i)
     for (int64_t r = 0; r < n; ++r) acc[i] += p[r] * rows.row(r)[i];
 }
