@@ -55,7 +55,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tandem.bench.throughput import bench_engine_args, describe_device, engine_flags, loaded_shape, resolve_bench_model
+from tandem.bench.throughput import (
+    bench_engine_args,
+    default_output_json,
+    describe_device,
+    engine_flags,
+    loaded_shape,
+    resolve_bench_model,
+)
 from tandem.engine.arg_utils import EngineArgs
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
@@ -96,11 +103,6 @@ def validate_latency_args(args: argparse.Namespace) -> None:
         if not isinstance(value, int) or value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
 
-
-def default_output_json(model: str | Path, now: datetime | None = None) -> Path:
-    now = now or datetime.now(UTC)
-    name = Path(model).resolve().name or "model"
-    return Path("benchmarks") / "results" / f"latency-{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
 
 
 # --------------------------------------------------------------------------- workload
@@ -376,7 +378,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
             "num_kv_blocks": runner.num_blocks}},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     })
-    out = Path(args.output_json) if args.output_json else default_output_json(model)
+    out = Path(args.output_json) if args.output_json else default_output_json(model, kind="latency")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=4) + "\n")
     _print_summary(results)

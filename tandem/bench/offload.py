@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.bench.latency import random_prompts
-from tandem.bench.throughput import bench_engine_args, describe_device, engine_flags, loaded_shape, resolve_bench_model
+from tandem.bench.throughput import bench_engine_args, default_output_json, engine_flags, resolve_bench_model, results_header
 from tandem.engine.arg_utils import EngineArgs
 
 
@@ -97,12 +97,7 @@ def run_offload(args: argparse.Namespace) -> dict[str, Any]:
     llm = engines["on"]
     runner = llm.llm_engine.runner
     results = {
-        "engine": "tandem",
-        "benchmark": "offload",
-        "device": describe_device(runner.device),
-        "model": str(Path(model).resolve()),
-        "model_shape": loaded_shape(model, runner),
-        "dtype": str(runner.dtype).removeprefix("torch."),
+        **results_header("offload", model, runner),
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                      "rounds": args.rounds, "seed": args.seed, "one_request_at_a_time": True,
                      "sampling": {"temperature": 0.0, "ignore_eos": True}},
@@ -116,7 +111,7 @@ def run_offload(args: argparse.Namespace) -> dict[str, Any]:
         "offload_stats": _stats(llm),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    out = Path(args.output_json) if args.output_json else _default_output(model)
+    out = Path(args.output_json) if args.output_json else default_output_json(model, kind="offload")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=4) + "\n")
     print(f"second pass: {revisit['off']['second_pass_s']:.2f} s without offloading, "
@@ -132,8 +127,3 @@ def _stats(llm) -> dict[str, Any]:
     core.settle_offload()
     report = core.connector.offload_report()
     return {f: getattr(report, f) for f in report.__struct_fields__}
-
-
-def _default_output(model: str) -> Path:
-    name = Path(model).resolve().name or "model"
-    return Path("benchmarks") / "results" / f"offload-{name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tandem.bench.throughput import bench_engine_args, describe_device, engine_flags, loaded_shape, resolve_bench_model
+from tandem.bench.throughput import bench_engine_args, default_output_json, engine_flags, resolve_bench_model, results_header
 from tandem.engine.arg_utils import DEMO_MODEL_DIR, EngineArgs
 
 DEFAULT_SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
@@ -94,12 +94,7 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
     llm = engines["off"]
     runner = llm.llm_engine.runner
     results = {
-        "engine": "tandem",
-        "benchmark": "spec_decode",
-        "device": describe_device(runner.device),
-        "model": str(Path(model).resolve()),
-        "model_shape": loaded_shape(model, runner),
-        "dtype": str(runner.dtype).removeprefix("torch."),
+        **results_header("spec_decode", model, runner),
         "workload": {"text": str(Path(args.text).resolve()), "text_tokens": len(token_ids),
                      "num_prompts_batch1": args.num_prompts, "batch_size": args.batch_size, "input_len": args.input_len,
                      "output_len": args.output_len, "rounds": args.rounds,
@@ -108,7 +103,7 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         "cases": cases,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    out = Path(args.output_json) if args.output_json else _default_output(model)
+    out = Path(args.output_json) if args.output_json else default_output_json(model, kind="spec")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=4) + "\n")
     for name, case in cases.items():
@@ -140,8 +135,3 @@ def _measure(engines: dict[str, Any], prompts: list[list[int]], params, alone: b
                       "speedup": seconds["off"] / seconds[name], "verified_steps_with_drafts": drafts,
                       "acceptance_length": 1 + accepted / drafts if drafts else 0.0}
     return case
-
-
-def _default_output(model: str) -> Path:
-    name = Path(model).resolve().name or "model"
-    return Path("benchmarks") / "results" / f"spec-{name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -230,10 +230,18 @@ def model_shape(model_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def default_output_json(model: str | Path, now: datetime | None = None) -> Path:
+def default_output_json(model: str | Path, now: datetime | None = None, kind: str = "throughput") -> Path:
+    """benchmarks/results/<kind>-<model directory name>-<UTC time>.json"""
     now = now or datetime.now(UTC)
     name = Path(model).resolve().name or "model"
-    return Path("benchmarks") / "results" / f"throughput-{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    return Path("benchmarks") / "results" / f"{kind}-{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+
+
+def results_header(benchmark: str, model: str, runner) -> dict[str, Any]:
+    """The fields every tandem results file starts with: what ran, on which device, which model."""
+    return {"engine": "tandem", "benchmark": benchmark, "device": describe_device(runner.device),
+            "model": str(Path(model).resolve()), "model_shape": loaded_shape(model, runner),
+            "dtype": str(runner.dtype).removeprefix("torch.")}
 
 
 # --------------------------------------------------------------------------- run

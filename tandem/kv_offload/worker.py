@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tandem.kv_offload import disk
+from tandem.utils import drain
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,7 @@ class OffloadWorker:
 
     def take_results(self) -> list[JobResult]:
         self.result_ready.clear()
-        out = []
-        while True:
-            try:
-                out.append(self._results.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self._results)
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -43,6 +43,7 @@ from tandem.kv_transfer.wire import (
     WireCodec,
     data_frame_cap,
 )
+from tandem.utils import drain
 from tandem.zmq_auth import present_secret
 
 logger = logging.getLogger(__name__)
@@ -129,12 +130,7 @@ class KVReceiver:
         self._bell.ring()
 
     def take_results(self) -> list[LoadResult]:
-        out = []
-        while True:
-            try:
-                out.append(self._results.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self._results)
 
     def close(self) -> None:
         self._stopped = True
