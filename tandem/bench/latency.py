@@ -227,9 +227,10 @@ def measure_copy_bandwidth(device, nbytes: int | None = None, iters: int = 5) ->
     return 2 * nbytes * iters / (time.perf_counter() - start)
 
 
-def measure_matmul_flops(device, dtype, n: int | None = None, iters: int = 5) -> float:
+def measure_matmul_flops(device, dtype, n: int | None = None, iters: int = 20) -> float:
     """Matmul throughput in FLOP/s of a square ``n`` x ``n`` product in ``dtype`` on the device
-    (the compute roofline a prefill is held against)."""
+    (the compute roofline a prefill is held against): the best of ``iters`` runs, so a busy
+    machine lowers the bound less than a mean would."""
     import torch
 
     device = torch.device(device)

@@ -3,7 +3,8 @@ attention that reads each sequence's K/V blocks where they lie in the cache inst
 them into a copy, and the per-token ops of a layer in one pass each (RMSNorm, residual add +
 RMSNorm, SiLU-and-mul, rotary fused with the KV-cache write), with the torch references'
 signatures (``cpu_ops()`` is their ``Ops`` set); and the weight-only int8 linear product that the
-``int8`` precision scheme runs on a CPU.
+``int8`` precision scheme runs on a CPU; and the sampler's draw (temperature, min-p and the
+exponential race) in one pass per row.
 
 They are compiled once per machine with torch's extension builder (``make install`` runs
 ``python -m tandem.kernels.cpu_kernels``), for the vector instructions torch itself selected on
@@ -26,6 +27,7 @@ import torch
 
 from tandem.kernels.ops import Ops
 from tandem.kernels.paged_attention import Scale
+from tandem.kernels.sampling import sample_ref
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,19 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     b = None if bias is None else bias.float().contiguous()
     out = _ops().int8_linear(x2, q, scale, b)  # type: ignore[attr-defined]
     return out.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           min_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """As ``tandem.kernels.sampling.sample_ref`` (same arguments and ids): one C++ pass per row;
+    rows with top-k or top-p go through the reference."""
+    out = _ops().sample_race(logits, temperature.float().contiguous(), min_p.float().contiguous(),  # type: ignore[attr-defined]
+                             noise.contiguous())
+    filtered = ((top_k > 0) & (top_k < logits.shape[1])) | (top_p < 1)
+    if bool(filtered.any()):
+        rows = filtered.nonzero().squeeze(1)
+        out[rows] = sample_ref(logits[rows], temperature[rows], top_k[rows], top_p[rows], min_p[rows], noise[rows])
+    return out
 
 
 def cpu_ops() -> Ops:

@@ -45,18 +45,19 @@ def compute_top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: li
             for i, k in enumerate(ks)]
 
 
-SAMPLING_BACKENDS = ("torch", "triton")
+SAMPLING_BACKENDS = ("torch", "triton", "cpu")
 
 
 def resolve_sampling_backend(name: str, device: torch.device, attention_backend: str) -> str:
     """The sampling kernel, selected apart from attention. auto: Triton's where the step's other
     kernels are Triton's (on CUDA unless the model runs the torch references; on a CPU only with
-    the 'triton' attention backend, i.e. under TRITON_INTERPRET=1), the torch reference elsewhere."""
+    the 'triton' attention backend, i.e. under TRITON_INTERPRET=1), tandem's C++ sampler with the
+    'cpu' attention backend (its kernels are built), the torch reference elsewhere."""
     if name != "auto":
         if name not in SAMPLING_BACKENDS:
             raise ValueError(f"sampling backend {name!r} unknown; available: {list(SAMPLING_BACKENDS)}")
         return name
-    return "triton" if attention_backend == "triton" else "torch"
+    return attention_backend if attention_backend in ("triton", "cpu") else "torch"
 
 
 def bitmask_kernel(name: str) -> Callable:
@@ -89,6 +90,10 @@ def sampling_kernel(name: str) -> Callable:
         return sampling.sample
     if name == "torch":
         return sample_ref
+    if name == "cpu":
+        from tandem.kernels import cpu_kernels
+
+        return cpu_kernels.sample
     raise ValueError(f"sampling backend {name!r} unknown; available: {list(SAMPLING_BACKENDS)}")
 
 

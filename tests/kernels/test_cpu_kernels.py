@@ -1,5 +1,6 @@
 """tandem's C++ CPU kernels against their torch references: the paged decode attention (vs gather +
-SDPA) and the per-token ops (RMSNorm, residual add + RMSNorm, SiLU-and-mul, rotary + KV write); and
+SDPA), the per-token ops (RMSNorm, residual add + RMSNorm, SiLU-and-mul, rotary + KV write) and the
+sampler's draw; and
 the backend choice around them: auto picks them on a CPU where they build, torch where they cannot."""
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from tandem.kernels import paged_attention as ref
 from tandem.kernels.activation import silu_and_mul_ref
 from tandem.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 from tandem.kernels.rope_kv import rope_and_write_kv_ref
+from tandem.kernels.sampling import sample_ref
 from tandem.runner.model_runner import resolve_backend_name
+from tandem.runner.sampler import resolve_sampling_backend
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the CPU kernel")
 
@@ -43,6 +46,24 @@ def test_matches_reference_fp32(heads, kv_heads, head_dim, window):
     expected = ref.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window)
     got = cpu_kernels.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(12, 4, 64, None), (6, 2, 36, 7)])
+def test_large_batches_take_whole_sequences_per_item(threads, heads, kv_heads, head_dim, window):
+    """At 4 sequences per thread or more, one work item covers all of a sequence's kv heads (a
+    block's rows read as one piece); below that, one kv head per item. Both give the reference."""
+    case = _paged_case([(i * 29) % 70 + 1 for i in range(12)] + [0], heads, kv_heads, head_dim, 16, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (2, 13):  # under and over the threshold
+            part = (case[0][:rows], case[1], case[2], case[3][:rows], case[4][:rows])
+            expected = ref.paged_decode_attention(*part, scale=head_dim ** -0.5, sliding_window=window)
+            got = cpu_kernels.paged_decode_attention(*part, scale=head_dim ** -0.5, sliding_window=window)
+            torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -141,8 +162,35 @@ def test_build_targets_the_isa_torch_dispatches_to(monkeypatch, torch_capability
     assert cpu_kernels._build_spec()[0] != name
 
 
+def test_sampler_draws_the_references_ids():
+    """Greedy rows, temperatures, min-p, a row with -inf logits and rows with top-k or top-p (those go
+    through the reference): the same ids as sample_ref from the same noise, exactly."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 24, 1000  # a vocabulary that is not a multiple of the vector width
+    for _ in range(4):
+        logits = torch.randn(rows, vocab, generator=g) * 3
+        logits[0, :100] = -float("inf")
+        logits[1, 5] = logits[1, 7] = 50.0  # a tie for greedy: the first index
+        temperature = torch.rand(rows, generator=g) * 1.5 + 0.05
+        temperature[:3] = 0.0
+        top_k = torch.zeros(rows, dtype=torch.int32)
+        top_k[7], top_k[8] = 50, vocab
+        top_p = torch.ones(rows)
+        top_p[9] = 0.9
+        min_p = torch.zeros(rows)
+        min_p[10:15] = 0.05
+        noise = torch.rand(rows, vocab, generator=g)
+        noise[16, :10] = 0.0  # clamped to the smallest normal float, as the reference does
+        args = (logits, temperature, top_k, top_p, min_p, noise)
+        got = cpu_kernels.sample(*args)
+        assert got.dtype == torch.int64 and got[1] == 5
+        assert torch.equal(got, sample_ref(*args))
+
+
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
     assert resolve_backend_name("auto", torch.device("cpu")) == "cpu"
+    assert resolve_sampling_backend("auto", torch.device("cpu"), "cpu") == "cpu"
+    assert resolve_sampling_backend("auto", torch.device("cpu"), "torch") == "torch"
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
     from tandem.model.attention import get_backend

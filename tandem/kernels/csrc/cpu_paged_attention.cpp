@@ -41,6 +41,25 @@ struct Rows {
   const float* row(int64_t r) const { return base + r * stride; }
 };
 
+// out[i] = the sum of ai's lanes: one horizontal-add tree for the four, where reducing each alone
+// would take a full shuffle ladder per vector.
+inline void reduce4(const Vec& a0, const Vec& a1, const Vec& a2, const Vec& a3, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const auto halve = [](const Vec& v) {
+    const __m512 x = v;
+    return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  };
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(halve(a0), halve(a1)), _mm256_hadd_ps(halve(a2), halve(a3)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#else
+  const Vec* a[4] = {&a0, &a1, &a2, &a3};
+  for (int i = 0; i < 4; ++i) out[i] = at::vec::vec_reduce_all<float>(std::plus<Vec>(), *a[i]);
+#endif
+}
+
 // scores[r] = q . row(r) for r < n, four rows at a time so four accumulator chains overlap.
 void dot_rows(const float* q, Rows rows, int64_t n, int64_t d, float* scores) {
   const int64_t dv = d - d % kW;
@@ -55,8 +74,9 @@ void dot_rows(const float* q, Rows rows, int64_t n, int64_t d, float* scores) {
       a2 = at::vec::fmadd(qi, Vec::loadu(k2 + i), a2);
       a3 = at::vec::fmadd(qi, Vec::loadu(k3 + i), a3);
     }
-    float s0 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a0), s1 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a1);
-    float s2 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a2), s3 = at::vec::vec_reduce_all<float>(std::plus<Vec>(), a3);
+    float sums[4];
+    reduce4(a0, a1, a2, a3, sums);
+    float s0 = sums[0], s1 = sums[1], s2 = sums[2], s3 = sums[3];
     for (int64_t i = dv; i < d; ++i) {
       s0 += q[i] * k0[i];
       s1 += q[i] * k1[i];
@@ -125,6 +145,8 @@ float exp_normalise(float* x, int64_t n) {
   return sum;
 }
 
+constexpr int64_t kItemsPerThread = 4;
+
 struct Shape {
   int64_t heads, kv_heads, head_dim, block_size, table_width;
   int64_t q_stride_b, q_stride_h;  // query/out strides in elements
@@ -170,52 +192,85 @@ Rows block_rows(const C* cache, int64_t block, int64_t off, int64_t n, const Sha
   }
 }
 
-// Calls fn(rows, n, offset) for the consecutive runs of positions [begin, end) that share a block.
+// Kv heads [first, last) of one sequence: the unit of work. With every head in it, a block's K (or V)
+// rows are one contiguous piece of the cache, read front to back.
+struct HeadSpan {
+  int64_t first, last;
+};
+
+// Asks for the span's rows of a block ahead of their use (into L2): blocks lie anywhere in the
+// cache, which the hardware prefetchers cannot follow.
+template <typename C>
+void prefetch_block(const C* cache, int64_t block, const Shape& s, HeadSpan heads) {
+  constexpr int64_t kLine = 64;
+  const int64_t row_bytes = s.kv_heads * s.head_dim * static_cast<int64_t>(sizeof(C));
+  const int64_t begin = heads.first * s.head_dim * static_cast<int64_t>(sizeof(C));
+  const int64_t end = heads.last * s.head_dim * static_cast<int64_t>(sizeof(C));
+  const char* first = reinterpret_cast<const char*>(cache + block * s.block_size * s.kv_heads * s.head_dim);
+  for (int64_t r = 0; r < s.block_size; ++r)
+    for (int64_t b = begin; b < end; b += kLine) __builtin_prefetch(first + r * row_bytes + b, 0, 1);
+}
+
+// Calls fn(block, offset in the block, n, offset from begin) for the consecutive runs of positions
+// [begin, end) that share a block, asking for the next block's rows (into L2) before each call.
 template <typename C, typename Fn>
 void for_each_block(const C* cache, const int64_t* table, int64_t begin, int64_t end, const Shape& s,
-                    int64_t kv_head, float scale, std::vector<float>& buf, Fn fn) {
+                    HeadSpan heads, Fn fn) {
+  const int64_t last_block = end > begin ? (end - 1) / s.block_size : -1;
   for (int64_t p = begin; p < end;) {
-    const int64_t off = p % s.block_size, n = std::min(s.block_size - off, end - p);
-    fn(block_rows(cache, table[p / s.block_size], off, n, s, kv_head, scale, buf), n, p - begin);
+    const int64_t off = p % s.block_size, n = std::min(s.block_size - off, end - p), index = p / s.block_size;
+    if (index < last_block) prefetch_block(cache, table[index + 1], s, heads);
+    fn(table[index], off, n, p - begin);
     p += n;
   }
 }
 
 struct Scratch {
-  std::vector<float> q, acc, scores, rows;
+  std::vector<float> q, acc, scores, inv_sum, rows;
 };
 
 struct CacheScales {
   float k, v;  // FP8 caches only
 };
 
-// One (sequence, kv head): the group's query heads over positions [begin, end). T: the query's and
-// output's type; C: the cache's (T, or FP8).
+// One sequence's query heads of the kv heads in `heads`, over positions [begin, end). T: the query's
+// and output's type; C: the cache's (T, or FP8). Row sets per (kv head, group member) q-head j: the
+// query at w.q[j * d], the scores at w.scores[j * len], the output sum at w.acc[j * d].
 template <typename T, typename C>
-void attend_one(const T* query, const C* k_cache, const C* v_cache, const int64_t* table, int64_t begin,
-                int64_t end, float scale, CacheScales cs, const Shape& s, int64_t kv_head, T* out, Scratch& w) {
+void attend_span(const T* query, const C* k_cache, const C* v_cache, const int64_t* table, int64_t begin,
+                 int64_t end, float scale, CacheScales cs, const Shape& s, HeadSpan heads, T* out, Scratch& w) {
   const int64_t group = s.heads / s.kv_heads, d = s.head_dim, len = end - begin;
-  w.q.resize(group * d);
-  w.acc.assign(group * d, 0.f);
-  w.scores.resize(group * std::max<int64_t>(len, 1));
-  for (int64_t g = 0; g < group; ++g) {
-    const T* src = query + (kv_head * group + g) * s.q_stride_h;
-    for (int64_t i = 0; i < d; ++i) w.q[g * d + i] = static_cast<float>(src[i]) * scale;
+  const int64_t rows_q = (heads.last - heads.first) * group;  // query heads in the span
+  const int64_t q0 = heads.first * group;
+  w.q.resize(rows_q * d);
+  w.acc.assign(rows_q * d, 0.f);
+  w.scores.resize(rows_q * std::max<int64_t>(len, 1));
+  w.inv_sum.assign(rows_q, 0.f);
+  for (int64_t j = 0; j < rows_q; ++j) {
+    const T* src = query + (q0 + j) * s.q_stride_h;
+    for (int64_t i = 0; i < d; ++i) w.q[j * d + i] = static_cast<float>(src[i]) * scale;
   }
-  // pass 1: every query head's scores, block by block (each block's rows are read once for the group)
-  for_each_block(k_cache, table, begin, end, s, kv_head, cs.k, w.rows, [&](Rows rows, int64_t n, int64_t at) {
-    for (int64_t g = 0; g < group; ++g) dot_rows(w.q.data() + g * d, rows, n, d, w.scores.data() + g * len + at);
+  // pass 1: every query head's scores, block by block (each kv head's rows are read once for its group)
+  for_each_block(k_cache, table, begin, end, s, heads, [&](int64_t block, int64_t off, int64_t n, int64_t at) {
+    for (int64_t h = heads.first; h < heads.last; ++h) {
+      const Rows rows = block_rows(k_cache, block, off, n, s, h, cs.k, w.rows);
+      for (int64_t j = (h - heads.first) * group; j < (h - heads.first + 1) * group; ++j)
+        dot_rows(w.q.data() + j * d, rows, n, d, w.scores.data() + j * len + at);
+    }
   });
-  std::vector<float> inv_sum(group, 0.f);
   if (len > 0)
-    for (int64_t g = 0; g < group; ++g) inv_sum[g] = 1.f / exp_normalise(w.scores.data() + g * len, len);
+    for (int64_t j = 0; j < rows_q; ++j) w.inv_sum[j] = 1.f / exp_normalise(w.scores.data() + j * len, len);
   // pass 2: probabilities times V; the normaliser is applied once at the end
-  for_each_block(v_cache, table, begin, end, s, kv_head, cs.v, w.rows, [&](Rows rows, int64_t n, int64_t at) {
-    for (int64_t g = 0; g < group; ++g) weighted_rows(w.scores.data() + g * len + at, rows, n, d, w.acc.data() + g * d);
+  for_each_block(v_cache, table, begin, end, s, heads, [&](int64_t block, int64_t off, int64_t n, int64_t at) {
+    for (int64_t h = heads.first; h < heads.last; ++h) {
+      const Rows rows = block_rows(v_cache, block, off, n, s, h, cs.v, w.rows);
+      for (int64_t j = (h - heads.first) * group; j < (h - heads.first + 1) * group; ++j)
+        weighted_rows(w.scores.data() + j * len + at, rows, n, d, w.acc.data() + j * d);
+    }
   });
-  for (int64_t g = 0; g < group; ++g) {
-    T* dst = out + (kv_head * group + g) * s.o_stride_h;
-    for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(w.acc[g * d + i] * inv_sum[g]);
+  for (int64_t j = 0; j < rows_q; ++j) {
+    T* dst = out + (q0 + j) * s.o_stride_h;
+    for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(w.acc[j * d + i] * w.inv_sum[j]);
   }
 }
 
@@ -273,6 +328,10 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
     }
   }
   const CacheScales cs{static_cast<float>(k_scale), static_cast<float>(v_scale)};
+  // a sequence's kv heads in one item when the batch alone gives every thread several items; else
+  // one kv head per item, so a small batch still spreads over the threads
+  const int64_t span = batch >= kItemsPerThread * at::get_num_threads() ? s.kv_heads : 1;
+  const int64_t spans = (s.kv_heads + span - 1) / span;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
     dispatch_cache<scalar_t>(k_cache.scalar_type(), [&](auto cache_tag) {
       using C = decltype(cache_tag);
@@ -280,13 +339,13 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
       const C* kc = static_cast<const C*>(k_cache.data_ptr());
       const C* vc = static_cast<const C*>(v_cache.data_ptr());
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, batch * s.kv_heads, 1, [&](int64_t first, int64_t last) {
+      at::parallel_for(0, batch * spans, 1, [&](int64_t first, int64_t last) {
         Scratch scratch;
         for (int64_t item = first; item < last; ++item) {
-          const int64_t b = item / s.kv_heads, h = item % s.kv_heads, end = lens[b];
+          const int64_t b = item / spans, h = item % spans * span, end = lens[b];
           const int64_t begin = sliding_window > 0 ? std::max<int64_t>(0, end - sliding_window) : 0;
-          attend_one(q + b * s.q_stride_b, kc, vc, tables + b * table_stride, begin, end, static_cast<float>(scale),
-                     cs, s, h, o + b * s.o_stride_b, scratch);
+          attend_span(q + b * s.q_stride_b, kc, vc, tables + b * table_stride, begin, end, static_cast<float>(scale),
+                      cs, s, HeadSpan{h, std::min(h + span, s.kv_heads)}, o + b * s.o_stride_b, scratch);
         }
       });
     });
