@@ -30,6 +30,9 @@ Definitions (all times from ``time.perf_counter``):
   linear weight and the LM head once per sequence, attention over the mean decode context) over
   the matmul throughput; ``decode_bound`` says which one binds (a batched fp32 decode on a CPU is
   usually compute-bound, so the bandwidth fraction alone understates it);
+* ``decode_phase_fraction``: the same against ``decode_phase_bound_ms``, the linear layers (weight
+  bytes, linear FLOPs) and the attention (KV bytes, attention FLOPs) each at its own bound, one
+  after the other (``phase_bound_s()``): attention cannot hide its KV reads under the matmuls;
 * ``prefill_flops_fraction``: ``prefill_flops / median_prefill_compute_s / matmul throughput``,
   with ``prefill_flops`` from the model's shape (``prefill_flops()``: linear weights per prompt
   token, the LM head per prompt, causal attention), ``median_prefill_compute_s`` the median over
@@ -261,15 +264,28 @@ def prefill_flops(shape: dict[str, Any], num_seqs: int, input_len: int) -> float
     return float(linear + attention)
 
 
-def decode_flops_per_step(shape: dict[str, Any], num_seqs: int, input_len: int, output_len: int) -> float:
-    """FLOPs of one decode step of ``num_seqs`` sequences at their mean decode context: every linear
-    weight and the LM head once per sequence, QK and PV over the context per head and layer."""
+def decode_flops_parts(shape: dict[str, Any], num_seqs: int, input_len: int, output_len: int) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one decode step of ``num_seqs`` sequences at their mean decode
+    context: every linear weight and the LM head once per sequence; QK and PV over the context per
+    head and layer."""
     hidden, vocab = shape["hidden_size"], shape["vocab_size"]
     input_embedding = vocab * hidden
     linear = 2 * (shape["num_params"] - input_embedding) * num_seqs
     context = input_len + output_len // 2
     attention = 4 * shape["num_layers"] * shape["num_heads"] * shape["head_dim"] * context * num_seqs
-    return float(linear + attention)
+    return float(linear), float(attention)
+
+
+def decode_flops_per_step(shape: dict[str, Any], num_seqs: int, input_len: int, output_len: int) -> float:
+    return sum(decode_flops_parts(shape, num_seqs, input_len, output_len))
+
+
+def phase_bound_s(phases: list[tuple[float, float]], bandwidth: float, matmul_flops: float) -> float:
+    """The time a step of phases (bytes, FLOPs) run one after another cannot beat: each phase at
+    the larger of its bytes over the bandwidth and its FLOPs over the matmul throughput. Tighter
+    than one bound over the whole step, which lets a memory-bound phase hide under a compute-bound
+    one."""
+    return sum(max(nbytes / bandwidth, flops / matmul_flops) for nbytes, flops in phases)
 
 
 def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, num_seqs: int, input_len: int,
@@ -280,11 +296,13 @@ def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, num_seqs: 
 
 def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | None = None,
               copy_bandwidth: float | None = None, flops: float | None = None,
-              matmul_flops: float | None = None, step_flops: float | None = None) -> dict[str, Any]:
+              matmul_flops: float | None = None, step_flops: float | None = None,
+              step_phases: list[tuple[float, float]] | None = None) -> dict[str, Any]:
     """vLLM's avg_latency / latencies / percentiles, plus step times, weight bandwidth, the
     fraction of the copy bandwidth a decode step achieves, its fraction of the roofline bound
-    (``step_flops``: a decode step's FLOPs) and the fraction of the matmul throughput the prefill
-    steps achieve (``flops``: the batch's prefill FLOPs)."""
+    (``step_flops``: a decode step's FLOPs), its fraction of the phase bound (``step_phases``: the
+    step's (bytes, FLOPs) per phase, ``phase_bound_s``) and the fraction of the matmul throughput
+    the prefill steps achieve (``flops``: the batch's prefill FLOPs)."""
     latencies = [t.latency_s for t in timings]
     prefill_compute_s = statistics.median(sum(t.prefill_steps_s) for t in timings)
     flops_fraction = flops / prefill_compute_s / matmul_flops if flops and matmul_flops and prefill_compute_s else None
@@ -295,6 +313,8 @@ def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | N
               "compute": step_flops / matmul_flops if step_flops and matmul_flops else 0.0}
     binding = max(bounds, key=lambda k: bounds[k])
     roofline = bounds[binding] / decode_s if decode_s and bounds[binding] else None
+    phased = (phase_bound_s(step_phases, copy_bandwidth, matmul_flops)
+              if step_phases and copy_bandwidth and matmul_flops and decode_s else None)
     return {
         "avg_latency": float(np.mean(latencies)),
         "latencies": latencies,
@@ -312,6 +332,8 @@ def summarize(timings: list[BatchTiming], weight_bytes: int, step_bytes: int | N
         "decode_roofline_bound_ms": bounds[binding] * 1e3 if roofline else None,
         "decode_bound": binding if roofline else None,
         "decode_roofline_fraction": roofline,
+        "decode_phase_bound_ms": phased * 1e3 if phased else None,
+        "decode_phase_fraction": phased / decode_s if phased and decode_s else None,
         "median_prefill_compute_s": prefill_compute_s,
         "prefill_flops": flops,
         "matmul_gflops": matmul_flops / 1e9 if matmul_flops else None,
@@ -330,6 +352,9 @@ def _print_summary(res: dict[str, Any]) -> None:
     if res.get("decode_roofline_fraction") is not None:
         print(f"Decode roofline: {res['decode_bound']}-bound, {res['decode_roofline_bound_ms']:.2f} ms per step; "
               f"the median step is at {res['decode_roofline_fraction']:.1%} of it")
+    if res.get("decode_phase_fraction") is not None:
+        print(f"Decode phase bound (linear layers, then attention over the KV cache, each at its own "
+              f"bound): {res['decode_phase_bound_ms']:.2f} ms; the median step is at {res['decode_phase_fraction']:.1%} of it")
     if res.get("prefill_flops_fraction") is not None:
         print(f"Prefill steps: {res['median_prefill_compute_s'] * 1e3:.2f} ms for {res['prefill_flops'] / 1e9:.2f} "
               f"GFLOP; {res['prefill_flops_fraction']:.1%} of the measured matmul throughput "
@@ -352,11 +377,14 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     num_seqs = args.batch_size * args.n
     try:
         flops: float | None = prefill_flops(shape, num_seqs, args.input_len)
-        step_flops: float | None = decode_flops_per_step(shape, num_seqs, args.input_len, args.output_len)
+        linear_flops, attention_flops = decode_flops_parts(shape, num_seqs, args.input_len, args.output_len)
+        step_flops: float | None = linear_flops + attention_flops
+        phases: list[tuple[float, float]] | None = [(weight_bytes, linear_flops),
+                                                    (step_bytes - weight_bytes, attention_flops)]
     except (KeyError, TypeError):  # a shape without the fields the counts need
-        flops = step_flops = None
+        flops = step_flops = phases = None
     results = summarize(timings, weight_bytes, step_bytes, measure_copy_bandwidth(runner.device), flops,
-                        measure_matmul_flops(runner.device, runner.dtype), step_flops)
+                        measure_matmul_flops(runner.device, runner.dtype), step_flops, phases)
     if args.profile:
         results["profile"] = _profile(args, llm)
     results.update({

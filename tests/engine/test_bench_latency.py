@@ -43,6 +43,13 @@ def test_decode_roofline_is_the_larger_bound():
     compute = summarize([timing], 100, step_bytes=int(1e8), copy_bandwidth=1e11, flops=1e9, matmul_flops=1e11,
                         step_flops=6e8)
     assert compute["decode_bound"] == "compute" and compute["decode_roofline_bound_ms"] == pytest.approx(6.0)
+    # phases one after another: linear layers compute-bound (5 ms > 0.5 ms of weight bytes), then
+    # attention memory-bound (0.5 ms of KV bytes > 0.1 ms of FLOPs); the whole step's bound hides the latter
+    phased = summarize([timing], 100, step_bytes=int(1e8), copy_bandwidth=1e11, flops=1e9, matmul_flops=1e11,
+                       step_flops=6e8, step_phases=[(5e7, 5e8), (5e7, 1e7)])
+    assert phased["decode_phase_bound_ms"] == pytest.approx(5.5)
+    assert phased["decode_phase_fraction"] == pytest.approx(0.55)
+    assert memory["decode_phase_bound_ms"] is None
 
 
 def test_defaults_match_vllm_and_prefix_caching_is_off():
@@ -72,6 +79,7 @@ def test_run_latency_writes_results_json(model_dirs, tmp_path, capsys):
     assert saved["matmul_gflops"] > 0 and saved["prefill_flops_fraction"] > 0
     assert saved["decode_flops_per_step"] == decode_flops_per_step(saved["model_shape"], 2, 8, 4)
     assert saved["decode_bound"] in ("memory", "compute") and saved["decode_roofline_fraction"] > 0
+    assert saved["decode_phase_bound_ms"] >= saved["decode_roofline_bound_ms"] > 0
     assert 0 < saved["median_prefill_compute_s"] <= saved["median_prefill_s"]
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[saved["dtype"]]
     assert saved["model_weight_bytes"] == saved["model_shape"]["num_params"] * itemsize
