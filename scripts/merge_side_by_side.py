@@ -24,7 +24,7 @@ def main(work: str, stamp: str, out: str) -> None:
         "device": tandem["device"],
         "model_shape": tandem["model_shape"],
         "workload": tandem["workload"],
-        "dtype": "float32",
+        "dtype": tandem.get("dtype", "float32"),
         "date": tandem["date"],
         "output_tokens_per_second": by_engine,
         "median_output_tokens_per_second": median,

@@ -40,6 +40,24 @@ def test_packed_onednn_gives_f_linears_result(rows):
     assert model.lm_head.gemm_route is not None and model.lm_head.gemm_route.wants_onednn(rows)
 
 
+@pytest.mark.skipif(torch.bfloat16 not in cpu_gemm.packable_dtypes(), reason="no native bf16 in oneDNN here")
+@pytest.mark.parametrize("rows", [1, 17, 300])
+def test_bf16_weights_are_packed_where_the_cpu_has_bf16(rows):
+    model = TwoLayers().to(torch.bfloat16)
+    assert plan_cpu_gemm(model, "onednn")[(48, 128)] == (True,) * 5
+    x = torch.randn(rows, 128).to(torch.bfloat16)
+    got = model.down(x)
+    assert got.dtype == torch.bfloat16
+    # fp32 accumulation in both, then one bf16 rounding of the result
+    torch.testing.assert_close(got, F.linear(x, model.down.weight), rtol=1.6e-2, atol=1e-2)
+
+
+def test_other_dtypes_keep_the_default(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert plan_cpu_gemm(TwoLayers().to(torch.bfloat16), "onednn") == {}
+    assert plan_cpu_gemm(TwoLayers().to(torch.float16), "onednn") == {}
+
+
 def test_the_route_is_chosen_per_row_bucket():
     route = GemmRoute(pack(torch.randn(8, 4)), (False, True, True, False, True))
     assert [route.wants_onednn(r) for r in (1, 2, 3, 16, 17, 64, 65, 256, 257, 4096)] == \
