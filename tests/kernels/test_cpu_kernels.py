@@ -187,6 +187,21 @@ def test_sampler_draws_the_references_ids():
         assert torch.equal(got, sample_ref(*args))
 
 
+def test_sampler_ties_in_a_rows_tail_go_as_the_reference():
+    """Scores equal to the last bit: a tie between the first and the last (tail) token of each
+    17-token row; the vector exp and log serve every element, as in torch's own loop over the batch
+    (2048 x 17 leaves it no scalar remainder)."""
+    rows, vocab = 2048, 17
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[:, 16] = logits[:, 0]
+    noise = torch.rand(rows, vocab, generator=g)
+    noise[:, 16] = noise[:, 0]
+    ones, zeros = torch.ones(rows), torch.zeros(rows)
+    k, p = torch.zeros(rows, dtype=torch.int32), torch.ones(rows)
+    assert torch.equal(cpu_kernels.sample(logits, ones, k, p, zeros, noise), sample_ref(logits, ones, k, p, zeros, noise))
+
+
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
     assert resolve_backend_name("auto", torch.device("cpu")) == "cpu"
     assert resolve_sampling_backend("auto", torch.device("cpu"), "cpu") == "cpu"

@@ -3,6 +3,9 @@
 // (the Python wrapper sends those rows to the reference). The reference's ~15 whole-batch tensor
 // ops become one parallel loop; the ids are the reference's: the same fp32 operations, exp and log
 // from the vector library torch's own kernels use, and ties going to the first index as argmax.
+// NOTE: torch's loops send a tensor's last elements (past its last full vector pair) through the C
+// library's exp/log instead, which can differ in the last bit: where a score ties to the last bit
+// with such an element, the two may pick different tokens.
 //
 // Row r: temperature[r] == 0 -> the first index of the largest logit. Else z = logits / t,
 // survivors z >= max z + log(min_p) (min_p > 0) and z > -inf, or z == max z; the id is the first
@@ -57,26 +60,23 @@ int64_t first_argmax(const float* x, int64_t n) {
   return 0;
 }
 
-// The race's winner for one row; `score` is scratch of n floats.
+// The race's winner for one row; `score` is scratch of n floats. Every element, the row's tail
+// included, goes through the vector exp and log (torch's own), so no score differs in its last bit.
 int64_t race(const float* logits, const float* noise, int64_t n, float temperature, float min_p, float* score) {
   const Vec vt(temperature);
   // max(l / t) == max(l) / t: rounding the quotient is monotone in l for t > 0
   const float z_max = max_of(logits, n) / temperature;
-  const float cut = min_p > 0 ? z_max + std::log(min_p) : -kInf;
+  float log_min_p[kW];
+  Vec(min_p).log().store(log_min_p);
+  const float cut = min_p > 0 ? z_max + log_min_p[0] : -kInf;
   const Vec vmax(z_max), vcut(cut), vinf(-kInf), vtiny(std::numeric_limits<float>::min()), vdrop(-1.f);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const Vec z = Vec::loadu(logits + i) / vt;
-    const Vec q = at::vec::maximum(Vec::loadu(noise + i), vtiny).log().neg();
+  for (int64_t i = 0; i < n; i += kW) {
+    const int count = static_cast<int>(std::min<int64_t>(kW, n - i));
+    const Vec z = Vec::loadu(logits + i, count) / vt;
+    const Vec q = at::vec::maximum(Vec::loadu(noise + i, count), vtiny).log().neg();
     const Vec s = (z - vmax).exp() / q;
     const Vec keep = ((z >= vcut) & (z > vinf)) | (z == vmax);
-    Vec::blendv(vdrop, s, keep).store(score + i);
-  }
-  for (; i < n; ++i) {
-    const float z = logits[i] / temperature;
-    const float q = -std::log(std::max(noise[i], std::numeric_limits<float>::min()));
-    const bool keep = (z >= cut && z > -kInf) || z == z_max;
-    score[i] = keep ? std::exp(z - z_max) / q : -1.f;
+    Vec::blendv(vdrop, s, keep).store(score + i, count);
   }
   return first_argmax(score, n);
 }
