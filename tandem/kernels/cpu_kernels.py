@@ -142,8 +142,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """As ``tandem.kernels.sampling.sample_ref`` (same arguments and ids): one C++ pass per row;
-    rows with top-k or top-p go through the reference."""
+    """As ``tandem.kernels.sampling.sample_ref`` (same arguments; its ids but for scores tied to the
+    last bit, see csrc/cpu_sampling.cpp): one C++ pass per row; rows with top-k or top-p are then
+    drawn again by the reference (the C++ pass over them is cheaper than splitting the batch)."""
     out = _ops().sample_race(logits, temperature.float().contiguous(), min_p.float().contiguous(),  # type: ignore[attr-defined]
                              noise.contiguous())
     filtered = ((top_k > 0) & (top_k < logits.shape[1])) | (top_p < 1)

@@ -145,8 +145,6 @@ float exp_normalise(float* x, int64_t n) {
   return sum;
 }
 
-constexpr int64_t kItemsPerThread = 4;
-
 struct Shape {
   int64_t heads, kv_heads, head_dim, block_size, table_width;
   int64_t q_stride_b, q_stride_h;  // query/out strides in elements
@@ -191,6 +189,9 @@ Rows block_rows(const C* cache, int64_t block, int64_t off, int64_t n, const Sha
     return Rows{buf.data(), s.head_dim};
   }
 }
+
+// A batch of at least this many sequences per thread takes whole sequences as work items.
+constexpr int64_t kItemsPerThread = 4;
 
 // Kv heads [first, last) of one sequence: the unit of work. With every head in it, a block's K (or V)
 // rows are one contiguous piece of the cache, read front to back.
