@@ -85,21 +85,24 @@ class KVOffloadConfig:
             raise ValueError("kv_disk_size must be > 0 GiB with kv_disk_path")
 
 
-SPECULATIVE_METHODS = ("ngram",)  # vLLM also has draft_model, eagle, eagle3, mtp: not built here yet
-_NOT_YET = ("draft_model", "eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
+SPECULATIVE_METHODS = ("ngram", "draft_model")  # vLLM also has eagle, eagle3, mtp: not built here yet
+_NOT_YET = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
+_NGRAM_KEYS = ("prompt_lookup_min", "prompt_lookup_max")
 
 
 @dataclass
 class SpeculativeConfig:
     """vLLM's ``speculative_config`` (tandem/spec_decode). ``adaptive`` (tandem's own key): the
     number of draft tokens per request and step is chosen from the measured acceptance and step
-    cost, down to none (off: always ``num_speculative_tokens`` where a proposal exists)."""
+    cost, down to none (off: always ``num_speculative_tokens`` where a proposal exists).
+    ``model``: the draft model's directory (method draft_model; it shares the target's tokenizer)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     adaptive: bool = True
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method in _NOT_YET:
@@ -113,6 +116,10 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min}, {self.prompt_lookup_max}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config method 'draft_model' needs model (the draft model's directory)")
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError("speculative_config model applies to method 'draft_model', not 'ngram'")
 
     @classmethod
     def from_dict(cls, raw: dict) -> SpeculativeConfig:
@@ -120,11 +127,15 @@ class SpeculativeConfig:
         if raw.get("method") in _NOT_YET:
             raise ValueError(f"speculative_config method {raw['method']!r} is not supported yet; available: "
                              f"{', '.join(SPECULATIVE_METHODS)}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "adaptive"}
+        known = {"method", "num_speculative_tokens", *_NGRAM_KEYS, "adaptive", "model"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"speculative_config: unsupported key(s) {', '.join(unknown)}; "
                              f"supported: {', '.join(sorted(known))}")
+        if raw.get("method", cls.method) != "ngram" and (given := [k for k in _NGRAM_KEYS if k in raw]):
+            raise ValueError(f"speculative_config {', '.join(given)} apply to method 'ngram' only")
+        if "model" in raw and not isinstance(raw["model"], str):
+            raise ValueError(f"speculative_config model must be a directory path, got {raw['model']!r}")
         values = dict(raw)
         if "prompt_lookup_max" in values and "prompt_lookup_min" not in values:
             values["prompt_lookup_min"] = min(cls.prompt_lookup_min, values["prompt_lookup_max"])

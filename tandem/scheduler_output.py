@@ -32,6 +32,9 @@ class ScheduledChunk:
     # speculative decoding: the last num_draft_tokens of token_ids are proposals to verify (sample is
     # True; the runner emits the accepted ones plus one of the target's)
     num_draft_tokens: int = 0
+    # speculation with a draft model: after the step, propose this many drafts for the next one (the
+    # block table covers that many positions past the chunk: the drafter's scratch)
+    num_lookahead_tokens: int = 0
 
 
 @dataclass

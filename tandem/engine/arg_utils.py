@@ -214,8 +214,9 @@ class EngineArgs:
                                   "schedule step N+1 while the GPU runs step N (outputs arrive one step later)")
     # speculative decoding (tandem/spec_decode)
     speculative_config: dict[str, Any] | None = _arg(
-        None, "speculative decoding as a JSON object, vLLM's keys: method (ngram), num_speculative_tokens (3), "
-              "prompt_lookup_min (1), prompt_lookup_max (4); tandem's adaptive (true): drafts per request and step "
+        None, "speculative decoding as a JSON object, vLLM's keys: method (ngram or draft_model), "
+              "num_speculative_tokens (3), prompt_lookup_min (1) and prompt_lookup_max (4) for ngram, model (the "
+              "draft model's directory) for draft_model; tandem's adaptive (true): drafts per request and step "
               "chosen from the measured acceptance and step cost, down to none under load",
         check=_speculative, cli_type=_json_object, metavar="JSON")
 

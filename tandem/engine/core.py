@@ -55,12 +55,19 @@ class EngineCore:
         if config.speculative is not None and (config.scheduler.async_scheduling or kv is not None):
             raise ValueError("speculative_config does not combine with async scheduling or disaggregated "
                              "prefill/decode yet")
+        if config.speculative is not None and config.speculative.method == "draft_model" and config.kv_offload:
+            # NOTE: blocks restored from an offload tier hold the target's KV only, not the drafter's
+            raise ValueError("speculative_config method draft_model does not combine with KV offloading yet")
         self.runner = ModelRunner(config.model, config.cache,
                                   share_kv_cache=kv is not None and kv.sends and kv.transport == "auto",
-                                  scheduler_config=config.scheduler)
+                                  scheduler_config=config.scheduler, speculative_config=config.speculative)
         self.hf_config = self.runner.hf_config
         self.vocab_size = self.runner.args.vocab_size
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len)
+        drafter = self.runner.drafter
+        if drafter is not None and drafter.max_position_embeddings and drafter.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"the draft model holds {drafter.max_position_embeddings} positions, fewer than "
+                             f"max_model_len {self.max_model_len}; lower max_model_len")
         self.runner.setup_decode_graphs(self.max_model_len, config.scheduler.max_num_seqs)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
@@ -77,6 +84,8 @@ class EngineCore:
         self._structured: StructuredOutputManager | None = None  # made by the first structured request
         self._experts_read_at = float("-inf")
         self._last_emitted = 0  # output tokens the latest applied step gave (speculation's measurement)
+        # a draft model's seconds in the latest applied step, and in the one before (whose drafts it verified)
+        self._draft_seconds = (0.0, 0.0)
 
     def _resolve_max_model_len(self, requested: int | None) -> int:
         limit = int(self.hf_config.get("max_position_embeddings", 4096))
@@ -252,6 +261,10 @@ class EngineCore:
         decode steps' measured tokens per second."""
         planner = self.scheduler.planner
         assert planner is not None
+        # NOTE: a draft model proposes during the step before the one that verifies: its time is
+        # charged to the step that uses the drafts, or alternating policies would each be billed the other's
+        drafted_now, drafted_before = self._draft_seconds
+        seconds += drafted_before - drafted_now
         planner.cost.observe(sched_out.num_batched_tokens, seconds)
         speculated = self.scheduler.last_step_speculated
         if speculated is not None and all(len(c.token_ids) == 1 or c.num_draft_tokens for c in sched_out.chunks):
@@ -277,8 +290,9 @@ class EngineCore:
 
     def _apply_result(self, sched_out: SchedulerOutput, result: RunnerOutput, outputs: dict[str, CoreOutput]) -> None:
         with span("update"):
-            updated = self.scheduler.update_from_output(sched_out, result.sampled, result.emitted)
+            updated = self.scheduler.update_from_output(sched_out, result.sampled, result.emitted, result.drafts)
             self._last_emitted = sum(req.num_step_tokens for req in updated)
+            self._draft_seconds = (result.draft_seconds, self._draft_seconds[0])
             self._advance_grammars(updated)
         for rid, prompt_lp in result.prompt_logprobs.items():
             outputs[rid] = CoreOutput(rid, [], prompt_logprobs=prompt_lp)

@@ -11,7 +11,10 @@ Speculative decoding (``speculative``, tandem/spec_decode): after step 1 (when n
 preempted), each running request that only decodes gets draft tokens from the proposer, as many as
 the planner finds worth their cost, from the budget and blocks left; its chunk is its last token
 plus the drafts, and ``update_from_output`` appends the accepted
-tokens, advances by them and gives back blocks only rejected drafts needed.
+tokens, advances by them and gives back blocks only rejected drafts needed. With a draft model
+the proposals come from the runner's previous step: each sampling chunk of a request that may
+speculate next gets lookahead blocks (from what is left after admission) for the drafter's
+proposals, given back after the step.
 
 KV connector (disaggregation; ``tandem.kv_transfer.base`` has the hooks): after the local prefix
 lookup the connector may claim more of a waiting request's prompt (``get_num_new_matched_tokens``);
@@ -36,6 +39,7 @@ from tandem.engine.request import Request, RequestStatus
 from tandem.kv_transfer.base import KVConnectorBase, refuse_kv_transfer
 from tandem.scheduler_output import PLACEHOLDER_TOKEN, NewRequestData, ScheduledChunk, SchedulerOutput
 from tandem.spec_decode import speculation_allowed
+from tandem.spec_decode.draft import DraftModelProposals
 from tandem.spec_decode.ngram import NgramProposer
 from tandem.spec_decode.planner import SpeculationPlanner, truncate_plan
 
@@ -57,11 +61,14 @@ class Scheduler:
         self._order_key: dict[str, tuple] = {}
         self.num_preemptions = 0
         self.speculative = speculative
-        self.proposer = (NgramProposer(speculative.prompt_lookup_min, speculative.prompt_lookup_max)
-                         if speculative is not None else None)
+        self.proposer: NgramProposer | DraftModelProposals | None = None
+        if speculative is not None:
+            self.proposer = (DraftModelProposals() if speculative.method == "draft_model"
+                             else NgramProposer(speculative.prompt_lookup_min, speculative.prompt_lookup_max))
         self.planner = (SpeculationPlanner(speculative.num_speculative_tokens, speculative.adaptive)
                         if speculative is not None else None)
         self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per request
+        self._lookahead: dict[str, int] = {}  # draft model: drafts to propose after this step, per request
         # a decode step's policy (drafts proposed or not), for the planner's measurement; None: not
         # a decode step, or no speculation
         self.last_step_speculated: bool | None = None
@@ -143,6 +150,7 @@ class Scheduler:
         if not preempted:
             budget -= self._schedule_drafts(scheduled, budget)
             self._schedule_waiting(scheduled, budget)
+            self._reserve_lookahead(scheduled)
         out.preempted_request_ids = [r.request_id for r in preempted]
         for req in self.running:
             n = scheduled.get(req.request_id)
@@ -155,7 +163,7 @@ class Scheduler:
                     self._seen_by_runner.add(req.request_id)
                     out.new_requests.append(
                         NewRequestData(req.request_id, req.prompt_token_ids, req.sampling_params))
-        self._drafts = {}
+        self._drafts, self._lookahead = {}, {}
         if self.connector is not None:
             out.kv_connector_metadata = self.connector.build_connector_meta(out)
         return out
@@ -201,6 +209,28 @@ class Scheduler:
         plan = self.planner.plan({rid: len(p) for rid, p in proposals.items()}, sum(scheduled.values()),
                                  len(scheduled))
         return truncate_plan(plan, proposals)
+
+    def _reserve_lookahead(self, scheduled: dict[str, int]) -> None:
+        """Draft model: blocks for the drafter's proposals past each chunk that samples, for requests
+        that may speculate in the next step, from the blocks left after admission (a proposal never
+        takes another request's room; without free blocks the request proposes nothing)."""
+        if not isinstance(self.proposer, DraftModelProposals) or self.planner is None:
+            return
+        if not self.planner.speculates_next(len(scheduled)):
+            return
+        for req in self.running:
+            n = scheduled.get(req.request_id)
+            if not n:
+                continue
+            end = req.num_computed_tokens + req.num_in_flight_tokens + n  # position after the chunk
+            samples = end - len(self._drafts.get(req.request_id, ())) == req.num_tokens + req.num_pending_tokens
+            # NOTE: the next step's drafts stay within max_tokens and max_model_len, as in _plan_drafts
+            room = min(self.planner.max_drafts, req.max_tokens - req.num_output_tokens - 2,
+                       self.max_model_len - end - 1)
+            if (samples and room > 0
+                    and speculation_allowed(req.sampling_params, req.num_output_tokens + 1, req.structured is not None)
+                    and self.kv.allocate_slots(req, req.num_in_flight_tokens + n + room)):
+                self._lookahead[req.request_id] = room
 
     def _decodes_alone(self, req: Request) -> bool:
         """Computed up to its last token, nothing in flight, and speculation allowed for it."""
@@ -361,7 +391,8 @@ class Scheduler:
             return ScheduledChunk(req.request_id, [req.all_token_ids[start], *drafts], start,
                                   self.kv.get_block_ids(req.request_id), sample=True,
                                   num_prompt_tokens=req.num_prompt_tokens, serial=req.serial,
-                                  num_draft_tokens=len(drafts))
+                                  num_draft_tokens=len(drafts),
+                                  num_lookahead_tokens=self._lookahead.get(req.request_id, 0))
         known = req.all_token_ids[start:start + n]
         return ScheduledChunk(
             request_id=req.request_id,
@@ -371,14 +402,17 @@ class Scheduler:
             sample=start + n == req.num_tokens + req.num_pending_tokens,
             num_prompt_tokens=req.num_prompt_tokens,
             serial=req.serial,
+            num_lookahead_tokens=self._lookahead.get(req.request_id, 0),
         )
 
     # -- after the model ran -----------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int],
-                           emitted: Mapping[str, list[int]] | None = None) -> list[Request]:
+                           emitted: Mapping[str, list[int]] | None = None,
+                           drafts: Mapping[str, tuple[int, list[int]]] | None = None) -> list[Request]:
         """Advance computed tokens, append sampled tokens, finish on stop token / length.
         emitted: for chunks with draft tokens, every token the step gives (accepted drafts, then
-        the target's own).
+        the target's own). drafts: the draft model's proposals for the next step, request id ->
+        (the number of tokens they follow, the drafts).
 
         Returns the requests that received a token (finished ones included); each request's
         ``num_step_tokens`` says how many."""
@@ -412,7 +446,12 @@ class Scheduler:
             if self._take_token(req, sampled[chunk.request_id]):
                 self.running.remove(req)
                 self._finish(req, req.status)
+            elif chunk.num_lookahead_tokens:
+                self.kv.trim(req, req.num_tokens)  # the drafter's scratch blocks
             updated.append(req)
+        if drafts and isinstance(self.proposer, DraftModelProposals):
+            self.proposer.store({rid: d for rid, d in drafts.items()
+                                 if (r := self.requests.get(rid)) is not None and r.status == RequestStatus.RUNNING})
         return updated
 
     def _apply_verified(self, req: Request, chunk: ScheduledChunk, tokens: list[int]) -> None:

@@ -8,6 +8,7 @@ for requests asking for prompt logprobs, for the prompt positions in their chunk
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
+from tandem.config import CacheConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from tandem.h2d import to_device
 from tandem.kernels.sampling import sampling_probs
-from tandem.model.attention import SHORT_QUERY_TOKENS, AttentionMetadata, CommonAttentionMetadata, get_backend
+from tandem.model.attention import AttentionMetadata, CommonAttentionMetadata, get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config, resolve_dtype
@@ -26,7 +27,9 @@ from tandem.model.moe import take_expert_tokens
 from tandem.profiling import span
 from tandem.quantization import PrecisionReport, apply_precision, checkpoint_precision, load_policy, plan_int8_routes
 from tandem.quantization.checkpoint import CheckpointQuantization
+from tandem.runner.batch import batch_order, describe_chunks
 from tandem.runner.cpu_malloc import tune_glibc_malloc
+from tandem.runner.drafter import Drafter
 from tandem.runner.kv_cache_spec import KVCacheSpec
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import (
@@ -63,6 +66,9 @@ class RunnerOutput:
     # chunks with draft tokens: every token the step gives, accepted drafts then the target's own
     # (``sampled`` holds the first)
     emitted: dict[str, list[int]] = field(default_factory=dict)
+    # a draft model's proposals for the next step: request id -> (tokens they follow, drafts)
+    drafts: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    draft_seconds: float = 0.0  # the drafter's time in this step (it reads its drafts back: synchronous)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,11 +91,14 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, share_kv_cache: bool = False,
-                 scheduler_config: SchedulerConfig | None = None) -> None:
+                 scheduler_config: SchedulerConfig | None = None,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         """share_kv_cache: on CPU, keep the KV cache in a shared-memory region (``self.kv_region``)
         that decode workers on this host can read (tandem/kv_transfer/shm.py). scheduler_config:
         the largest step, profiled on a GPU to size the KV cache (tandem/runner/kv_sizing.py).
-        The sampling kernel follows the attention backend (``resolve_sampling_backend``)."""
+        speculative_config: with method draft_model, the runner holds the ``Drafter``, whose cache
+        shares the KV budget and the block ids. The sampling kernel follows the attention backend
+        (``resolve_sampling_backend``)."""
         self.device = resolve_device(model_config.device)
         if self.device.type == "cpu":
             tune_glibc_malloc()
@@ -127,6 +136,9 @@ class ModelRunner:
         self._last = StepHandle()  # the latest launched step (placeholders refer to its samples)
         self.kv_spec = KVCacheSpec.build(cache_config, self.dtype, len(self.model.attention_layers()),
                                          self.args.num_kv_heads, self.args.head_dim)
+        self.drafter = (Drafter(speculative_config, self.args.vocab_size, self.dtype, self.device,
+                                self.attention_backend, self.block_size, model_config.cpu_gemm, model_config.seed)
+                        if speculative_config is not None and speculative_config.method == "draft_model" else None)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self.kv_region: SharedKVRegion | None = None
         self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
@@ -202,10 +214,11 @@ class ModelRunner:
                         peak / 2**30)
         else:
             budget = DEFAULT_CPU_KV_CACHE_BYTES
-        num = budget // self.kv_bytes_per_block
+        per_block = self.kv_bytes_per_block + (self.drafter.kv_bytes_per_block if self.drafter is not None else 0)
+        num = budget // per_block
         if num < 1:
             raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block "
-                             f"({self.kv_bytes_per_block} bytes); raise kv_cache_memory")
+                             f"({per_block} bytes); raise kv_cache_memory")
         return num
 
     @torch.inference_mode()
@@ -273,6 +286,10 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), %s", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, self.num_blocks * self.kv_bytes_per_block / 2**20,
                     self.kv_cache_dtype)
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num)
+            logger.info("draft model's KV cache: the same %d blocks (%.1f MiB)", self.num_blocks,
+                        self.num_blocks * self.drafter.kv_bytes_per_block / 2**20)
 
     def setup_decode_graphs(self, max_model_len: int, max_num_seqs: int) -> None:
         """Capture decode CUDA graphs (CUDA, unless enforce_eager); on a CPU only with explicit
@@ -305,10 +322,7 @@ class ModelRunner:
             self.states[new.request_id] = self.sampler.make_state(new.sampling_params, new.prompt_token_ids)
         if out.is_empty:
             return StepHandle(result=RunnerOutput())
-        # decodes first, then short queries (drafts; backends may run them as decode rows), then the
-        # rest; longest context first within each (so decode_groups can pad each group to its width)
-        chunks = sorted(out.chunks, key=lambda c: (len(c.token_ids) != 1, len(c.token_ids) > SHORT_QUERY_TOKENS,
-                                                   -len(c.block_ids)))
+        chunks = sorted(out.chunks, key=batch_order)
         if any(needs_history(self.states[c.request_id]) for c in chunks if c.sample):
             self._last.resolve()  # penalties and min_tokens read every earlier output token
         if self._graph_step(chunks):
@@ -327,6 +341,12 @@ class ModelRunner:
                     self.states[rid].output_token_ids.extend(emitted)
         if self._calibrating:
             self._end_calibration()
+        if self.drafter is not None and self.drafter.ready:  # speculation runs synchronously: resolve now
+            result = handle.resolve()
+            with span("draft"):
+                started = time.perf_counter()
+                result.drafts = self.drafter.propose(chunks, result.sampled, result.emitted)
+                result.draft_seconds = time.perf_counter() - started
         self._last = handle
         return handle
 
@@ -360,25 +380,7 @@ class ModelRunner:
         return self._sample(chunks, self.model.compute_logits(hidden), sample_rows, grammar=grammar)
 
     def _describe(self, chunks: list[ScheduledChunk]) -> tuple[CommonAttentionMetadata, np.ndarray]:
-        """The step's backend-neutral attention description, and the flat positions (host)."""
-        bs = self.block_size
-        lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
-        query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum(lens, out=query_start_loc[1:])
-        positions = np.concatenate([np.arange(c.start_pos, c.start_pos + len(c.token_ids)) for c in chunks])
-        slots = np.empty_like(positions)
-        for c, start, n in zip(chunks, query_start_loc, lens):
-            table = np.asarray(c.block_ids, dtype=np.int64)
-            pos = positions[start:start + n]
-            slots[start:start + n] = table[pos // bs] * bs + pos % bs
-        common = CommonAttentionMetadata(
-            num_decodes=sum(1 for c in chunks if len(c.token_ids) == 1),  # decodes come first
-            query_start_loc=query_start_loc,
-            seq_lens=np.array([c.start_pos + len(c.token_ids) for c in chunks], dtype=np.int64),
-            block_tables=[c.block_ids for c in chunks],
-            slot_mapping=slots,
-        )
-        return common, positions
+        return describe_chunks(chunks, self.block_size)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
         common, positions = self._describe(chunks)

@@ -1,8 +1,11 @@
-"""Speculative decoding (vLLM's ``speculative_config``; method ``ngram``).
+"""Speculative decoding (vLLM's ``speculative_config``; methods ``ngram`` and ``draft_model``).
 
-The scheduler asks ``NgramProposer`` (``ngram.py``) for draft tokens that follow each decoding
-request, and ``SpeculationPlanner`` (``planner.py``) how many of them are worth verifying this step
-(from measured acceptance and step cost); the request's chunk is its last token plus the drafts.
+The scheduler asks its proposer for draft tokens that follow each decoding request:
+``NgramProposer`` (``ngram.py``) looks them up in the request's own tokens,
+``DraftModelProposals`` (``draft.py``) hands out what the draft model in the runner
+(tandem/runner/drafter.py) proposed during the previous step. ``SpeculationPlanner``
+(``planner.py``) says how many of them are worth verifying this step (from measured acceptance and
+step cost); the request's chunk is its last token plus the drafts.
 The model runner scores all of them in one forward and ``rejection_sample`` (``rejection.py``)
 keeps the accepted prefix plus one token from the target, so the output follows the target's
 distribution exactly. The scheduler then advances the request by what was accepted and gives back

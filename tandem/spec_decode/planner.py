@@ -126,13 +126,20 @@ class _PolicyRates:
     last: tuple[bool, float] | None = None  # the previous decode step: (speculated, rate)
 
     def choose(self) -> bool:
+        speculate = self.peek()
         self.steps += 1
+        if self.log_ratio is not None and self.pairs >= MIN_PAIRS:
+            self.since_retry += 1
+            if self.since_retry >= self.interval:
+                self.since_retry = 0
+        return speculate
+
+    def peek(self) -> bool:
+        """What the next ``choose`` returns, without choosing."""
         if self.log_ratio is None or self.pairs < MIN_PAIRS:
-            return self.steps % 2 == 1  # alternate until a few pairs are measured
-        self.since_retry += 1
-        if self.since_retry >= self.interval:
-            self.since_retry = 0
-            return self.log_ratio < 0
+            return self.steps % 2 == 0  # alternate until a few pairs are measured (the first speculates)
+        if self.since_retry + 1 >= self.interval:
+            return self.log_ratio < 0  # a retry of the policy measured slower
         return self.log_ratio >= 0
 
     def observe(self, speculated: bool, rate: float) -> None:
@@ -172,6 +179,12 @@ class SpeculationPlanner:
         unless decode steps at this batch size measured it slower."""
         rates = self._rates.get(batch_size.bit_length())
         return not self.adaptive or rates is None or rates.log_ratio is None or rates.log_ratio >= 0
+
+    def speculates_next(self, batch_size: int) -> bool:
+        """Whether the next decode step at this batch size will verify drafts (a draft model proposes
+        them one step ahead, and only when they will be used)."""
+        rates = self._rates.get(batch_size.bit_length())
+        return not self.adaptive or rates is None or rates.peek()
 
     def observe_step(self, batch_size: int, speculated: bool, emitted: int, seconds: float) -> None:
         """A decode step (no prompt chunk) ran: ``emitted`` tokens in ``seconds``."""

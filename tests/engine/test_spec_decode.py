@@ -1,5 +1,5 @@
-"""Speculative decoding (n-gram): outputs equal those without speculation, block accounting stays
-exact, the planner backs off when drafts cost more than they give."""
+"""Speculative decoding (n-gram and a draft model): outputs equal those without speculation, block
+accounting stays exact, the planner backs off when drafts cost more than they give."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tandem.engine.scheduler import Scheduler
 from tandem.kernels.sampling import sample_ref, sampling_probs
 from tandem.spec_decode.planner import EXPLORE_EVERY, MIN_PAIRS, PROBE_INTERVAL, SpeculationPlanner, StepCostModel
 from tandem.spec_decode.rejection import greedy_verify, rejection_sample
+from tandem.testing import build_tiny_model
 
 
 # -- the scheduler alone: a fake model whose next token depends only on (request, position) ------------
@@ -32,7 +33,22 @@ def _spec_sched(num_blocks: int, budget: int, k: int, max_len: int = 256) -> Sch
     return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=4), kv, max_len, speculative=spec)
 
 
-def _run(s: Scheduler, max_steps: int = 3000) -> tuple[dict[str, list[int]], int]:
+def _fake_drafter(out, sampled, emitted) -> dict[str, tuple[int, list[int]]]:
+    """What the runner's drafter returns: for each chunk with lookahead, drafts for the positions after
+    the step's tokens, right except at every fifth position."""
+    proposals = {}
+    for c in out.chunks:
+        if c.num_lookahead_tokens and c.request_id in sampled:
+            kept = len(emitted[c.request_id]) if c.request_id in emitted else len(c.token_ids)
+            follows = c.start_pos + kept + 1
+            # the drafter writes scratch KV up to the last draft's input position
+            assert len(c.block_ids) * 4 >= follows + c.num_lookahead_tokens - 1
+            proposals[c.request_id] = (follows, [_target(c.request_id, p) + (p % 5 == 0)
+                                                 for p in range(follows, follows + c.num_lookahead_tokens)])
+    return proposals
+
+
+def _run(s: Scheduler, max_steps: int = 3000, drafter=None) -> tuple[dict[str, list[int]], int]:
     reqs = dict(s.requests)
     steps = 0
     while s.has_unfinished_requests():
@@ -58,7 +74,7 @@ def _run(s: Scheduler, max_steps: int = 3000) -> tuple[dict[str, list[int]], int
             else:
                 tokens.append(_target(c.request_id, end))  # every draft accepted: the bonus token
             sampled[c.request_id], emitted[c.request_id] = tokens[0], tokens
-        s.update_from_output(out, sampled, emitted)
+        s.update_from_output(out, sampled, emitted, drafter(out, sampled, emitted) if drafter else None)
         s.kv.pool.check_invariants()
         for req in s.running:  # blocks cover the computed tokens and the next one, never more
             assert len(s.kv.req_blocks[req.request_id]) <= -(-req.num_tokens // s.kv.block_size)
@@ -92,6 +108,26 @@ def test_scheduler_outputs_equal_decoding_without_drafts(num_blocks, budget, k):
     # drafts past a length never count; r1 and r4 end at their stop token
     assert [len(want[r]) for r in ("r0", "r2", "r3")] == [30, 1, 40]
     assert len(want["r1"]) <= 14 and len(want["r4"]) <= 6
+
+
+@pytest.mark.parametrize("num_blocks,budget", [(64, 64), (64, 6), (14, 16)])  # plain, chunked prefill, preemption
+def test_scheduler_with_draft_model_proposals_equals_decoding_without_drafts(num_blocks, budget):
+    """Lookahead blocks for the drafter are reserved from what is left and given back after the step
+    (``_run`` checks the block invariants after every step); stale proposals are never verified."""
+    plain = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=4), KVCacheManager(num_blocks, 4),
+                      256)
+    _fill(plain)
+    want, plain_steps = _run(plain)
+    kv = KVCacheManager(num_blocks, 4, True)
+    spec = SpeculativeConfig(method="draft_model", model="unused-by-the-scheduler", num_speculative_tokens=3,
+                             adaptive=False)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=4), kv, 256, speculative=spec)
+    _fill(s)
+    got, spec_steps = _run(s, drafter=_fake_drafter)
+    assert got == want
+    stats = s.planner.stats
+    assert stats.num_drafts > 0 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert spec_steps < plain_steps
 
 
 def test_drafts_never_pass_max_model_len():
@@ -175,6 +211,15 @@ def test_the_policy_measured_faster_runs_and_the_other_is_retried():
     assert planner.speculate_now(32) or planner.speculate_now(32)
 
 
+def test_speculates_next_predicts_the_next_decode_steps_choice():
+    planner = SpeculationPlanner(4)
+    for step in range(200):
+        predicted = planner.speculates_next(3)
+        speculated = planner.speculate_now(3)
+        assert predicted == speculated
+        planner.observe_step(3, speculated, 6 if speculated else 4, 1.0 + (step % 3) * 0.01)
+
+
 def test_planner_without_measurements_or_not_adaptive_verifies_every_proposal():
     assert SpeculationPlanner(4).plan({"a": 3, "b": 1}, 2, 2) == {"a": 3, "b": 1}
     fixed = _planner_with_costs(0.02, 0.002, 0)
@@ -246,6 +291,57 @@ def test_sampled_requests_with_speculation_end_normally(make_llm):
     out = spec.generate([{"prompt_token_ids": p} for p in _prompts()], params)
     assert all(len(c.token_ids) == 25 for o in out for c in o.outputs)
     assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0
+
+
+def _draft_spec(model_dir, **kw) -> dict:
+    return {"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 3, "adaptive": False, **kw}
+
+
+@pytest.mark.parametrize("draft", ["llama3-gqa", "qwen3-moe"])  # the target itself; another family, random
+def test_draft_model_greedy_equal_with_chunked_prefill_preemption_n_and_prefix_hits(make_llm, model_dirs, draft):
+    """Twice over the same prompts (the second run hits the prefix cache). With the target as its
+    own draft nearly every draft is accepted, prefix hits included: the drafter's KV is valid
+    wherever the target's is."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2)
+    kw = {"max_num_batched_tokens": 16, "num_gpu_blocks_override": 14, "block_size": 4, "max_num_seqs": 4}
+    want = _tokens(make_llm(**kw), _prompts(), params)
+    spec = make_llm(speculative_config=_draft_spec(model_dirs[draft]), **kw)
+    assert _tokens(spec, _prompts(), params) == want
+    stats = spec.llm_engine.scheduler.planner.stats
+    first_run = stats.num_accepted_tokens, stats.num_draft_tokens
+    assert _tokens(spec, _prompts(), params) == want
+    assert spec.llm_engine.scheduler.num_preemptions > 0 and spec.llm_engine.kv.stats.hits > 0
+    accepted, proposed = stats.num_accepted_tokens - first_run[0], stats.num_draft_tokens - first_run[1]
+    assert proposed > 0
+    if draft == "llama3-gqa":
+        assert accepted >= 0.9 * proposed
+
+
+def test_draft_model_sampled_and_adaptive_requests_end_normally(make_llm, model_dirs):
+    spec = make_llm(speculative_config=_draft_spec(model_dirs["llama3-gqa"], adaptive=True))
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.95, max_tokens=25, ignore_eos=True, n=3)
+    out = spec.generate([{"prompt_token_ids": p} for p in _prompts()], params)
+    assert all(len(c.token_ids) == 25 for o in out for c in o.outputs)
+    assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0
+    # requests that need every token decode one at a time beside them, and the drafter keeps up
+    mixed = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+             SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+    outs = [spec.generate([{"prompt_token_ids": _prompts()[0]}], p)[0].outputs[0] for p in mixed]
+    assert outs[0].token_ids == outs[1].token_ids
+
+
+def test_draft_model_errors_name_the_problem(make_llm, model_dirs, tmp_path):
+    with pytest.raises(ValueError, match="'draft_model' needs model"):
+        EngineArgs(speculative_config={"method": "draft_model"})
+    with pytest.raises(ValueError, match="prompt_lookup_max apply to method 'ngram' only"):
+        EngineArgs(speculative_config={"method": "draft_model", "model": "x", "prompt_lookup_max": 3})
+    with pytest.raises(ValueError, match="model applies to method 'draft_model'"):
+        EngineArgs(speculative_config={"method": "ngram", "model": "x"})
+    other_vocab = build_tiny_model(tmp_path / "v300", family="llama", vocab_size=300)
+    with pytest.raises(ValueError, match="must share the target's tokenizer"):
+        make_llm(speculative_config=_draft_spec(other_vocab))
+    with pytest.raises(ValueError, match="KV offloading"):
+        make_llm(speculative_config=_draft_spec(model_dirs["llama3-gqa"]), kv_offloading_size=0.01)
 
 
 def test_speculative_config_errors_name_the_problem(make_llm):

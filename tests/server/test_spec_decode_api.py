@@ -1,4 +1,4 @@
-"""`tandem serve --speculative-config` with the demo model on a copy-heavy edit: the official openai
+"""`tandem serve --speculative-config` (n-gram, and a draft model) with the demo model on a copy-heavy edit: the official openai
 SDK gets the text an engine without speculation gives (plain and streamed, with a stop string), and
 /metrics has vLLM's spec_decode counters."""
 
@@ -9,6 +9,7 @@ import re
 
 import httpx
 import openai
+import pytest
 
 from tandem import LLM, SamplingParams
 from tandem.engine.arg_utils import DEMO_MODEL_DIR
@@ -20,12 +21,18 @@ def _copy_prompt() -> str:
     return text + "\n\n" + text[:200]
 
 
-def test_speculative_server_matches_an_engine_without_it():
+# every proposal verified: the adaptive policy, tested on its own, could pick no drafts on a loaded machine
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "adaptive": False}
+# the demo model as its own draft (a draft model shares the target's tokenizer): drafts are accepted
+DRAFT_MODEL = {"method": "draft_model", "model": str(DEMO_MODEL_DIR), "num_speculative_tokens": 3, "adaptive": False}
+
+
+@pytest.mark.parametrize("config", [NGRAM, DRAFT_MODEL], ids=["ngram", "draft_model"])
+def test_speculative_server_matches_an_engine_without_it(config):
     prompt = _copy_prompt()
     plain = LLM(model=str(DEMO_MODEL_DIR), kv_cache_memory="16MiB")
     want = plain.generate([prompt], SamplingParams(temperature=0, max_tokens=60), use_tqdm=False)[0].outputs[0].text
-    # every proposal verified: the adaptive policy, tested on its own, could pick no drafts on a loaded machine
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "adaptive": False})
+    spec = json.dumps(config)
     proc, base = start_server(DEMO_MODEL_DIR, "--speculative-config", spec, "--kv-cache-memory", "16MiB")
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)

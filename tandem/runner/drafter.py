@@ -1,0 +1,134 @@
+"""The draft model of speculative decoding (``speculative_config`` method ``draft_model``): a smaller
+model with the target's tokenizer that proposes the next step's drafts right after each target step.
+
+KV: the drafter has cache tensors of its own, in the target's block layout, and shares the target's
+block tables (one allocation, two caches). Invariant: wherever the target's KV is valid (positions
+below ``num_computed_tokens``), the drafter's is too. Every step the drafter computes the KV of every
+position the target computed and kept: each chunk's tokens, and for a chunk with drafts its last
+token and the accepted drafts. So a block full of computed tokens holds valid KV in both caches
+when it enters the prefix cache, and a prefix hit serves the drafter as well. Positions past that
+(the token just sampled, then the drafter's own proposals) are scratch, written into the lookahead
+blocks the scheduler reserved (``ScheduledChunk.num_lookahead_tokens``); the next step recomputes
+the ones that are kept.
+
+Drafts are the drafter's argmax: a proposal with q = 1 on the proposed token, which the runner's
+rejection sampling already verifies exactly (greedy and sampled requests alike).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tandem.config import CacheConfig, SpeculativeConfig
+from tandem.h2d import to_device
+from tandem.model.attention import AttentionMetadataBuilder, get_backend
+from tandem.model.cpu_gemm import plan_cpu_gemm
+from tandem.model.interface import CausalLM
+from tandem.model.loader import load_model, read_hf_config
+from tandem.quantization.checkpoint import CheckpointQuantization
+from tandem.runner.batch import batch_order, describe_chunks
+from tandem.runner.kv_cache_spec import KVCacheSpec
+from tandem.scheduler_output import PLACEHOLDER_TOKEN, ScheduledChunk
+
+Proposals = dict[str, tuple[int, list[int]]]  # request id -> (tokens the drafts follow, drafts)
+
+
+class Drafter:
+    def __init__(self, config: SpeculativeConfig, target_vocab_size: int, dtype: torch.dtype, device: torch.device,
+                 attention_backend: str, block_size: int, cpu_gemm: str, seed: int) -> None:
+        assert config.model is not None, "SpeculativeConfig checks that draft_model has a model"
+        hf_config = read_hf_config(config.model)
+        if CheckpointQuantization.from_hf_config(hf_config):
+            raise ValueError(f"speculative_config model {config.model} is quantized; a quantized draft model "
+                             "is not supported yet")
+        vocab = int(hf_config.get("vocab_size", 0))
+        if vocab != target_vocab_size:
+            raise ValueError(f"speculative_config model {config.model} has a vocabulary of {vocab} tokens, the "
+                             f"target {target_vocab_size}: a draft model must share the target's tokenizer")
+        self.max_position_embeddings = int(hf_config.get("max_position_embeddings", 0)) or None
+        self.device = device
+        self.block_size = block_size
+        self.vocab_size = vocab
+        backend = get_backend(attention_backend)
+        self.model: CausalLM = load_model(config.model, dtype, device, backend, "auto", seed)
+        if device.type == "cpu":
+            plan_cpu_gemm(self.model, cpu_gemm)
+        self.builder: AttentionMetadataBuilder = backend.make_builder(device)
+        args = self.model.args
+        self.kv_spec = KVCacheSpec.build(CacheConfig(block_size=block_size), dtype,
+                                         len(self.model.attention_layers()), args.num_kv_heads, args.head_dim)
+        self.ready = False  # the cache exists (a profile step before it runs the target alone)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.kv_spec.bytes_per_block
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """``num_blocks`` as the target's cache (the block ids are shared)."""
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = (torch.zeros((num_blocks, *self.kv_spec.block_shape),
+                                                      dtype=self.kv_spec.layer_dtypes[i], device=self.device)
+                                          for _ in range(2))
+        self.ready = True
+
+    @torch.inference_mode()
+    def propose(self, chunks: list[ScheduledChunk], sampled: dict[str, int],
+                emitted: dict[str, list[int]]) -> Proposals:
+        """After a target step (``sampled``: each sampling chunk's token; ``emitted``: each chunk with
+        drafts, its tokens): keep the drafter's KV in step with the target's, and propose the drafts of
+        every chunk with lookahead."""
+        inputs: list[ScheduledChunk] = []
+        for c in chunks:
+            assert PLACEHOLDER_TOKEN not in c.token_ids, "speculation runs with synchronous scheduling"
+            given = emitted.get(c.request_id)
+            kept = c.token_ids[:len(given)] if c.num_draft_tokens and given else c.token_ids
+            last = given[-1] if given else sampled.get(c.request_id)
+            if c.num_lookahead_tokens and last is not None:  # the token just sampled, then the drafts
+                inputs.append(ScheduledChunk(c.request_id, [*kept, last], c.start_pos, c.block_ids, sample=True,
+                                             num_prompt_tokens=c.num_prompt_tokens,
+                                             num_lookahead_tokens=c.num_lookahead_tokens))
+            else:
+                inputs.append(ScheduledChunk(c.request_id, list(kept), c.start_pos, c.block_ids, sample=False,
+                                             num_prompt_tokens=c.num_prompt_tokens))
+        inputs.sort(key=batch_order)
+        common, positions = describe_chunks(inputs, self.block_size)
+        ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in inputs])
+        hidden = self.model(to_device(ids, self.device), to_device(positions, self.device), self.builder.build(common))
+        ends = np.cumsum([len(c.token_ids) for c in inputs]) - 1
+        rows = [int(end) for c, end in zip(inputs, ends) if c.sample]
+        if not rows:
+            return {}
+        proposing = [c for c in inputs if c.sample]
+        tokens = self._argmax(hidden[to_device(rows, self.device, torch.int64)])
+        return self._continue(proposing, tokens)
+
+    def _continue(self, proposing: list[ScheduledChunk], first: torch.Tensor) -> Proposals:
+        """Decode steps of the drafter from each proposing chunk's first draft until it has its
+        ``num_lookahead_tokens`` (longest context first, as the decode kernels group rows)."""
+        order = sorted(range(len(proposing)), key=lambda i: -len(proposing[i].block_ids))
+        chunks = [proposing[i] for i in order]
+        drafts: list[list[torch.Tensor]] = [[first[i : i + 1]] for i in order]
+        live = list(range(len(chunks)))
+        current = first[to_device(order, self.device, torch.int64)]
+        for j in range(1, max(c.num_lookahead_tokens for c in chunks)):
+            keep = [k for k, i in enumerate(live) if chunks[i].num_lookahead_tokens > j]
+            if len(keep) < len(live):
+                current = current[to_device(keep, self.device, torch.int64)]
+                live = [live[k] for k in keep]
+            # the chunk's last input (the token just sampled) sits at start + len - 1, draft j after it
+            step = [ScheduledChunk(chunks[i].request_id, [0], chunks[i].start_pos + len(chunks[i].token_ids) - 1 + j,
+                                   chunks[i].block_ids, sample=True, num_prompt_tokens=chunks[i].num_prompt_tokens)
+                    for i in live]
+            common, positions = describe_chunks(step, self.block_size)
+            hidden = self.model(current, to_device(positions, self.device), self.builder.build(common))
+            current = self._argmax(hidden)
+            for k, i in enumerate(live):
+                drafts[i].append(current[k : k + 1])
+        out: Proposals = {}
+        for c, row in zip(chunks, drafts):
+            out[c.request_id] = (c.start_pos + len(c.token_ids), torch.cat(row).tolist())
+        return out
+
+    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)[:, : self.vocab_size].argmax(-1)
