@@ -25,9 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_demo_model import (  # noqa: E402 - a sibling script
+from train_demo_model import (  # a sibling script: its directory is on sys.path when run
     Recipe,
     build_model,
     chat_examples,
