@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from tandem.engine.arg_utils import EngineArgs
+from tandem.spec_decode.planner import SpeculationPlanner
 
 DATASETS = ("random",)
 # vLLM's gen_prompt_decode_to_target_len default.
@@ -104,6 +105,16 @@ def _resolve_range_ratios(ratio: float | dict[str, float]) -> tuple[float, float
     if isinstance(ratio, dict):
         return float(ratio["input"]), float(ratio["output"])
     return float(ratio), float(ratio)
+
+
+def spec_decode_summary(planner: SpeculationPlanner | None) -> dict[str, Any] | None:
+    """Speculative decoding's counters over the run (warm-ups included); None without speculation."""
+    if planner is None:
+        return None
+    s = planner.stats
+    return {"num_drafts": s.num_drafts, "num_draft_tokens": s.num_draft_tokens,
+            "num_accepted_tokens": s.num_accepted_tokens, "acceptance_length": round(s.acceptance_length, 4),
+            "accepted_per_position": list(s.accepted_per_pos)}
 
 
 def length_bounds(input_len: int, output_len: int, range_ratio: float | dict[str, float],
@@ -406,6 +417,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                 "kv_cache_bytes": runner.num_blocks * runner.kv_bytes_per_block,
             },
         },
+        "spec_decode": spec_decode_summary(engine.scheduler.planner),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "tandem_version": tandem.__version__,

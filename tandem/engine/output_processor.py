@@ -19,6 +19,9 @@ from tandem.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOut
 
 # RequestOutput.metrics keys of EngineCoreOutput.phase_times (seconds, measured by the engine core)
 PHASES = ("queue_time", "prefill_time", "decode_time")
+# RequestOutput.metrics keys of EngineCoreOutput.spec_counts (summed over a request's n completions),
+# named as vLLM's spec_decode counters
+SPEC_COUNTS = ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")
 
 
 class CoreHandle(Protocol):
@@ -146,6 +149,9 @@ class OutputProcessor:
                 parent.error = out.error
             if out.phase_times is not None:  # n > 1: the child that finished last
                 parent.metrics.update(zip(PHASES, out.phase_times))
+            if out.spec_counts is not None:
+                for key, count in zip(SPEC_COUNTS, out.spec_counts):
+                    parent.metrics[key] = parent.metrics.get(key, 0) + count
         outputs = [self._make_output(p) for p in touched.values()]
         for parent in touched.values():
             if parent.finished:

@@ -66,6 +66,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True):
     kv_transfer_params: dict | None = None  # prefill side: the ticket for the decode worker
     error: str | None = None  # finish_reason "error": what went wrong
     phase_times: tuple[float, float, float] | None = None  # finished: (queue, prefill, decode) seconds
+    # finished, with speculation on: (verified steps with drafts, draft tokens, accepted drafts)
+    spec_counts: tuple[int, int, int] | None = None
 
 
 class EngineStats(msgspec.Struct):

@@ -92,6 +92,8 @@ class Request:
         self.prefix_queried = False  # counted in the prefix-cache statistics
         self.num_preemptions = 0
         self.num_step_tokens = 0  # output tokens the latest applied step appended (> 1: accepted drafts)
+        # speculative decoding: (verified steps with drafts, draft tokens, accepted drafts) so far
+        self.spec_counts = (0, 0, 0)
         self.serial = 0  # set by the scheduler on add: unique per scheduler, unlike a reusable request_id
         # Disaggregation. Decode side: a verified Ticket for the prompt's KV on a prefill worker,
         # cleared once loaded (kv_loaded until admitted) or given up. Prefill side: hold the blocks

@@ -459,6 +459,8 @@ class Scheduler:
         last token and the accepted drafts), give back blocks only rejected drafts needed."""
         assert self.planner is not None and 1 <= len(tokens) <= len(chunk.token_ids), (chunk, tokens)
         self.planner.record(req.request_id, chunk.num_draft_tokens, len(tokens) - 1)
+        steps, drafted, accepted = req.spec_counts
+        req.spec_counts = (steps + 1, drafted + chunk.num_draft_tokens, accepted + len(tokens) - 1)
         req.num_in_flight_tokens -= len(chunk.token_ids)
         req.num_pending_tokens += len(tokens) - 1  # _take_token counts each one down
         taken, finished = 0, False

@@ -309,10 +309,14 @@ def test_draft_model_greedy_equal_with_chunked_prefill_preemption_n_and_prefix_h
     assert _tokens(spec, _prompts(), params) == want
     stats = spec.llm_engine.scheduler.planner.stats
     first_run = stats.num_accepted_tokens, stats.num_draft_tokens
-    assert _tokens(spec, _prompts(), params) == want
+    outputs = spec.generate([{"prompt_token_ids": p} for p in _prompts()], params)
+    assert [[c.token_ids for c in o.outputs] for o in outputs] == want
     assert spec.llm_engine.scheduler.num_preemptions > 0 and spec.llm_engine.kv.stats.hits > 0
     accepted, proposed = stats.num_accepted_tokens - first_run[0], stats.num_draft_tokens - first_run[1]
     assert proposed > 0
+    # each request's own counts (its n completions summed) add up to the engine's
+    assert sum(o.metrics["spec_num_draft_tokens"] for o in outputs) == proposed
+    assert sum(o.metrics["spec_num_accepted_tokens"] for o in outputs) == accepted
     if draft == "llama3-gqa":
         assert accepted >= 0.9 * proposed
 
