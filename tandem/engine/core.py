@@ -302,6 +302,8 @@ class EngineCore:
             lp = result.logprobs.get(req.request_id)
             if lp is not None:
                 out.new_logprobs = [lp]
+            elif (verified := result.emitted_logprobs.get(req.request_id)) is not None:
+                out.new_logprobs = verified[:req.num_step_tokens]  # the tokens taken (up to a stop)
             out.num_cached_tokens = max(0, req.num_cached_tokens)
             if req.is_finished:
                 out.finish_reason = req.status.finish_reason

@@ -163,7 +163,7 @@ class OutputProcessor:
         new, stop_str = self._detokenize(child, out)
         child.token_ids.extend(new)
         if child.logprobs is not None and out.new_logprobs:
-            for lp in out.new_logprobs:
+            for lp in out.new_logprobs[:len(new)]:  # a stop string may have dropped the last tokens
                 child.logprobs.append(self._logprob_dict(lp))
                 child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.logprob
         if out.finish_reason is not None and len(new) == len(out.new_token_ids):

@@ -66,6 +66,8 @@ class RunnerOutput:
     # chunks with draft tokens: every token the step gives, accepted drafts then the target's own
     # (``sampled`` holds the first)
     emitted: dict[str, list[int]] = field(default_factory=dict)
+    # chunks with drafts whose request asks for logprobs: one entry per emitted token
+    emitted_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)
     # a draft model's proposals for the next step: request id -> (tokens they follow, drafts)
     drafts: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     draft_seconds: float = 0.0  # the drafter's time in this step (it reads its drafts back: synchronous)
@@ -478,6 +480,11 @@ class ModelRunner:
         for (c, _), row, n in zip(draft_rows, tokens.tolist(), counts.tolist()):
             result.sampled[c.request_id] = row[0]
             result.emitted[c.request_id] = row[:n]
+        for i, p in enumerate(params):
+            if p.logprobs is not None:  # of the model's distribution, as the sampler reports them
+                rid, n = draft_rows[i][0].request_id, len(result.emitted[draft_rows[i][0].request_id])
+                result.emitted_logprobs[rid] = compute_top_logprobs(torch.log_softmax(target[i, :n], dim=-1),
+                                                                    tokens[i, :n], [p.logprobs] * n)
         return result
 
     def _grammar_bitmask(self, sampled: list[ScheduledChunk], grammar: dict[str, Any] | None) -> torch.Tensor | None:

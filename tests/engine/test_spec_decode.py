@@ -140,8 +140,8 @@ def test_drafts_never_pass_max_model_len():
 
 def test_requests_that_need_every_token_are_not_speculated():
     s = _spec_sched(64, 64, 4)
-    for i, extra in enumerate([{"logprobs": 1}, {"presence_penalty": 0.5}, {"seed": 7, "temperature": 1.0},
-                               {"logit_bias": {3: 1.0}}]):
+    for i, extra in enumerate([{"presence_penalty": 0.5}, {"seed": 7, "temperature": 1.0},
+                               {"logit_bias": {3: 1.0}}, {"min_tokens": 20}]):
         params = SamplingParams(max_tokens=20, ignore_eos=True, **extra)
         s.add_request(Request(f"x{i}", [_target("x", p) for p in range(12)], params, max_tokens=20))
     _run(s)
@@ -369,10 +369,17 @@ def test_a_stop_string_inside_accepted_drafts_ends_the_tokens_there():
     want = engines[0].generate([prompt], SamplingParams(temperature=0, max_tokens=80), use_tqdm=False)[0].outputs[0]
     stops = {want.text[i:i + 4] for i in range(10, len(want.text) - 4, 9)} - {""}
     for stop in sorted(stops):
-        params = SamplingParams(temperature=0, max_tokens=80, stop=[stop])
+        params = SamplingParams(temperature=0, max_tokens=80, stop=[stop], logprobs=2)
         plain, spec = (llm.generate([prompt], params, use_tqdm=False)[0].outputs[0] for llm in engines)
         assert (spec.token_ids, spec.text, spec.finish_reason, spec.stop_reason) == (
             plain.token_ids, plain.text, plain.finish_reason, plain.stop_reason)
+        # logprobs of every accepted token, from the verifying forward: one per token, as without drafts
+        assert len(spec.logprobs) == len(plain.logprobs) == len(plain.token_ids)
+        for mine, theirs in zip(spec.logprobs, plain.logprobs):
+            assert mine.keys() == theirs.keys()
+            for tid, lp in theirs.items():
+                assert mine[tid].rank == lp.rank and mine[tid].logprob == pytest.approx(lp.logprob, abs=1e-4)
+        assert spec.cumulative_logprob == pytest.approx(plain.cumulative_logprob, abs=1e-3)
     stats = engines[1].llm_engine.scheduler.planner.stats
     assert max(stats.accepted_per_pos[1:]) > 0  # steps that gave three or more tokens
     for llm in engines:
