@@ -372,6 +372,9 @@ class EngineCore:
             result.emitted.update(part.emitted)
             result.logprobs.update(part.logprobs)
             result.prompt_logprobs.update(part.prompt_logprobs)
+            result.emitted_logprobs.update(part.emitted_logprobs)
+            result.drafts.update(part.drafts)
+            result.draft_seconds += part.draft_seconds
         return result
 
     def _fail_request(self, request_id: str, error: Exception, outputs: dict[str, CoreOutput]) -> None:

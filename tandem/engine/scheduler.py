@@ -226,7 +226,7 @@ class Scheduler:
             samples = end - len(self._drafts.get(req.request_id, ())) == req.num_tokens + req.num_pending_tokens
             # NOTE: the next step's drafts stay within max_tokens and max_model_len, as in _plan_drafts
             room = min(self.planner.max_drafts, req.max_tokens - req.num_output_tokens - 2,
-                       self.max_model_len - end - 1)
+                       self.max_model_len - end - 2)
             if (samples and room > 0
                     and speculation_allowed(req.sampling_params, req.num_output_tokens + 1, req.structured is not None)
                     and self.kv.allocate_slots(req, req.num_in_flight_tokens + n + room)):

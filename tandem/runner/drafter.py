@@ -1,21 +1,27 @@
 """The draft model of speculative decoding (``speculative_config`` method ``draft_model``): a smaller
-model with the target's tokenizer that proposes the next step's drafts right after each target step.
+model with the target's tokenizer that proposes the next step's drafts right after a target step.
 
-KV: the drafter has cache tensors of its own, in the target's block layout, and shares the target's
-block tables (one allocation, two caches). Invariant: wherever the target's KV is valid (positions
-below ``num_computed_tokens``), the drafter's is too. Every step the drafter computes the KV of every
-position the target computed and kept: each chunk's tokens, and for a chunk with drafts its last
-token and the accepted drafts. So a block full of computed tokens holds valid KV in both caches
-when it enters the prefix cache, and a prefix hit serves the drafter as well. Positions past that
-(the token just sampled, then the drafter's own proposals) are scratch, written into the lookahead
-blocks the scheduler reserved (``ScheduledChunk.num_lookahead_tokens``); the next step recomputes
-the ones that are kept.
+KV: the drafter has cache tensors of its own, in the target's block layout, and writes them through
+the target's block tables (one allocation, two caches). It runs only for the requests that propose
+this step (``ScheduledChunk.num_lookahead_tokens``), so a request that does not speculate costs
+nothing. Invariant: the drafter holds valid KV for positions ``[0, computed[r])`` of request r,
+written by itself for that request: a prefix hit's blocks are not trusted (the drafter's KV there
+may be missing), so a request's first proposal computes its whole context. Before proposing, the
+drafter computes the request's tokens from ``computed[r]`` up to the one just sampled; then it
+proposes ``num_lookahead_tokens`` drafts by greedy decode steps. The token just sampled and the
+drafts are scratch positions, in the lookahead blocks the scheduler reserved past the chunk; the
+next proposal recomputes the ones that are kept. Preemption (new blocks) and finishing forget r.
+Positions below ``computed[r]`` are never rewritten by the target's cache writes (separate tensors)
+and never given back while r runs (``trim`` only drops blocks past its tokens). Recomputing a
+shared block rewrites the values it already holds (the same tokens at the same positions).
 
 Drafts are the drafter's argmax: a proposal with q = 1 on the proposed token, which the runner's
 rejection sampling already verifies exactly (greedy and sampled requests alike).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -29,7 +35,7 @@ from tandem.model.loader import load_model, read_hf_config
 from tandem.quantization.checkpoint import CheckpointQuantization
 from tandem.runner.batch import batch_order, describe_chunks
 from tandem.runner.kv_cache_spec import KVCacheSpec
-from tandem.scheduler_output import PLACEHOLDER_TOKEN, ScheduledChunk
+from tandem.scheduler_output import ScheduledChunk
 
 Proposals = dict[str, tuple[int, list[int]]]  # request id -> (tokens the drafts follow, drafts)
 
@@ -59,6 +65,7 @@ class Drafter:
         self.kv_spec = KVCacheSpec.build(CacheConfig(block_size=block_size), dtype,
                                          len(self.model.attention_layers()), args.num_kv_heads, args.head_dim)
         self.ready = False  # the cache exists (a profile step before it runs the target alone)
+        self.computed: dict[str, int] = {}  # request id -> positions whose KV the drafter holds for it
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -72,36 +79,39 @@ class Drafter:
                                           for _ in range(2))
         self.ready = True
 
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Finished or preempted requests: their KV here is gone (or in blocks given back)."""
+        for rid in request_ids:
+            self.computed.pop(rid, None)
+
     @torch.inference_mode()
-    def propose(self, chunks: list[ScheduledChunk], sampled: dict[str, int],
-                emitted: dict[str, list[int]]) -> Proposals:
-        """After a target step (``sampled``: each sampling chunk's token; ``emitted``: each chunk with
-        drafts, its tokens): keep the drafter's KV in step with the target's, and propose the drafts of
-        every chunk with lookahead."""
+    def propose(self, chunks: list[ScheduledChunk], tokens_of: Callable[[str], list[int]],
+                sampled: Mapping[str, int]) -> Proposals:
+        """After a target step: the drafts of every chunk with lookahead whose request got a token.
+        tokens_of: the request's tokens so far, the ones this step gave included."""
         inputs: list[ScheduledChunk] = []
         for c in chunks:
-            assert PLACEHOLDER_TOKEN not in c.token_ids, "speculation runs with synchronous scheduling"
-            given = emitted.get(c.request_id)
-            kept = c.token_ids[:len(given)] if c.num_draft_tokens and given else c.token_ids
-            last = given[-1] if given else sampled.get(c.request_id)
-            if c.num_lookahead_tokens and last is not None:  # the token just sampled, then the drafts
-                inputs.append(ScheduledChunk(c.request_id, [*kept, last], c.start_pos, c.block_ids, sample=True,
-                                             num_prompt_tokens=c.num_prompt_tokens,
-                                             num_lookahead_tokens=c.num_lookahead_tokens))
-            else:
-                inputs.append(ScheduledChunk(c.request_id, list(kept), c.start_pos, c.block_ids, sample=False,
-                                             num_prompt_tokens=c.num_prompt_tokens))
+            if not c.num_lookahead_tokens or c.request_id not in sampled:
+                continue
+            tokens = tokens_of(c.request_id)
+            start = self.computed.get(c.request_id, 0)
+            # the last token is the one just sampled: its position is past every kept one
+            assert start < len(tokens) <= c.start_pos + len(c.token_ids) + 1, (c, start, len(tokens))
+            inputs.append(ScheduledChunk(c.request_id, tokens[start:], start, c.block_ids, sample=True,
+                                         num_prompt_tokens=c.num_prompt_tokens,
+                                         num_lookahead_tokens=c.num_lookahead_tokens))
+        if not inputs:
+            return {}
         inputs.sort(key=batch_order)
         common, positions = describe_chunks(inputs, self.block_size)
         ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in inputs])
         hidden = self.model(to_device(ids, self.device), to_device(positions, self.device), self.builder.build(common))
-        ends = np.cumsum([len(c.token_ids) for c in inputs]) - 1
-        rows = [int(end) for c, end in zip(inputs, ends) if c.sample]
-        if not rows:
-            return {}
-        proposing = [c for c in inputs if c.sample]
-        tokens = self._argmax(hidden[to_device(rows, self.device, torch.int64)])
-        return self._continue(proposing, tokens)
+        rows = np.cumsum([len(c.token_ids) for c in inputs]) - 1
+        first = self._argmax(hidden[to_device(rows, self.device, torch.int64)])
+        proposals = self._continue(inputs, first)
+        for c in inputs:  # every position but the last (the token just sampled) is kept
+            self.computed[c.request_id] = c.start_pos + len(c.token_ids) - 1
+        return proposals
 
     def _continue(self, proposing: list[ScheduledChunk], first: torch.Tensor) -> Proposals:
         """Decode steps of the drafter from each proposing chunk's first draft until it has its

@@ -320,6 +320,8 @@ class ModelRunner:
         PLACEHOLDER_TOKEN is the id the previous launched step sampled for that request."""
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
+        if self.drafter is not None:  # preempted: recomputed into new blocks
+            self.drafter.forget([*out.finished_request_ids, *out.preempted_request_ids])
         for new in out.new_requests:
             self.states[new.request_id] = self.sampler.make_state(new.sampling_params, new.prompt_token_ids)
         if out.is_empty:
@@ -344,13 +346,25 @@ class ModelRunner:
         if self._calibrating:
             self._end_calibration()
         if self.drafter is not None and self.drafter.ready:  # speculation runs synchronously: resolve now
-            result = handle.resolve()
-            with span("draft"):
-                started = time.perf_counter()
-                result.drafts = self.drafter.propose(chunks, result.sampled, result.emitted)
-                result.draft_seconds = time.perf_counter() - started
+            self._draft(chunks, handle.resolve())
         self._last = handle
         return handle
+
+    def _draft(self, chunks: list[ScheduledChunk], result: RunnerOutput) -> None:
+        """The draft model's proposals for the next step, into ``result``. The step itself has
+        succeeded (its tokens are in the sampling states): a failing drafter only costs its
+        proposals, and the requests it was computing start again from their first position."""
+        assert self.drafter is not None
+        started = time.perf_counter()
+        try:
+            with span("draft"):
+                result.drafts = self.drafter.propose(
+                    chunks, lambda rid: self.states[rid].prompt_token_ids + self.states[rid].output_token_ids,
+                    result.sampled)
+        except Exception:  # proposals are an optimisation: the step's tokens stand
+            logger.exception("the draft model failed; this step proposes nothing")
+            self.drafter.forget([c.request_id for c in chunks])
+        result.draft_seconds = time.perf_counter() - started
 
     def _input_ids(self, chunks: list[ScheduledChunk], ids: np.ndarray) -> torch.Tensor:
         """The flat input ids on the device, placeholders replaced by the previous step's samples

@@ -334,6 +334,30 @@ def test_draft_model_sampled_and_adaptive_requests_end_normally(make_llm, model_
     assert outs[0].token_ids == outs[1].token_ids
 
 
+def test_a_failing_draft_model_costs_only_its_proposals(make_llm, model_dirs):
+    """The drafter raising after a step: the step's tokens stand (a penalty request beside the
+    speculating ones reads each of them once), that step proposes nothing, and the next ones do."""
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, frequency_penalty=p) for p in (0.0, 2.0)]
+    plain = make_llm()
+    want = [[o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": q} for q in _prompts()], p)]
+            for p in params]
+    spec = make_llm(speculative_config=_draft_spec(model_dirs["llama3-gqa"]))
+    drafter = spec.llm_engine.runner.drafter
+    propose, calls = drafter.propose, []
+
+    def fails_on_the_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected drafter failure")
+        return propose(*args, **kwargs)
+
+    drafter.propose = fails_on_the_third_call
+    prompts = [{"prompt_token_ids": q} for q in _prompts()]
+    outputs = spec.generate(prompts + prompts, [params[0]] * len(prompts) + [params[1]] * len(prompts))
+    assert [o.outputs[0].token_ids for o in outputs] == want[0] + want[1]
+    assert len(calls) > 3 and spec.llm_engine.scheduler.planner.stats.num_accepted_tokens > 0
+
+
 def test_draft_model_errors_name_the_problem(make_llm, model_dirs, tmp_path):
     with pytest.raises(ValueError, match="'draft_model' needs model"):
         EngineArgs(speculative_config={"method": "draft_model"})

@@ -23,8 +23,9 @@ def _copy_prompt() -> str:
 
 # every proposal verified: the adaptive policy, tested on its own, could pick no drafts on a loaded machine
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "adaptive": False}
-# the demo model as its own draft (a draft model shares the target's tokenizer): drafts are accepted
-DRAFT_MODEL = {"method": "draft_model", "model": str(DEMO_MODEL_DIR), "num_speculative_tokens": 3, "adaptive": False}
+# the bundled draft for the demo model (scripts/train_draft_model.py)
+DRAFT_MODEL = {"method": "draft_model", "model": str(DEMO_MODEL_DIR.parent / "tandem-demo-draft"),
+               "num_speculative_tokens": 3, "adaptive": False}
 
 
 @pytest.mark.parametrize("config", [NGRAM, DRAFT_MODEL], ids=["ngram", "draft_model"])
