@@ -55,9 +55,6 @@ class EngineCore:
         if config.speculative is not None and (config.scheduler.async_scheduling or kv is not None):
             raise ValueError("speculative_config does not combine with async scheduling or disaggregated "
                              "prefill/decode yet")
-        if config.speculative is not None and config.speculative.method == "draft_model" and config.kv_offload:
-            # NOTE: blocks restored from an offload tier hold the target's KV only, not the drafter's
-            raise ValueError("speculative_config method draft_model does not combine with KV offloading yet")
         self.runner = ModelRunner(config.model, config.cache,
                                   share_kv_cache=kv is not None and kv.sends and kv.transport == "auto",
                                   scheduler_config=config.scheduler, speculative_config=config.speculative)
