@@ -11,7 +11,8 @@ Workloads (text from ``--text``, default the demo model's held-out sample; greed
 * copy: an edit, as in a code assistant: a window followed by a blank line and the window's first
   quarter, so that the continuation can copy the text above.
 
-Batch 1 runs ``--num-prompts`` requests one at a time; batch N submits ``--batch-size`` at once.
+Batch 1 runs ``--num-prompts`` requests one at a time; batch N submits ``--batch-size`` at once
+(a comma-separated list sweeps the concurrency: one case per size).
 Figures: output tokens per second (total time of the round), and acceptance length (1 + accepted
 over verified steps with drafts). ``same_outputs``: every engine produced the same tokens.
 """
@@ -36,7 +37,9 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--text", default=str(DEMO_MODEL_DIR / "heldout-sample.txt"),
                         help="text the prompts are cut from (default: the demo model's held-out sample)")
     parser.add_argument("--num-prompts", type=int, default=4, help="requests at batch 1 (default 4)")
-    parser.add_argument("--batch-size", type=int, default=32, help="requests at once in the batched run (default 32)")
+    parser.add_argument("--batch-size", type=_batch_sizes, default=[32], metavar="N[,N...]",
+                        help="requests at once in the batched run; a comma-separated list sweeps the "
+                             "concurrency, one case per size (default 32)")
     parser.add_argument("--input-len", type=int, default=256, help="prompt window in tokens (default 256)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per engine and case (default 2)")
@@ -45,6 +48,17 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(parser, model=None)
     parser.set_defaults(speculative_config=DEFAULT_SPEC)
     return parser
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes such as 32 or 4,8,16,32, got {text!r}") from None
+    if not sizes or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 2 (batch 1 always runs, one request at a time), "
+                                         f"got {text!r}")
+    return sorted(set(sizes))
 
 
 def make_prompts(token_ids: list[int], count: int, input_len: int, workload: str) -> list[list[int]]:
@@ -85,8 +99,8 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     cases = {}
     for workload in ("code", "copy"):
-        for label, count, alone in (("batch1", args.num_prompts, True), (f"batch{args.batch_size}", args.batch_size,
-                                                                          False)):
+        batched = [(f"batch{n}", n, False) for n in args.batch_size]
+        for label, count, alone in [("batch1", args.num_prompts, True), *batched]:
             prompts = make_prompts(token_ids, count, args.input_len, workload)
             for llm in engines.values():  # warm-up: the planner measures its first steps here too
                 _run(llm, prompts[:2], params, alone)
