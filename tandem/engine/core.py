@@ -307,8 +307,8 @@ class EngineCore:
                 out.stop_reason = req.stop_reason
                 out.kv_transfer_params = req.kv_transfer_params
                 out.phase_times = req.phase_times(time.monotonic())
-                if self.scheduler.planner is not None:
-                    out.spec_counts = req.spec_counts
+            if self.scheduler.planner is not None:  # with every token: a stop string or an abort may end it here
+                out.spec_counts = req.spec_counts
 
     # -- structured outputs ------------------------------------------------------------------------
     def _fail_uncompiled_grammars(self, outputs: dict[str, CoreOutput]) -> None:

@@ -43,6 +43,7 @@ class _Child:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     token_ids: list[int] = field(default_factory=list)
+    spec_counts: tuple[int, int, int] | None = None  # the latest EngineCoreOutput.spec_counts
 
 
 @dataclass
@@ -150,8 +151,7 @@ class OutputProcessor:
             if out.phase_times is not None:  # n > 1: the child that finished last
                 parent.metrics.update(zip(PHASES, out.phase_times))
             if out.spec_counts is not None:
-                for key, count in zip(SPEC_COUNTS, out.spec_counts):
-                    parent.metrics[key] = parent.metrics.get(key, 0) + count
+                child.spec_counts = out.spec_counts
         outputs = [self._make_output(p) for p in touched.values()]
         for parent in touched.values():
             if parent.finished:
@@ -217,6 +217,9 @@ class OutputProcessor:
         ]
         cached = parent.num_cached_tokens
         metrics = dict(parent.metrics, arrival_time=parent.arrival_time)
+        counted = [c.spec_counts for c in parent.children if c.spec_counts is not None]
+        if counted:
+            metrics.update((key, sum(column)) for key, column in zip(SPEC_COUNTS, zip(*counted)))
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,

@@ -66,7 +66,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True):
     kv_transfer_params: dict | None = None  # prefill side: the ticket for the decode worker
     error: str | None = None  # finish_reason "error": what went wrong
     phase_times: tuple[float, float, float] | None = None  # finished: (queue, prefill, decode) seconds
-    # finished, with speculation on: (verified steps with drafts, draft tokens, accepted drafts)
+    # speculation on: the request's (verified steps with drafts, draft tokens, accepted drafts) so far
     spec_counts: tuple[int, int, int] | None = None
 
 

@@ -408,5 +408,11 @@ def test_a_stop_string_inside_accepted_drafts_ends_the_tokens_there():
         assert spec.cumulative_logprob == pytest.approx(plain.cumulative_logprob, abs=1e-3)
     stats = engines[1].llm_engine.scheduler.planner.stats
     assert max(stats.accepted_per_pos[1:]) > 0  # steps that gave three or more tokens
+    # a request a stop string ended (in the output processor) still reports its own acceptance
+    ended = engines[1].generate([prompt], SamplingParams(temperature=0, max_tokens=80, stop=[sorted(stops)[-1]]),
+                                use_tqdm=False)[0]
+    assert ended.outputs[0].finish_reason == "stop" and isinstance(ended.outputs[0].stop_reason, str)
+    assert ended.metrics["spec_num_drafts"] > 0
+    assert 0 < ended.metrics["spec_num_accepted_tokens"] <= ended.metrics["spec_num_draft_tokens"]
     for llm in engines:
         llm.llm_engine.assert_idle()
