@@ -272,7 +272,9 @@ def heldout_perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: i
     return math.exp(nll / count), count
 
 
-def train(model, stream: torch.Tensor, r: Recipe, log_every: int = 25) -> dict:
+def train(model, stream: torch.Tensor, r: Recipe, log_every: int = 25, loss_fn=None) -> dict:
+    """AdamW over random windows of ``stream``. loss_fn(model, batch) -> (loss, {name: value} to log)
+    replaces next-token cross-entropy (scripts/train_draft_model.py distils with it)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
@@ -286,7 +288,7 @@ def train(model, stream: torch.Tensor, r: Recipe, log_every: int = 25) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, r)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(r.bf16_autocast)):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss, parts = loss_fn(model, batch) if loss_fn else (model(input_ids=batch, labels=batch).loss, {})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
@@ -296,9 +298,11 @@ def train(model, stream: torch.Tensor, r: Recipe, log_every: int = 25) -> dict:
             elapsed = time.perf_counter() - start
             tok_s = (step + 1) * r.batch_size * r.seq_len / elapsed
             history.append({"step": step, "loss": round(loss.item(), 4), "loss_ema": round(ema, 4),
+                            **{k: round(v, 4) for k, v in parts.items()},
                             "lr": lr_at(step, r), "elapsed_s": round(elapsed, 1), "tokens_per_s": round(tok_s)})
-            print(f"step {step:5d}  loss {loss.item():.3f} (ema {ema:.3f})  {tok_s:,.0f} tok/s  {elapsed:,.0f}s",
-                  flush=True)
+            shown = "".join(f" {k} {v:.3f}" for k, v in parts.items())
+            print(f"step {step:5d}  loss {loss.item():.3f} (ema {ema:.3f}){shown}  {tok_s:,.0f} tok/s  "
+                  f"{elapsed:,.0f}s", flush=True)
     wall = time.perf_counter() - start
     return {"history": history, "wall_time_s": round(wall, 1),
             "tokens_seen": r.steps * r.batch_size * r.seq_len,

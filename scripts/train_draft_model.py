@@ -17,7 +17,6 @@ import json
 import platform
 import random
 import sys
-import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,11 +29,11 @@ from train_demo_model import (  # a sibling script: its directory is on sys.path
     build_model,
     chat_examples,
     interleave,
-    lr_at,
     read_split,
     render_chat,
     save,
     token_stream,
+    train,
 )
 
 
@@ -53,39 +52,18 @@ def init_from_teacher(student, teacher) -> None:
         mine.load_state_dict(theirs.state_dict())
 
 
-def distill(student, teacher, stream: torch.Tensor, r: Recipe, kl_weight: float, log_every: int = 25) -> dict:
-    decay = [p for p in student.parameters() if p.dim() >= 2]
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95), eps=1e-8)
-    gen = torch.Generator().manual_seed(r.seed)
-    student.train()
-    history, start, ema = [], time.perf_counter(), None
-    for step in range(r.steps):
-        starts = torch.randint(0, len(stream) - r.seq_len - 1, (r.batch_size,), generator=gen)
-        batch = torch.stack([stream[s:s + r.seq_len] for s in starts.tolist()])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, r)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(r.bf16_autocast)):
-            with torch.no_grad():
-                target = F.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
-            out = student(input_ids=batch, labels=batch)
+def distillation_loss(teacher, kl_weight: float):
+    """loss_fn for ``train``: kl_weight x KL(teacher || student) + the rest x cross-entropy."""
+
+    def loss_fn(student, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
+        out = student(input_ids=batch, labels=batch)
         logp = F.log_softmax(out.logits.float(), dim=-1)
         kl = F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
-        loss = kl_weight * kl + (1 - kl_weight) * out.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), r.grad_clip)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % log_every == 0 or step == r.steps - 1:
-            elapsed = time.perf_counter() - start
-            history.append({"step": step, "loss": round(loss.item(), 4), "kl": round(kl.item(), 4),
-                            "ce": round(out.loss.item(), 4), "loss_ema": round(ema, 4), "elapsed_s": round(elapsed, 1)})
-            print(f"step {step:5d}  loss {loss.item():.3f} (kl {kl.item():.3f}, ce {out.loss.item():.3f})  "
-                  f"{elapsed:,.0f}s", flush=True)
-    wall = time.perf_counter() - start
-    return {"history": history, "wall_time_s": round(wall, 1), "tokens_seen": r.steps * r.batch_size * r.seq_len}
+        return kl_weight * kl + (1 - kl_weight) * out.loss, {"kl": kl.item(), "ce": out.loss.item()}
+
+    return loss_fn
 
 
 def measure_acceptance(target: Path, draft: Path, k: int, max_tokens: int = 128) -> dict:
@@ -167,7 +145,7 @@ def main() -> None:
     save(out, student, tok)
     before = measure_acceptance(teacher_dir, out, args.num_speculative_tokens)
     print(f"acceptance of the cut model: {before}", flush=True)
-    train_log = distill(student, teacher, stream, recipe, args.kl_weight)
+    train_log = train(student, stream, recipe, loss_fn=distillation_loss(teacher, args.kl_weight))
     save(out, student, tok)
     after = measure_acceptance(teacher_dir, out, args.num_speculative_tokens)
     print(f"acceptance after distillation: {after}", flush=True)

@@ -118,27 +118,21 @@ class Drafter:
         ``num_lookahead_tokens`` (longest context first, as the decode kernels group rows)."""
         order = sorted(range(len(proposing)), key=lambda i: -len(proposing[i].block_ids))
         chunks = [proposing[i] for i in order]
-        drafts: list[list[torch.Tensor]] = [[first[i : i + 1]] for i in order]
-        live = list(range(len(chunks)))
-        current = first[to_device(order, self.device, torch.int64)]
-        for j in range(1, max(c.num_lookahead_tokens for c in chunks)):
-            keep = [k for k, i in enumerate(live) if chunks[i].num_lookahead_tokens > j]
-            if len(keep) < len(live):
-                current = current[to_device(keep, self.device, torch.int64)]
-                live = [live[k] for k in keep]
+        drafts = torch.zeros((len(chunks), max(c.num_lookahead_tokens for c in chunks)), dtype=torch.int64,
+                             device=self.device)  # row i: chunks[i]'s drafts, the first num_lookahead_tokens
+        drafts[:, 0] = first[to_device(order, self.device, torch.int64)]
+        for j in range(1, drafts.shape[1]):
+            live = [i for i, c in enumerate(chunks) if c.num_lookahead_tokens > j]  # still longest context first
+            rows = to_device(live, self.device, torch.int64)
             # the chunk's last input (the token just sampled) sits at start + len - 1, draft j after it
             step = [ScheduledChunk(chunks[i].request_id, [0], chunks[i].start_pos + len(chunks[i].token_ids) - 1 + j,
                                    chunks[i].block_ids, sample=True, num_prompt_tokens=chunks[i].num_prompt_tokens)
                     for i in live]
             common, positions = describe_chunks(step, self.block_size)
-            hidden = self.model(current, to_device(positions, self.device), self.builder.build(common))
-            current = self._argmax(hidden)
-            for k, i in enumerate(live):
-                drafts[i].append(current[k : k + 1])
-        out: Proposals = {}
-        for c, row in zip(chunks, drafts):
-            out[c.request_id] = (c.start_pos + len(c.token_ids), torch.cat(row).tolist())
-        return out
+            hidden = self.model(drafts[rows, j - 1], to_device(positions, self.device), self.builder.build(common))
+            drafts[rows, j] = self._argmax(hidden)
+        return {c.request_id: (c.start_pos + len(c.token_ids), row[:c.num_lookahead_tokens])
+                for c, row in zip(chunks, drafts.tolist())}
 
     def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden)[:, : self.vocab_size].argmax(-1)

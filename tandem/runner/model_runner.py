@@ -494,12 +494,23 @@ class ModelRunner:
         for (c, _), row, n in zip(draft_rows, tokens.tolist(), counts.tolist()):
             result.sampled[c.request_id] = row[0]
             result.emitted[c.request_id] = row[:n]
-        for i, p in enumerate(params):
-            if p.logprobs is not None:  # of the model's distribution, as the sampler reports them
-                rid, n = draft_rows[i][0].request_id, len(result.emitted[draft_rows[i][0].request_id])
-                result.emitted_logprobs[rid] = compute_top_logprobs(torch.log_softmax(target[i, :n], dim=-1),
-                                                                    tokens[i, :n], [p.logprobs] * n)
+        self._emitted_logprobs(draft_rows, params, target, tokens, result)
         return result
+
+    def _emitted_logprobs(self, draft_rows: list[tuple[ScheduledChunk, int]], params: list[SamplingParams],
+                          target: torch.Tensor, tokens: torch.Tensor, result: RunnerOutput) -> None:
+        """Logprobs of every emitted token of the requests that ask for them, in one pass: of the
+        model's distribution (raw log-softmax), as the sampler reports them."""
+        wanted = [(i, len(result.emitted[c.request_id])) for i, ((c, _), p) in enumerate(zip(draft_rows, params))
+                  if p.logprobs is not None]
+        if not wanted:
+            return
+        rows = self._to_device([i for i, n in wanted for _ in range(n)], torch.int64)
+        cols = self._to_device([j for _, n in wanted for j in range(n)], torch.int64)
+        ks = [params[i].logprobs or 0 for i, n in wanted for _ in range(n)]
+        entries = compute_top_logprobs(torch.log_softmax(target[rows, cols], dim=-1), tokens[rows, cols], ks)
+        for i, n in wanted:
+            result.emitted_logprobs[draft_rows[i][0].request_id], entries = entries[:n], entries[n:]
 
     def _grammar_bitmask(self, sampled: list[ScheduledChunk], grammar: dict[str, Any] | None) -> torch.Tensor | None:
         """One bitmask row per sampled chunk, all ones (-1) for requests without a grammar."""
