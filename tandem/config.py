@@ -85,8 +85,9 @@ class KVOffloadConfig:
             raise ValueError("kv_disk_size must be > 0 GiB with kv_disk_path")
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")  # vLLM also has eagle, eagle3, mtp: not built here yet
-_NOT_YET = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")  # vLLM also has eagle3, mtp: not built here yet
+_NOT_YET = ("eagle3", "mtp", "medusa", "mlp_speculator")
+_NEEDS_MODEL = ("draft_model", "eagle")
 _NGRAM_KEYS = ("prompt_lookup_min", "prompt_lookup_max")
 
 
@@ -95,7 +96,8 @@ class SpeculativeConfig:
     """vLLM's ``speculative_config`` (tandem/spec_decode). ``adaptive`` (tandem's own key): the
     number of draft tokens per request and step is chosen from the measured acceptance and step
     cost, down to none (off: always ``num_speculative_tokens`` where a proposal exists).
-    ``model``: the draft model's directory (method draft_model; it shares the target's tokenizer)."""
+    ``model``: the draft model's directory (method draft_model; it shares the target's tokenizer) or
+    the EAGLE head's (method eagle; trained for the target, tandem/model/eagle.py)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -116,10 +118,11 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min}, {self.prompt_lookup_max}")
-        if self.method == "draft_model" and not self.model:
-            raise ValueError("speculative_config method 'draft_model' needs model (the draft model's directory)")
+        if self.method in _NEEDS_MODEL and not self.model:
+            raise ValueError(f"speculative_config method {self.method!r} needs model (the "
+                             f"{'draft model' if self.method == 'draft_model' else 'EAGLE head'}'s directory)")
         if self.method == "ngram" and self.model is not None:
-            raise ValueError("speculative_config model applies to method 'draft_model', not 'ngram'")
+            raise ValueError("speculative_config model applies to methods 'draft_model' and 'eagle', not 'ngram'")
 
     @classmethod
     def from_dict(cls, raw: dict) -> SpeculativeConfig:

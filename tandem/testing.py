@@ -371,6 +371,78 @@ def build_preset(name: str, out_dir: str | Path) -> Path:
     return build_tiny_model(out_dir, **PRESETS[name])
 
 
+EAGLE_ARCHITECTURE = "EagleLlamaForCausalLM"  # vLLM's name for the EAGLE-1 Llama head (tandem/model/eagle.py)
+
+
+class EagleHeadHF(torch.nn.Module):
+    """An EAGLE-1 head in transformers' modules: what scripts/train_eagle.py trains and what the tests
+    check tandem's head against. Causal attention over the whole window (no cache). ``forward(embeds,
+    features)``: both [B, T, H], position t holding the embedding of token t + 1 and the target's
+    feature at t (its final hidden state, after the final norm); returns the predicted f_{t+1}."""
+
+    def __init__(self, config: Any) -> None:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc = torch.nn.Linear(2 * hidden, hidden, bias=False)
+        self.layers = torch.nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers[0].input_layernorm = torch.nn.Identity()  # EAGLE: the first layer reads fc's output as is
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+    def forward(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([embeds, features], dim=-1))
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
+        rope = self.rotary_emb(h, positions)
+        for layer in self.layers:
+            h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
+        return h
+
+
+def eagle_head_config(target_dir: str | Path, num_layers: int = 1) -> Any:
+    """The LlamaConfig of an EAGLE head for the model in ``target_dir``: its widths, ``num_layers``."""
+    from transformers import LlamaConfig
+
+    cfg = json.loads((Path(target_dir) / "config.json").read_text())
+    cfg.update(num_hidden_layers=num_layers, architectures=[EAGLE_ARCHITECTURE], model_type="llama")
+    for key in ("transformers_version", "layer_types"):  # per-layer lists of the target, not the head
+        cfg.pop(key, None)
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def save_eagle_head(out_dir: str | Path, head: EagleHeadHF, config: Any) -> Path:
+    """vLLM's EAGLE checkpoint layout: ``fc.weight`` and ``layers.N.*`` (no embeddings, no LM head)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("rotary_emb.")}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_eagle_head_hf(head_dir: str | Path, target_dir: str | Path) -> EagleHeadHF:
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(head_dir) / "config.json").read_text())
+    head = EagleHeadHF(eagle_head_config(target_dir, config["num_hidden_layers"]))
+    head.load_state_dict(load_file(str(Path(head_dir) / "model.safetensors")), strict=False)
+    return head.eval()
+
+
+def build_tiny_eagle_head(out_dir: str | Path, target_dir: str | Path, num_layers: int = 1, seed: int = 0) -> Path:
+    """A random EAGLE head (torch's default init: attention matters to its output) for the model in
+    ``target_dir``. The global torch RNG state is left untouched."""
+    config = eagle_head_config(target_dir, num_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = EagleHeadHF(config)
+    return save_eagle_head(out_dir, head, config)
+
+
 def bench_model_config() -> dict[str, Any]:
     """build_tiny_model kwargs for a ~80M-parameter random Llama (tokenizer vocab 8192)."""
     return dict(

@@ -63,7 +63,7 @@ class EngineCore:
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len)
         drafter = self.runner.drafter
         if drafter is not None and drafter.max_position_embeddings and drafter.max_position_embeddings < self.max_model_len:
-            raise ValueError(f"the draft model holds {drafter.max_position_embeddings} positions, fewer than "
+            raise ValueError(f"the draft model (or EAGLE head) holds {drafter.max_position_embeddings} positions, fewer than "
                              f"max_model_len {self.max_model_len}; lower max_model_len")
         self.runner.setup_decode_graphs(self.max_model_len, config.scheduler.max_num_seqs)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,

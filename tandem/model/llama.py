@@ -158,11 +158,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend, index: int) -> None:
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend, index: int,
+                 input_norm: bool = True) -> None:
+        """input_norm False: attention reads the layer's input as is (an EAGLE head's first layer)."""
         super().__init__()
         self.self_attn = Attention(a, dtype, backend)
         self.mlp = self._mlp(a, dtype, backend.ops, index)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype) if input_norm else None
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.ops = backend.ops
 
@@ -177,7 +179,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        attn = self.self_attn(positions, self.ops.rms_norm(h, norm1.weight, norm1.eps), meta)
+        attn = self.self_attn(positions, h if norm1 is None else self.ops.rms_norm(h, norm1.weight, norm1.eps), meta)
         x, h = self.ops.add_rms_norm(attn, h, norm2.weight, norm2.eps)  # h += attn; x = norm2(h)
         return h + self.mlp(x)
 

@@ -114,7 +114,7 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
     scales = kv_scale_buffers(model)  # optional: a checkpoint without them keeps 1.0
     loaded: set[tuple[int, object]] = set()  # (id of the parameter, shard id): tied names share one
     if prequantized is not None:
-        prequantized.scan([name for file in files for name in _keys(file)])
+        prequantized.scan([name for file in files for name in checkpoint_keys(file)])
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -152,7 +152,7 @@ def _check_index(model_dir: Path, files: list[Path]) -> None:
         raise FileNotFoundError(f"{model_dir}: the checkpoint index lists {', '.join(missing)}, which is missing")
 
 
-def _keys(file: Path) -> list[str]:
+def checkpoint_keys(file: Path) -> list[str]:
     with safe_open(str(file), framework="pt") as f:
         return list(f.keys())
 

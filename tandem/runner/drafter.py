@@ -1,4 +1,5 @@
-"""The draft model of speculative decoding (``speculative_config`` method ``draft_model``): a smaller
+"""Drafters of speculative decoding that run in the model runner (``Drafter``; the EAGLE head's is
+tandem/runner/eagle_drafter.py) and the draft model (``speculative_config`` method ``draft_model``): a smaller
 model with the target's tokenizer that proposes the next step's drafts right after a target step.
 
 KV: the drafter has cache tensors of its own, in the target's block layout, and writes them through
@@ -30,6 +31,7 @@ from tandem.config import CacheConfig, SpeculativeConfig
 from tandem.h2d import to_device
 from tandem.model.attention import AttentionMetadataBuilder, get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
+from tandem.model.eagle import EagleLlamaHead
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config
 from tandem.quantization.checkpoint import CheckpointQuantization
@@ -41,29 +43,20 @@ Proposals = dict[str, tuple[int, list[int]]]  # request id -> (tokens the drafts
 
 
 class Drafter:
-    def __init__(self, config: SpeculativeConfig, target_vocab_size: int, dtype: torch.dtype, device: torch.device,
-                 attention_backend: str, block_size: int, cpu_gemm: str, seed: int) -> None:
-        assert config.model is not None, "SpeculativeConfig checks that draft_model has a model"
-        hf_config = read_hf_config(config.model)
-        if CheckpointQuantization.from_hf_config(hf_config):
-            raise ValueError(f"speculative_config model {config.model} is quantized; a quantized draft model "
-                             "is not supported yet")
-        vocab = int(hf_config.get("vocab_size", 0))
-        if vocab != target_vocab_size:
-            raise ValueError(f"speculative_config model {config.model} has a vocabulary of {vocab} tokens, the "
-                             f"target {target_vocab_size}: a draft model must share the target's tokenizer")
-        self.max_position_embeddings = int(hf_config.get("max_position_embeddings", 0)) or None
+    """What every drafter shares: a small model whose KV cache tensors are its own, in the target's
+    block layout and block ids, and ``computed[r]``, the positions whose KV it holds for request r."""
+
+    max_position_embeddings: int | None = None  # the most positions the drafter's model holds
+
+    def __init__(self, model: CausalLM | EagleLlamaHead, device: torch.device, attention_backend: str,
+                 block_size: int, dtype: torch.dtype) -> None:
+        self.model = model
         self.device = device
         self.block_size = block_size
-        self.vocab_size = vocab
-        backend = get_backend(attention_backend)
-        self.model: CausalLM = load_model(config.model, dtype, device, backend, "auto", seed)
-        if device.type == "cpu":
-            plan_cpu_gemm(self.model, cpu_gemm)
-        self.builder: AttentionMetadataBuilder = backend.make_builder(device)
-        args = self.model.args
+        self.builder: AttentionMetadataBuilder = get_backend(attention_backend).make_builder(device)
+        args = model.args
         self.kv_spec = KVCacheSpec.build(CacheConfig(block_size=block_size), dtype,
-                                         len(self.model.attention_layers()), args.num_kv_heads, args.head_dim)
+                                         len(model.attention_layers()), args.num_kv_heads, args.head_dim)
         self.ready = False  # the cache exists (a profile step before it runs the target alone)
         self.computed: dict[str, int] = {}  # request id -> positions whose KV the drafter holds for it
 
@@ -84,11 +77,41 @@ class Drafter:
         for rid in request_ids:
             self.computed.pop(rid, None)
 
+    def propose(self, chunks: list[ScheduledChunk], tokens_of: Callable[[str], list[int]],
+                sampled: Mapping[str, int], target_hidden: torch.Tensor) -> Proposals:
+        """After a target step: the drafts of every chunk with lookahead whose request got a token.
+        tokens_of: the request's tokens so far, the ones this step gave included; target_hidden: the
+        target's final hidden states of the step, one row per input token in ``chunks`` order."""
+        raise NotImplementedError
+
+    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)[:, : self.model.args.vocab_size].argmax(-1)
+
+
+class DraftModel(Drafter):
+    """Method draft_model: a smaller CausalLM with the target's tokenizer."""
+
+    def __init__(self, config: SpeculativeConfig, target_vocab_size: int, dtype: torch.dtype, device: torch.device,
+                 attention_backend: str, block_size: int, cpu_gemm: str, seed: int) -> None:
+        assert config.model is not None, "SpeculativeConfig checks that draft_model has a model"
+        hf_config = read_hf_config(config.model)
+        if CheckpointQuantization.from_hf_config(hf_config):
+            raise ValueError(f"speculative_config model {config.model} is quantized; a quantized draft model "
+                             "is not supported yet")
+        vocab = int(hf_config.get("vocab_size", 0))
+        if vocab != target_vocab_size:
+            raise ValueError(f"speculative_config model {config.model} has a vocabulary of {vocab} tokens, the "
+                             f"target {target_vocab_size}: a draft model must share the target's tokenizer")
+        self.max_position_embeddings = int(hf_config.get("max_position_embeddings", 0)) or None
+        model = load_model(config.model, dtype, device, get_backend(attention_backend), "auto", seed)
+        if device.type == "cpu":
+            plan_cpu_gemm(model, cpu_gemm)
+        super().__init__(model, device, attention_backend, block_size, dtype)
+        self.model: CausalLM = model
+
     @torch.inference_mode()
     def propose(self, chunks: list[ScheduledChunk], tokens_of: Callable[[str], list[int]],
-                sampled: Mapping[str, int]) -> Proposals:
-        """After a target step: the drafts of every chunk with lookahead whose request got a token.
-        tokens_of: the request's tokens so far, the ones this step gave included."""
+                sampled: Mapping[str, int], target_hidden: torch.Tensor) -> Proposals:
         inputs: list[ScheduledChunk] = []
         for c in chunks:
             if not c.num_lookahead_tokens or c.request_id not in sampled:
@@ -133,6 +156,3 @@ class Drafter:
             drafts[rows, j] = self._argmax(hidden)
         return {c.request_id: (c.start_pos + len(c.token_ids), row[:c.num_lookahead_tokens])
                 for c, row in zip(chunks, drafts.tolist())}
-
-    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)[:, : self.vocab_size].argmax(-1)

@@ -29,7 +29,8 @@ from tandem.quantization import PrecisionReport, apply_precision, checkpoint_pre
 from tandem.quantization.checkpoint import CheckpointQuantization
 from tandem.runner.batch import batch_order, describe_chunks
 from tandem.runner.cpu_malloc import tune_glibc_malloc
-from tandem.runner.drafter import Drafter
+from tandem.runner.drafter import Drafter, DraftModel
+from tandem.runner.eagle_drafter import EagleDrafter
 from tandem.runner.kv_cache_spec import KVCacheSpec
 from tandem.runner.kv_sizing import gpu_kv_budget, profile_batch
 from tandem.runner.sampler import (
@@ -98,7 +99,7 @@ class ModelRunner:
         """share_kv_cache: on CPU, keep the KV cache in a shared-memory region (``self.kv_region``)
         that decode workers on this host can read (tandem/kv_transfer/shm.py). scheduler_config:
         the largest step, profiled on a GPU to size the KV cache (tandem/runner/kv_sizing.py).
-        speculative_config: with method draft_model, the runner holds the ``Drafter``, whose cache
+        speculative_config: with method draft_model or eagle, the runner holds the ``Drafter``, whose cache
         shares the KV budget and the block ids. The sampling kernel follows the attention backend
         (``resolve_sampling_backend``)."""
         self.device = resolve_device(model_config.device)
@@ -138,9 +139,7 @@ class ModelRunner:
         self._last = StepHandle()  # the latest launched step (placeholders refer to its samples)
         self.kv_spec = KVCacheSpec.build(cache_config, self.dtype, len(self.model.attention_layers()),
                                          self.args.num_kv_heads, self.args.head_dim)
-        self.drafter = (Drafter(speculative_config, self.args.vocab_size, self.dtype, self.device,
-                                self.attention_backend, self.block_size, model_config.cpu_gemm, model_config.seed)
-                        if speculative_config is not None and speculative_config.method == "draft_model" else None)
+        self.drafter = self._make_drafter(speculative_config, model_config)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self.kv_region: SharedKVRegion | None = None
         self._allocate_kv_cache(share_kv_cache and self.device.type == "cpu")
@@ -200,6 +199,17 @@ class ModelRunner:
         v = [float(layers[i].v_scale) for i in self.kv_spec.quantized_layers]
         logger.info("KV cache scales calibrated on the first batch: k %.3g..%.3g, v %.3g..%.3g",
                     min(k), max(k), min(v), max(v))
+
+    def _make_drafter(self, config: SpeculativeConfig | None, model_config: ModelConfig) -> Drafter | None:
+        """The proposer that runs in the runner: the draft model or the EAGLE head (n-gram proposals
+        are the scheduler's)."""
+        if config is None or config.method == "ngram":
+            return None
+        if config.method == "eagle":
+            return EagleDrafter(config, self.model, self.dtype, self.device, self.attention_backend, self.block_size,
+                                model_config.cpu_gemm)
+        return DraftModel(config, self.args.vocab_size, self.dtype, self.device, self.attention_backend,
+                          self.block_size, model_config.cpu_gemm, model_config.seed)
 
     def _num_blocks(self, cfg: CacheConfig, sched: SchedulerConfig | None) -> int:
         if cfg.num_gpu_blocks_override:
@@ -330,7 +340,7 @@ class ModelRunner:
         if any(needs_history(self.states[c.request_id]) for c in chunks if c.sample):
             self._last.resolve()  # penalties and min_tokens read every earlier output token
         if self._graph_step(chunks):
-            handle = self._run_graph_decode(chunks, out.grammar_bitmask)
+            handle, hidden = self._run_graph_decode(chunks, out.grammar_bitmask)
         else:
             with span("prepare_inputs"):
                 batch = self._prepare(chunks)
@@ -346,11 +356,11 @@ class ModelRunner:
         if self._calibrating:
             self._end_calibration()
         if self.drafter is not None and self.drafter.ready:  # speculation runs synchronously: resolve now
-            self._draft(chunks, handle.resolve())
+            self._draft(chunks, handle.resolve(), hidden)
         self._last = handle
         return handle
 
-    def _draft(self, chunks: list[ScheduledChunk], result: RunnerOutput) -> None:
+    def _draft(self, chunks: list[ScheduledChunk], result: RunnerOutput, hidden: torch.Tensor) -> None:
         """The draft model's proposals for the next step, into ``result``. The step itself has
         succeeded (its tokens are in the sampling states): a failing drafter only costs its
         proposals, and the requests it was computing start again from their first position."""
@@ -360,7 +370,7 @@ class ModelRunner:
             with span("draft"):
                 result.drafts = self.drafter.propose(
                     chunks, lambda rid: self.states[rid].prompt_token_ids + self.states[rid].output_token_ids,
-                    result.sampled)
+                    result.sampled, hidden)
         except Exception:  # proposals are an optimisation: the step's tokens stand
             logger.exception("the draft model failed; this step proposes nothing")
             self.drafter.forget([c.request_id for c in chunks])
@@ -385,7 +395,8 @@ class ModelRunner:
         return graphs is not None and all(len(c.token_ids) == 1 for c in chunks) \
             and graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
 
-    def _run_graph_decode(self, chunks: list[ScheduledChunk], grammar: dict[str, Any] | None) -> StepHandle:
+    def _run_graph_decode(self, chunks: list[ScheduledChunk],
+                          grammar: dict[str, Any] | None) -> tuple[StepHandle, torch.Tensor]:
         graphs = self.decode_graphs
         assert graphs is not None, "_graph_step chose this path"
         common, positions = self._describe(chunks)
@@ -393,7 +404,7 @@ class ModelRunner:
         hidden = graphs.run(ids, torch.from_numpy(positions), common)
         rows = [i for i, c in enumerate(chunks) if c.sample]  # a 1-token prompt chunk need not sample
         sample_rows = None if len(rows) == len(chunks) else self._to_device(rows, torch.int64)
-        return self._sample(chunks, self.model.compute_logits(hidden), sample_rows, grammar=grammar)
+        return self._sample(chunks, self.model.compute_logits(hidden), sample_rows, grammar=grammar), hidden
 
     def _describe(self, chunks: list[ScheduledChunk]) -> tuple[CommonAttentionMetadata, np.ndarray]:
         return describe_chunks(chunks, self.block_size)

@@ -1,9 +1,10 @@
-"""Speculative decoding (vLLM's ``speculative_config``; methods ``ngram`` and ``draft_model``).
+"""Speculative decoding (vLLM's ``speculative_config``; methods ``ngram``, ``draft_model`` and
+``eagle``).
 
 The scheduler asks its proposer for draft tokens that follow each decoding request:
 ``NgramProposer`` (``ngram.py``) looks them up in the request's own tokens,
-``DraftModelProposals`` (``draft.py``) hands out what the draft model in the runner
-(tandem/runner/drafter.py) proposed during the previous step. ``SpeculationPlanner``
+``DraftModelProposals`` (``draft.py``) hands out what the draft model or EAGLE head in
+the runner (tandem/runner/drafter.py, eagle_drafter.py) proposed during the previous step. ``SpeculationPlanner``
 (``planner.py``) says how many of them are worth verifying this step (from measured acceptance and
 step cost); the request's chunk is its last token plus the drafts.
 The model runner scores all of them in one forward and ``rejection_sample`` (``rejection.py``)

@@ -1,6 +1,8 @@
-"""Proposals of a draft model (method ``draft_model``), as the scheduler sees them.
+"""Proposals of a draft model or an EAGLE head (methods ``draft_model``, ``eagle``), as the scheduler
+sees them.
 
-The drafter runs in the model runner after each target step (tandem/runner/drafter.py) and proposes
+The drafter runs in the model runner after each target step (tandem/runner/drafter.py,
+tandem/runner/eagle_drafter.py) and proposes
 the drafts for the next one; the runner's output carries them here. Each proposal follows the
 token sequence of one length, and is only handed out for exactly that sequence: when the scheduler
 took fewer of the step's tokens (a stop) or the request was preempted, it is stale and dropped.

@@ -367,7 +367,7 @@ def test_draft_model_errors_name_the_problem(make_llm, model_dirs, tmp_path):
         EngineArgs(speculative_config={"method": "draft_model"})
     with pytest.raises(ValueError, match="prompt_lookup_max apply to method 'ngram' only"):
         EngineArgs(speculative_config={"method": "draft_model", "model": "x", "prompt_lookup_max": 3})
-    with pytest.raises(ValueError, match="model applies to method 'draft_model'"):
+    with pytest.raises(ValueError, match="model applies to methods 'draft_model' and 'eagle'"):
         EngineArgs(speculative_config={"method": "ngram", "model": "x"})
     other_vocab = build_tiny_model(tmp_path / "v300", family="llama", vocab_size=300)
     with pytest.raises(ValueError, match="must share the target's tokenizer"):
@@ -375,8 +375,8 @@ def test_draft_model_errors_name_the_problem(make_llm, model_dirs, tmp_path):
 
 
 def test_speculative_config_errors_name_the_problem(make_llm):
-    with pytest.raises(ValueError, match="'eagle' is not supported yet"):
-        EngineArgs(speculative_config={"method": "eagle", "model": "x"})
+    with pytest.raises(ValueError, match="'mtp' is not supported yet"):
+        EngineArgs(speculative_config={"method": "mtp", "model": "x"})
     with pytest.raises(ValueError, match="unsupported key"):
         EngineArgs(speculative_config={"method": "ngram", "num_lookahead": 2})
     with pytest.raises(ValueError, match="num_speculative_tokens must be >= 1"):

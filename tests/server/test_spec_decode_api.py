@@ -1,5 +1,5 @@
-"""`tandem serve --speculative-config` (n-gram, and a draft model) with the demo model on a copy-heavy edit: the official openai
-SDK gets the text an engine without speculation gives (plain and streamed, with a stop string), and
+"""`tandem serve --speculative-config` (n-gram, a draft model and an EAGLE head) with the demo model
+on a copy-heavy edit: the official openai SDK gets the text an engine without speculation gives (plain and streamed, with a stop string), and
 /metrics has vLLM's spec_decode counters."""
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
 # the bundled draft for the demo model (scripts/train_draft_model.py)
 DRAFT_MODEL = {"method": "draft_model", "model": str(DEMO_MODEL_DIR.parent / "tandem-demo-draft"),
                "num_speculative_tokens": 3, "adaptive": False}
+# the bundled EAGLE head for the demo model (scripts/train_eagle.py)
+EAGLE = {"method": "eagle", "model": str(DEMO_MODEL_DIR.parent / "tandem-demo-eagle"), "num_speculative_tokens": 3,
+         "adaptive": False}
 
 
-@pytest.mark.parametrize("config", [NGRAM, DRAFT_MODEL], ids=["ngram", "draft_model"])
+@pytest.mark.parametrize("config", [NGRAM, DRAFT_MODEL, EAGLE], ids=["ngram", "draft_model", "eagle"])
 def test_speculative_server_matches_an_engine_without_it(config):
     prompt = _copy_prompt()
     plain = LLM(model=str(DEMO_MODEL_DIR), kv_cache_memory="16MiB")

@@ -1,0 +1,172 @@
+"""The EAGLE drafter (``speculative_config`` method ``eagle``): a head over the target's final hidden
+states (tandem/model/eagle.py) that proposes the next step's drafts right after a target step.
+
+The head's KV at position p is computed from token p + 1 and the target's feature f_p, so it can
+only be computed after the target has computed p and token p + 1 is known (sampled, accepted or a
+prompt token). Features the target produced are kept until the head computes their positions:
+``pending[r]`` holds the features of positions ``[computed[r], computed[r] + len)`` in order.
+Invariants, per request r the drafter has seen:
+- the head holds valid KV for ``[0, computed[r])``; positions below the first chunk it saw are a
+  prefix hit's blocks, trusted as they are (a head always computes every position before it
+  proposes, so a prefix that was proposed from holds the head's KV; one that never was holds stale
+  values, which cost acceptance, never correctness: every draft is verified);
+- ``computed[r] + len(pending[r])`` is the first position the target has not computed for r, in
+  step with the scheduler (a mismatch, after a prefix hit or preemption, starts r again there).
+A step appends each chunk's valid features (a verify chunk's rejected drafts are not valid) and
+computes, in one forward of the head, the pending positions of every request that proposes now or
+whose pending features reached ``MAX_PENDING`` (memory stays bounded while speculation is backed
+off). A proposing request's last computed row gives its first draft; each further draft is one
+decode step of the head at the next position, on the head's own previous prediction. Those draft
+positions are scratch in the lookahead blocks: the next step recomputes them from the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tandem.config import SpeculativeConfig
+from tandem.h2d import to_device
+from tandem.model.attention import get_backend
+from tandem.model.cpu_gemm import plan_cpu_gemm
+from tandem.model.eagle import EagleLlamaHead, load_eagle_head
+from tandem.model.interface import CausalLM
+from tandem.runner.batch import batch_order, describe_chunks
+from tandem.runner.drafter import Drafter, Proposals
+from tandem.scheduler_output import ScheduledChunk
+
+MAX_PENDING = 512  # positions of target features one request may keep before the head computes them
+# a request that decoded this many steps without proposing (speculation backed off) keeps only the
+# features of its last KEEP_WHEN_IDLE positions: a retry then costs the head a few positions per request
+IDLE_STEPS = 8
+KEEP_WHEN_IDLE = 8
+
+
+@dataclass
+class _Pending:
+    """One request's target features awaiting the head, for consecutive positions from
+    ``EagleDrafter.computed[r]`` on (parts are views of the steps' copies of their valid rows)."""
+
+    parts: list[torch.Tensor] = field(default_factory=list)
+    count: int = 0
+    idle: int = 0  # steps the request got a token without proposing, since it last proposed
+
+    def features(self) -> torch.Tensor:
+        return torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
+
+    def clear(self) -> None:
+        self.parts, self.count, self.idle = [], 0, 0
+
+    def keep_last(self, n: int) -> int:
+        """Drop all but the last n features; returns how many were dropped."""
+        dropped = max(0, self.count - n)
+        if dropped:
+            self.parts, self.count = [self.features()[dropped:]], n
+        return dropped
+
+
+class EagleDrafter(Drafter):
+    def __init__(self, config: SpeculativeConfig, target: CausalLM, dtype: torch.dtype, device: torch.device,
+                 attention_backend: str, block_size: int, cpu_gemm: str) -> None:
+        assert config.model is not None, "SpeculativeConfig checks that eagle has a model"
+        head = load_eagle_head(config.model, target, dtype, device, get_backend(attention_backend))
+        if device.type == "cpu":
+            plan_cpu_gemm(head, cpu_gemm)
+        super().__init__(head, device, attention_backend, block_size, dtype)
+        self.model: EagleLlamaHead = head
+        self.max_position_embeddings = head.args.max_position_embeddings
+        self.pending: dict[str, _Pending] = {}
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        ids = list(request_ids)
+        super().forget(ids)
+        for rid in ids:
+            self.pending.pop(rid, None)
+
+    @torch.inference_mode()
+    def propose(self, chunks: list[ScheduledChunk], tokens_of: Callable[[str], list[int]],
+                sampled: Mapping[str, int], target_hidden: torch.Tensor) -> Proposals:
+        tokens = [tokens_of(c.request_id) for c in chunks]
+        # per chunk, the positions whose next token is known (a verify chunk's accepted ones)
+        valid = [max(0, min(len(c.token_ids), len(t) - 1 - c.start_pos)) for c, t in zip(chunks, tokens)]
+        starts = np.cumsum([0] + [len(c.token_ids) for c in chunks])
+        rows = np.concatenate([np.arange(s, s + v) for s, v in zip(starts.tolist(), valid)])
+        kept = target_hidden[to_device(rows, self.device, torch.int64)]  # one copy: the step's tensor is freed
+        due: list[tuple[ScheduledChunk, torch.Tensor]] = []  # (the head's chunk, its features)
+        for c, t, end, v in zip(chunks, tokens, np.cumsum(valid).tolist(), valid):
+            pending = self._append(c, kept[end - v:end])
+            proposing = bool(c.num_lookahead_tokens) and c.request_id in sampled
+            if not proposing and c.request_id in sampled:
+                self._idle_step(c.request_id, pending)
+            if pending.count and (proposing or pending.count >= MAX_PENDING):
+                first = self.computed[c.request_id]
+                due.append((ScheduledChunk(c.request_id, t[first + 1:first + 1 + pending.count], first, c.block_ids,
+                                           sample=proposing, num_prompt_tokens=c.num_prompt_tokens,
+                                           num_lookahead_tokens=c.num_lookahead_tokens if proposing else 0),
+                            pending.features()))
+        return self._compute(due) if due else {}
+
+    def _append(self, c: ScheduledChunk, features: torch.Tensor) -> _Pending:
+        """Keep this chunk's valid features after the request's pending ones."""
+        rid = c.request_id
+        pending = self.pending.setdefault(rid, _Pending())
+        if self.computed.get(rid, -1) + pending.count != c.start_pos:
+            self.computed[rid] = c.start_pos  # first seen, or a prefix hit after preemption
+            pending.clear()
+        if len(features):
+            pending.parts.append(features)
+            pending.count += len(features)
+        return pending
+
+    def _idle_step(self, rid: str, pending: _Pending) -> None:
+        """A step that gave the request a token without a proposal: after IDLE_STEPS of them its
+        older features are dropped, and the head's KV at their positions stays stale."""
+        pending.idle += 1
+        if pending.idle >= IDLE_STEPS:
+            self.computed[rid] += pending.keep_last(KEEP_WHEN_IDLE)
+
+    def _compute(self, due: list[tuple[ScheduledChunk, torch.Tensor]]) -> Proposals:
+        """One forward of the head over every due request's pending positions, then the drafts of
+        those that propose."""
+        due.sort(key=lambda d: batch_order(d[0]))
+        inputs = [c for c, _ in due]
+        common, positions = describe_chunks(inputs, self.block_size)
+        ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in inputs])
+        hidden = self.model(to_device(ids, self.device), torch.cat([f for _, f in due]),
+                            to_device(positions, self.device), self.builder.build(common))
+        for c in inputs:
+            self.computed[c.request_id] = c.start_pos + len(c.token_ids)
+            self.pending[c.request_id].clear()
+        ends = np.cumsum([len(c.token_ids) for c in inputs]) - 1
+        proposing = [i for i, c in enumerate(inputs) if c.sample]
+        if not proposing:
+            return {}
+        last = hidden[to_device(ends[proposing], self.device, torch.int64)]
+        return self._continue([inputs[i] for i in proposing], last)
+
+    def _continue(self, chunks: list[ScheduledChunk], features: torch.Tensor) -> Proposals:
+        """Draft 1 from each chunk's last predicted feature, then decode steps of the head (draft j
+        at position ``end + j - 1``, reading draft j and the feature it was predicted from)."""
+        order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i].block_ids))  # longest context first
+        chunks = [chunks[i] for i in order]
+        features = features[to_device(order, self.device, torch.int64)]
+        k = max(c.num_lookahead_tokens for c in chunks)
+        drafts = torch.zeros((len(chunks), k), dtype=torch.int64, device=self.device)
+        drafts[:, 0] = self._argmax(features)
+        for j in range(1, k):
+            live = [i for i, c in enumerate(chunks) if c.num_lookahead_tokens > j]
+            rows = to_device(live, self.device, torch.int64)
+            step = [ScheduledChunk(chunks[i].request_id, [0], chunks[i].start_pos + len(chunks[i].token_ids) + j - 1,
+                                   chunks[i].block_ids, sample=True, num_prompt_tokens=chunks[i].num_prompt_tokens)
+                    for i in live]
+            common, positions = describe_chunks(step, self.block_size)
+            predicted = self.model(drafts[rows, j - 1], features[rows], to_device(positions, self.device),
+                                   self.builder.build(common))
+            features = features.index_copy(0, rows, predicted)
+            drafts[rows, j] = self._argmax(predicted)
+        # the chunk covered positions up to the one before the token just sampled: the drafts follow it
+        return {c.request_id: (c.start_pos + len(c.token_ids) + 1, row[:c.num_lookahead_tokens])
+                for c, row in zip(chunks, drafts.tolist())}
