@@ -1,6 +1,6 @@
 """`tandem serve --speculative-config` (n-gram, a draft model and an EAGLE head) with the demo model
-on a copy-heavy edit: the official openai SDK gets the text an engine without speculation gives (plain and streamed, with a stop string), and
-/metrics has vLLM's spec_decode counters."""
+on a copy-heavy edit: the official openai SDK gets the text an engine without speculation gives
+(plain and streamed, with a stop string), and /metrics has vLLM's spec_decode counters."""
 
 from __future__ import annotations
 
