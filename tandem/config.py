@@ -85,9 +85,9 @@ class KVOffloadConfig:
             raise ValueError("kv_disk_size must be > 0 GiB with kv_disk_path")
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")  # vLLM also has eagle3, mtp: not built here yet
-_NOT_YET = ("eagle3", "mtp", "medusa", "mlp_speculator")
-_NEEDS_MODEL = ("draft_model", "eagle")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")  # vLLM also has mtp: not built here yet
+_NOT_YET = ("mtp", "medusa", "mlp_speculator")
+_NEEDS_MODEL = ("draft_model", "eagle", "eagle3")
 _NGRAM_KEYS = ("prompt_lookup_min", "prompt_lookup_max")
 
 
@@ -122,7 +122,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config method {self.method!r} needs model (the "
                              f"{'draft model' if self.method == 'draft_model' else 'EAGLE head'}'s directory)")
         if self.method == "ngram" and self.model is not None:
-            raise ValueError("speculative_config model applies to methods 'draft_model' and 'eagle', not 'ngram'")
+            raise ValueError("speculative_config model applies to methods 'draft_model', 'eagle' and 'eagle3', "
+                             "not 'ngram'")
 
     @classmethod
     def from_dict(cls, raw: dict) -> SpeculativeConfig:

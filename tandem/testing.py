@@ -443,6 +443,91 @@ def build_tiny_eagle_head(out_dir: str | Path, target_dir: str | Path, num_layer
     return save_eagle_head(out_dir, head, config)
 
 
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"  # vLLM's name for the EAGLE-3 Llama head
+
+
+class Eagle3HeadHF(torch.nn.Module):
+    """An EAGLE-3 head in transformers' modules (the tests' reference; tandem/model/eagle.py says the
+    layout). ``forward(embeds, features)``: features already of the hidden size (the target's aux
+    states through ``fc``, or the head's own predictions); returns the predictions before ``norm``.
+    ``draft_tokens(hidden)``: target token ids."""
+
+    d2t: torch.Tensor
+
+    def __init__(self, config: Any, num_aux: int, draft_vocab_size: int) -> None:
+        import copy
+
+        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc = torch.nn.Linear(num_aux * hidden, hidden, bias=False)
+        wide = copy.deepcopy(config)
+        wide.hidden_size = 2 * hidden  # attention reads [embedding, feature]
+        self.midlayer: Any = torch.nn.Module()  # vLLM's names: midlayer.self_attn, .mlp and three norms
+        self.midlayer.self_attn = LlamaAttention(wide, 0)
+        self.midlayer.self_attn.o_proj = torch.nn.Linear(config.num_attention_heads * config.head_dim, hidden, bias=False)
+        self.midlayer.mlp = LlamaMLP(config)
+        for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+            setattr(self.midlayer, name, LlamaRMSNorm(hidden, eps=config.rms_norm_eps))
+        self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.lm_head = torch.nn.Linear(hidden, draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.int64))
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+    def forward(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        m = self.midlayer
+        positions = torch.arange(features.shape[1]).unsqueeze(0).expand(features.shape[0], -1)
+        x = torch.cat([m.input_layernorm(embeds), m.hidden_norm(features)], dim=-1)
+        h = features + m.self_attn(x, position_embeddings=self.rotary_emb(x, positions), attention_mask=None)[0]
+        return h + m.mlp(m.post_attention_layernorm(h))
+
+    def draft_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        best = self.lm_head(self.norm(hidden)).argmax(-1)
+        return best + self.d2t[best]
+
+
+def _eagle3_config(target_dir: str | Path, aux_layers: list[int], draft_vocab_size: int) -> Any:
+    config = eagle_head_config(target_dir)
+    config.architectures = [EAGLE3_ARCHITECTURE]
+    config.draft_vocab_size = draft_vocab_size
+    config.eagle_config = {"eagle_aux_hidden_state_layer_ids": aux_layers, "use_aux_hidden_state": True}
+    return config
+
+
+def build_tiny_eagle3_head(out_dir: str | Path, target_dir: str | Path, aux_layers: list[int],
+                           draft_vocab_size: int, seed: int = 0) -> Path:
+    """A random EAGLE-3 head whose draft vocabulary is every other token of the target's first
+    2 x draft_vocab_size (d2t: draft id i -> target id 2i + 1)."""
+    from safetensors.torch import save_file
+
+    config = _eagle3_config(target_dir, aux_layers, draft_vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = Eagle3HeadHF(config, len(aux_layers), draft_vocab_size)
+    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("rotary_emb.")}
+    tensors["d2t"] = torch.arange(draft_vocab_size, dtype=torch.int64) + 1  # draft i -> target 2i + 1
+    tensors["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool)
+    tensors["t2d"][2 * torch.arange(draft_vocab_size) + 1] = True
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_eagle3_head_hf(head_dir: str | Path, target_dir: str | Path) -> Eagle3HeadHF:
+    from safetensors.torch import load_file
+
+    raw = json.loads((Path(head_dir) / "config.json").read_text())
+    aux = raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+    head = Eagle3HeadHF(_eagle3_config(target_dir, aux, raw["draft_vocab_size"]), len(aux), raw["draft_vocab_size"])
+    tensors = load_file(str(Path(head_dir) / "model.safetensors"))
+    tensors.pop("t2d")
+    head.load_state_dict(tensors, strict=False)
+    return head.eval()
+
+
 def bench_model_config() -> dict[str, Any]:
     """build_tiny_model kwargs for a ~80M-parameter random Llama (tokenizer vocab 8192)."""
     return dict(

@@ -214,9 +214,9 @@ class EngineArgs:
                                   "schedule step N+1 while the GPU runs step N (outputs arrive one step later)")
     # speculative decoding (tandem/spec_decode)
     speculative_config: dict[str, Any] | None = _arg(
-        None, "speculative decoding as a JSON object, vLLM's keys: method (ngram, draft_model or "
-              "eagle), num_speculative_tokens (3), prompt_lookup_min (1) and prompt_lookup_max (4) for ngram, model "
-              "(the draft model's or the EAGLE head's directory) for draft_model and eagle; tandem's adaptive "
+        None, "speculative decoding as a JSON object, vLLM's keys: method (ngram, draft_model, "
+              "eagle or eagle3), num_speculative_tokens (3), prompt_lookup_min (1) and prompt_lookup_max (4) for "
+              "ngram, model (the draft model's or the EAGLE head's directory) for the others; tandem's adaptive "
               "(true): drafts per request and step chosen from the measured acceptance and step cost, down to none under load",
         check=_speculative, cli_type=_json_object, metavar="JSON")
 

@@ -63,7 +63,7 @@ class Scheduler:
         self.speculative = speculative
         self.proposer: NgramProposer | DraftModelProposals | None = None
         if speculative is not None:
-            self.proposer = (DraftModelProposals() if speculative.method in ("draft_model", "eagle")
+            self.proposer = (DraftModelProposals() if speculative.method in ("draft_model", "eagle", "eagle3")
                              else NgramProposer(speculative.prompt_lookup_min, speculative.prompt_lookup_max))
         self.planner = (SpeculationPlanner(speculative.num_speculative_tokens, speculative.adaptive)
                         if speculative is not None else None)

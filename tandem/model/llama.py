@@ -93,13 +93,16 @@ class Attention(nn.Module):
     k_scale: torch.Tensor  # buffers (register_buffer), declared for the type checker
     v_scale: torch.Tensor
 
-    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend) -> None:
+    def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend,
+                 input_size: int | None = None) -> None:
+        """input_size: the width q/k/v are projected from, when not the hidden size (EAGLE-3's
+        [embedding, feature] input)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.scale = a.head_dim ** -0.5
         self.sliding_window = a.sliding_window
-        self.qkv_proj = ShardedLinear(a.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+        self.qkv_proj = ShardedLinear(input_size or a.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
                                       bias=a.qkv_bias, dtype=dtype)
         self.o_proj = Linear(self.q_size, a.hidden_size, bias=False, dtype=dtype)
         if a.qk_norm:
@@ -191,11 +194,20 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(a, dtype, backend, i) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.ops = backend.ops
+        # EAGLE-3 reads the residual stream entering these layers (set by its drafter); each forward
+        # leaves them in aux_hidden_states, in this order
+        self.aux_hidden_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: list[torch.Tensor] = []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        aux: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_hidden_layers:
+                aux[i] = h
             h = layer(positions, h, meta)
+        if self.aux_hidden_layers:
+            self.aux_hidden_states = [aux[i] for i in self.aux_hidden_layers]
         return self.ops.rms_norm(h, self.norm.weight, self.norm.eps)
 
 

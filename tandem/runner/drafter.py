@@ -31,7 +31,7 @@ from tandem.config import CacheConfig, SpeculativeConfig
 from tandem.h2d import to_device
 from tandem.model.attention import AttentionMetadataBuilder, get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
-from tandem.model.eagle import EagleLlamaHead
+from tandem.model.eagle import Eagle3LlamaHead, EagleLlamaHead
 from tandem.model.interface import CausalLM
 from tandem.model.loader import load_model, read_hf_config
 from tandem.quantization.checkpoint import CheckpointQuantization
@@ -47,8 +47,9 @@ class Drafter:
     block layout and block ids, and ``computed[r]``, the positions whose KV it holds for request r."""
 
     max_position_embeddings: int | None = None  # the most positions the drafter's model holds
+    runs_with_decode_graphs = True  # the target's decode steps may replay CUDA graphs
 
-    def __init__(self, model: CausalLM | EagleLlamaHead, device: torch.device, attention_backend: str,
+    def __init__(self, model: CausalLM | EagleLlamaHead | Eagle3LlamaHead, device: torch.device, attention_backend: str,
                  block_size: int, dtype: torch.dtype) -> None:
         self.model = model
         self.device = device

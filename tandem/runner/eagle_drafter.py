@@ -32,17 +32,16 @@ from tandem.config import SpeculativeConfig
 from tandem.h2d import to_device
 from tandem.model.attention import get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
-from tandem.model.eagle import EagleLlamaHead, load_eagle_head
+from tandem.model.eagle import Eagle3LlamaHead, EagleLlamaHead, load_eagle_head
 from tandem.model.interface import CausalLM
 from tandem.runner.batch import batch_order, describe_chunks
 from tandem.runner.drafter import Drafter, Proposals
 from tandem.scheduler_output import ScheduledChunk
 
-MAX_PENDING = 512  # positions of target features one request may keep before the head computes them
-# a request that decoded this many steps without proposing (speculation backed off) keeps only the
-# features of its last KEEP_WHEN_IDLE positions: a retry then costs the head a few positions per request
-IDLE_STEPS = 8
-KEEP_WHEN_IDLE = 8
+# positions of target features one request may keep before the head computes them
+# NOTE: none are ever dropped: a head over stale KV proposes worse, and the back-off's retries,
+# judged by their speed, would then keep speculation off where it pays
+MAX_PENDING = 512
 
 
 @dataclass
@@ -52,33 +51,42 @@ class _Pending:
 
     parts: list[torch.Tensor] = field(default_factory=list)
     count: int = 0
-    idle: int = 0  # steps the request got a token without proposing, since it last proposed
 
     def features(self) -> torch.Tensor:
         return torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
 
     def clear(self) -> None:
-        self.parts, self.count, self.idle = [], 0, 0
-
-    def keep_last(self, n: int) -> int:
-        """Drop all but the last n features; returns how many were dropped."""
-        dropped = max(0, self.count - n)
-        if dropped:
-            self.parts, self.count = [self.features()[dropped:]], n
-        return dropped
+        self.parts, self.count = [], 0
 
 
 class EagleDrafter(Drafter):
+    """Methods eagle and eagle3 (whose features are the target's aux hidden states side by side)."""
+
     def __init__(self, config: SpeculativeConfig, target: CausalLM, dtype: torch.dtype, device: torch.device,
                  attention_backend: str, block_size: int, cpu_gemm: str) -> None:
         assert config.model is not None, "SpeculativeConfig checks that eagle has a model"
-        head = load_eagle_head(config.model, target, dtype, device, get_backend(attention_backend))
+        head = load_eagle_head(config.model, target, dtype, device, get_backend(attention_backend), config.method)
         if device.type == "cpu":
             plan_cpu_gemm(head, cpu_gemm)
         super().__init__(head, device, attention_backend, block_size, dtype)
-        self.model: EagleLlamaHead = head
+        self.model: EagleLlamaHead | Eagle3LlamaHead = head
         self.max_position_embeddings = head.args.max_position_embeddings
         self.pending: dict[str, _Pending] = {}
+        self.target = target
+        if isinstance(head, Eagle3LlamaHead):
+            target.model.aux_hidden_layers = head.aux_layers  # type: ignore[attr-defined]
+            # NOTE: a CUDA graph replay would leave the aux states of its capture: eager decode
+            self.runs_with_decode_graphs = False
+
+    def _target_features(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """The head's input from the target's step: its final hidden states, or for EAGLE-3 the
+        residual streams it kept (one row per input token, as ``target_hidden``)."""
+        if isinstance(self.model, Eagle3LlamaHead):
+            return torch.cat(self.target.model.aux_hidden_states, dim=-1)  # type: ignore[attr-defined]
+        return target_hidden
+
+    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.draft_tokens(hidden)
 
     def forget(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)
@@ -94,13 +102,12 @@ class EagleDrafter(Drafter):
         valid = [max(0, min(len(c.token_ids), len(t) - 1 - c.start_pos)) for c, t in zip(chunks, tokens)]
         starts = np.cumsum([0] + [len(c.token_ids) for c in chunks])
         rows = np.concatenate([np.arange(s, s + v) for s, v in zip(starts.tolist(), valid)])
-        kept = target_hidden[to_device(rows, self.device, torch.int64)]  # one copy: the step's tensor is freed
+        # one copy: the step's tensors are freed
+        kept = self._target_features(target_hidden)[to_device(rows, self.device, torch.int64)]
         due: list[tuple[ScheduledChunk, torch.Tensor]] = []  # (the head's chunk, its features)
         for c, t, end, v in zip(chunks, tokens, np.cumsum(valid).tolist(), valid):
             pending = self._append(c, kept[end - v:end])
             proposing = bool(c.num_lookahead_tokens) and c.request_id in sampled
-            if not proposing and c.request_id in sampled:
-                self._idle_step(c.request_id, pending)
             if pending.count and (proposing or pending.count >= MAX_PENDING):
                 first = self.computed[c.request_id]
                 due.append((ScheduledChunk(c.request_id, t[first + 1:first + 1 + pending.count], first, c.block_ids,
@@ -120,13 +127,6 @@ class EagleDrafter(Drafter):
             pending.parts.append(features)
             pending.count += len(features)
         return pending
-
-    def _idle_step(self, rid: str, pending: _Pending) -> None:
-        """A step that gave the request a token without a proposal: after IDLE_STEPS of them its
-        older features are dropped, and the head's KV at their positions stays stale."""
-        pending.idle += 1
-        if pending.idle >= IDLE_STEPS:
-            self.computed[rid] += pending.keep_last(KEEP_WHEN_IDLE)
 
     def _compute(self, due: list[tuple[ScheduledChunk, torch.Tensor]]) -> Proposals:
         """One forward of the head over every due request's pending positions, then the drafts of

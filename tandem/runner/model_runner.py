@@ -205,7 +205,7 @@ class ModelRunner:
         are the scheduler's)."""
         if config is None or config.method == "ngram":
             return None
-        if config.method == "eagle":
+        if config.method in ("eagle", "eagle3"):
             return EagleDrafter(config, self.model, self.dtype, self.device, self.attention_backend, self.block_size,
                                 model_config.cpu_gemm)
         return DraftModel(config, self.args.vocab_size, self.dtype, self.device, self.attention_backend,
@@ -310,6 +310,9 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         if cfg.enforce_eager or not (cuda or cfg.cuda_graph_sizes) or self.weight_offloader is not None:
             return  # NOTE: offloaded weights are copied in forward hooks, which a graph replay would skip
+        if self.drafter is not None and not self.drafter.runs_with_decode_graphs:
+            logger.info("decode CUDA graphs off: the EAGLE-3 head reads hidden states a replay would not refresh")
+            return
         from tandem.runner.cuda_graphs import DecodeGraphs, default_capture_sizes
 
         sizes = cfg.cuda_graph_sizes or default_capture_sizes(max_num_seqs)
