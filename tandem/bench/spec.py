@@ -3,7 +3,9 @@
 Three engines with the same flags are built in one process: no speculation (``off``), speculation
 with every proposal verified (``fixed``: ``adaptive`` false, what vLLM does) and the adaptive
 planner (``adaptive``, tandem's default). The speculative config is ``--speculative-config`` (default
-n-gram, 4 tokens). Rounds alternate the engines' order.
+n-gram, 4 tokens). Rounds alternate the engines' order. Before each case every engine runs it once
+(``--warmup full``), so the adaptive planner is measured once it has learned that load (``short``:
+two prompts, the planner still learning during the measured rounds).
 
 Workloads (text from ``--text``, default the demo model's held-out sample; greedy, ``ignore_eos``):
 
@@ -43,6 +45,9 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--input-len", type=int, default=256, help="prompt window in tokens (default 256)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per engine and case (default 2)")
+    parser.add_argument("--warmup", choices=("full", "short"), default="full",
+                        help="before each case, every engine runs it once (full: the adaptive planner has "
+                             "learned the load when measured) or two of its prompts (short)")
     parser.add_argument("--output-json", default=None,
                         help="result file (default: benchmarks/results/spec-<model>-<UTC time>.json)")
     EngineArgs.add_cli_args(parser, model=None)
@@ -102,8 +107,8 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         batched = [(f"batch{n}", n, False) for n in args.batch_size]
         for label, count, alone in [("batch1", args.num_prompts, True), *batched]:
             prompts = make_prompts(token_ids, count, args.input_len, workload)
-            for llm in engines.values():  # warm-up: the planner measures its first steps here too
-                _run(llm, prompts[:2], params, alone)
+            for llm in engines.values():  # warm-up: the planner learns this load here (one full round)
+                _run(llm, prompts if args.warmup == "full" else prompts[:2], params, alone)
             cases[f"{workload}-{label}"] = _measure(engines, prompts, params, alone, args.rounds)
     llm = engines["off"]
     runner = llm.llm_engine.runner
@@ -111,7 +116,7 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         **results_header("spec_decode", model, runner),
         "workload": {"text": str(Path(args.text).resolve()), "text_tokens": len(token_ids),
                      "num_prompts_batch1": args.num_prompts, "batch_size": args.batch_size, "input_len": args.input_len,
-                     "output_len": args.output_len, "rounds": args.rounds,
+                     "output_len": args.output_len, "rounds": args.rounds, "warmup": args.warmup,
                      "sampling": {"temperature": 0.0, "ignore_eos": True}},
         "flags": {**engine_flags(base), "speculative_variants": variants},
         "cases": cases,

@@ -52,9 +52,8 @@ class EngineCore:
         kv = config.kv_transfer
         if config.scheduler.async_scheduling and kv is not None:
             raise ValueError("async scheduling does not combine with disaggregated prefill/decode yet")
-        if config.speculative is not None and (config.scheduler.async_scheduling or kv is not None):
-            raise ValueError("speculative_config does not combine with async scheduling or disaggregated "
-                             "prefill/decode yet")
+        if config.speculative is not None and kv is not None:
+            raise ValueError("speculative_config does not combine with disaggregated prefill/decode yet")
         self.runner = ModelRunner(config.model, config.cache,
                                   share_kv_cache=kv is not None and kv.sends and kv.transport == "auto",
                                   scheduler_config=config.scheduler, speculative_config=config.speculative)
@@ -223,10 +222,11 @@ class EngineCore:
         for req in self.scheduler.update_transfers():
             outputs[req.request_id] = CoreOutput(req.request_id, [], finish_reason="error", error=req.error)
         self._fail_uncompiled_grammars(outputs)
-        overlap = self.async_scheduling and not self._has_grammars()
+        overlap = self.async_scheduling and not self._has_grammars() and not self._speculation_waits()
         if self._in_flight is not None and not overlap:
             # NOTE: a grammar's next mask needs every token sampled so far, so while a request with a
-            # grammar is in the engine no step is in flight when the next one is scheduled
+            # grammar is in the engine no step is in flight when the next one is scheduled; likewise
+            # for speculation (_speculation_waits)
             drained, self._in_flight = self._in_flight, None
             self._finish_step(*drained, outputs)
         started = time.perf_counter()
@@ -252,6 +252,20 @@ class EngineCore:
         if self.scheduler.planner is not None and not overlap:
             self._observe_speculation(sched_out, time.perf_counter() - started)
         return self._end_step(outputs)
+
+    def _speculation_waits(self) -> bool:
+        """Speculation runs its steps synchronously (with async scheduling as well): a step that
+        verifies drafts, or proposes them, is applied before the next is scheduled (otherwise its
+        requests would sit the next step out, their token count unknown, and its proposals would
+        come too late), and a step that may verify drafts is scheduled with nothing in flight (a
+        request gets drafts only then). The steps the back-off keeps without drafts overlap."""
+        planner = self.scheduler.planner
+        if planner is None:
+            return False
+        if self._in_flight is not None and any(c.num_draft_tokens or c.num_lookahead_tokens
+                                               for c in self._in_flight[0].chunks):
+            return True
+        return planner.speculates_next(len(self.scheduler.running))
 
     def _observe_speculation(self, sched_out: SchedulerOutput, seconds: float) -> None:
         """Speculation sizes its drafts by the step cost, and picks its policy per batch size by the

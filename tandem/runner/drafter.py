@@ -78,6 +78,15 @@ class Drafter:
         for rid in request_ids:
             self.computed.pop(rid, None)
 
+    def needs_tokens(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether the drafter works on this step's tokens (``propose``, after they are read back)
+        rather than only observing it: chunks that verify drafts or will propose."""
+        return any(c.num_lookahead_tokens or c.num_draft_tokens for c in chunks)
+
+    def observe(self, chunks: list[ScheduledChunk], target_hidden: torch.Tensor) -> None:
+        """After a step that ``needs_tokens`` declined (its tokens may still be in flight): what the
+        drafter keeps of it."""
+
     def propose(self, chunks: list[ScheduledChunk], tokens_of: Callable[[str], list[int]],
                 sampled: Mapping[str, int], target_hidden: torch.Tensor) -> Proposals:
         """After a target step: the drafts of every chunk with lookahead whose request got a token.

@@ -94,6 +94,20 @@ class EagleDrafter(Drafter):
         for rid in ids:
             self.pending.pop(rid, None)
 
+    def needs_tokens(self, chunks: list[ScheduledChunk]) -> bool:
+        """Also when a request's pending features would reach MAX_PENDING (the head computes them)."""
+        return super().needs_tokens(chunks) or any(
+            (p := self.pending.get(c.request_id)) is not None and p.count + len(c.token_ids) >= MAX_PENDING
+            for c in chunks)
+
+    @torch.inference_mode()
+    def observe(self, chunks: list[ScheduledChunk], target_hidden: torch.Tensor) -> None:
+        """Every position of a step without drafts is valid (its next token is the one it samples or
+        a prompt token): its features are kept, one copy for the step."""
+        features = self._target_features(target_hidden).clone()
+        for c, end in zip(chunks, np.cumsum([len(c.token_ids) for c in chunks]).tolist()):
+            self._append(c, features[end - len(c.token_ids):end])
+
     @torch.inference_mode()
     def propose(self, chunks: list[ScheduledChunk], tokens_of: Callable[[str], list[int]],
                 sampled: Mapping[str, int], target_hidden: torch.Tensor) -> Proposals:

@@ -358,8 +358,12 @@ class ModelRunner:
                     self.states[rid].output_token_ids.extend(emitted)
         if self._calibrating:
             self._end_calibration()
-        if self.drafter is not None and self.drafter.ready:  # speculation runs synchronously: resolve now
-            self._draft(chunks, handle.resolve(), hidden)
+        if self.drafter is not None and self.drafter.ready:
+            if self.drafter.needs_tokens(chunks):
+                self._last.resolve()  # speculation runs synchronously: every token so far is known
+                self._draft(chunks, handle.resolve(), hidden)
+            else:  # nothing waits for this step's tokens (async scheduling may overlap it)
+                self.drafter.observe(chunks, hidden)
         self._last = handle
         return handle
 

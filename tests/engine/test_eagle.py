@@ -134,22 +134,45 @@ def test_a_request_backed_off_catches_up_in_one_forward_when_it_proposes(make_ll
     drafter, steps, paused = spec.llm_engine.runner.drafter, [], 20
     spec.llm_engine.scheduler.planner.speculates_next = lambda batch_size: len(steps) > paused
     computed: list[list[int]] = []
-    compute, propose = drafter._compute, drafter.propose
+    compute, launch = drafter._compute, spec.llm_engine.runner.launch
 
-    def counting_propose(*args):
+    def counting_launch(out):
         steps.append(1)
-        return propose(*args)
+        return launch(out)
 
     def recording(due):
         computed.append([len(c.token_ids) for c, _ in due])
         return compute(due)
 
-    drafter.propose, drafter._compute = counting_propose, recording
+    spec.llm_engine.runner.launch, drafter._compute = counting_launch, recording
     assert spec.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want
     # the first proposal is at step paused + 2 (the prompt's step, then paused + 1 decodes): every
     # prompt position, and one per decode step
     assert computed[0] == [len(_prompts()[1]) + paused + 1]
     assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "eagle", "eagle3"])
+def test_speculation_with_async_scheduling(make_llm, heads, method):
+    """Async scheduling with the adaptive back-off: steps that verify or propose drafts run
+    synchronously, the others overlap (a step still in flight when step() returns), and the tokens
+    equal those of a synchronous engine without speculation."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, n=2)
+    want = _tokens(make_llm(**CHUNKED), params)
+    config = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1} if method == "ngram"
+              else _eagle(heads[method, "llama3-gqa"], method, adaptive=True))
+    spec = make_llm(speculative_config=config, async_scheduling=True, **CHUNKED)
+    core, overlapped = spec.llm_engine.core, []
+    step = core.step
+
+    def recording_step():
+        outputs = step()
+        overlapped.append(core._in_flight is not None)
+        return outputs
+
+    core.step = recording_step
+    assert _tokens(spec, params) == want
+    assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0 and any(overlapped)
 
 
 def test_the_bundled_head_proposes_for_the_demo_model():
