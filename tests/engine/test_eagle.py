@@ -175,6 +175,26 @@ def test_speculation_with_async_scheduling(make_llm, heads, method):
     assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0 and any(overlapped)
 
 
+@pytest.mark.parametrize("method", ["ngram", "eagle", "eagle3"])
+def test_speculation_with_the_decode_graph_path(make_llm, heads, method):
+    """Decode steps without drafts replay the decode graphs (on a CPU: the same padded static
+    buffers, run eagerly), steps that verify drafts run eagerly, and the EAGLE head reads the graph
+    path's hidden states: the tokens equal an engine without either. EAGLE-3 turns the graphs off
+    (a replay would not refresh the residual streams it reads)."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = _tokens(make_llm(), params)
+    config = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1} if method == "ngram"
+              else _eagle(heads[method, "llama3-gqa"], method, adaptive=True))
+    spec = make_llm(speculative_config=config, cuda_graph_sizes=[1, 2, 4, 8])
+    assert _tokens(spec, params) == want
+    assert spec.llm_engine.scheduler.planner.stats.num_drafts > 0
+    graphs = spec.llm_engine.runner.decode_graphs
+    if method == "eagle3":
+        assert graphs is None
+    else:
+        assert graphs is not None and graphs.steps > 0
+
+
 def test_the_bundled_head_proposes_for_the_demo_model():
     """models/tandem-demo-eagle (scripts/train_eagle.py) on held-out code: the same tokens as without
     speculation, and most steps accept drafts."""
