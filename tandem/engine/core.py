@@ -335,20 +335,25 @@ class EngineCore:
     def _grammar_bitmask(self, sched_out: SchedulerOutput) -> dict[str, Any] | None:
         if self._structured is None:
             return None
-        grammars = {}
+        grammars, drafts = {}, {}
         for c in sched_out.chunks:
             req = self.scheduler.requests.get(c.request_id)
             if c.sample and req is not None and req.structured is not None:
                 grammars[c.request_id] = req.structured
-        return self._structured.bitmask(grammars) if grammars else None
+                if c.num_draft_tokens:  # a mask for the last token and each draft
+                    drafts[c.request_id] = c.token_ids[1:]
+        return self._structured.bitmask(grammars, drafts) if grammars else None
 
     def _advance_grammars(self, updated: list[Request]) -> None:
-        """Each sampled token advances its request's grammar; a complete grammar ends the request
-        (with ignore_eos the end-of-sequence token the grammar asks for does not)."""
+        """Each token a step gave (accepted drafts too) advances its request's grammar; a complete
+        grammar ends the request (with ignore_eos the end-of-sequence token the grammar asks for
+        does not). Drafts never complete a grammar (``valid_prefix``): only a step's last token can."""
         for req in updated:
             if req.structured is None or self._structured is None:
                 continue
-            done = self._structured.accept(req.request_id, req.structured, req.output_token_ids[-1])
+            done = False
+            for token in req.output_token_ids[len(req.output_token_ids) - req.num_step_tokens:]:
+                done = self._structured.accept(req.request_id, req.structured, token)
             if done and not req.is_finished:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
 

@@ -202,7 +202,10 @@ class Scheduler:
             # NOTE: no draft past max_tokens or max_model_len: every emitted token must be one the
             # request could have sampled
             room = min(max_drafts, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
-            if room > 0 and (proposal := self.proposer.propose(req.request_id, req.all_token_ids, room)):
+            proposal = self.proposer.propose(req.request_id, req.all_token_ids, room) if room > 0 else []
+            if proposal and req.structured is not None:  # only drafts its grammar allows
+                proposal = proposal[:req.structured.valid_prefix(proposal)]
+            if proposal:
                 proposals[req.request_id] = proposal
         if not proposals:
             return {}
@@ -228,7 +231,7 @@ class Scheduler:
             room = min(self.planner.max_drafts, req.max_tokens - req.num_output_tokens - 2,
                        self.max_model_len - end - 2)
             if (samples and room > 0
-                    and speculation_allowed(req.sampling_params, req.num_output_tokens + 1, req.structured is not None)
+                    and speculation_allowed(req.sampling_params, req.num_output_tokens + 1)
                     and self.kv.allocate_slots(req, req.num_in_flight_tokens + n + room)):
                 self._lookahead[req.request_id] = room
 
@@ -236,7 +239,7 @@ class Scheduler:
         """Computed up to its last token, nothing in flight, and speculation allowed for it."""
         return (req.num_pending_tokens == 0 and req.num_in_flight_tokens == 0
                 and req.num_computed_tokens == req.num_tokens - 1
-                and speculation_allowed(req.sampling_params, req.num_output_tokens, req.structured is not None))
+                and speculation_allowed(req.sampling_params, req.num_output_tokens))
 
     def _schedule_running(self, scheduled: dict[str, int], budget: int) -> list[Request]:
         preempted: list[Request] = []

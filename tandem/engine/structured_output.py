@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -72,6 +73,22 @@ class StructuredRequest:
             self._matcher = xgr.GrammarMatcher(self._future.result())
         return self._matcher
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` (drafts) the grammar accepts in a row, short of one that would
+        complete it (the target's own token may end it); the matcher is left as it was."""
+        matcher, accepted = self.matcher, 0
+        for token in tokens:
+            if matcher.is_terminated() or not matcher.accept_token(token):
+                break
+            accepted += 1
+            if matcher.is_terminated():
+                accepted -= 1
+                matcher.rollback(1)
+                break
+        if accepted:
+            matcher.rollback(accepted)
+        return accepted
+
 
 class StructuredOutputManager:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
@@ -96,12 +113,28 @@ class StructuredOutputManager:
         assert p.grammar is not None
         return self.compiler.compile_grammar(p.grammar)
 
-    def bitmask(self, requests: dict[str, StructuredRequest]) -> dict[str, torch.Tensor]:
-        """request id -> its next-token bitmask row (int32 words, xgrammar's layout)."""
-        mask = xgr.allocate_token_bitmask(len(requests), self.info.vocab_size)
-        for i, structured in enumerate(requests.values()):
-            structured.matcher.fill_next_token_bitmask(mask, i)
-        return {rid: mask[i] for i, rid in enumerate(requests)}
+    def bitmask(self, requests: dict[str, StructuredRequest],
+                drafts: Mapping[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """request id -> its next-token bitmask row (int32 words, xgrammar's layout); for a request
+        with drafts (which its grammar accepts: ``valid_prefix``), 1 + k rows: the mask before each
+        draft and after the last."""
+        drafts = drafts or {}
+        counts = [1 + len(drafts.get(rid, ())) for rid in requests]
+        mask = xgr.allocate_token_bitmask(sum(counts), self.info.vocab_size)
+        rows: dict[str, torch.Tensor] = {}
+        first = 0
+        for (rid, structured), n in zip(requests.items(), counts):
+            matcher, accepted, following = structured.matcher, 0, True
+            for j in range(n):
+                matcher.fill_next_token_bitmask(mask, first + j)
+                if following and j < n - 1:  # a draft the grammar refuses is rejected by its mask
+                    following = matcher.accept_token(drafts[rid][j])
+                    accepted += following
+            if accepted:
+                matcher.rollback(accepted)
+            rows[rid] = mask[first] if n == 1 else mask[first:first + n]
+            first += n
+        return rows
 
     @staticmethod
     def accept(request_id: str, structured: StructuredRequest, token: int) -> bool:

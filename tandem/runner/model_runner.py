@@ -351,7 +351,7 @@ class ModelRunner:
             with span("lm_head"):
                 logits = self.model.compute_logits(hidden[batch.logits_indices])
             with span("sample"):
-                verified = self._verify_drafts(batch.draft_rows, logits)
+                verified = self._verify_drafts(batch.draft_rows, logits, out.grammar_bitmask)
                 handle = self._sample(chunks, logits, batch.sample_rows, batch.prompt_rows, out.grammar_bitmask,
                                       verified)
                 for rid, emitted in verified.emitted.items():  # the step succeeded: its tokens count
@@ -477,10 +477,12 @@ class ModelRunner:
                 result.logprobs[c.request_id] = entry
         return StepHandle([c.request_id for c in sampled_chunks], tokens, states, result)
 
-    def _verify_drafts(self, draft_rows: list[tuple[ScheduledChunk, int]], logits: torch.Tensor) -> RunnerOutput:
+    def _verify_drafts(self, draft_rows: list[tuple[ScheduledChunk, int]], logits: torch.Tensor,
+                       grammar: dict[str, Any] | None = None) -> RunnerOutput:
         """Verify each chunk's drafts against the target at its 1 + k rows: greedy rows by the raw
         argmax, sampled rows by rejection sampling against the sampler's own distribution
-        (temperature, top-k, top-p, min-p; n-gram drafts have q = 1). The tokens are read back here
+        (temperature, top-k, top-p, min-p; n-gram drafts have q = 1), each row masked first by its
+        grammar's bitmask where the request has one (grammar: request id -> [1 + k, words]). The tokens are read back here
         (speculation runs with synchronous scheduling); the sampling states are extended by the
         caller once the whole step has succeeded."""
         result = RunnerOutput()
@@ -490,6 +492,9 @@ class ModelRunner:
         vocab = self.args.vocab_size
         index = [[first + min(j, c.num_draft_tokens) for j in range(k + 1)] for c, first in draft_rows]
         target = logits[self._to_device(index, torch.int64)][..., :vocab].float()  # [B, k + 1, V]; pads repeat a row
+        if grammar and any(c.request_id in grammar for c, _ in draft_rows):
+            target = target.contiguous()
+            self._mask_draft_rows(draft_rows, target, grammar, k)
         params = [self.states[c.request_id].params for c, _ in draft_rows]
         greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
         drafts = self._to_device([c.token_ids[1:] + [0] * (k - c.num_draft_tokens) for c, _ in draft_rows], torch.int64)
@@ -529,6 +534,20 @@ class ModelRunner:
         entries = compute_top_logprobs(torch.log_softmax(target[rows, cols], dim=-1), tokens[rows, cols], ks)
         for i, n in wanted:
             result.emitted_logprobs[draft_rows[i][0].request_id], entries = entries[:n], entries[n:]
+
+    def _mask_draft_rows(self, draft_rows: list[tuple[ScheduledChunk, int]], target: torch.Tensor,
+                         grammar: dict[str, Any], k: int) -> None:
+        """target [B, k + 1, V] masked in place: row j of a chunk by its grammar's mask after j drafts
+        (pad rows repeat the last), all ones for chunks without a grammar."""
+        width = next(iter(grammar.values())).shape[-1]
+        mask = torch.full((len(draft_rows), k + 1, width), -1, dtype=torch.int32)
+        for i, (c, _) in enumerate(draft_rows):
+            rows = grammar.get(c.request_id)
+            if rows is not None:
+                n = c.num_draft_tokens + 1
+                mask[i, :n], mask[i, n:] = rows, rows[-1]
+        flat = target.view(-1, target.shape[-1])
+        self.sampler.bitmask_fn(flat, mask.view(-1, width).to(self.device, non_blocking=True))
 
     def _grammar_bitmask(self, sampled: list[ScheduledChunk], grammar: dict[str, Any] | None) -> torch.Tensor | None:
         """One bitmask row per sampled chunk, all ones (-1) for requests without a grammar."""

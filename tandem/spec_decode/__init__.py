@@ -18,12 +18,13 @@ from __future__ import annotations
 from tandem.sampling_params import SamplingParams, SamplingType
 
 
-def speculation_allowed(params: SamplingParams, num_output_tokens: int, structured: bool) -> bool:
-    """Requests whose next tokens depend only on the model's distribution are speculated; the rest
+def speculation_allowed(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Requests whose next tokens depend only on the model's distribution (and, with structured
+    outputs, their grammar, which the scheduler checks drafts against) are speculated; the rest
     decode one token per step as before (their output is the same either way): penalties, logit
-    bias and pending min_tokens (processing that reads each earlier token), grammars, and seeded
-    requests (whose draws must not depend on how many drafts a step verified). Logprobs are reported
-    for every accepted token, from the verifying forward's rows."""
-    return not (structured or params.logit_bias
+    bias and pending min_tokens (processing that reads each earlier token), and seeded requests
+    (whose draws must not depend on how many drafts a step verified). Logprobs are reported for
+    every accepted token, from the verifying forward's rows."""
+    return not (params.logit_bias
                 or params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
                 or num_output_tokens < params.min_tokens or params.sampling_type == SamplingType.RANDOM_SEED)

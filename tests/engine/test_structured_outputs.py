@@ -123,3 +123,26 @@ def test_async_scheduling_gives_the_outputs_of_sync_scheduling(model_dirs):
     assert texts[True] == texts[False]
     for text in texts[True][1::3]:
         jsonschema.validate(json.loads(text), SCHEMAS[1])
+
+
+@pytest.mark.parametrize("method", ["ngram", "eagle"])
+def test_speculation_gives_the_outputs_without_it(demo, method):
+    """Drafts for constrained requests: only those their grammar accepts are proposed, each of the
+    1 + k verified rows is masked by the grammar after the drafts before it, and the grammar
+    advances by every token a step gives. Greedy outputs equal those without speculation."""
+    config = ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "adaptive": False}
+              if method == "ngram" else
+              {"method": "eagle", "model": str(DEMO_MODEL_DIR.parent / "tandem-demo-eagle"),
+               "num_speculative_tokens": 3, "adaptive": False})
+    spec = LLM(model=str(DEMO_MODEL_DIR), kv_cache_memory="64MiB", speculative_config=config)
+    grammar = 'root ::= "(" num ("," num)* ")"\nnum ::= [0-9] | [1-9] [0-9]'
+    constraints = [StructuredOutputsParams(json=SCHEMAS[1]), StructuredOutputsParams(regex=r"([a-c]{2},){3,12}"),
+                   StructuredOutputsParams(grammar=grammar), StructuredOutputsParams(choice=["alpha", "beta gamma"]),
+                   None]
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[2], PROMPTS[0], PROMPTS[0]]
+    params = [_params(64, temperature=0, structured_outputs=c) for c in constraints]
+    want, got = (llm.generate(prompts, params, use_tqdm=False) for llm in (demo, spec))
+    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in got] == \
+        [(o.outputs[0].text, o.outputs[0].finish_reason) for o in want]
+    assert sum(o.metrics["spec_num_drafts"] for o in got[:4]) > 0  # the constrained requests speculated
+    spec.llm_engine.assert_idle()
