@@ -487,7 +487,8 @@ class Eagle3HeadHF(torch.nn.Module):
         return best + self.d2t[best]
 
 
-def _eagle3_config(target_dir: str | Path, aux_layers: list[int], draft_vocab_size: int) -> Any:
+def eagle3_head_config(target_dir: str | Path, aux_layers: list[int], draft_vocab_size: int) -> Any:
+    """The LlamaConfig of an EAGLE-3 head (vLLM's keys: draft_vocab_size, eagle_config)."""
     config = eagle_head_config(target_dir)
     config.architectures = [EAGLE3_ARCHITECTURE]
     config.draft_vocab_size = draft_vocab_size
@@ -499,16 +500,22 @@ def build_tiny_eagle3_head(out_dir: str | Path, target_dir: str | Path, aux_laye
                            draft_vocab_size: int, seed: int = 0) -> Path:
     """A random EAGLE-3 head whose draft vocabulary is every other token of the target's first
     2 x draft_vocab_size (d2t: draft id i -> target id 2i + 1)."""
-    from safetensors.torch import save_file
-
-    config = _eagle3_config(target_dir, aux_layers, draft_vocab_size)
+    config = eagle3_head_config(target_dir, aux_layers, draft_vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = Eagle3HeadHF(config, len(aux_layers), draft_vocab_size)
+    head.d2t.copy_(torch.arange(draft_vocab_size, dtype=torch.int64) + 1)  # draft i -> target 2i + 1
+    return save_eagle3_head(out_dir, head, config)
+
+
+def save_eagle3_head(out_dir: str | Path, head: Eagle3HeadHF, config: Any) -> Path:
+    """vLLM's EAGLE-3 checkpoint layout: ``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t`` and
+    its inverse ``t2d`` (which target tokens the draft vocabulary has)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("rotary_emb.")}
-    tensors["d2t"] = torch.arange(draft_vocab_size, dtype=torch.int64) + 1  # draft i -> target 2i + 1
     tensors["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool)
-    tensors["t2d"][2 * torch.arange(draft_vocab_size) + 1] = True
+    tensors["t2d"][torch.arange(len(head.d2t)) + head.d2t] = True
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -521,7 +528,7 @@ def load_eagle3_head_hf(head_dir: str | Path, target_dir: str | Path) -> Eagle3H
 
     raw = json.loads((Path(head_dir) / "config.json").read_text())
     aux = raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
-    head = Eagle3HeadHF(_eagle3_config(target_dir, aux, raw["draft_vocab_size"]), len(aux), raw["draft_vocab_size"])
+    head = Eagle3HeadHF(eagle3_head_config(target_dir, aux, raw["draft_vocab_size"]), len(aux), raw["draft_vocab_size"])
     tensors = load_file(str(Path(head_dir) / "model.safetensors"))
     tensors.pop("t2d")
     head.load_state_dict(tensors, strict=False)
