@@ -182,6 +182,16 @@ def interleave(code: torch.Tensor, chat: torch.Tensor, rng: random.Random, piece
 # --------------------------------------------------------------------------- model
 
 
+def training_stream(recipe: Recipe, tok) -> torch.Tensor:
+    """The demo model's training stream (its split, code and chats, seed), for the scripts that
+    train from it (draft model, EAGLE heads)."""
+    rng = random.Random(recipe.seed)
+    train_files, _ = read_split(recipe.heldout_pct)
+    code = token_stream(tok, [t for _, t in train_files], rng)
+    chat = token_stream(tok, [render_chat(c) for c in chat_examples(train_files)], rng, chat=True)
+    return interleave(code, chat, rng)
+
+
 def build_model(recipe: Recipe, tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import sys
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -27,13 +26,9 @@ from tokenizers import Tokenizer
 from train_demo_model import (  # a sibling script: its directory is on sys.path when run
     Recipe,
     build_model,
-    chat_examples,
-    interleave,
-    read_split,
-    render_chat,
     save,
-    token_stream,
     train,
+    training_stream,
 )
 
 
@@ -66,12 +61,13 @@ def distillation_loss(teacher, kl_weight: float):
     return loss_fn
 
 
-def measure_acceptance(target: Path, draft: Path, k: int, max_tokens: int = 128) -> dict:
-    """Greedy acceptance with tandem on windows of the held-out sample (one request at a time)."""
+def measure_acceptance(target: Path, draft: Path, k: int, max_tokens: int = 128, method: str = "draft_model") -> dict:
+    """Greedy acceptance with tandem on windows of the held-out sample (one request at a time);
+    method: draft_model, or eagle / eagle3 for a head (scripts/train_eagle.py)."""
     from tandem import LLM, SamplingParams
 
     llm = LLM(model=str(target), kv_cache_memory="64MiB",
-              speculative_config={"method": "draft_model", "model": str(draft), "num_speculative_tokens": k,
+              speculative_config={"method": method, "model": str(draft), "num_speculative_tokens": k,
                                   "adaptive": False})
     ids = llm.get_tokenizer().encode((target / "heldout-sample.txt").read_text())
     prompts = [ids[i * 300:i * 300 + 256] for i in range(8) if len(ids) >= i * 300 + 256]
@@ -132,12 +128,8 @@ def main() -> None:
     teacher_log = json.loads((teacher_dir / "training_log.json").read_text())
     recipe = replace(Recipe(**teacher_log["recipe"]), num_layers=args.num_layers, steps=args.steps, lr=args.lr,
                      warmup_steps=min(20, args.steps // 10))
-    rng = random.Random(recipe.seed)
-    train_files, _ = read_split(recipe.heldout_pct)
     tok = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
-    code = token_stream(tok, [t for _, t in train_files], rng)
-    chat = token_stream(tok, [render_chat(c) for c in chat_examples(train_files)], rng, chat=True)
-    stream = interleave(code, chat, rng)
+    stream = training_stream(recipe, tok)
 
     teacher = load_teacher(teacher_dir)
     student = build_model(recipe, tok)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import sys
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -36,15 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from train_demo_model import (  # a sibling script: its directory is on sys.path when run
-    Recipe,
-    chat_examples,
-    interleave,
-    read_split,
-    render_chat,
-    token_stream,
-    train,
-)
+from train_demo_model import Recipe, train, training_stream  # sibling scripts: their directory is on sys.path
+from train_draft_model import measure_acceptance
 
 from tandem.testing import (
     EAGLE3_ARCHITECTURE,
@@ -105,25 +97,6 @@ def _soft_ce(head: Eagle3HeadHF, predicted: torch.Tensor, target_logp: torch.Ten
     logp = F.log_softmax(head.lm_head(head.norm(predicted)).float(), dim=-1)
     ce = -(target_logp.exp() * logp).sum(-1).mean()
     return ce, (logp.argmax(-1) == target_logp.argmax(-1)).float().mean().item()
-
-
-def measure_acceptance(target: Path, head: Path, k: int, max_tokens: int = 128, method: str = "eagle") -> dict:
-    """Greedy acceptance with tandem on windows of the held-out sample (one request at a time)."""
-    from tandem import LLM, SamplingParams
-
-    llm = LLM(model=str(target), kv_cache_memory="64MiB",
-              speculative_config={"method": method, "model": str(head), "num_speculative_tokens": k,
-                                  "adaptive": False})
-    ids = llm.get_tokenizer().encode((target / "heldout-sample.txt").read_text())
-    prompts = [ids[i * 300:i * 300 + 256] for i in range(8) if len(ids) >= i * 300 + 256]
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    for p in prompts:
-        llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)
-    stats = llm.llm_engine.scheduler.planner.stats
-    return {"num_speculative_tokens": k, "prompts": len(prompts), "input_len": 256, "output_len": max_tokens,
-            "acceptance_length": round(stats.acceptance_length, 3),
-            "acceptance_rate": round(stats.num_accepted_tokens / max(1, stats.num_draft_tokens), 3),
-            "accepted_per_position": stats.accepted_per_pos, "verified_steps": stats.num_drafts}
 
 
 def card(log: dict) -> str:
@@ -208,12 +181,8 @@ def train_head(args: argparse.Namespace, teacher_dir: Path, out: Path) -> dict:
     teacher_log = json.loads((teacher_dir / "training_log.json").read_text())
     recipe = replace(Recipe(**teacher_log["recipe"]), num_layers=args.num_layers, steps=args.steps, lr=args.lr,
                      warmup_steps=min(20, args.steps // 10))
-    rng = random.Random(recipe.seed)
-    train_files, _ = read_split(recipe.heldout_pct)
     tok = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
-    code = token_stream(tok, [t for _, t in train_files], rng)
-    chat = token_stream(tok, [render_chat(c) for c in chat_examples(train_files)], rng, chat=True)
-    stream = interleave(code, chat, rng)
+    stream = training_stream(recipe, tok)
 
     from transformers import AutoModelForCausalLM
 

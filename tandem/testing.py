@@ -414,11 +414,18 @@ def eagle_head_config(target_dir: str | Path, num_layers: int = 1) -> Any:
 
 def save_eagle_head(out_dir: str | Path, head: EagleHeadHF, config: Any) -> Path:
     """vLLM's EAGLE checkpoint layout: ``fc.weight`` and ``layers.N.*`` (no embeddings, no LM head)."""
+    return _save_head(out_dir, _head_tensors(head), config)
+
+
+def _head_tensors(head: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("rotary_emb.")}
+
+
+def _save_head(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: Any) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("rotary_emb.")}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     return out
@@ -511,16 +518,10 @@ def build_tiny_eagle3_head(out_dir: str | Path, target_dir: str | Path, aux_laye
 def save_eagle3_head(out_dir: str | Path, head: Eagle3HeadHF, config: Any) -> Path:
     """vLLM's EAGLE-3 checkpoint layout: ``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t`` and
     its inverse ``t2d`` (which target tokens the draft vocabulary has)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items() if not k.startswith("rotary_emb.")}
+    tensors = _head_tensors(head)
     tensors["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool)
     tensors["t2d"][torch.arange(len(head.d2t)) + head.d2t] = True
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    return out
+    return _save_head(out_dir, tensors, config)
 
 
 def load_eagle3_head_hf(head_dir: str | Path, target_dir: str | Path) -> Eagle3HeadHF:

@@ -78,13 +78,12 @@ class StructuredRequest:
         complete it (the target's own token may end it); the matcher is left as it was."""
         matcher, accepted = self.matcher, 0
         for token in tokens:
-            if matcher.is_terminated() or not matcher.accept_token(token):
+            if not matcher.accept_token(token):
                 break
-            accepted += 1
             if matcher.is_terminated():
-                accepted -= 1
                 matcher.rollback(1)
                 break
+            accepted += 1
         if accepted:
             matcher.rollback(accepted)
         return accepted

@@ -37,25 +37,47 @@ from tandem.model.loader import checkpoint_keys, load_weights, read_hf_config
 EAGLE3_MARKERS = ("midlayer.", "d2t", "t2d")  # tensors only an EAGLE-3 head has
 
 
-class EagleLlamaHead(nn.Module):
+class _EagleHead(nn.Module):
+    """What both heads share: Llama widths from their config, the target's embeddings unless the
+    checkpoint has its own, and checkpoint names as vLLM writes them (``model.`` optional)."""
+
+    unused: frozenset[str] = frozenset()  # checkpoint tensors the head does not load as parameters
+
+    def __init__(self, hf_config: dict, dtype: torch.dtype, target: CausalLM, stored: set[str]) -> None:
+        super().__init__()
+        self.args = a = LlamaArgs.from_hf(hf_config, "llama")
+        self.embed_tokens = (VocabEmbedding(a.vocab_size, a.hidden_size, dtype)
+                             if "embed_tokens.weight" in stored else None)
+        self._target = (target,)  # a tuple: the target's embeddings and LM head are not the head's parameters
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embed = self.embed_tokens if self.embed_tokens is not None else self._target[0].model.embed_tokens  # type: ignore[attr-defined]
+        return embed(input_ids)
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, object] | None:
+        name = name.removeprefix("model.")
+        if name in self.unused or "rotary_emb.inv_freq" in name:
+            return None
+        return LlamaForCausalLM.fused_name(name)
+
+
+class EagleLlamaHead(_EagleHead):
+    unused = frozenset({"layers.0.input_layernorm.weight"})  # vLLM's first layer has no input norm either
+
     def __init__(self, hf_config: dict, dtype: torch.dtype, backend: AttentionBackend, target: CausalLM,
                  stored: set[str]) -> None:
         """stored: the checkpoint's tensor names (which optional parts the head has)."""
-        super().__init__()
-        self.args = a = LlamaArgs.from_hf(hf_config, "llama")
+        super().__init__(hf_config, dtype, target, stored)
+        a = self.args
         self.fc = Linear(2 * a.hidden_size, a.hidden_size, bias="fc.bias" in stored, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(a, dtype, backend, i, input_norm=i > 0) for i in range(a.num_layers))
-        self.embed_tokens = (VocabEmbedding(a.vocab_size, a.hidden_size, dtype)
-                             if "embed_tokens.weight" in stored else None)
         self.lm_head = VocabEmbedding(a.vocab_size, a.hidden_size, dtype) if "lm_head.weight" in stored else None
-        self._target = (target,)  # a tuple: the target's embeddings and LM head are not the head's parameters
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids[i]: the token after position positions[i]; features[i]: the target's (or the
         head's own previous) feature at that position. Returns the predicted next features."""
-        embed = self.embed_tokens if self.embed_tokens is not None else self._target[0].model.embed_tokens  # type: ignore[attr-defined]
-        h = self.fc(torch.cat([embed(input_ids), features], dim=-1))
+        h = self.fc(torch.cat([self._embed(input_ids), features], dim=-1))
         for layer in self.layers:
             h = layer(positions, h, meta)
         return h
@@ -75,15 +97,6 @@ class EagleLlamaHead(nn.Module):
             assert isinstance(layer, DecoderLayer)  # the head holds nothing else
             layers.append(layer.self_attn)
         return layers
-
-    def map_checkpoint_name(self, name: str) -> tuple[str, object] | None:
-        name = name.removeprefix("model.")
-        if name == "layers.0.input_layernorm.weight" or "rotary_emb.inv_freq" in name:
-            return None
-        for frag, (fused, shard) in LlamaForCausalLM.stacked_params.items():
-            if frag in name:
-                return name.replace(frag, fused), shard
-        return name, None
 
 
 class Eagle3DecoderLayer(nn.Module):
@@ -109,24 +122,22 @@ class Eagle3DecoderLayer(nn.Module):
         return h + self.mlp(x)
 
 
-class Eagle3LlamaHead(nn.Module):
+class Eagle3LlamaHead(_EagleHead):
     d2t: torch.Tensor  # a buffer: draft id -> target id - draft id
+    unused = frozenset({"d2t", "t2d"})  # d2t is read by load_eagle_head; t2d (its inverse) is not needed
 
     def __init__(self, hf_config: dict, dtype: torch.dtype, backend: AttentionBackend, target: CausalLM,
                  stored: set[str]) -> None:
-        super().__init__()
-        self.args = a = LlamaArgs.from_hf(hf_config, "llama")
+        super().__init__(hf_config, dtype, target, stored)
+        a = self.args
         target_hidden = int(hf_config.get("target_hidden_size") or target.args.hidden_size)
         self.aux_layers = aux_hidden_layers(hf_config, target)
         self.fc = Linear(len(self.aux_layers) * target_hidden, a.hidden_size, bias="fc.bias" in stored, dtype=dtype)
         self.midlayer = Eagle3DecoderLayer(a, dtype, backend)
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.draft_vocab_size = int(hf_config.get("draft_vocab_size") or a.vocab_size)
-        self.embed_tokens = (VocabEmbedding(a.vocab_size, a.hidden_size, dtype)
-                             if "embed_tokens.weight" in stored else None)
         self.lm_head = VocabEmbedding(self.draft_vocab_size, a.hidden_size, dtype)
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.int64), persistent=False)
-        self._target = (target,)
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -134,8 +145,7 @@ class Eagle3LlamaHead(nn.Module):
         prediction. Returns the predicted next features, before the final norm."""
         if features.shape[-1] != self.args.hidden_size:
             features = self.fc(features)
-        embed = self.embed_tokens if self.embed_tokens is not None else self._target[0].model.embed_tokens  # type: ignore[attr-defined]
-        return self.midlayer(positions, embed(input_ids), features, meta)
+        return self.midlayer(positions, self._embed(input_ids), features, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary."""
@@ -147,15 +157,6 @@ class Eagle3LlamaHead(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [self.midlayer.self_attn]
-
-    def map_checkpoint_name(self, name: str) -> tuple[str, object] | None:
-        name = name.removeprefix("model.")
-        if name in ("d2t", "t2d") or "rotary_emb.inv_freq" in name:
-            return None  # d2t is read by load_eagle_head; t2d (its inverse) is not needed
-        for frag, (fused, shard) in LlamaForCausalLM.stacked_params.items():
-            if frag in name:
-                return name.replace(frag, fused), shard
-        return name, None
 
 
 def aux_hidden_layers(hf_config: dict, target: CausalLM) -> tuple[int, ...]:

@@ -267,7 +267,12 @@ class LlamaForCausalLM(nn.Module):
         for suffix, scale in KV_SCALE_NAMES.items():  # FP8 KV cache scales (vLLM / compressed-tensors)
             if name.endswith(suffix):
                 return name.removesuffix(suffix) + scale, None
-        for frag, (fused, shard) in self.stacked_params.items():
+        return self.fused_name(name)
+
+    @classmethod
+    def fused_name(cls, name: str) -> tuple[str, object]:
+        """A checkpoint tensor's name -> its fused parameter (q/k/v, gate/up) and shard id, or itself."""
+        for frag, (fused, shard) in cls.stacked_params.items():
             if frag in name:
                 return name.replace(frag, fused), shard
         return name, None

@@ -29,7 +29,7 @@ import torch
 
 from tandem.config import CacheConfig, SpeculativeConfig
 from tandem.h2d import to_device
-from tandem.model.attention import AttentionMetadataBuilder, get_backend
+from tandem.model.attention import AttentionMetadata, AttentionMetadataBuilder, get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.eagle import Eagle3LlamaHead, EagleLlamaHead
 from tandem.model.interface import CausalLM
@@ -97,6 +97,38 @@ class Drafter:
     def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden)[:, : self.model.args.vocab_size].argmax(-1)
 
+    def _step(self, ids: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
+              meta: AttentionMetadata) -> torch.Tensor:
+        """One decode step of the drafter's model: the output row of each input (state: each row's
+        previous output, which an EAGLE head reads and a draft model does not)."""
+        return self.model(ids, positions, meta)
+
+    def _decode_drafts(self, chunks: list[ScheduledChunk], state: torch.Tensor, follows: int) -> Proposals:
+        """Greedy drafts from each chunk's last output row (``state``): draft 1 is its argmax, and
+        draft j + 1 one decode step at position ``start + len - 1 + j`` on draft j, until each chunk
+        has its ``num_lookahead_tokens``, longest context first (as the decode kernels group rows).
+        follows: how many tokens past the chunk the drafts follow (the token just sampled when the
+        chunk does not hold it)."""
+        order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i].block_ids))
+        chunks = [chunks[i] for i in order]
+        state = state[to_device(order, self.device, torch.int64)]
+        drafts = torch.zeros((len(chunks), max(c.num_lookahead_tokens for c in chunks)), dtype=torch.int64,
+                             device=self.device)  # row i: chunks[i]'s drafts, the first num_lookahead_tokens
+        drafts[:, 0] = self._argmax(state)
+        for j in range(1, drafts.shape[1]):
+            live = [i for i, c in enumerate(chunks) if c.num_lookahead_tokens > j]  # still longest context first
+            rows = to_device(live, self.device, torch.int64)
+            step = [ScheduledChunk(chunks[i].request_id, [0], chunks[i].start_pos + len(chunks[i].token_ids) - 1 + j,
+                                   chunks[i].block_ids, sample=True, num_prompt_tokens=chunks[i].num_prompt_tokens)
+                    for i in live]
+            common, positions = describe_chunks(step, self.block_size)
+            out = self._step(drafts[rows, j - 1], state[rows], to_device(positions, self.device),
+                             self.builder.build(common))
+            state = state.index_copy(0, rows, out)
+            drafts[rows, j] = self._argmax(out)
+        return {c.request_id: (c.start_pos + len(c.token_ids) + follows, row[:c.num_lookahead_tokens])
+                for c, row in zip(chunks, drafts.tolist())}
+
 
 class DraftModel(Drafter):
     """Method draft_model: a smaller CausalLM with the target's tokenizer."""
@@ -140,29 +172,8 @@ class DraftModel(Drafter):
         ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in inputs])
         hidden = self.model(to_device(ids, self.device), to_device(positions, self.device), self.builder.build(common))
         rows = np.cumsum([len(c.token_ids) for c in inputs]) - 1
-        first = self._argmax(hidden[to_device(rows, self.device, torch.int64)])
-        proposals = self._continue(inputs, first)
+        # the chunk's last input is the token just sampled: the drafts follow it
+        proposals = self._decode_drafts(inputs, hidden[to_device(rows, self.device, torch.int64)], follows=0)
         for c in inputs:  # every position but the last (the token just sampled) is kept
             self.computed[c.request_id] = c.start_pos + len(c.token_ids) - 1
         return proposals
-
-    def _continue(self, proposing: list[ScheduledChunk], first: torch.Tensor) -> Proposals:
-        """Decode steps of the drafter from each proposing chunk's first draft until it has its
-        ``num_lookahead_tokens`` (longest context first, as the decode kernels group rows)."""
-        order = sorted(range(len(proposing)), key=lambda i: -len(proposing[i].block_ids))
-        chunks = [proposing[i] for i in order]
-        drafts = torch.zeros((len(chunks), max(c.num_lookahead_tokens for c in chunks)), dtype=torch.int64,
-                             device=self.device)  # row i: chunks[i]'s drafts, the first num_lookahead_tokens
-        drafts[:, 0] = first[to_device(order, self.device, torch.int64)]
-        for j in range(1, drafts.shape[1]):
-            live = [i for i, c in enumerate(chunks) if c.num_lookahead_tokens > j]  # still longest context first
-            rows = to_device(live, self.device, torch.int64)
-            # the chunk's last input (the token just sampled) sits at start + len - 1, draft j after it
-            step = [ScheduledChunk(chunks[i].request_id, [0], chunks[i].start_pos + len(chunks[i].token_ids) - 1 + j,
-                                   chunks[i].block_ids, sample=True, num_prompt_tokens=chunks[i].num_prompt_tokens)
-                    for i in live]
-            common, positions = describe_chunks(step, self.block_size)
-            hidden = self.model(drafts[rows, j - 1], to_device(positions, self.device), self.builder.build(common))
-            drafts[rows, j] = self._argmax(hidden)
-        return {c.request_id: (c.start_pos + len(c.token_ids), row[:c.num_lookahead_tokens])
-                for c, row in zip(chunks, drafts.tolist())}

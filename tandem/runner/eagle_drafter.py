@@ -30,7 +30,7 @@ import torch
 
 from tandem.config import SpeculativeConfig
 from tandem.h2d import to_device
-from tandem.model.attention import get_backend
+from tandem.model.attention import AttentionMetadata, get_backend
 from tandem.model.cpu_gemm import plan_cpu_gemm
 from tandem.model.eagle import Eagle3LlamaHead, EagleLlamaHead, load_eagle_head
 from tandem.model.interface import CausalLM
@@ -87,6 +87,10 @@ class EagleDrafter(Drafter):
 
     def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.draft_tokens(hidden)
+
+    def _step(self, ids: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
+              meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(ids, state, positions, meta)  # the head reads its own previous prediction
 
     def forget(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)
@@ -159,28 +163,5 @@ class EagleDrafter(Drafter):
         if not proposing:
             return {}
         last = hidden[to_device(ends[proposing], self.device, torch.int64)]
-        return self._continue([inputs[i] for i in proposing], last)
-
-    def _continue(self, chunks: list[ScheduledChunk], features: torch.Tensor) -> Proposals:
-        """Draft 1 from each chunk's last predicted feature, then decode steps of the head (draft j
-        at position ``end + j - 1``, reading draft j and the feature it was predicted from)."""
-        order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i].block_ids))  # longest context first
-        chunks = [chunks[i] for i in order]
-        features = features[to_device(order, self.device, torch.int64)]
-        k = max(c.num_lookahead_tokens for c in chunks)
-        drafts = torch.zeros((len(chunks), k), dtype=torch.int64, device=self.device)
-        drafts[:, 0] = self._argmax(features)
-        for j in range(1, k):
-            live = [i for i, c in enumerate(chunks) if c.num_lookahead_tokens > j]
-            rows = to_device(live, self.device, torch.int64)
-            step = [ScheduledChunk(chunks[i].request_id, [0], chunks[i].start_pos + len(chunks[i].token_ids) + j - 1,
-                                   chunks[i].block_ids, sample=True, num_prompt_tokens=chunks[i].num_prompt_tokens)
-                    for i in live]
-            common, positions = describe_chunks(step, self.block_size)
-            predicted = self.model(drafts[rows, j - 1], features[rows], to_device(positions, self.device),
-                                   self.builder.build(common))
-            features = features.index_copy(0, rows, predicted)
-            drafts[rows, j] = self._argmax(predicted)
-        # the chunk covered positions up to the one before the token just sampled: the drafts follow it
-        return {c.request_id: (c.start_pos + len(c.token_ids) + 1, row[:c.num_lookahead_tokens])
-                for c, row in zip(chunks, drafts.tolist())}
+        # a chunk covers positions up to the one before the token just sampled: the drafts follow that token
+        return self._decode_drafts([inputs[i] for i in proposing], last, follows=1)
