@@ -184,6 +184,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
 def _config_class(family: str) -> type:
     from transformers import (
         Glm4MoeConfig,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -200,13 +201,14 @@ def _config_class(family: str) -> type:
         "qwen3_moe": Qwen3MoeConfig,
         "mixtral": MixtralConfig,
         "glm4_moe": Glm4MoeConfig,
+        "gpt_oss": GptOssConfig,
     }
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(classes)}")
     return classes[family]
 
 
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe")
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe", "gpt_oss")
 
 
 def _rope_parameters(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
@@ -308,9 +310,9 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with torch.no_grad():  # transformers starts it at 0: random, so that choosing by it is exercised
+        with torch.no_grad():  # transformers starts biases at 0: random, so that every one is exercised
             for name, tensor in model.state_dict().items():
-                if name.endswith("e_score_correction_bias"):
+                if name.endswith("bias"):  # q/k/v/o, router and expert biases, e_score_correction_bias
                     tensor.copy_(torch.randn(tensor.shape) * 0.1)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(str(out), safe_serialization=True)
@@ -362,6 +364,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                      extra_config={"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                    "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
                                    "first_k_dense_replace": 1, "norm_topk_prob": True}),
+    # gpt-oss: 8 experts (top 2, softmax over the two), biased experts and router, a SwiGLU limit low
+    # enough that its clamps bite, attention sinks, q/k/v/o bias, layer 0 with a window of 7 (shorter
+    # than the prompts) and layer 1 full, YaRN without truncation
+    "gpt-oss": dict(family="gpt_oss", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=32,
+                    rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+                                  "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+                    extra_config={"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 7,
+                                  "swiglu_limit": 1.5}),
 }
 
 

@@ -6,8 +6,9 @@ signature as ``moe.fused_moe_ref``.
    (-1 for the spare blocks at the end). The buffers have their largest possible size, so nothing
    is read back to the host (no sync; CUDA-graph safe).
 2. ``_grouped_mm_kernel`` over those blocks: rows of one block share one expert's weight; the first
-   GEMM reads token ``row // k`` of x and writes [T * k, 2I], SiLU-and-mul follows, the second GEMM
-   reads row ``row`` and scales by the routing weight; the k rows of a token are then summed.
+   GEMM reads token ``row // k`` of x and writes [T * k, 2I], the gated activation follows, the second
+   GEMM reads row ``row`` and scales by the routing weight; the k rows of a token are then summed.
+   An expert's bias (gpt-oss) is added to its GEMM's tile before the routing weight scales it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.activation import silu_and_mul
+from tandem.kernels.activation import SILU, GatedActivation, gated_activation
 
 # as in quant_triton: the interpreter multiplies bf16 tiles as raw 16-bit patterns, so there a bf16
 # dot runs on fp32 copies (a bf16 x bf16 product is exact in fp32); GPUs dot bf16 directly
@@ -45,8 +46,9 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _grouped_mm_kernel(A, W, OUT, ROWS, EXPERTS, SCALE, num_rows, N, K, stride_am, stride_we, stride_wn,
-                       stride_om, ROW_DIV: tl.constexpr, SCALED: tl.constexpr, FP32_DOT: tl.constexpr,
+def _grouped_mm_kernel(A, W, OUT, ROWS, EXPERTS, SCALE, BIAS, num_rows, N, K, stride_am, stride_we, stride_wn,
+                       stride_om, stride_be, ROW_DIV: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       FP32_DOT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(EXPERTS + pid_m)
@@ -70,6 +72,8 @@ def _grouped_mm_kernel(A, W, OUT, ROWS, EXPERTS, SCALE, num_rows, N, K, stride_a
             acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + expert.to(tl.int64) * stride_be + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if SCALED:
         acc *= tl.load(SCALE + rows, mask=valid, other=0.0)[:, None]
     tl.store(OUT + rows[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty),
@@ -99,29 +103,32 @@ def tiles_for(num_rows: int, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _grouped_mm(a: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, num_rows: int,
-                row_div: int, scale: torch.Tensor | None, tiles: dict) -> torch.Tensor:
+                row_div: int, scale: torch.Tensor | None, bias: torch.Tensor | None, tiles: dict) -> torch.Tensor:
     num_e, n, k = w.shape
     out = torch.empty((num_rows, n), dtype=a.dtype, device=a.device)
     block_m, block_n, block_k = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
     grid = (experts.numel(), triton.cdiv(n, block_n))
-    _grouped_mm_kernel[grid](a, w, out, rows, experts, scale if scale is not None else out, num_rows, n, k,
-                             a.stride(0), w.stride(0), w.stride(1), out.stride(0), ROW_DIV=row_div,
-                             SCALED=scale is not None, FP32_DOT=_FP32_DOT and a.dtype == torch.bfloat16,
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tiles["num_warps"],
-                             num_stages=tiles["num_stages"])
+    bias = bias.contiguous() if bias is not None else None
+    _grouped_mm_kernel[grid](a, w, out, rows, experts, scale if scale is not None else out,
+                             bias if bias is not None else out, num_rows, n, k, a.stride(0), w.stride(0),
+                             w.stride(1), out.stride(0), bias.stride(0) if bias is not None else 0, ROW_DIV=row_div,
+                             SCALED=scale is not None, HAS_BIAS=bias is not None,
+                             FP32_DOT=_FP32_DOT and a.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
+                             BLOCK_K=block_k, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return out
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+              activation: GatedActivation = SILU) -> torch.Tensor:
     """[T, H] -> [T, H]; see the module docstring."""
     t, top_k = topk_ids.shape
     num_rows = t * top_k
     tiles = tiles_for(num_rows, x.device, x.dtype)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     rows, experts = align_by_expert(topk_ids, w13.shape[0], tiles["BLOCK_M"])
-    h = _grouped_mm(x, w13, rows, experts, num_rows, top_k, None, tiles)
-    h = silu_and_mul(h)
+    h = _grouped_mm(x, w13, rows, experts, num_rows, top_k, None, w13_bias, tiles)
+    h = gated_activation(h, activation)
     weights = topk_weights.reshape(-1).float().contiguous()
-    y = _grouped_mm(h, w2, rows, experts, num_rows, 1, weights, tiles)
+    y = _grouped_mm(h, w2, rows, experts, num_rows, 1, weights, w2_bias, tiles)
     return y.view(t, top_k, -1).sum(dim=1)

@@ -22,7 +22,8 @@ class Ops:
     # cache written (an FP8 cache quantized with the layer's scales);
     # None: the model rotates in torch and the attention backend writes the cache
     rope_and_write_kv: Callable | None = None
-    # (x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights, topk_ids) -> [T, H] (tandem/kernels/moe.py)
+    # (x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights, topk_ids, w13_bias, w2_bias, activation)
+    # -> [T, H] (tandem/kernels/moe.py)
     fused_moe: Callable = fused_moe_torch
 
 

@@ -8,6 +8,10 @@ These are the references a GPU (Triton) backend must match; on CPU they are also
 
 FP8 caches (``kv_quant``): this step's K/V are quantized with the layer's ``k_scale``/``v_scale``
 on write, and gathered pages are dequantized to the query's dtype on read.
+
+Attention sinks (gpt-oss): ``sinks`` [heads] is one more logit per head in every softmax's
+denominator, attached to no value: a query can put weight on "nothing". Each reference softmaxes
+explicitly then (in fp32), as transformers does.
 """
 
 from __future__ import annotations
@@ -83,11 +87,37 @@ def _gather_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: tor
     return keys, values
 
 
+def attention_with_sinks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                         scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """query [B, heads, q, d], keys/values [B, kv_heads, L, d], mask bool (broadcast to [B, heads, q, L]),
+    sinks [heads] -> [B, heads, q, d]: softmax over [scores, sink] in fp32, the sink's weight dropped."""
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = (query.float() @ keys.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return (probs @ values.float()).to(query.dtype)
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
+            sinks: torch.Tensor | None) -> torch.Tensor:
+    """SDPA (mask None: causal over the square), or the explicit softmax when there are sinks."""
+    if sinks is not None:
+        if mask is None:
+            n = query.shape[2]
+            mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        return attention_with_sinks(query, keys, values, mask, scale, sinks)
+    gqa = keys.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=gqa)
+
+
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            workspace: GatherWorkspace | None = None,
                            sliding_window: int | None = None, k_scale: Scale = 1.0,
-                           v_scale: Scale = 1.0) -> torch.Tensor:
+                           v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence attending to its whole context (or its last ``sliding_window``
     positions, itself included).
 
@@ -99,9 +129,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if sliding_window is not None:
         mask &= positions[None, :] >= seq_lens[:, None] - sliding_window
     mask = mask[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=keys.shape[1] != query.shape[1])
-    return out.squeeze(2)
+    return _attend(query.unsqueeze(2), keys, values, mask, scale, sinks).squeeze(2)
 
 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -109,7 +137,7 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
                             workspace: GatherWorkspace | None = None,
                             sliding_window: int | None = None,
                             own_kv: tuple[torch.Tensor, torch.Tensor] | None = None, k_scale: Scale = 1.0,
-                            v_scale: Scale = 1.0) -> torch.Tensor:
+                            v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """A chunk of ``q_len`` new tokens of one sequence, after ``context_len - q_len`` cached ones,
     attending causally to the cached prefix and to itself. ``own_kv``: with no cached prefix, the
     chunk's own keys and values [q_len, kv_heads, head_dim] (what the cache holds for it), used as
@@ -125,14 +153,11 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         keys, values = _gather_pair(k_cache, v_cache, block_table[None], workspace, query.dtype, k_scale, v_scale)
         keys, values = keys[..., :context_len, :], values[..., :context_len, :]
     q = query.transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, head_dim]
-    gqa = keys.shape[1] != q.shape[1]
-    if q_len == context_len and (sliding_window is None or sliding_window >= context_len):
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
+    mask = None  # causal over the chunk itself
+    if q_len != context_len or (sliding_window is not None and sliding_window < context_len):
         q_pos = torch.arange(context_len - q_len, context_len, device=query.device)
         k_pos = torch.arange(context_len, device=query.device)
         mask = k_pos[None, :] <= q_pos[:, None]
         if sliding_window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.squeeze(0).transpose(0, 1)
+    return _attend(q, keys, values, mask, scale, sinks).squeeze(0).transpose(0, 1)

@@ -7,6 +7,10 @@ Both kernels gather K/V token by token through the block table (``block_table[po
 so any block size works, and a kernel tile may span several blocks. GQA: a decode program serves
 all query heads of one KV head, so each K/V tile is loaded once per group.
 
+Attention sinks (gpt-oss, ``sinks`` [heads]): one more logit per head in the softmax's denominator.
+The prefill kernel starts each row's running softmax from it (max = sink, normaliser = 1, no
+value); the decode reduction counts it once, as one more split with nothing in it.
+
 FP8 caches (``kv_quant``): K/V tiles are loaded as FP8 and dequantized to the query's dtype
 (``fp8 * scale``, the scale read from its fp32 [1] tensor, so a CUDA graph sees its current value)
 before the dots, which accumulate in fp32 as for any cache.
@@ -106,17 +110,22 @@ def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, sc
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(part_out, part_lse, Out, num_splits, stride_pb, stride_ph, stride_ps,
+def _decode_reduce_kernel(part_out, part_lse, Out, Sinks, num_splits, stride_pb, stride_ph, stride_ps,
                           stride_ob, stride_oh, num_heads, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
-                          SPLITS_P2: tl.constexpr):
+                          SPLITS_P2: tl.constexpr, HAS_SINKS: tl.constexpr):
     b, h = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, SPLITS_P2)
     s_ok = s < num_splits
     lse = tl.load(part_lse + (b * num_heads + h) * num_splits + s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, axis=0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + h).to(tl.float32)
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.where(s_ok, tl.exp(lse - m_safe), 0.0)
     total = tl.sum(w, axis=0)
+    if HAS_SINKS:
+        total += tl.exp(sink - m_safe)
     d = tl.arange(0, D_P2)
     d_ok = d < HEAD_DIM
     parts = tl.load(part_out + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
@@ -144,9 +153,10 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, num_splits: int | None = None,
                            max_context: int | None = None, k_scale: Scale = 1.0,
-                           v_scale: Scale = 1.0) -> torch.Tensor:
+                           v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, heads, head_dim]; block_tables [B, max_blocks]; seq_lens [B] (context incl. the
     query token) -> [B, heads, head_dim]. A sequence of length 0 attends to nothing: zeros.
+    sinks: [heads] attention-sink logits (gpt-oss), or None.
     k_scale/v_scale: an FP8 cache's scales (ignored for a cache in the query's dtype).
     ``max_context`` (default: the block table's width in tokens) sets the number of splits
     without a device-to-host read of ``seq_lens``; each sequence divides its own context among them."""
@@ -174,17 +184,18 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         sliding_window or 0, GROUP=group, ROWS=_pow2(group, 16), HEAD_DIM=head_dim, D_P2=d_p2,
         BLOCK_SIZE=block_size, TILE=tile, PRECISION=_precision(query.dtype), FP8=fp8)
     _decode_reduce_kernel[(b, num_heads)](
-        part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        out.stride(0), out.stride(1), num_heads, HEAD_DIM=head_dim, D_P2=d_p2, SPLITS_P2=_pow2(num_splits))
+        part_out, part_lse, out, sinks if sinks is not None else part_lse, num_splits, part_out.stride(0),
+        part_out.stride(1), part_out.stride(2), out.stride(0), out.stride(1), num_heads, HEAD_DIM=head_dim, D_P2=d_p2,
+        SPLITS_P2=_pow2(num_splits), HAS_SINKS=sinks is not None)
     return out
 
 
 @triton.jit(do_not_specialize=["stride_bt", "window"])
-def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale, k_scale, v_scale,
+def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale, k_scale, v_scale, Sinks,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
                     window, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, FP8: tl.constexpr):
+                    PRECISION: tl.constexpr, FP8: tl.constexpr, HAS_SINKS: tl.constexpr):
     seq, h, m_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start + seq).to(tl.int32)  # int32 whatever the index dtype: see `lo`
     q_len = tl.load(query_start + seq + 1).to(tl.int32) - q_start
@@ -202,6 +213,9 @@ def _prefill_kernel(Q, K, V, Out, block_tables, query_start, context_lens, scale
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # the sink as the first score seen: exp(sink - max) = 1, no value
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + tl.load(Sinks + h).to(tl.float32)
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, D_P2], tl.float32)
     hi = tl.minimum(prefix + (m_block + 1) * BLOCK_M, ctx)  # causal: nothing after the last row
     lo = 0
@@ -230,7 +244,7 @@ def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v
                                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                                    context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                                    max_query_len: int | None = None, k_scale: Scale = 1.0,
-                                   v_scale: Scale = 1.0) -> torch.Tensor:
+                                   v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Chunks of several sequences in one flat batch, each attending causally to its cached prefix
     and to itself. query [T, heads, head_dim]; block_tables [S, max_blocks]; query_start_loc [S + 1]
     (cumulative query lengths); context_lens [S] (cached prefix + chunk) -> [T, heads, head_dim].
@@ -251,9 +265,9 @@ def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale,
-        scale_tensor(k_scale, q.device), scale_tensor(v_scale, q.device),
+        scale_tensor(k_scale, q.device), scale_tensor(v_scale, q.device), sinks if sinks is not None else out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), sliding_window or 0, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         D_P2=_pow2(head_dim, 16), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=_precision(query.dtype), FP8=is_fp8(k_cache.dtype), num_warps=8)
+        PRECISION=_precision(query.dtype), FP8=is_fp8(k_cache.dtype), HAS_SINKS=sinks is not None, num_warps=8)
     return out

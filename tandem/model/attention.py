@@ -117,17 +117,18 @@ class AttentionBackend(Protocol):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None = None, k_scale: Scale = 1.0,
-                v_scale: Scale = 1.0) -> torch.Tensor:
+                v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """query [T, heads, head_dim], key/value [T, kv_heads, head_dim] -> [T, heads, head_dim].
         Writes this step's key/value into the cache before attending. With a sliding window a token
         attends to itself and the ``sliding_window - 1`` positions before it. k_scale/v_scale: the
-        layer's FP8 scales (fp32 [1] tensors), used only when the cache is FP8."""
+        layer's FP8 scales (fp32 [1] tensors), used only when the cache is FP8. sinks: [heads], one
+        more logit per head in the softmax's denominator (gpt-oss; ``paged_attention``)."""
         ...
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, sliding_window: int | None = None,
                fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None, k_scale: Scale = 1.0,
-               v_scale: Scale = 1.0) -> torch.Tensor:
+               v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """As ``forward`` when this step's key/value are already in the cache (fused rotary + write).
         fresh_kv: those keys and values as written, for a backend that can use them directly
         (never with an FP8 cache, which holds a rounded copy of them)."""
@@ -140,15 +141,16 @@ class WriteThenAttend:
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, sliding_window: int | None = None,
                fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None, k_scale: Scale = 1.0,
-               v_scale: Scale = 1.0) -> torch.Tensor:
+               v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, k_scale: Scale = 1.0, v_scale: Scale = 1.0) -> torch.Tensor:
+                sliding_window: int | None = None, k_scale: Scale = 1.0, v_scale: Scale = 1.0,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
         ref.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         fresh = None if is_fp8(k_cache.dtype) else (key, value)  # an FP8 cache holds a rounded copy
-        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window, fresh, k_scale, v_scale)
+        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window, fresh, k_scale, v_scale, sinks)
 
 
 # -- torch reference backend ---------------------------------------------------------------------------
@@ -250,7 +252,7 @@ class TorchAttentionBackend(WriteThenAttend):
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, sliding_window: int | None = None,
                fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None, k_scale: Scale = 1.0,
-               v_scale: Scale = 1.0) -> torch.Tensor:
+               v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """fresh_kv: this step's keys and values (as written to the cache); a prompt chunk with no
         cached prefix attends to them directly instead of gathering them back from the cache."""
         assert isinstance(meta, TorchAttentionMetadata), "metadata comes from this backend's builder"
@@ -261,19 +263,21 @@ class TorchAttentionBackend(WriteThenAttend):
         for start, end, width in groups:
             out[start:end] = self._decode_attention(
                 query[start:end], k_cache, v_cache, meta.decode_block_tables[start:end, :width],
-                meta.decode_seq_lens[start:end], scale, sliding_window, k_scale, v_scale)
+                meta.decode_seq_lens[start:end], scale, sliding_window, k_scale, v_scale, sinks)
         for seq in meta.prefills:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             own = (fresh_kv[0][rows], fresh_kv[1][rows]) if fresh_kv else None  # used when no prefix
             out[rows] = ref.paged_prefill_attention(query[rows], k_cache, v_cache, seq.block_table, seq.context_len,
-                                                    scale, self.workspace, sliding_window, own, k_scale, v_scale)
+                                                    scale, self.workspace, sliding_window, own, k_scale, v_scale,
+                                                    sinks)
         return out
 
     def _decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                          sliding_window: int | None, k_scale: Scale, v_scale: Scale) -> torch.Tensor:
+                          sliding_window: int | None, k_scale: Scale, v_scale: Scale,
+                          sinks: torch.Tensor | None) -> torch.Tensor:
         return ref.paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, self.workspace,
-                                          sliding_window, k_scale, v_scale)
+                                          sliding_window, k_scale, v_scale, sinks)
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
@@ -302,7 +306,11 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def _decode_attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                          sliding_window: int | None, k_scale: Scale, v_scale: Scale) -> torch.Tensor:
+                          sliding_window: int | None, k_scale: Scale, v_scale: Scale,
+                          sinks: torch.Tensor | None) -> torch.Tensor:
+        if sinks is not None:  # NOTE: the C++ kernel has no sinks: gather + the explicit softmax
+            return super()._decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                                             k_scale, v_scale, sinks)
         return self._paged_decode(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
                                   k_scale, v_scale)
 

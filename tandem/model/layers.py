@@ -43,7 +43,8 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
     param.data.copy_(loaded)
 
 
-def _param(*shape: int, dtype: torch.dtype, loader: WeightLoader = default_weight_loader) -> WeightParameter:
+def weight_param(*shape: int, dtype: torch.dtype, loader: WeightLoader = default_weight_loader) -> WeightParameter:
+    """An uninitialised parameter the checkpoint fills whole (one shard, None)."""
     p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
     p.weight_loader = loader
     p.shard_ids = (None,)
@@ -67,8 +68,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = _param(out_features, in_features, dtype=dtype)
-        self.bias = _param(out_features, dtype=dtype) if bias else None
+        self.weight = weight_param(out_features, in_features, dtype=dtype)
+        self.bias = weight_param(out_features, dtype=dtype) if bias else None
         self.gemm_route: GemmRoute | None = None  # set by plan_cpu_gemm
         # set by tandem.quantization.apply_precision, which then empties self.weight
         self.quant: QuantizedWeight | None = None
@@ -105,7 +106,7 @@ class ShardedLinear(Linear):
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = _param(dim, dtype=dtype)
+        self.weight = weight_param(dim, dtype=dtype)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class RMSNorm(nn.Module):
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = _param(vocab_size, dim, dtype=dtype)
+        self.weight = weight_param(vocab_size, dim, dtype=dtype)
         self.gemm_route: GemmRoute | None = None  # as the LM head: set by plan_cpu_gemm
         # as the LM head: set by apply_precision (which keeps the weight when the embeddings share it)
         self.quant: QuantizedWeight | None = None

@@ -1,5 +1,7 @@
 """Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm, explicit head_dim),
-and the Mixture-of-Experts members on the same attention: Qwen3-MoE and Mixtral (``moe.py``).
+and the Mixture-of-Experts members on the same attention: Qwen3-MoE, Mixtral, GLM-4-MoE and gpt-oss
+(``moe.py``; gpt-oss adds attention sinks, biased o_proj and sliding-window layers alternating
+with full ones).
 
 The differences between these families are flags on one module tree whose parameter names match
 the Hugging Face checkpoints after fusing q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``.
@@ -15,7 +17,7 @@ from torch import nn
 from tandem.kernels.kv_quant import calibrated_scale, is_fp8
 from tandem.kernels.ops import Ops
 from tandem.model.attention import AttentionBackend, AttentionMetadata
-from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding
+from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding, weight_param
 from tandem.model.moe import MoEArgs, SparseMoE, map_expert_name
 
 
@@ -37,8 +39,17 @@ class LlamaArgs:
     qk_norm: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None  # each token attends to itself and the window - 1 before it
-    moe: MoEArgs | None = None  # sparse MLP layers (Qwen3-MoE, Mixtral, GLM-4-MoE)
+    moe: MoEArgs | None = None  # sparse MLP layers (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss)
     rotary_dim: int | None = None  # < head_dim: only the first rotary_dim dims rotate (GLM-4-MoE)
+    sliding_layers: frozenset[int] | None = None  # the layers sliding_window applies to; None: all
+    o_bias: bool = False  # o_proj has a bias (Llama / Qwen3 / gpt-oss with attention_bias)
+    attention_sinks: bool = False  # a learned sink logit per head (gpt-oss)
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: full attention)."""
+        if self.sliding_layers is None or layer in self.sliding_layers:
+            return self.sliding_window
+        return None
 
     @classmethod
     def from_hf(cls, cfg: dict, family: str) -> LlamaArgs:
@@ -46,7 +57,7 @@ class LlamaArgs:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        if cfg.get("hidden_act", "silu") != "silu":
+        if cfg.get("hidden_act", "silu") != "silu":  # gpt-oss says silu; its experts' SwiGLU is in MoEArgs
             raise NotImplementedError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu is)")
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -62,6 +73,9 @@ class LlamaArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_bias=bool(cfg.get("attention_bias", False)) and family not in ("qwen2", "glm4_moe"),
+            attention_sinks=family == "gpt_oss",
+            sliding_layers=_sliding_layers(cfg, family),
             qk_norm=family in ("qwen3", "qwen3_moe") or bool(cfg.get("use_qk_norm", False)),
             rotary_dim=_rotary_dim(cfg, rope, cfg.get("head_dim") or cfg["hidden_size"] // heads),
             sliding_window=sliding_window_of(cfg, family),
@@ -77,16 +91,29 @@ def _rotary_dim(cfg: dict, rope: dict, head_dim: int) -> int | None:
 
 
 def sliding_window_of(cfg: dict, family: str) -> int | None:
-    """Mistral applies ``sliding_window`` to every layer. Qwen2/3 only with ``use_sliding_window`` and
-    then per layer (``max_window_layers``), which is not supported: NotImplementedError."""
+    """Mistral applies ``sliding_window`` to every layer, gpt-oss to its ``sliding_attention`` layers
+    (``_sliding_layers``). Qwen2/3 only with ``use_sliding_window`` and then per layer
+    (``max_window_layers``), which is not supported: NotImplementedError."""
     window = cfg.get("sliding_window")
     if not window:
         return None
-    if family in ("mistral", "mixtral"):
+    if family in ("mistral", "mixtral", "gpt_oss"):
         return int(window)
     if cfg.get("use_sliding_window"):
         raise NotImplementedError(f"{family} with use_sliding_window (per-layer windows) is not supported")
     return None
+
+
+def _sliding_layers(cfg: dict, family: str) -> frozenset[int] | None:
+    """gpt-oss: the layers ``layer_types`` names ``sliding_attention`` (default: the even ones)."""
+    if family != "gpt_oss":
+        return None
+    types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                       for i in range(cfg["num_hidden_layers"])]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise NotImplementedError(f"gpt_oss layer_types {sorted(unknown)} are not supported")
+    return frozenset(i for i, kind in enumerate(types) if kind == "sliding_attention")
 
 
 class Attention(nn.Module):
@@ -94,17 +121,19 @@ class Attention(nn.Module):
     v_scale: torch.Tensor
 
     def __init__(self, a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None, layer: int = 0) -> None:
         """input_size: the width q/k/v are projected from, when not the hidden size (EAGLE-3's
-        [embedding, feature] input)."""
+        [embedding, feature] input). layer: this layer's index (its sliding window)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.scale = a.head_dim ** -0.5
-        self.sliding_window = a.sliding_window
+        self.sliding_window = a.window_of(layer)
         self.qkv_proj = ShardedLinear(input_size or a.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
                                       bias=a.qkv_bias, dtype=dtype)
-        self.o_proj = Linear(self.q_size, a.hidden_size, bias=False, dtype=dtype)
+        self.o_proj = Linear(self.q_size, a.hidden_size, bias=a.o_bias, dtype=dtype)
+        # gpt-oss: one sink logit per head, kept in fp32 (the kernels softmax in fp32)
+        self.sinks = weight_param(a.num_heads, dtype=torch.float32) if a.attention_sinks else None
         if a.qk_norm:
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, dtype)
@@ -138,14 +167,14 @@ class Attention(nn.Module):
                               meta.slot_mapping, *scales)
             fresh = None if is_fp8(self.k_cache.dtype) else (k, v)  # an FP8 cache holds a rounded copy
             out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, fresh,
-                                      *scales)
+                                      *scales, sinks=self.sinks)
         else:
             q, k = self.rotary(positions, q, k)
             if self.calibrate_kv_scales:
                 self.k_scale.copy_(calibrated_scale(k, self.k_cache.dtype))
                 self.v_scale.copy_(calibrated_scale(v, self.v_cache.dtype))
             out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
-                                       *scales)
+                                       *scales, sinks=self.sinks)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -165,7 +194,7 @@ class DecoderLayer(nn.Module):
                  input_norm: bool = True) -> None:
         """input_norm False: attention reads the layer's input as is (an EAGLE head's first layer)."""
         super().__init__()
-        self.self_attn = Attention(a, dtype, backend)
+        self.self_attn = Attention(a, dtype, backend, layer=index)
         self.mlp = self._mlp(a, dtype, backend.ops, index)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype) if input_norm else None
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
@@ -263,7 +292,8 @@ class LlamaForCausalLM(nn.Module):
         expert = map_expert_name(name)
         if expert is not None:
             return expert
-        name = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")  # Mixtral's router
+        # the router: Mixtral's block_sparse_moe.gate, gpt-oss's mlp.router
+        name = name.replace(".block_sparse_moe.gate.", ".mlp.gate.").replace(".mlp.router.", ".mlp.gate.")
         for suffix, scale in KV_SCALE_NAMES.items():  # FP8 KV cache scales (vLLM / compressed-tensors)
             if name.endswith(suffix):
                 return name.removesuffix(suffix) + scale, None

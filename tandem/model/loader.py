@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ MODEL_REGISTRY: dict[str, tuple[type, str]] = {
     "Qwen3MoeForCausalLM": (LlamaForCausalLM, "qwen3_moe"),
     "MixtralForCausalLM": (LlamaForCausalLM, "mixtral"),
     "Glm4MoeForCausalLM": (LlamaForCausalLM, "glm4_moe"),
+    "GptOssForCausalLM": (LlamaForCausalLM, "gpt_oss"),
 }
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -115,28 +118,34 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
     loaded: set[tuple[int, object]] = set()  # (id of the parameter, shard id): tied names share one
     if prequantized is not None:
         prequantized.scan([name for file in files for name in checkpoint_keys(file)])
+
+    def load(file: str, name: str, get: Callable[[], torch.Tensor]) -> None:
+        mapped = model.map_checkpoint_name(name)
+        if mapped is None:
+            return
+        target, shard = mapped
+        if target in scales:
+            _load_kv_scale(file, name, scales[target], get())
+            return
+        if target not in params:
+            raise ValueError(f"{file}: checkpoint tensor {name!r} has no matching parameter")
+        param = params[target]
+        try:
+            _load_one(param, get(), shard)
+        except ValueError as e:
+            raise ValueError(f"{file}: checkpoint tensor {name!r}: {e}") from e
+        loaded.update((id(param), s) for s in _loaded_shards(param, shard))
+
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if prequantized is not None and prequantized.wants(name):
                     prequantized.take(name, f.get_tensor(name))
-                    continue
-                mapped = model.map_checkpoint_name(name)
-                if mapped is None:
-                    continue
-                target, shard = mapped
-                if target in scales:
-                    _load_kv_scale(file.name, name, scales[target], f.get_tensor(name))
-                    continue
-                if target not in params:
-                    raise ValueError(f"{file.name}: checkpoint tensor {name!r} has no matching parameter")
-                param = params[target]
-                try:
-                    _load_one(param, f.get_tensor(name), shard)
-                except ValueError as e:
-                    raise ValueError(f"{file.name}: checkpoint tensor {name!r}: {e}") from e
-                loaded.update((id(param), s) for s in _loaded_shards(param, shard))
+                else:
+                    load(file.name, name, functools.partial(f.get_tensor, name))
     if prequantized is not None:
+        for name, tensor in prequantized.dequantized():
+            load(f"{prequantized.method} checkpoint", name, lambda t=tensor: t)
         loaded |= prequantized.attach(model)
     _check_all_loaded(model, params, loaded)
 

@@ -1,11 +1,15 @@
-"""Sparse Mixture-of-Experts MLP blocks (Qwen3-MoE, Mixtral): a router and fused expert weights.
+"""Sparse Mixture-of-Experts MLP blocks (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss): a router and
+fused expert weights.
 
 Experts are stored fused, as vLLM and transformers 5 keep them in memory: ``experts.gate_up_proj``
 [E, 2I, H] (each expert's gate rows, then its up rows) and ``experts.down_proj`` [E, H, I]. They
-fill from either checkpoint layout: per-expert tensors (``experts.N.gate_proj/up_proj/down_proj``,
-Mixtral's ``experts.N.w1/w3/w2``) through shard ids ``(N, "gate" | "up" | "down")``, or the fused
-3-D tensors as they are. A later expert-parallel rank will load only its experts through the same
-loader. The router (``gate``) stays in the model's float type and is never quantized.
+fill from each checkpoint layout: per-expert tensors (``experts.N.gate_proj/up_proj/down_proj``,
+Mixtral's ``experts.N.w1/w3/w2``) through shard ids ``(N, "gate" | "up" | "down")``; the fused
+3-D tensors as they are; or gpt-oss's fused tensors, transposed ([E, H, 2I], [E, I, H]) with gate
+and up interleaved column by column, and per-expert biases (``gate_up_proj_bias`` [E, 2I] likewise
+interleaved, ``down_proj_bias`` [E, H]). A later expert-parallel rank will load only its experts
+through the same loader. The router (``gate``; gpt-oss's ``router``, with a bias) stays in the
+model's float type and is never quantized.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels.moe import grouped_sigmoid_topk, softmax_topk
-from tandem.model.layers import WeightParameter, default_weight_loader
+from tandem.kernels.activation import SILU, GatedActivation
+from tandem.kernels.moe import grouped_sigmoid_topk, softmax_topk, topk_softmax
+from tandem.model.layers import WeightParameter, default_weight_loader, weight_param
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,18 @@ class MoEArgs:
     intermediate_size: int  # per expert
     renormalize: bool  # the top-k weights sum to 1
     sparse_layers: frozenset[int]  # layers whose MLP is the MoE block (the others are dense)
-    scoring: str = "softmax"  # softmax over all experts, or sigmoid with grouped top-k (GLM-4-MoE)
+    # softmax over all experts; sigmoid with grouped top-k (GLM-4-MoE); topk_softmax: softmax over the
+    # top-k logits only (gpt-oss)
+    scoring: str = "softmax"
     num_groups: int = 1
     topk_groups: int = 1
     scaling: float = 1.0  # routed_scaling_factor
     num_shared_experts: int = 0  # an always-on MLP of num_shared * intermediate_size beside the routed ones
     router_fp32: bool = False  # the router's weight and bias kept and applied in fp32
+    router_bias: bool = False  # the router's logits have a bias (gpt-oss)
+    expert_bias: bool = False  # each expert's GEMMs have biases (gpt-oss)
+    activation: GatedActivation = SILU
+    gpt_oss_layout: bool = False  # fused experts on disk transposed, gate/up interleaved (module docstring)
 
     @classmethod
     def from_hf(cls, cfg: dict, family: str, num_layers: int) -> MoEArgs | None:
@@ -59,15 +70,24 @@ class MoEArgs:
                        num_groups=int(cfg.get("n_group", 1) or 1), topk_groups=int(cfg.get("topk_group", 1) or 1),
                        scaling=float(cfg.get("routed_scaling_factor", 1.0)),
                        num_shared_experts=int(cfg.get("n_shared_experts", 0) or 0), router_fp32=True)
+        if family == "gpt_oss":
+            swiglu = GatedActivation("swigluoai", float(cfg.get("swiglu_alpha", 1.702)),
+                                     float(cfg.get("swiglu_limit", 7.0)))
+            return cls(num_experts, cfg["num_experts_per_tok"], cfg["intermediate_size"], True,
+                       frozenset(range(num_layers)), scoring="topk_softmax", router_bias=True, expert_bias=True,
+                       activation=swiglu, gpt_oss_layout=True)
         return None
 
 
 class FusedExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype, bias: bool = False,
+                 gpt_oss_layout: bool = False) -> None:
         super().__init__()
-        self.num_experts, self.inter = num_experts, inter
+        self.num_experts, self.inter, self.gpt_oss_layout = num_experts, inter, gpt_oss_layout
         self.gate_up_proj = self._param((num_experts, 2 * inter, hidden), dtype, ("gate", "up"))
         self.down_proj = self._param((num_experts, hidden, inter), dtype, ("down",))
+        self.gate_up_proj_bias = weight_param(num_experts, 2 * inter, dtype=dtype, loader=self._load) if bias else None
+        self.down_proj_bias = weight_param(num_experts, hidden, dtype=dtype, loader=self._load) if bias else None
 
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype, parts: tuple[str, ...]) -> WeightParameter:
         p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -78,8 +98,8 @@ class FusedExperts(nn.Module):
         return p
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        if shard_id is None:  # the fused 3-D tensor of a transformers-5 style checkpoint
-            default_weight_loader(param, loaded)
+        if shard_id is None:  # a fused tensor (transformers-5 style, or gpt-oss's)
+            default_weight_loader(param, self._from_gpt_oss(param, loaded) if self.gpt_oss_layout else loaded)
             return
         expert, part = cast(tuple[int, str], shard_id)
         target = param.data[expert]
@@ -90,22 +110,27 @@ class FusedExperts(nn.Module):
         target.copy_(loaded)
 
 
-def _plain_param(*shape: int, dtype: torch.dtype) -> WeightParameter:
-    p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-    p.weight_loader, p.shard_ids = default_weight_loader, (None,)
-    return p
+    def _from_gpt_oss(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
+        """gpt-oss's tensor -> ours: [E, H, 2I] / [E, I, H] transposed; gate/up de-interleaved."""
+        if param is self.gate_up_proj or param is self.down_proj:
+            loaded = loaded.transpose(1, 2)
+        if param is self.gate_up_proj or param is self.gate_up_proj_bias:
+            loaded = torch.cat([loaded[:, 0::2], loaded[:, 1::2]], dim=1)
+        return loaded
 
 
 class Router(nn.Module):
-    """The expert scores' weight [E, H] (``mlp.gate.weight``; not a Linear, so never quantized) and,
-    for sigmoid routing, the correction bias added when choosing (``e_score_correction_bias``)."""
+    """The expert scores' weight [E, H] (``mlp.gate.weight``; not a Linear, so never quantized), its
+    bias where the model has one (gpt-oss), and, for sigmoid routing, the correction bias added when
+    choosing (``e_score_correction_bias``)."""
 
     def __init__(self, moe: MoEArgs, hidden: int, dtype: torch.dtype) -> None:
         super().__init__()
         dtype = torch.float32 if moe.router_fp32 else dtype
-        self.weight = _plain_param(moe.num_experts, hidden, dtype=dtype)
-        self.e_score_correction_bias = (_plain_param(moe.num_experts, dtype=torch.float32)
+        self.weight = weight_param(moe.num_experts, hidden, dtype=dtype)
+        self.e_score_correction_bias = (weight_param(moe.num_experts, dtype=torch.float32)
                                         if moe.scoring == "sigmoid" else None)
+        self.bias = weight_param(moe.num_experts, dtype=dtype) if moe.router_bias else None
 
 
 class SparseMoE(nn.Module):
@@ -116,7 +141,8 @@ class SparseMoE(nn.Module):
         self.top_k, self.renormalize = moe.top_k, moe.renormalize
         self.gate = Router(moe, hidden, dtype)
         self.shared_experts = shared_experts  # an MLP every token goes through (GLM-4-MoE, DeepSeek)
-        self.experts = FusedExperts(moe.num_experts, hidden, moe.intermediate_size, dtype)
+        self.experts = FusedExperts(moe.num_experts, hidden, moe.intermediate_size, dtype, moe.expert_bias,
+                                    moe.gpt_oss_layout)
         self.fused_moe = fused_moe
         # tokens routed to each expert since the runner last read them (index_add_: no host sync,
         # capturable in a CUDA graph); the load balancer of expert parallelism will read these too
@@ -127,6 +153,8 @@ class SparseMoE(nn.Module):
         m, gate = self.moe, self.gate
         if m.scoring == "softmax":
             return softmax_topk(F.linear(x, gate.weight), m.top_k, m.renormalize)
+        if m.scoring == "topk_softmax":
+            return topk_softmax(F.linear(x, gate.weight, gate.bias), m.top_k)
         assert gate.e_score_correction_bias is not None
         logits = F.linear(x.float(), gate.weight.float())
         return grouped_sigmoid_topk(logits, m.top_k, gate.e_score_correction_bias, m.num_groups, m.topk_groups,
@@ -136,7 +164,9 @@ class SparseMoE(nn.Module):
         weights, ids = self.route(x)
         flat = ids.reshape(-1)
         self.expert_tokens.index_add_(0, flat, torch.ones_like(flat))
-        out = self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        e = self.experts
+        out = self.fused_moe(x, e.gate_up_proj, e.down_proj, weights, ids, e.gate_up_proj_bias, e.down_proj_bias,
+                             self.moe.activation)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
@@ -164,7 +194,7 @@ def map_expert_name(name: str) -> tuple[str, object] | None:
     if ".mlp.experts." not in name:
         return None
     head, _, tail = name.partition(".mlp.experts.")
-    if tail in ("gate_up_proj", "down_proj"):  # fused on disk
+    if tail in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):  # fused on disk
         return f"{head}.mlp.experts.{tail}", None
     index, _, part = tail.partition(".")
     if not index.isdigit():

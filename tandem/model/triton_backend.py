@@ -81,20 +81,20 @@ class TritonAttentionBackend(WriteThenAttend):
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, sliding_window: int | None = None,
                fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None, k_scale: Scale = 1.0,
-               v_scale: Scale = 1.0) -> torch.Tensor:
+               v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(meta, TritonAttentionMetadata), "metadata comes from this backend's builder"
         nd, prefill = meta.num_decode_tokens, meta.prefill
         if prefill is None:
             return tri.paged_decode_attention(query, k_cache, v_cache, meta.decode_block_tables,
                                               meta.decode_seq_lens, scale, sliding_window,
-                                              k_scale=k_scale, v_scale=v_scale)
+                                              k_scale=k_scale, v_scale=v_scale, sinks=sinks)
         out = torch.empty_like(query)
         if nd:
             out[:nd] = tri.paged_decode_attention(query[:nd], k_cache, v_cache, meta.decode_block_tables,
                                                   meta.decode_seq_lens, scale, sliding_window,
-                                                  k_scale=k_scale, v_scale=v_scale)
+                                                  k_scale=k_scale, v_scale=v_scale, sinks=sinks)
         out[nd:] = tri.paged_prefill_attention_varlen(query[nd:], k_cache, v_cache, prefill.block_tables,
                                                       prefill.query_starts, prefill.context_lens, scale,
                                                       sliding_window, max_query_len=prefill.max_query_len,
-                                                      k_scale=k_scale, v_scale=v_scale)
+                                                      k_scale=k_scale, v_scale=v_scale, sinks=sinks)
         return out

@@ -10,6 +10,11 @@
   used; logged), and activations stay unquantized on a CPU.
 * ``quant_method: fp8`` with ``weight_block_size: [128, 128]`` (DeepSeek-V3 style): ``weight``
   in e4m3 and ``weight_scale_inv`` per block (the factor that dequantizes).
+* ``quant_method: mxfp4`` (gpt-oss as OpenAI ships it): each fused expert tensor as
+  ``<name>_blocks`` [E, rows, K/32, 16] (E2M1 codes, two per byte, low nibble first) and
+  ``<name>_scales`` [E, rows, K/32] (E8M0), everything else in bf16. The experts are dequantized at
+  load into the model's float type (``Mxfp4Experts``): exact, but they take 4x their checkpoint's
+  memory in bf16, as no MXFP4 MoE kernel runs them packed yet.
 
 The loader hands every tensor of a quantized module (``<module>.weight``, ``.weight_scale``,
 ...) to ``CheckpointQuantization.take``; once the files are read, ``build`` turns each module's
@@ -65,8 +70,15 @@ class CheckpointQuantization:
         if method == "fp8":
             return cls(method, [(["Linear"], _fp8_block_format(cfg))],
                        list(cfg.get("modules_to_not_convert") or cfg.get("ignored_layers") or []))
+        if method == "mxfp4":
+            return Mxfp4Experts(method, [])
         raise NotImplementedError(f"quantization_config quant_method {method!r} is not supported "
-                                  "(compressed-tensors and fp8 are)")
+                                  "(compressed-tensors, fp8 and mxfp4 are)")
+
+    def dequantized(self) -> list[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors this format stores quantized but the model takes in float, as
+        (checkpoint name, float tensor), once every file is read; the loader loads them as if stored so."""
+        return []
 
     def format_of(self, module: str) -> WeightFormat | None:
         """The format of a checkpoint module (``model.layers.0.self_attn.q_proj``), None if unquantized."""
@@ -135,6 +147,48 @@ class CheckpointQuantization:
             loaded |= {(id(layer.weight), shard) for shard in order}
             layer.weight.data = torch.empty(0, dtype=layer.weight.dtype, device=layer.weight.device)
         return loaded
+
+
+MXFP4_PARTS = ("_blocks", "_scales")
+
+
+class Mxfp4Experts(CheckpointQuantization):
+    """gpt-oss's MXFP4 experts (module docstring): ``<name>_blocks`` + ``<name>_scales`` -> the float
+    ``<name>`` in the layout gpt-oss's bf16 checkpoints store ([E, K, rows]), which the experts'
+    loader takes (tandem/model/moe.py)."""
+
+    def scan(self, names: list[str]) -> None:
+        pass  # nothing to note before reading: every _blocks / _scales tensor is taken
+
+    def wants(self, name: str) -> bool:
+        return name.endswith(MXFP4_PARTS) and ".mlp.experts." in name
+
+    def take(self, name: str, tensor: torch.Tensor) -> None:
+        base, part = name[:-len("_blocks")], name[-len("_blocks"):]  # both suffixes are 7 characters
+        self.pending.setdefault(base, {})[part] = tensor
+
+    def dequantized(self) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for base, parts in sorted(self.pending.items()):
+            missing = [base + p for p in MXFP4_PARTS if p not in parts]
+            if missing:
+                raise ValueError(f"mxfp4 checkpoint is missing {', '.join(missing)}")
+            out.append((base, dequantize_mxfp4_experts(parts["_blocks"], parts["_scales"])))
+        self.pending.clear()
+        return out
+
+    def attach(self, model: object) -> set[tuple[int, object]]:
+        return set()  # nothing stays quantized: dequantized() handed everything to the float loader
+
+
+def dequantize_mxfp4_experts(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[E, rows, K/32, 16] uint8 codes + [E, rows, K/32] uint8 exponents -> fp32 [E, K, rows]."""
+    if blocks.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != Q.MX_BLOCK // 2:
+        raise ValueError(f"mxfp4 blocks {tuple(blocks.shape)} ({blocks.dtype}) and scales {tuple(scales.shape)} do "
+                         f"not pair: expected [E, rows, K/32, 16] uint8 and [E, rows, K/32]")
+    e, rows, groups, _ = blocks.shape
+    flat = Q.dequantize_mxfp4(blocks.reshape(e * rows, groups * Q.MX_BLOCK // 2), scales.reshape(e * rows, groups))
+    return flat.view(e, rows, groups * Q.MX_BLOCK).transpose(1, 2)
 
 
 def _target_matches(target: str, module: str) -> bool:

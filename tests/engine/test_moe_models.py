@@ -1,9 +1,11 @@
-"""Mixture-of-Experts models (Qwen3-MoE, Mixtral) beyond the parity tests every preset runs
+"""Mixture-of-Experts models (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss) beyond the parity tests every preset runs
 (tests/engine/test_model_parity.py): both checkpoint layouts of the experts, a missing expert
-named, and greedy parity with transformers through prefix hits, chunked prefill and preemption."""
+named, greedy parity with transformers through prefix hits, chunked prefill and preemption, and
+gpt-oss's MXFP4 checkpoint format."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -71,7 +73,7 @@ def test_a_missing_expert_tensor_is_named(model_dirs, tmp_path):
         LLM(model=str(broken), kv_cache_memory="8MiB")
 
 
-@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral", "glm4-moe"])
+@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral", "glm4-moe", "gpt-oss"])
 def test_moe_greedy_matches_transformers_with_cache_chunks_and_preemption(preset, make_llm, model_dirs):
     llm = make_llm(preset, max_num_batched_tokens=24, num_gpu_blocks_override=24, block_size=4)
     base = prompts_for(llm.llm_engine.vocab_size)
@@ -117,3 +119,52 @@ def test_a_moe_model_disaggregates_like_a_dense_one(model_dirs):
     finally:
         prefill.close()
         decode.close()
+
+
+def _to_mxfp4(src, dst):
+    """gpt-oss as OpenAI ships it: each fused expert tensor as E2M1 ``_blocks`` + E8M0 ``_scales``
+    ([E, rows, K/32, 16] / [E, rows, K/32], rows = the output features), the rest unquantized."""
+    from tandem.kernels import quant
+
+    _copy_without_weights(src, dst)
+    out = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name] = t
+            continue
+        w = t.transpose(1, 2).contiguous()  # the bf16 layout is [E, K, rows]
+        e, rows, k = w.shape
+        packed, scales = quant.quantize_mxfp4(w.reshape(e * rows, k))
+        out[name + "_blocks"] = packed.view(e, rows, k // 32, 16)
+        out[name + "_scales"] = scales.view(e, rows, k // 32)
+    save_file(out, str(dst / "model.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_gpt_oss_mxfp4_checkpoint_computes_what_transformers_dequantizes(model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    mx = tmp_path / "mxfp4"
+    _to_mxfp4(model_dirs["gpt-oss"], mx)
+    prompt = prompts_for(512, [29])[0]
+    ours = LLM(model=str(mx), kv_cache_memory="8MiB").llm_engine.core.score_logits(prompt)
+    hf = AutoModelForCausalLM.from_pretrained(str(mx), quantization_config=Mxfp4Config(dequantize=True),
+                                              dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    unquantized = LLM(model=str(model_dirs["gpt-oss"]), kv_cache_memory="8MiB").llm_engine.core.score_logits(prompt)
+    assert (unquantized - ours).abs().max() > 1e-2, "the checkpoint's FP4 experts are what runs"
+
+
+def test_an_mxfp4_expert_without_its_scales_is_named(model_dirs, tmp_path):
+    mx = tmp_path / "mxfp4"
+    tensors = _to_mxfp4(model_dirs["gpt-oss"], mx)
+    del tensors["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(tensors, str(mx / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing model\.layers\.1\.mlp\.experts\.down_proj_scales"):
+        LLM(model=str(mx), kv_cache_memory="8MiB")

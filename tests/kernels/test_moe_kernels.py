@@ -104,3 +104,61 @@ def test_grouped_sigmoid_routing_equals_transformers_glm4_moe_router(groups):
     order, want_order = ids.argsort(-1), want_ids.argsort(-1)  # both unsorted top-k: compare as sets
     assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order))
     torch.testing.assert_close(weights.gather(1, order), want_w.gather(1, want_order))
+
+
+def _gpt_oss_experts(e: int, h: int, i: int, seed: int = 0):
+    """transformers' GptOssExperts with random weights and biases (gate/up interleaved, transposed)
+    and the same weights in tandem's layout: [E, 2I, H] gate rows then up rows, [E, H, I]."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    experts = GptOssExperts(GptOssConfig(hidden_size=h, intermediate_size=i, num_local_experts=e))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    gu, gu_b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
+    w13 = torch.cat([gu[..., 0::2], gu[..., 1::2]], dim=-1).transpose(1, 2).contiguous()
+    b13 = torch.cat([gu_b[..., 0::2], gu_b[..., 1::2]], dim=-1)
+    return experts, w13, experts.down_proj.detach().transpose(1, 2).contiguous(), b13, experts.down_proj_bias.detach()
+
+
+GPT_OSS_ACT = moe.GatedActivation("swigluoai", alpha=1.702, limit=7.0)
+
+
+def test_gpt_oss_routing_and_experts_equal_transformers():
+    """Softmax over the top-k logits only; biased GEMMs around the clamped SwiGLU (big inputs, so the
+    clamps bite)."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    router = GptOssTopKRouter(GptOssConfig(hidden_size=32, num_local_experts=8, num_experts_per_tok=3))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 32, generator=g))
+        router.bias.copy_(torch.randn(8, generator=g))
+    x = torch.randn(21, 32, generator=g) * 4
+    _, want_w, want_ids = router(x)
+    weights, ids = moe.topk_softmax(F.linear(x, router.weight, router.bias), 3)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w)
+    experts, w13, w2, b13, b2 = _gpt_oss_experts(8, 32, 16)
+    want = experts(x, want_ids, want_w).detach()
+    got = moe.fused_moe_ref(x, w13, w2, weights, ids, b13, b2, GPT_OSS_ACT)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(moe.fused_moe_grouped(x, w13, w2, weights, ids, b13, b2, GPT_OSS_ACT), got,
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 32, 16), (9, 8, 3, 48, 24), (3, 64, 2, 32, 16)])
+def test_triton_fused_moe_with_biases_and_clamped_swiglu_matches_the_reference(shape, dtype):
+    t, e, k, h, i = shape
+    x, w13, w2, weights, ids = _case(*shape, dtype=dtype)
+    x = x * 20  # past the clamp limit
+    g = torch.Generator().manual_seed(5)
+    b13, b2 = torch.randn(e, 2 * i, generator=g).to(dtype), torch.randn(e, h, generator=g).to(dtype)
+    want = moe.fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, b13.float(), b2.float(), GPT_OSS_ACT)
+    got = moe_triton.fused_moe(x, w13, w2, weights, ids, b13, b2, GPT_OSS_ACT)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * 10)

@@ -105,18 +105,18 @@ def test_every_kernel_compiles_for_hopper_as_a_gpu_run_launches_it(make_llm, lau
                                SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=3,
                                               ignore_eos=True)], use_tqdm=False)
     # the 8B shape's attention: head_dim 128, 4 query heads per KV head, block 16, int64 lengths
-    # as the runner passes them, with and without a sliding window; bf16 and FP8 pages
+    # as the runner passes them, with and without a sliding window and sinks; bf16 and FP8 pages
     tables = torch.arange(8, dtype=torch.int64).view(2, 4)
     scales = {"k_scale": torch.tensor([0.5]), "v_scale": torch.tensor([0.25])}
     for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         k, v = (torch.randn(8, 16, 2, 128).to(cache_dtype) for _ in range(2))
-        for window in (None, 7):
+        for window, sinks in ((None, None), (7, None), (7, torch.randn(8))):  # gpt-oss: sinks, fp32
             tri.paged_decode_attention(torch.randn(2, 8, 128, dtype=torch.bfloat16), k, v, tables,
-                                       torch.tensor([40, 9]), 0.088, sliding_window=window, **scales)
+                                       torch.tensor([40, 9]), 0.088, sliding_window=window, sinks=sinks, **scales)
             tri.paged_prefill_attention_varlen(torch.randn(12, 8, 128, dtype=torch.bfloat16), k, v, tables,
                                                torch.tensor([0, 5, 12], dtype=torch.int32),
                                                torch.tensor([30, 7], dtype=torch.int32), 0.088,
-                                               sliding_window=window, **scales)
+                                               sliding_window=window, sinks=sinks, **scales)
     # structured outputs' mask over float32 logits, as the sampler applies it
     sampling.apply_token_bitmask(torch.randn(2, 1000), torch.full((2, 32), -1, dtype=torch.int32))
     names = {sig[1] for sig in launches.values()}
@@ -154,7 +154,8 @@ def test_quantized_linear_kernels_compile_for_hopper(launches, monkeypatch):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # bf16 dots interpreted on their raw bits (below)
 def test_fused_moe_kernel_compiles_for_hopper(launches, monkeypatch):
     """The grouped GEMMs of fused MoE as a GPU run launches them: bf16 and fp32, decode- and
-    prefill-sized row blocks (BLOCK_M 16 and 64), both GEMMs (gathering tokens, then scaled)."""
+    prefill-sized row blocks (BLOCK_M 16 and 64), both GEMMs (gathering tokens, then scaled), with
+    and without expert biases."""
     pytest.importorskip("triton.backends.nvidia")
     from tandem.kernels import moe, moe_triton
 
@@ -164,5 +165,9 @@ def test_fused_moe_kernel_compiles_for_hopper(launches, monkeypatch):
             x = torch.randn(t, 64, dtype=dtype)
             w13, w2 = torch.randn(8, 96, 64, dtype=dtype), torch.randn(8, 64, 48, dtype=dtype)
             moe_triton.fused_moe(x, w13, w2, *moe.softmax_topk(torch.randn(t, 8), 2, renormalize=False))
-    assert {sig[1] for sig in launches.values()} == {"_grouped_mm_kernel", "_silu_and_mul_kernel"}
+            # gpt-oss: a bias in each GEMM and the clamped SwiGLU
+            moe_triton.fused_moe(x, w13, w2, *moe.topk_softmax(torch.randn(t, 8), 2), torch.randn(8, 96, dtype=dtype),
+                                 torch.randn(8, 64, dtype=dtype), moe.GatedActivation("swigluoai"))
+    assert {sig[1] for sig in launches.values()} == {"_grouped_mm_kernel", "_silu_and_mul_kernel",
+                                                     "_swiglu_oai_kernel"}
     _compile_for_sm90(launches)

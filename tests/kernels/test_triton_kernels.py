@@ -27,28 +27,35 @@ def _tables(lens: list[int], block_size: int, num_blocks: int, seed: int) -> tor
     return torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens])
 
 
-def _decode_ref(q, k, v, tables, lens, scale, window):
+def _decode_ref(q, k, v, tables, lens, scale, window, sinks=None):
     rows = []
     for i, n in enumerate(lens.tolist()):
         if n == 0:
             rows.append(torch.zeros_like(q[i]))
         else:
             rows.append(ref.paged_decode_attention(q[i:i + 1], k, v, tables[i:i + 1], lens[i:i + 1], scale,
-                                                   sliding_window=window)[0])
+                                                   sliding_window=window, sinks=sinks)[0])
     return torch.stack(rows)
+
+
+def _sinks(heads: int, with_sinks: bool) -> torch.Tensor | None:
+    """gpt-oss attention sinks, big enough to take a real share of every softmax."""
+    return torch.randn(heads, generator=torch.Generator().manual_seed(9)) * 2 if with_sinks else None
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 4, 16), (128, 8, 2, 16), (64, 8, 1, 8),
                                                                 (16, 6, 2, 32)])
-@pytest.mark.parametrize("window", [None, 5])
-def test_paged_decode_attention_matches_reference(head_dim, heads, kv_heads, block_size, window):
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (5, False), (None, True), (5, True)])
+def test_paged_decode_attention_matches_reference(head_dim, heads, kv_heads, block_size, window, with_sinks):
     lens = torch.tensor([1, block_size, block_size + 1, 0, 3 * block_size - 3, 57])
     k, v = _cache(40, block_size, kv_heads, head_dim)
     tables = _tables(lens.tolist(), block_size, 40, head_dim)
     q = torch.randn(len(lens), heads, head_dim, generator=torch.Generator().manual_seed(1))
-    expected = _decode_ref(q, k, v, tables, lens, head_dim ** -0.5, window)
+    sinks = _sinks(heads, with_sinks)
+    expected = _decode_ref(q, k, v, tables, lens, head_dim ** -0.5, window, sinks)
     for splits in (1, 3):  # split-K must agree with one pass
-        got = tri.paged_decode_attention(q, k, v, tables, lens, head_dim ** -0.5, window, num_splits=splits)
+        got = tri.paged_decode_attention(q, k, v, tables, lens, head_dim ** -0.5, window, num_splits=splits,
+                                         sinks=sinks)
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -60,8 +67,8 @@ def test_paged_decode_attention_empty_batch():
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 2, 16), (128, 4, 4, 16), (32, 8, 2, 8)])
-@pytest.mark.parametrize("window", [None, 6])
-def test_paged_prefill_attention_varlen_matches_reference(head_dim, heads, kv_heads, block_size, window):
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (6, False), (6, True)])
+def test_paged_prefill_attention_varlen_matches_reference(head_dim, heads, kv_heads, block_size, window, with_sinks):
     # (chunk length, context length): whole prompt, chunk after a cached prefix, one token, block edges
     chunks = [(5, 5), (1, 18), (20, 40), (block_size, 2 * block_size), (33, 33)]
     k, v = _cache(40, block_size, kv_heads, head_dim)
@@ -69,12 +76,14 @@ def test_paged_prefill_attention_varlen_matches_reference(head_dim, heads, kv_he
     starts = torch.tensor([0] + [q for q, _ in chunks]).cumsum(0).to(torch.int32)
     q = torch.randn(int(starts[-1]), heads, head_dim, generator=torch.Generator().manual_seed(2))
     ctx = torch.tensor([c for _, c in chunks], dtype=torch.int32)
-    got = tri.paged_prefill_attention_varlen(q, k, v, tables, starts, ctx, head_dim ** -0.5, window)
+    sinks = _sinks(heads, with_sinks)
+    got = tri.paged_prefill_attention_varlen(q, k, v, tables, starts, ctx, head_dim ** -0.5, window, sinks=sinks)
     for i, (_, ctx_len) in enumerate(chunks):
         sl = slice(int(starts[i]), int(starts[i + 1]))
         # the reference reads only the blocks the context covers
         table = tables[i][:-(-ctx_len // block_size)]
-        expected = ref.paged_prefill_attention(q[sl], k, v, table, ctx_len, head_dim ** -0.5, sliding_window=window)
+        expected = ref.paged_prefill_attention(q[sl], k, v, table, ctx_len, head_dim ** -0.5, sliding_window=window,
+                                               sinks=sinks)
         torch.testing.assert_close(got[sl], expected, atol=2e-5, rtol=1e-4)
 
 
@@ -147,7 +156,7 @@ def test_sampling_kernel_matches_reference(vocab):
 
 
 # -- whole models on the Triton backend --------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["llama3-gqa", "mistral-swa", "qwen3-qknorm", "qwen3-moe", "glm4-moe"])
+@pytest.mark.parametrize("preset", ["llama3-gqa", "mistral-swa", "qwen3-qknorm", "qwen3-moe", "glm4-moe", "gpt-oss"])
 def test_triton_backend_greedy_equals_torch_backend(make_llm, preset):
     """Chunked prefill (16-token budget), prefix hits and batched decodes all go through the kernels;
     the seeded top-k/top-p request draws through the sampling kernel from the same noise."""
