@@ -183,6 +183,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
 
 def _config_class(family: str) -> type:
     from transformers import (
+        DeepseekV3Config,
         Glm4MoeConfig,
         GptOssConfig,
         LlamaConfig,
@@ -202,13 +203,15 @@ def _config_class(family: str) -> type:
         "mixtral": MixtralConfig,
         "glm4_moe": Glm4MoeConfig,
         "gpt_oss": GptOssConfig,
+        "deepseek_v3": DeepseekV3Config,
     }
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(classes)}")
     return classes[family]
 
 
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe", "gpt_oss")
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe", "gpt_oss",
+                             "deepseek_v3")
 
 
 def _rope_parameters(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
@@ -373,6 +376,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                                   "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
                     extra_config={"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 7,
                                   "swiglu_limit": 1.5}),
+    # DeepSeek-V3: multi-head latent attention (q through a rank-32 latent, a cached latent of 32 + a
+    # shared rope key of 8, interleaved rope, YaRN with mscale_all_dim folded into the softmax scale),
+    # and GLM-4-MoE's routing (8 experts in 2 groups, a shared expert, layer 0 dense)
+    "deepseek-v3": dict(family="deepseek_v3", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                        intermediate_size=96,
+                        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+                                      "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0},
+                        extra_config={"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+                                      "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8,
+                                      "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                      "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
+                                      "first_k_dense_replace": 1, "norm_topk_prob": True}),
 }
 
 
@@ -569,6 +584,23 @@ def build_bench_model(out_dir: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- shapes without weights
 
+def _gpt_oss_shape(hidden: int, layers: int, heads: int, kv_heads: int, experts: int, top_k: int, vocab: int,
+                   max_positions: int) -> dict[str, Any]:
+    """A GptOssForCausalLM config.json: head_dim 64, expert width = hidden, YaRN x32 over 4096."""
+    return {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": hidden,
+        "intermediate_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": 64, "num_local_experts": experts,
+        "num_experts_per_tok": top_k, "vocab_size": vocab, "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-5, "sliding_window": 128, "attention_bias": True, "swiglu_limit": 7.0,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 4096},
+        "rope_theta": 150000.0, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 1,
+    }
+
+
 # Published model shapes for ``--load-format dummy`` benchmarks (config.json only; weights random).
 DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": {
@@ -603,6 +635,12 @@ DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu",
         "bos_token_id": 0, "eos_token_id": 1,
     },
+    # gpt-oss-20b's published shape: 32 experts, top 4, sinks, windows of 128 on every other layer
+    "gpt-oss-20b": _gpt_oss_shape(hidden=2880, layers=24, heads=64, kv_heads=8, experts=32, top_k=4,
+                                  vocab=201088, max_positions=131072),
+    # the same attention and routing, small enough for a CPU benchmark: 16 experts, ~115M parameters
+    "gpt-oss-small": _gpt_oss_shape(hidden=512, layers=8, heads=8, kv_heads=2, experts=16, top_k=4, vocab=8192,
+                                    max_positions=4096),
 }
 
 

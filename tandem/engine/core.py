@@ -130,8 +130,10 @@ class EngineCore:
         return OffloadingConnector(config.kv_offload, self._kv_caches(), self._kv_compat(weights=True),
                                    config.cache.block_size)
 
-    def _kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(a.k_cache, a.v_cache) for a in self.runner.model.attention_layers()]
+    def _kv_caches(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer its distinct cache tensors: (K, V), or (K,) where V is K (MLA)."""
+        return [(a.k_cache,) if a.v_cache is a.k_cache else (a.k_cache, a.v_cache)
+                for a in self.runner.model.attention_layers()]
 
     def _kv_compat(self, weights: bool = False) -> str:
         """Equal only where KV blocks are interchangeable (``ticket.compat_hash``); ``weights``: also

@@ -19,7 +19,8 @@ from tandem.utils import drain
 
 logger = logging.getLogger(__name__)
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (K, V), [num_blocks, block_size, heads, dim]
+# per layer: (K, V), or (K,) where V is K (MLA's latent); each [num_blocks, block_size, heads, dim]
+KVCaches = list[tuple[torch.Tensor, ...]]
 
 
 class BlockLayout:

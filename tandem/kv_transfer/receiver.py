@@ -88,8 +88,9 @@ class KVReceiver:
         self.config, self.kv_caches, self.compat, self.ctx = config, kv_caches, compat, ctx
         self.codec = WireCodec(config.secret, ToReceiver)
         # K (or V) of one block of each layer: layers may differ in dtype (FP8 cache, skipped layers)
-        self._layer_block_bytes = [k[0].numel() * k.element_size() for k, _ in kv_caches]
-        self._dtypes = [k.dtype for k, _ in kv_caches]
+        self._layer_block_bytes = [k[0].numel() * k.element_size() for k, *_ in kv_caches]
+        self._dtypes = [k.dtype for k, *_ in kv_caches]
+        self._per_layer = len(kv_caches[0])  # 2 (K, V), or 1 where V is K (MLA)
         # no legitimate frame is larger
         self._frame_cap = data_frame_cap(kv_caches[0][0].shape[0], max(self._layer_block_bytes))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -264,21 +265,20 @@ class KVReceiver:
     def _write_layer(self, load: _Load, msg: LayerData, payload: list) -> None:
         """K and V of the pull's blocks [first_block, first_block + num_blocks) of one layer.
         NOTE: the sender sends every (layer, block) once, so counting pieces detects completion."""
-        k_cache, v_cache = self.kv_caches[msg.layer] if 0 <= msg.layer < len(self.kv_caches) else (None, None)
+        caches = self.kv_caches[msg.layer] if 0 <= msg.layer < len(self.kv_caches) else ()
         n, first = msg.num_blocks, msg.first_block
-        shape = (n, *k_cache.shape[1:]) if k_cache is not None else ()
-        expected = n * self._layer_block_bytes[msg.layer] if k_cache is not None else 0
-        if k_cache is None or v_cache is None or n < 1 or first < 0 or first + n > len(load.local_index) \
-                or msg.nbytes != expected or len(payload) != 2 or any(len(p.buffer) != expected for p in payload):
+        shape = (n, *caches[0].shape[1:]) if caches else ()
+        expected = n * self._layer_block_bytes[msg.layer] if caches else 0
+        if not caches or n < 1 or first < 0 or first + n > len(load.local_index) or msg.nbytes != expected \
+                or len(payload) != len(caches) or any(len(p.buffer) != expected for p in payload):
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", f"malformed layer {msg.layer}"))
             return
         index = load.local_index[first:first + n]
-        for cache, frame in ((k_cache, payload[0]), (v_cache, payload[1])):
-            assert cache is not None
+        for cache, frame in zip(caches, payload):
             data = torch.frombuffer(frame.buffer, dtype=torch.uint8).view(cache.dtype).view(shape)
             _copy_blocks(cache, index, data.to(cache.device))
         load.written += n
-        load.num_bytes += 2 * expected
+        load.num_bytes += len(caches) * expected
 
     def _read_shm(self, load: _Load, grant: ShmGrant) -> None:
         engine = load.ticket.engine
@@ -291,12 +291,12 @@ class KVReceiver:
             return
         block_shape = tuple(self.kv_caches[0][0].shape[1:])
         block_ids = grant.block_ids or load.remote_block_ids
-        if grant.nbytes != kv_region_layout(block_shape, grant.num_blocks, self._dtypes)[1] \
+        if grant.nbytes != kv_region_layout(block_shape, grant.num_blocks, self._dtypes, self._per_layer)[1] \
                 or len(block_ids) != len(load.local_index) \
                 or not 0 <= min(block_ids) <= max(block_ids) < grant.num_blocks:
             self._finish(load, LoadResult(load.request_id, False, "bad_blocks", "grant does not match the layout"))
             return
-        remote = region.layers(block_shape, grant.num_blocks, self._dtypes)
+        remote = region.layers(block_shape, grant.num_blocks, self._dtypes, self._per_layer)
         index = torch.tensor(block_ids, dtype=torch.int64)
         for caches, remote_caches in zip(self.kv_caches, remote):
             for cache, source in zip(caches, remote_caches):
@@ -306,7 +306,7 @@ class KVReceiver:
         if time.monotonic() >= load.pull_sent + grant.held_s + grant.valid_s:
             self._finish(load, LoadResult(load.request_id, False, "lease_expired", "copy outlived the lease"))
             return
-        num_bytes = 2 * len(index) * sum(self._layer_block_bytes)
+        num_bytes = self._per_layer * len(index) * sum(self._layer_block_bytes)
         self._finish(load, LoadResult(load.request_id, True, num_bytes=num_bytes,
                                       seconds=time.monotonic() - load.started, transport="shm"))
 

@@ -58,7 +58,8 @@ PARK_GRACE_S = 5.0  # a pending pull waits this long for a prefill this worker h
 KEEPALIVE_S = 0.5  # PullWaiting to parked pulls this often (well below any transfer timeout)
 FORGET_S = 60.0  # abandoned lease ids are remembered this long
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (K, V), [num_blocks, block_size, heads, dim]
+# per layer: (K, V), or (K,) where V is K (MLA's latent); each [num_blocks, block_size, heads, dim]
+KVCaches = list[tuple[torch.Tensor, ...]]
 
 
 @dataclass
@@ -289,25 +290,25 @@ class KVSender:
             self._grant_shm(ident, pull, 0.0 if since is None else time.monotonic() - since)
             return
         index = torch.tensor(pull.block_ids[skip:], dtype=torch.int64, device=self.device)
-        for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
+        for layer, caches in enumerate(self.kv_caches):
             with self._lock:  # see the lease invariant in the module docstring
                 lease = self._leases.get(pull.lease_id)
                 if lease is None or not lease.live(time.monotonic()):
                     self._send(ident, PullError(pull.lease_id, "lease_expired", "lease ended during the transfer"))
                     return
                 lease.deadline = max(lease.deadline, time.monotonic() + self.config.lease_s)
-                k = k_cache.index_select(0, index).cpu()
-                v = v_cache.index_select(0, index).cpu()
-            self._send_layer(ident, pull.lease_id, layer, k, v, skip)
+                tensors = [c.index_select(0, index).cpu() for c in caches]
+            self._send_layer(ident, pull.lease_id, layer, tensors, skip)
         self._send(ident, PullDone(pull.lease_id, len(self.kv_caches)))
         self.stats.pulls_served += 1
 
-    def _send_layer(self, ident: bytes, lease_id: str, layer: int, k: torch.Tensor, v: torch.Tensor,
+    def _send_layer(self, ident: bytes, lease_id: str, layer: int, tensors: list[torch.Tensor],
                     first_block: int) -> None:
-        nbytes = k.numel() * k.element_size()
-        header = LayerData(lease_id, layer, k.shape[0], nbytes, first_block)
-        self._send(ident, header, (k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy()))
-        self.stats.bytes_sent += 2 * nbytes
+        """One frame per tensor of the layer (K and V, or the one latent), each ``nbytes``."""
+        nbytes = tensors[0].numel() * tensors[0].element_size()
+        header = LayerData(lease_id, layer, tensors[0].shape[0], nbytes, first_block)
+        self._send(ident, header, tuple(t.view(torch.uint8).numpy() for t in tensors))
+        self.stats.bytes_sent += len(tensors) * nbytes
 
     def _grants_shm(self, pull: Pull) -> bool:
         return self.region is not None and bool(pull.host) and pull.host == host_id()
@@ -381,9 +382,9 @@ class KVSender:
                 return False
             index = torch.tensor([block_ids[i] for i in pull.block_ids[w.sent:w.sent + ready]], dtype=torch.int64,
                                  device=self.device)
-            layers = [(k.index_select(0, index).cpu(), v.index_select(0, index).cpu()) for k, v in self.kv_caches]
-        for layer, (k, v) in enumerate(layers):
-            self._send_layer(w.ident, pull.lease_id, layer, k, v, w.sent)
+            layers = [[c.index_select(0, index).cpu() for c in caches] for caches in self.kv_caches]
+        for layer, tensors in enumerate(layers):
+            self._send_layer(w.ident, pull.lease_id, layer, tensors, w.sent)
         w.sent += ready
         self.stats.streamed_blocks += ready
         return True
@@ -405,7 +406,8 @@ class KVSender:
         self._send(ident, grant)
         self.stats.pulls_served += 1
         self.stats.shm_grants += 1
-        self.stats.bytes_sent += 2 * len(pull.block_ids) * sum(k[0].numel() * k.element_size() for k, _ in self.kv_caches)
+        self.stats.bytes_sent += len(pull.block_ids) * sum(len(caches) * caches[0][0].numel() * caches[0].element_size()
+                                                           for caches in self.kv_caches)
 
     def _check_pull(self, pull: Pull) -> tuple[str, str] | None:
         if pull.compat != self.compat:

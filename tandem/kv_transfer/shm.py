@@ -42,31 +42,32 @@ def host_id() -> str:
 REGION_ALIGN = 64  # bytes: every layer's K and V start on a cache line, whatever the dtypes before them
 
 
-def kv_region_layout(block_shape: Sequence[int], num_blocks: int,
-                     dtypes: Sequence[torch.dtype]) -> tuple[list[int], int]:
+def kv_region_layout(block_shape: Sequence[int], num_blocks: int, dtypes: Sequence[torch.dtype],
+                     per_layer: int = 2) -> tuple[list[int], int]:
     """(byte offset of every layer's K and V: layer i's K at 2i, V at 2i + 1; the region's size).
     Each is ``[num_blocks, *block_shape]`` in its layer's dtype (layers may differ: an FP8 cache
-    with skipped layers). Both ends of a transfer derive the layout from the same spec."""
+    with skipped layers). per_layer 1: one tensor per layer (MLA's latent, bound as K and V).
+    Both ends of a transfer derive the layout from the same spec."""
     elems = num_blocks * math.prod(block_shape)
     offsets, at = [], 0
     for dtype in dtypes:
         size = elems * torch.empty(0, dtype=dtype).element_size()
-        for _ in range(2):
+        for _ in range(per_layer):
             offsets.append(at)
             at += -(-size // REGION_ALIGN) * REGION_ALIGN
     return offsets, at
 
 
-def _layer_views(tensor: torch.Tensor, block_shape: Sequence[int], num_blocks: int,
-                 dtypes: Sequence[torch.dtype]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    offsets, _ = kv_region_layout(block_shape, num_blocks, dtypes)
+def _layer_views(tensor: torch.Tensor, block_shape: Sequence[int], num_blocks: int, dtypes: Sequence[torch.dtype],
+                 per_layer: int) -> list[tuple[torch.Tensor, ...]]:
+    offsets, _ = kv_region_layout(block_shape, num_blocks, dtypes, per_layer)
     nbytes = [num_blocks * math.prod(block_shape) * torch.empty(0, dtype=d).element_size() for d in dtypes]
 
     def view(i: int) -> torch.Tensor:
-        layer = i // 2
+        layer = i // per_layer
         return tensor[offsets[i]:offsets[i] + nbytes[layer]].view(dtypes[layer]).view(num_blocks, *block_shape)
 
-    return [(view(2 * i), view(2 * i + 1)) for i in range(len(dtypes))]
+    return [tuple(view(per_layer * i + j) for j in range(per_layer)) for i in range(len(dtypes))]
 
 
 class SharedKVRegion:
@@ -86,10 +87,10 @@ class SharedKVRegion:
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self.pid = os.getpid()
 
-    def layer_views(self, block_shape: Sequence[int], num_blocks: int,
-                    dtypes: Sequence[torch.dtype]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's (K, V) cache, ``[num_blocks, *block_shape]`` in that layer's dtype."""
-        return _layer_views(self.tensor, block_shape, num_blocks, dtypes)
+    def layer_views(self, block_shape: Sequence[int], num_blocks: int, dtypes: Sequence[torch.dtype],
+                    per_layer: int = 2) -> list[tuple[torch.Tensor, ...]]:
+        """Every layer's (K, V) cache (or its one tensor), ``[num_blocks, *block_shape]`` in that layer's dtype."""
+        return _layer_views(self.tensor, block_shape, num_blocks, dtypes, per_layer)
 
 
 def try_shared_region(nbytes: int) -> SharedKVRegion | None:
@@ -119,6 +120,6 @@ class RemoteRegion:
             warnings.simplefilter("ignore", UserWarning)
             self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
 
-    def layers(self, block_shape: Sequence[int], num_blocks: int,
-               dtypes: Sequence[torch.dtype]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return _layer_views(self.tensor, block_shape, num_blocks, dtypes)
+    def layers(self, block_shape: Sequence[int], num_blocks: int, dtypes: Sequence[torch.dtype],
+               per_layer: int = 2) -> list[tuple[torch.Tensor, ...]]:
+        return _layer_views(self.tensor, block_shape, num_blocks, dtypes, per_layer)

@@ -95,6 +95,7 @@ class EagleLlamaHead(_EagleHead):
         layers = []
         for layer in self.layers:
             assert isinstance(layer, DecoderLayer)  # the head holds nothing else
+            assert isinstance(layer.self_attn, Attention)  # a head's config has no latent attention
             layers.append(layer.self_attn)
         return layers
 

@@ -24,6 +24,10 @@ class ModelArgs(Protocol):
     def num_kv_heads(self) -> int: ...
     @property
     def head_dim(self) -> int: ...
+    @property
+    def values_share_keys(self) -> bool:
+        """True: one cache tensor per layer, bound as both K and V (MLA's latent rows)."""
+        ...
 
 
 class AttentionLayer(Protocol):

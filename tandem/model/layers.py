@@ -148,7 +148,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
     raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3, yarn are)")
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -160,8 +160,8 @@ def _yarn_inv_freq(dim: int, theta: float, s: dict) -> tuple[torch.Tensor, float
     attention = s.get("attention_factor")
     if attention is None:
         mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
-        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
-                     else _yarn_mscale(factor))
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                     else yarn_mscale(factor))
     beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
 
     def correction_dim(rotations: float) -> float:

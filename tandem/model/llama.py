@@ -1,7 +1,8 @@
 """Llama family: Llama 2/3/3.x, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm, explicit head_dim),
 and the Mixture-of-Experts members on the same attention: Qwen3-MoE, Mixtral, GLM-4-MoE and gpt-oss
 (``moe.py``; gpt-oss adds attention sinks, biased o_proj and sliding-window layers alternating
-with full ones).
+with full ones), and DeepSeek-V3, whose attention is multi-head latent attention (``mla.py``) and
+whose MoE routing is GLM-4-MoE's.
 
 The differences between these families are flags on one module tree whose parameter names match
 the Hugging Face checkpoints after fusing q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``.
@@ -18,6 +19,7 @@ from tandem.kernels.kv_quant import calibrated_scale, is_fp8
 from tandem.kernels.ops import Ops
 from tandem.model.attention import AttentionBackend, AttentionMetadata
 from tandem.model.layers import Linear, RMSNorm, RotaryEmbedding, ShardedLinear, VocabEmbedding, weight_param
+from tandem.model.mla import MLAArgs, MLAttention
 from tandem.model.moe import MoEArgs, SparseMoE, map_expert_name
 
 
@@ -44,6 +46,13 @@ class LlamaArgs:
     sliding_layers: frozenset[int] | None = None  # the layers sliding_window applies to; None: all
     o_bias: bool = False  # o_proj has a bias (Llama / Qwen3 / gpt-oss with attention_bias)
     attention_sinks: bool = False  # a learned sink logit per head (gpt-oss)
+    # DeepSeek-V3's latent attention; then the cache has one KV head of mla.cache_width, V sharing K's tensor
+    mla: MLAArgs | None = None
+
+    @property
+    def values_share_keys(self) -> bool:
+        """The KV cache is one tensor per layer, bound as both K and V (MLA's latent rows)."""
+        return self.mla is not None
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of one layer (None: full attention)."""
@@ -59,14 +68,17 @@ class LlamaArgs:
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         if cfg.get("hidden_act", "silu") != "silu":  # gpt-oss says silu; its experts' SwiGLU is in MoEArgs
             raise NotImplementedError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu is)")
+        mla = MLAArgs.from_hf(cfg, rope) if family == "deepseek_v3" else None
+        if mla is not None and cfg.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise NotImplementedError(f"deepseek_v3 topk_method {cfg['topk_method']!r} is not supported (noaux_tc is)")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            num_kv_heads=1 if mla else cfg.get("num_key_value_heads") or heads,
+            head_dim=mla.cache_width if mla else cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=scaling,
@@ -76,6 +88,7 @@ class LlamaArgs:
             o_bias=bool(cfg.get("attention_bias", False)) and family not in ("qwen2", "glm4_moe"),
             attention_sinks=family == "gpt_oss",
             sliding_layers=_sliding_layers(cfg, family),
+            mla=mla,
             qk_norm=family in ("qwen3", "qwen3_moe") or bool(cfg.get("use_qk_norm", False)),
             rotary_dim=_rotary_dim(cfg, rope, cfg.get("head_dim") or cfg["hidden_size"] // heads),
             sliding_window=sliding_window_of(cfg, family),
@@ -194,11 +207,18 @@ class DecoderLayer(nn.Module):
                  input_norm: bool = True) -> None:
         """input_norm False: attention reads the layer's input as is (an EAGLE head's first layer)."""
         super().__init__()
-        self.self_attn = Attention(a, dtype, backend, layer=index)
+        self.self_attn = self._attention(a, dtype, backend, index)
         self.mlp = self._mlp(a, dtype, backend.ops, index)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype) if input_norm else None
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
         self.ops = backend.ops
+
+    @staticmethod
+    def _attention(a: LlamaArgs, dtype: torch.dtype, backend: AttentionBackend, index: int) -> Attention | MLAttention:
+        if a.mla is None:
+            return Attention(a, dtype, backend, layer=index)
+        rotary = RotaryEmbedding(a.mla.qk_rope_head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
+        return MLAttention(a.mla, a.hidden_size, a.num_heads, rotary, a.qkv_bias, dtype, backend)
 
     @staticmethod
     def _mlp(a: LlamaArgs, dtype: torch.dtype, ops: Ops, index: int) -> nn.Module:
@@ -268,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden).float()
 
-    def attention_layers(self) -> list[Attention]:
+    def attention_layers(self) -> list[Attention | MLAttention]:
         layers = []
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)  # LlamaModel.layers holds nothing else
@@ -294,6 +314,8 @@ class LlamaForCausalLM(nn.Module):
             return expert
         # the router: Mixtral's block_sparse_moe.gate, gpt-oss's mlp.router
         name = name.replace(".block_sparse_moe.gate.", ".mlp.gate.").replace(".mlp.router.", ".mlp.gate.")
+        if self.args.mla is not None and ".self_attn." in name:
+            return name, None  # MLA's projections are loaded as they are named (its q_proj is not fused)
         for suffix, scale in KV_SCALE_NAMES.items():  # FP8 KV cache scales (vLLM / compressed-tensors)
             if name.endswith(suffix):
                 return name.removesuffix(suffix) + scale, None

@@ -29,6 +29,7 @@ MODEL_REGISTRY: dict[str, tuple[type, str]] = {
     "MixtralForCausalLM": (LlamaForCausalLM, "mixtral"),
     "Glm4MoeForCausalLM": (LlamaForCausalLM, "glm4_moe"),
     "GptOssForCausalLM": (LlamaForCausalLM, "gpt_oss"),
+    "DeepseekV3ForCausalLM": (LlamaForCausalLM, "deepseek_v3"),
 }
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -144,10 +145,14 @@ def load_weights(model: CausalLM, model_dir: str | Path, prequantized: Checkpoin
                 else:
                     load(file.name, name, functools.partial(f.get_tensor, name))
     if prequantized is not None:
-        for name, tensor in prequantized.dequantized():
-            load(f"{prequantized.method} checkpoint", name, lambda t=tensor: t)
+        for name, tensor in prequantized.dequantized(model):
+            load(f"{prequantized.method} checkpoint", name, functools.partial(_same, tensor))
         loaded |= prequantized.attach(model)
     _check_all_loaded(model, params, loaded)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _check_index(model_dir: Path, files: list[Path]) -> None:

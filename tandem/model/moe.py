@@ -62,7 +62,7 @@ class MoEArgs:
                                if i not in dense and num_experts > 0 and (i + 1) % step == 0)
             return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
                        bool(cfg.get("norm_topk_prob", False)), sparse)
-        if family == "glm4_moe":
+        if family in ("glm4_moe", "deepseek_v3"):  # DeepSeek-V3's noaux_tc routing
             num_experts = int(cfg.get("n_routed_experts") or num_experts)
             return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
                        bool(cfg.get("norm_topk_prob", True)),

@@ -75,10 +75,22 @@ class CheckpointQuantization:
         raise NotImplementedError(f"quantization_config quant_method {method!r} is not supported "
                                   "(compressed-tensors, fp8 and mxfp4 are)")
 
-    def dequantized(self) -> list[tuple[str, torch.Tensor]]:
-        """Checkpoint tensors this format stores quantized but the model takes in float, as
-        (checkpoint name, float tensor), once every file is read; the loader loads them as if stored so."""
-        return []
+    def dequantized(self, model: object) -> list[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors stored quantized that the model takes in float, as (checkpoint name,
+        float tensor), once every file is read; the loader loads them as if stored so. Here: the
+        quantized modules whose weight is not a linear layer's (fused experts, MLA's kv_b_proj in
+        DeepSeek-V3's FP8 checkpoints), dequantized; ``attach`` keeps the rest quantized."""
+        from tandem.model.layers import Linear, VocabEmbedding
+
+        assert isinstance(model, torch.nn.Module)
+        modules = dict(model.named_modules())
+        out = []
+        for ckpt_module in list(self.pending):
+            mapped = model.map_checkpoint_name(ckpt_module + ".weight")  # type: ignore[operator]
+            if mapped is None or isinstance(modules.get(mapped[0].removesuffix(".weight")), (Linear, VocabEmbedding)):
+                continue  # a linear layer stays quantized (attach); no layer at all is attach's error
+            out.append((ckpt_module + ".weight", self.build(ckpt_module).dequantize()))
+        return out
 
     def format_of(self, module: str) -> WeightFormat | None:
         """The format of a checkpoint module (``model.layers.0.self_attn.q_proj``), None if unquantized."""
@@ -167,7 +179,7 @@ class Mxfp4Experts(CheckpointQuantization):
         base, part = name[:-len("_blocks")], name[-len("_blocks"):]  # both suffixes are 7 characters
         self.pending.setdefault(base, {})[part] = tensor
 
-    def dequantized(self) -> list[tuple[str, torch.Tensor]]:
+    def dequantized(self, model: object) -> list[tuple[str, torch.Tensor]]:
         out = []
         for base, parts in sorted(self.pending.items()):
             missing = [base + p for p in MXFP4_PARTS if p not in parts]

@@ -4,6 +4,9 @@ NOTE: every layer has the same block size, number of blocks and block shape (the
 for all layers); only the element type may differ per layer (an FP8 cache with
 ``kv_cache_dtype_skip_layers`` keeps those layers in the model's dtype). A block's byte cost is the
 sum over layers, so the budget -> block count arithmetic stays honest with mixed dtypes.
+
+With ``values_share_keys`` (MLA) a layer has one cache tensor, bound as both K and V: a block costs
+one tensor's bytes, not two.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     layer_dtypes: tuple[torch.dtype, ...]  # one per attention layer, in layer order
+    values_share_keys: bool = False
 
     @classmethod
     def build(cls, cfg: CacheConfig, model_dtype: torch.dtype, num_layers: int, num_kv_heads: int,
-              head_dim: int) -> KVCacheSpec:
+              head_dim: int, values_share_keys: bool = False) -> KVCacheSpec:
         """ValueError (naming the parameter) for a skipped layer index the model does not have."""
         bad = [i for i in cfg.kv_cache_dtype_skip_layers if not 0 <= i < num_layers]
         if bad:
@@ -34,7 +38,7 @@ class KVCacheSpec:
         cache_dtype = resolve_cache_dtype(cfg.cache_dtype, model_dtype)
         skip = set(cfg.kv_cache_dtype_skip_layers)
         dtypes = tuple(model_dtype if i in skip else cache_dtype for i in range(num_layers))
-        return cls(cfg.block_size, num_kv_heads, head_dim, dtypes)
+        return cls(cfg.block_size, num_kv_heads, head_dim, dtypes, values_share_keys)
 
     @property
     def block_shape(self) -> tuple[int, int, int]:
@@ -45,9 +49,13 @@ class KVCacheSpec:
         return self.block_size * self.num_kv_heads * self.head_dim * _element_size(self.layer_dtypes[layer])
 
     @property
+    def tensors_per_layer(self) -> int:
+        return 1 if self.values_share_keys else 2
+
+    @property
     def bytes_per_block(self) -> int:
         """K and V of one block over every layer."""
-        return sum(2 * self.layer_bytes_per_block(i) for i in range(len(self.layer_dtypes)))
+        return sum(self.tensors_per_layer * self.layer_bytes_per_block(i) for i in range(len(self.layer_dtypes)))
 
     @property
     def quantized_layers(self) -> list[int]:

@@ -138,7 +138,7 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self._last = StepHandle()  # the latest launched step (placeholders refer to its samples)
         self.kv_spec = KVCacheSpec.build(cache_config, self.dtype, len(self.model.attention_layers()),
-                                         self.args.num_kv_heads, self.args.head_dim)
+                                         self.args.num_kv_heads, self.args.head_dim, self.args.values_share_keys)
         self.drafter = self._make_drafter(speculative_config, model_config)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self.kv_region: SharedKVRegion | None = None
@@ -184,6 +184,11 @@ class ModelRunner:
     def _new_cache(self, num_blocks: int, layer: int) -> torch.Tensor:
         return torch.zeros((num_blocks, *self.kv_spec.block_shape), dtype=self.kv_spec.layer_dtypes[layer],
                            device=self.device)
+
+    def _new_layer_cache(self, num_blocks: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of one layer: two tensors, or one bound as both (``values_share_keys``)."""
+        k = self._new_cache(num_blocks, layer)
+        return k, k if self.kv_spec.values_share_keys else self._new_cache(num_blocks, layer)
 
     def _set_calibration(self, on: bool) -> None:
         quantized = set(self.kv_spec.quantized_layers)
@@ -264,7 +269,7 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device) if cuda else 0
         try:
             for i, attn in enumerate(layers):
-                attn.k_cache, attn.v_cache = self._new_cache(blocks + 1, i), self._new_cache(blocks + 1, i)
+                attn.k_cache, attn.v_cache = self._new_layer_cache(blocks + 1, i)
             self.execute(step)
             if not cuda:
                 return 0
@@ -285,16 +290,17 @@ class ModelRunner:
         if shared:
             from tandem.kv_transfer.shm import kv_region_layout, try_shared_region
 
-            self.kv_region = try_shared_region(kv_region_layout(spec.block_shape, num, spec.layer_dtypes)[1])
+            self.kv_region = try_shared_region(kv_region_layout(spec.block_shape, num, spec.layer_dtypes,
+                                                                spec.tensors_per_layer)[1])
             if self.kv_region is None:
                 logger.warning("no shared memory for the KV cache; KV transfers from here go over TCP")
         if self.kv_region is not None:
-            views = self.kv_region.layer_views(spec.block_shape, num, spec.layer_dtypes)
-            for attn, (k, v) in zip(layers, views):
-                attn.k_cache, attn.v_cache = k, v
+            views = self.kv_region.layer_views(spec.block_shape, num, spec.layer_dtypes, spec.tensors_per_layer)
+            for attn, tensors in zip(layers, views):
+                attn.k_cache, attn.v_cache = tensors[0], tensors[-1]  # one tensor: V is K
         else:
             for i, attn in enumerate(layers):
-                attn.k_cache, attn.v_cache = self._new_cache(num, i), self._new_cache(num, i)
+                attn.k_cache, attn.v_cache = self._new_layer_cache(num, i)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), %s", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, self.num_blocks * self.kv_bytes_per_block / 2**20,
                     self.kv_cache_dtype)

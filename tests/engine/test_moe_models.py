@@ -73,7 +73,7 @@ def test_a_missing_expert_tensor_is_named(model_dirs, tmp_path):
         LLM(model=str(broken), kv_cache_memory="8MiB")
 
 
-@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral", "glm4-moe", "gpt-oss"])
+@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral", "glm4-moe", "gpt-oss", "deepseek-v3"])
 def test_moe_greedy_matches_transformers_with_cache_chunks_and_preemption(preset, make_llm, model_dirs):
     llm = make_llm(preset, max_num_batched_tokens=24, num_gpu_blocks_override=24, block_size=4)
     base = prompts_for(llm.llm_engine.vocab_size)

@@ -101,15 +101,16 @@ CASES = {
 }
 
 
-def _write_prequantized(src: Path, dst: Path, config: dict, kind_of) -> dict[str, torch.Tensor]:
-    """Copy the model directory with its linear layers quantized; returns the dequantized state dict."""
+def _write_prequantized(src: Path, dst: Path, config: dict, kind_of, linear=LINEAR) -> dict[str, torch.Tensor]:
+    """Copy the model directory with its linear layers (modules named ``linear``) quantized;
+    returns the dequantized state dict."""
     shutil.copytree(src, dst)
     (dst / "model.safetensors").unlink()
     state = load_file(str(src / "model.safetensors"))
     out, dequantized = {}, dict(state)
     for name, tensor in state.items():
         module, _, leaf = name.rpartition(".")
-        kind = kind_of(module) if leaf == "weight" and module.rsplit(".", 1)[-1] in LINEAR else None
+        kind = kind_of(module) if leaf == "weight" and module.rsplit(".", 1)[-1] in linear else None
         if kind is None:
             out[name] = tensor
             continue

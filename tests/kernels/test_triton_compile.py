@@ -171,3 +171,20 @@ def test_fused_moe_kernel_compiles_for_hopper(launches, monkeypatch):
     assert {sig[1] for sig in launches.values()} == {"_grouped_mm_kernel", "_silu_and_mul_kernel",
                                                      "_swiglu_oai_kernel"}
     _compile_for_sm90(launches)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on random bf16 inputs
+def test_attention_kernels_compile_for_hopper_at_deepseek_v3s_latent_shape(launches):
+    """MLA runs the paged kernels as multi-query attention over one cached row of 512 + 64: 128 query
+    heads per KV head in the decode kernel's tile (the prefill kernel takes one head per program, so
+    fewer heads compile the same code)."""
+    pytest.importorskip("triton.backends.nvidia")
+    tables = torch.arange(8, dtype=torch.int64).view(2, 4)
+    latent = torch.randn(8, 16, 1, 576).to(torch.bfloat16)
+    tri.paged_decode_attention(torch.randn(2, 128, 576, dtype=torch.bfloat16), latent, latent, tables,
+                               torch.tensor([40, 9]), 0.1)
+    tri.paged_prefill_attention_varlen(torch.randn(12, 16, 576, dtype=torch.bfloat16), latent, latent, tables,
+                                       torch.tensor([0, 5, 12], dtype=torch.int32),
+                                       torch.tensor([30, 7], dtype=torch.int32), 0.1)
+    assert {sig[1] for sig in launches.values()} == {"_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel"}
+    _compile_for_sm90(launches)

@@ -156,7 +156,8 @@ def test_sampling_kernel_matches_reference(vocab):
 
 
 # -- whole models on the Triton backend --------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["llama3-gqa", "mistral-swa", "qwen3-qknorm", "qwen3-moe", "glm4-moe", "gpt-oss"])
+@pytest.mark.parametrize("preset", ["llama3-gqa", "mistral-swa", "qwen3-qknorm", "qwen3-moe", "glm4-moe", "gpt-oss",
+                                    "deepseek-v3"])
 def test_triton_backend_greedy_equals_torch_backend(make_llm, preset):
     """Chunked prefill (16-token budget), prefix hits and batched decodes all go through the kernels;
     the seeded top-k/top-p request draws through the sampling kernel from the same noise."""

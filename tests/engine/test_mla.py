@@ -1,0 +1,104 @@
+"""DeepSeek-V3's multi-head latent attention (tandem/model/mla.py) beyond the parity tests every
+preset runs: the cache holds one latent row per token and layer (its size, counted once), the
+absorbed attention equals transformers' expanded one with the q-LoRA and without it, and the
+latent blocks move through P/D transfer (TCP and shared memory) and the host tier as K/V blocks do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tandem import LLM, SamplingParams
+from tandem.testing import PRESETS, build_tiny_model
+from tests.engine.test_kv_transfer import decode_request, finished, make_core, prefill_ticket, run_until, tokens
+from tests.engine.test_kv_transfer import single_output as single_tokens
+from tests.helpers import hf_greedy, hf_model, prompts_for
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def test_the_cache_holds_one_latent_row_per_token_and_layer(make_llm, model_dirs):
+    llm = make_llm("deepseek-v3", block_size=16)
+    runner = llm.llm_engine.core.runner
+    cfg = json.loads((model_dirs["deepseek-v3"] / "config.json").read_text())
+    row = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    assert runner.kv_bytes_per_block == cfg["num_hidden_layers"] * 16 * row * 4  # fp32, K and V one tensor
+    for attn in runner.model.attention_layers():
+        assert attn.v_cache is attn.k_cache and attn.k_cache.shape[1:] == (16, 1, row)
+    full_kv = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
+    assert full_kv / row > 3, "smaller than the expanded K/V it stands for"
+
+
+def test_without_the_q_lora_queries_come_straight_from_the_hidden_state(tmp_path):
+    """DeepSeek-V2-Lite's form (q_lora_rank null: one q_proj, loaded unfused), at head_dim 16."""
+    preset = dict(PRESETS["deepseek-v3"])
+    preset["extra_config"] = {**preset["extra_config"], "q_lora_rank": None}
+    path = build_tiny_model(tmp_path / "no-q-lora", **preset)
+    llm = LLM(model=str(path), kv_cache_memory="8MiB")
+    prompt = prompts_for(512, [41])[0]
+    with torch.no_grad():
+        want = hf_model(str(path))(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(llm.llm_engine.core.score_logits(prompt), want, rtol=1e-4, atol=1e-4)
+    (out,) = llm.generate([{"prompt_token_ids": prompt}], GREEDY, use_tqdm=False)
+    assert out.outputs[0].token_ids == hf_greedy(str(path), prompt, 12)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "auto"])  # auto: the shared-memory region on one host
+def test_latent_blocks_move_from_prefill_to_decode(model_dirs, transport):
+    model = model_dirs["deepseek-v3"]
+    prefill, decode = make_core(model, "prefill"), make_core(model, "decode", transport=transport)
+    single = make_core(model)
+    try:
+        prompt = prompts_for(512, [70], seed=8)[0]
+        decode.add_request(decode_request("d", prompt, prefill_ticket(prefill, "p", prompt), 8))
+        assert tokens(run_until([prefill, decode], finished("d")), "d") == single_tokens(single, prompt, 8)
+        moved = decode.connector.stats.bytes_received
+        assert moved == -(-len(prompt) // 16) * decode.runner.kv_bytes_per_block, "each latent block once"
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_latent_blocks_come_back_from_the_host_tier(make_llm, model_dirs):
+    prompts = prompts_for(512, [150, 170, 140, 160], seed=3)
+    want = [hf_greedy(str(model_dirs["deepseek-v3"]), p, 6) for p in prompts]
+    llm = make_llm("deepseek-v3", kv_offloading_size=0.01, num_gpu_blocks_override=24, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    for _ in range(2):  # the second visit finds the first's blocks evicted from the device pool
+        assert [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids
+                for p in prompts] == want
+    core = llm.llm_engine.core
+    core.settle_offload()
+    report = core.connector.offload_report()
+    assert report is not None and report.hit_tokens.get("CPU", 0) > 0
+
+
+# DeepSeek-V3's FP8 checkpoint quantizes every projection, the experts' and MLA's included
+MLA_LINEAR = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_deepseek_v3s_fp8_block_checkpoint_computes_its_dequantized_weights(model_dirs, tmp_path):
+    """Linear layers stay FP8; fused experts and kv_b_proj (not linear layers here) take the
+    dequantized weights: the logits are transformers' on the dequantized checkpoint."""
+    from safetensors.torch import save_file
+
+    from tests.engine.test_prequantized import CASES, _write_prequantized
+
+    src = model_dirs["deepseek-v3"]
+    config, kind_of = CASES["fp8-block-deepseek"]
+    dequantized = _write_prequantized(src, tmp_path / "fp8", config, kind_of, MLA_LINEAR)
+    float_dir = tmp_path / "dequantized"
+    float_dir.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (float_dir / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.contiguous() for k, v in dequantized.items()}, str(float_dir / "model.safetensors"))
+    llm = LLM(model=str(tmp_path / "fp8"), kv_cache_memory="8MiB", cpu_gemm="blas")
+    report = llm.llm_engine.runner.precision
+    assert report is not None and "model.layers.0.self_attn.q_b_proj" in {x.name for x in report.layers if x.scheme}
+    prompt = prompts_for(512, [23])[0]
+    with torch.no_grad():
+        want = hf_model(str(float_dir))(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(llm.llm_engine.core.score_logits(prompt), want, atol=2e-4, rtol=1e-4)
