@@ -183,6 +183,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
 
 def _config_class(family: str) -> type:
     from transformers import (
+        DeepseekV2Config,
         DeepseekV3Config,
         Glm4MoeConfig,
         GptOssConfig,
@@ -203,6 +204,7 @@ def _config_class(family: str) -> type:
         "mixtral": MixtralConfig,
         "glm4_moe": Glm4MoeConfig,
         "gpt_oss": GptOssConfig,
+        "deepseek_v2": DeepseekV2Config,
         "deepseek_v3": DeepseekV3Config,
     }
     if family not in classes:
@@ -211,7 +213,7 @@ def _config_class(family: str) -> type:
 
 
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe", "gpt_oss",
-                             "deepseek_v3")
+                             "deepseek_v2", "deepseek_v3")
 
 
 def _rope_parameters(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
@@ -388,6 +390,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                                       "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                                       "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
                                       "first_k_dense_replace": 1, "norm_topk_prob": True}),
+    # DeepSeek-V2: the same latent attention without the q-LoRA (as V2-Lite), softmax routing limited
+    # to the best of 2 groups (group_limited_greedy), unnormalised weights times 2.0, plain rope
+    "deepseek-v2": dict(family="deepseek_v2", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                        intermediate_size=96,
+                        extra_config={"q_lora_rank": None, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+                                      "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8,
+                                      "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 2,
+                                      "n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy",
+                                      "routed_scaling_factor": 2.0, "first_k_dense_replace": 1}),
 }
 
 
@@ -601,6 +612,25 @@ def _gpt_oss_shape(hidden: int, layers: int, heads: int, kv_heads: int, experts:
     }
 
 
+def _deepseek_v3_shape(hidden: int, layers: int, heads: int, dense_inter: int, experts: int, expert_inter: int,
+                       q_lora: int, vocab: int) -> dict[str, Any]:
+    """A DeepseekV3ForCausalLM config.json: DeepSeek-V3's latent widths (512 + 64, heads of 128 + 64
+    and 128), routing (8 groups, top 4 groups, top 8, x2.5) and YaRN x40 over 4096."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": hidden,
+        "intermediate_size": dense_inter, "moe_intermediate_size": expert_inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": heads, "q_lora_rank": q_lora, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": experts,
+        "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 3, "n_group": 8,
+        "topk_group": 4, "topk_method": "noaux_tc", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+        "vocab_size": vocab, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 1,
+    }
+
+
 # Published model shapes for ``--load-format dummy`` benchmarks (config.json only; weights random).
 DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": {
@@ -641,6 +671,13 @@ DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
     # the same attention and routing, small enough for a CPU benchmark: 16 experts, ~115M parameters
     "gpt-oss-small": _gpt_oss_shape(hidden=512, layers=8, heads=8, kv_heads=2, experts=16, top_k=4, vocab=8192,
                                     max_positions=4096),
+    # DeepSeek-V3's published shape (671B, 37B active): MLA with a 512 + 64 latent, 256 experts in 8
+    # groups (top 8 within 4 groups), one shared expert, the first 3 layers dense
+    "deepseek-v3": _deepseek_v3_shape(hidden=7168, layers=61, heads=128, dense_inter=18432, experts=256,
+                                      expert_inter=2048, q_lora=1536, vocab=129280),
+    # the same attention and routing, small enough for a CPU benchmark: ~120M parameters
+    "deepseek-v3-small": _deepseek_v3_shape(hidden=512, layers=8, heads=8, dense_inter=1536, experts=32,
+                                            expert_inter=256, q_lora=192, vocab=8192),
 }
 
 

@@ -100,11 +100,12 @@ def _ops() -> object:
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, k_scale: Scale = 1.0,
-                           v_scale: Scale = 1.0) -> torch.Tensor:
+                           v_scale: Scale = 1.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """As ``tandem.kernels.paged_attention.paged_decode_attention`` (same arguments and result);
     a sequence of context length 0 gets zeros. An FP8 cache is read with k_scale / v_scale."""
+    sinks = sinks.float().contiguous() if sinks is not None else None
     return _ops().paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens,  # type: ignore[attr-defined]
-                                         scale, sliding_window or 0, float(k_scale), float(v_scale))
+                                         scale, sliding_window or 0, float(k_scale), float(v_scale), sinks)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,11 +17,18 @@ import torch.nn.functional as F
 from tandem.kernels.activation import SILU, GatedActivation, gated_activation_ref
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int = 1,
+                 topk_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over every expert (in fp32), the top ``top_k`` by probability, optionally
-    renormalised to sum to 1 (Mixtral always; Qwen3-MoE when ``norm_topk_prob``).
-    Returns (weights fp32 [T, k], expert ids int64 [T, k])."""
+    renormalised to sum to 1 (Mixtral always; Qwen3-MoE when ``norm_topk_prob``). With groups
+    (DeepSeek-V2's ``group_limited_greedy``): only within the ``topk_groups`` of ``num_groups``
+    equal groups whose best expert is highest. Returns (weights fp32 [T, k], expert ids int64 [T, k])."""
     probs = torch.softmax(router_logits.float(), dim=-1)
+    if num_groups > 1:
+        t, e = probs.shape
+        best = torch.topk(probs.view(t, num_groups, e // num_groups).amax(dim=-1), topk_groups, dim=-1)[1]
+        keep = torch.zeros(t, num_groups, dtype=torch.bool, device=probs.device).scatter_(1, best, True)
+        probs = probs.masked_fill(~keep.repeat_interleave(e // num_groups, dim=1), 0.0)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -308,11 +308,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                           sliding_window: int | None, k_scale: Scale, v_scale: Scale,
                           sinks: torch.Tensor | None) -> torch.Tensor:
-        if sinks is not None:  # NOTE: the C++ kernel has no sinks: gather + the explicit softmax
-            return super()._decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                                             k_scale, v_scale, sinks)
         return self._paged_decode(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                                  k_scale, v_scale)
+                                  k_scale, v_scale, sinks)
 
 
 def _triton_backend() -> AttentionBackend:

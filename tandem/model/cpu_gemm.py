@@ -26,6 +26,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from tandem.model.layers import Linear, VocabEmbedding
+    from tandem.model.moe import FusedExperts
 
 logger = logging.getLogger(__name__)
 
@@ -126,5 +127,34 @@ def plan_cpu_gemm(model: object, mode: str) -> dict[tuple[int, int], tuple[bool,
                 choices[shape] = (True,) * len(PROBE_ROWS) if mode == "onednn" else measure_shape(weight, linear, packed)
             if any(choices[shape]):
                 module.gemm_route = GemmRoute(packed, choices[shape])
+        for experts in expert_modules(model):
+            _plan_experts(experts, mode, dtypes, choices)
     logger.info("cpu gemm (%s): oneDNN per probe rows %s by weight shape: %s", mode, PROBE_ROWS, choices)
     return choices
+
+
+def expert_modules(model: object) -> list[FusedExperts]:
+    from tandem.model.moe import FusedExperts
+
+    assert isinstance(model, nn.Module)
+    return [m for m in model.modules() if isinstance(m, FusedExperts)]
+
+
+def _plan_experts(experts: FusedExperts, mode: str, dtypes: tuple[torch.dtype, ...],
+                  choices: dict[tuple[int, int], tuple[bool, ...]]) -> None:
+    """Fused experts [E, out, in] as E linear weights of one shape each for gate/up and down:
+    measured once per shape on expert 0, then every expert packed where oneDNN wins."""
+    from tandem.model.layers import linear
+
+    weights = (experts.gate_up_proj, experts.down_proj)
+    if any(w.device.type != "cpu" or w.dtype not in dtypes for w in weights):
+        return
+    for w in weights:
+        shape = (w.shape[1], w.shape[2])
+        if shape not in choices:
+            choices[shape] = (True,) * len(PROBE_ROWS) if mode == "onednn" else measure_shape(w[0], linear, pack(w[0]))
+    if not any(any(choices[(w.shape[1], w.shape[2])]) for w in weights):
+        return  # the default wins everywhere: nothing to pack
+    gate_up, down = ([GemmRoute(pack(w[e]), choices[(w.shape[1], w.shape[2])]) for e in range(w.shape[0])]
+                     for w in weights)
+    experts.gemm_routes = (gate_up, down)

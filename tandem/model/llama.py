@@ -68,9 +68,11 @@ class LlamaArgs:
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         if cfg.get("hidden_act", "silu") != "silu":  # gpt-oss says silu; its experts' SwiGLU is in MoEArgs
             raise NotImplementedError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu is)")
-        mla = MLAArgs.from_hf(cfg, rope) if family == "deepseek_v3" else None
-        if mla is not None and cfg.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise NotImplementedError(f"deepseek_v3 topk_method {cfg['topk_method']!r} is not supported (noaux_tc is)")
+        mla = MLAArgs.from_hf(cfg, rope) if family in ("deepseek_v2", "deepseek_v3") else None
+        methods = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}.get(family)
+        if methods and cfg.get("topk_method", methods[0]) not in methods:
+            raise NotImplementedError(f"{family} topk_method {cfg['topk_method']!r} is not supported "
+                                      f"({', '.join(methods)} are)")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],

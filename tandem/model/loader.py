@@ -29,6 +29,7 @@ MODEL_REGISTRY: dict[str, tuple[type, str]] = {
     "MixtralForCausalLM": (LlamaForCausalLM, "mixtral"),
     "Glm4MoeForCausalLM": (LlamaForCausalLM, "glm4_moe"),
     "GptOssForCausalLM": (LlamaForCausalLM, "gpt_oss"),
+    "DeepseekV2ForCausalLM": (LlamaForCausalLM, "deepseek_v2"),
     "DeepseekV3ForCausalLM": (LlamaForCausalLM, "deepseek_v3"),
 }
 

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels.activation import SILU, GatedActivation
+from tandem.kernels.activation import SILU, GatedActivation, gated_activation_ref
 from tandem.kernels.moe import grouped_sigmoid_topk, softmax_topk, topk_softmax
-from tandem.model.layers import WeightParameter, default_weight_loader, weight_param
+from tandem.model.cpu_gemm import GemmRoute
+from tandem.model.layers import WeightParameter, default_weight_loader, linear, weight_param
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,14 @@ class MoEArgs:
                                if i not in dense and num_experts > 0 and (i + 1) % step == 0)
             return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
                        bool(cfg.get("norm_topk_prob", False)), sparse)
+        if family == "deepseek_v2":  # softmax, greedy or group_limited_greedy, then scaled
+            groups = int(cfg.get("n_group") or 1) if cfg.get("topk_method") == "group_limited_greedy" else 1
+            return cls(int(cfg.get("n_routed_experts") or num_experts), cfg["num_experts_per_tok"],
+                       cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False)),
+                       frozenset(range(int(cfg.get("first_k_dense_replace", 0)), num_layers)), num_groups=groups,
+                       topk_groups=int(cfg.get("topk_group") or 1) if groups > 1 else 1,
+                       scaling=float(cfg.get("routed_scaling_factor", 1.0)),
+                       num_shared_experts=int(cfg.get("n_shared_experts", 0) or 0), router_fp32=True)
         if family in ("glm4_moe", "deepseek_v3"):  # DeepSeek-V3's noaux_tc routing
             num_experts = int(cfg.get("n_routed_experts") or num_experts)
             return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
@@ -88,6 +97,9 @@ class FusedExperts(nn.Module):
         self.down_proj = self._param((num_experts, hidden, inter), dtype, ("down",))
         self.gate_up_proj_bias = weight_param(num_experts, 2 * inter, dtype=dtype, loader=self._load) if bias else None
         self.down_proj_bias = weight_param(num_experts, hidden, dtype=dtype, loader=self._load) if bias else None
+        # on a CPU, each expert's weights packed for oneDNN where that is faster (plan_cpu_gemm):
+        # (gate_up routes, down routes), one per expert
+        self.gemm_routes: tuple[list[GemmRoute], list[GemmRoute]] | None = None
 
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype, parts: tuple[str, ...]) -> WeightParameter:
         p = WeightParameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -152,7 +164,9 @@ class SparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, gate = self.moe, self.gate
         if m.scoring == "softmax":
-            return softmax_topk(F.linear(x, gate.weight), m.top_k, m.renormalize)
+            logits = F.linear(x.float(), gate.weight.float()) if m.router_fp32 else F.linear(x, gate.weight)
+            weights, ids = softmax_topk(logits, m.top_k, m.renormalize, m.num_groups, m.topk_groups)
+            return (weights * m.scaling if m.scaling != 1.0 else weights), ids
         if m.scoring == "topk_softmax":
             return topk_softmax(F.linear(x, gate.weight, gate.bias), m.top_k)
         assert gate.e_score_correction_bias is not None
@@ -165,9 +179,37 @@ class SparseMoE(nn.Module):
         flat = ids.reshape(-1)
         self.expert_tokens.index_add_(0, flat, torch.ones_like(flat))
         e = self.experts
-        out = self.fused_moe(x, e.gate_up_proj, e.down_proj, weights, ids, e.gate_up_proj_bias, e.down_proj_bias,
-                             self.moe.activation)
+        if e.gemm_routes is not None:
+            out = routed_experts(x, e, weights, ids, self.moe.activation)
+        else:
+            out = self.fused_moe(x, e.gate_up_proj, e.down_proj, weights, ids, e.gate_up_proj_bias, e.down_proj_bias,
+                                 self.moe.activation)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
+
+
+def routed_experts(x: torch.Tensor, experts: FusedExperts, weights: torch.Tensor, ids: torch.Tensor,
+                   activation: GatedActivation) -> torch.Tensor:
+    """``fused_moe_ref`` on a CPU with each expert's GEMMs through its ``GemmRoute`` (oneDNN with the
+    weight packed at load where that was measured faster, else the BLAS): the assignments sorted by
+    expert, one pair of GEMMs per expert that has tokens."""
+    assert experts.gemm_routes is not None
+    routes13, routes2 = experts.gemm_routes
+    b13, b2 = experts.gate_up_proj_bias, experts.down_proj_bias
+    top_k, flat = ids.shape[1], ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // top_k
+    rows = x[tokens]
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    used = [e for e, n in enumerate(counts) if n]
+    parts = rows.split([counts[e] for e in used])
+    # NOTE: the activation runs once over every expert's rows (per expert it is many small calls)
+    h = torch.cat([linear(p, experts.gate_up_proj[e], None if b13 is None else b13[e], routes13[e])
+                   for e, p in zip(used, parts)])
+    parts = gated_activation_ref(h, activation).split([counts[e] for e in used])
+    out = torch.cat([linear(p, experts.down_proj[e], None if b2 is None else b2[e], routes2[e])
+                     for e, p in zip(used, parts)])
+    out *= weights.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tokens, out)
 
 
 def take_expert_tokens(model: object) -> list[list[int]]:

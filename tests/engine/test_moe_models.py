@@ -73,7 +73,8 @@ def test_a_missing_expert_tensor_is_named(model_dirs, tmp_path):
         LLM(model=str(broken), kv_cache_memory="8MiB")
 
 
-@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral", "glm4-moe", "gpt-oss", "deepseek-v3"])
+@pytest.mark.parametrize("preset", ["qwen3-moe", "mixtral", "glm4-moe", "gpt-oss", "deepseek-v3",
+                                    "deepseek-v2"])
 def test_moe_greedy_matches_transformers_with_cache_chunks_and_preemption(preset, make_llm, model_dirs):
     llm = make_llm(preset, max_num_batched_tokens=24, num_gpu_blocks_override=24, block_size=4)
     base = prompts_for(llm.llm_engine.vocab_size)
@@ -168,3 +169,17 @@ def test_an_mxfp4_expert_without_its_scales_is_named(model_dirs, tmp_path):
     save_file(tensors, str(mx / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing model\.layers\.1\.mlp\.experts\.down_proj_scales"):
         LLM(model=str(mx), kv_cache_memory="8MiB")
+
+
+def test_experts_run_packed_for_onednn_on_a_cpu_with_the_blas_result(make_llm):
+    """cpu_gemm onednn packs every expert's weights; the logits are the BLAS path's to fp32 rounding."""
+    from tandem.model.moe import FusedExperts
+
+    prompt = prompts_for(512, [33])[0]
+    packed, blas = make_llm("gpt-oss", cpu_gemm="onednn"), make_llm("gpt-oss", cpu_gemm="blas")
+    experts = [m for m in packed.llm_engine.core.runner.model.modules() if isinstance(m, FusedExperts)]
+    assert experts and all(e.gemm_routes is not None and len(e.gemm_routes[0]) == e.num_experts for e in experts)
+    assert all(m.gemm_routes is None for m in blas.llm_engine.core.runner.model.modules()
+               if isinstance(m, FusedExperts))
+    torch.testing.assert_close(packed.llm_engine.core.score_logits(prompt), blas.llm_engine.core.score_logits(prompt),
+                               rtol=1e-5, atol=1e-5)

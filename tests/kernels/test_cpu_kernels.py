@@ -39,12 +39,14 @@ def _paged_case(seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, b
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(12, 4, 64), (4, 4, 32), (6, 2, 36), (8, 1, 128)])
-@pytest.mark.parametrize("window", [None, 5])
-def test_matches_reference_fp32(heads, kv_heads, head_dim, window):
-    """GQA and MHA, a head_dim with a scalar tail (36), contexts shorter than, equal to and across blocks."""
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (5, False), (None, True), (5, True)])
+def test_matches_reference_fp32(heads, kv_heads, head_dim, window, with_sinks):
+    """GQA and MHA, a head_dim with a scalar tail (36), contexts shorter than, equal to and across
+    blocks; gpt-oss's attention sinks (one logit per query head, big enough to matter)."""
     case = _paged_case([1, 3, 16, 17, 50], heads, kv_heads, head_dim, 16, torch.float32)
-    expected = ref.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window)
-    got = cpu_kernels.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window)
+    sinks = torch.randn(heads, generator=torch.Generator().manual_seed(7)) * 2 if with_sinks else None
+    expected = ref.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window, sinks=sinks)
+    got = cpu_kernels.paged_decode_attention(*case, scale=head_dim ** -0.5, sliding_window=window, sinks=sinks)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 

@@ -162,3 +162,23 @@ def test_triton_fused_moe_with_biases_and_clamped_swiglu_matches_the_reference(s
     got = moe_triton.fused_moe(x, w13, w2, weights, ids, b13, b2, GPT_OSS_ACT)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_softmax_routing_equals_transformers_deepseek_v2_router(method):
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    cfg = DeepseekV2Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+                           topk_method=method, routed_scaling_factor=1.5)
+    router = DeepseekV2TopkRouter(cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 32, generator=g) * 0.3)
+    x = torch.randn(50, 32, generator=g)
+    _, want_w, want_ids = router(x)
+    groups = (4, 2) if method == "group_limited_greedy" else (1, 1)
+    weights, ids = moe.softmax_topk(x @ router.weight.T, 3, False, *groups)
+    order, want_order = ids.argsort(-1), want_ids.argsort(-1)  # unsorted top-k: compare as sets
+    assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order))
+    torch.testing.assert_close(weights.gather(1, order) * 1.5, want_w.gather(1, want_order))

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -125,10 +126,11 @@ void weighted_rows(const float* p, Rows rows, int64_t n, int64_t d, float* acc) 
     for (int64_t r = 0; r < n; ++r) acc[i] += p[r] * rows.row(r)[i];
 }
 
-// In place: x <- exp(x - max x); returns the sum.
-float exp_normalise(float* x, int64_t n) {
-  float mx = x[0];
-  for (int64_t t = 1; t < n; ++t) mx = std::max(mx, x[t]);
+// In place: x <- exp(x - m), m the max over x and `sink`; returns the sum, exp(sink - m) included.
+// sink: one more logit with no value (gpt-oss's attention sinks), -inf for none.
+float exp_normalise(float* x, int64_t n, float sink) {
+  float mx = sink;
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, x[t]);
   const Vec vmx(mx);
   Vec vsum(0.f);
   int64_t t = 0;
@@ -142,7 +144,7 @@ float exp_normalise(float* x, int64_t n) {
     x[t] = std::exp(x[t] - mx);
     sum += x[t];
   }
-  return sum;
+  return sum + std::exp(sink - mx);
 }
 
 struct Shape {
@@ -237,9 +239,11 @@ struct CacheScales {
 // One sequence's query heads of the kv heads in `heads`, over positions [begin, end). T: the query's
 // and output's type; C: the cache's (T, or FP8). Row sets per (kv head, group member) q-head j: the
 // query at w.q[j * d], the scores at w.scores[j * len], the output sum at w.acc[j * d].
+// sinks: one logit per query head (nullptr: none).
 template <typename T, typename C>
 void attend_span(const T* query, const C* k_cache, const C* v_cache, const int64_t* table, int64_t begin,
-                 int64_t end, float scale, CacheScales cs, const Shape& s, HeadSpan heads, T* out, Scratch& w) {
+                 int64_t end, float scale, CacheScales cs, const float* sinks, const Shape& s, HeadSpan heads, T* out,
+                 Scratch& w) {
   const int64_t group = s.heads / s.kv_heads, d = s.head_dim, len = end - begin;
   const int64_t rows_q = (heads.last - heads.first) * group;  // query heads in the span
   const int64_t q0 = heads.first * group;
@@ -260,7 +264,10 @@ void attend_span(const T* query, const C* k_cache, const C* v_cache, const int64
     }
   });
   if (len > 0)
-    for (int64_t j = 0; j < rows_q; ++j) w.inv_sum[j] = 1.f / exp_normalise(w.scores.data() + j * len, len);
+    for (int64_t j = 0; j < rows_q; ++j) {
+      const float sink = sinks ? sinks[q0 + j] : -std::numeric_limits<float>::infinity();
+      w.inv_sum[j] = 1.f / exp_normalise(w.scores.data() + j * len, len, sink);
+    }
   // pass 2: probabilities times V; the normaliser is applied once at the end
   for_each_block(v_cache, table, begin, end, s, heads, [&](int64_t block, int64_t off, int64_t n, int64_t at) {
     for (int64_t h = heads.first; h < heads.last; ++h) {
@@ -291,10 +298,12 @@ bool is_fp8_type(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::
 
 // query [B, heads, head_dim]; k/v_cache [num_blocks, block_size, kv_heads, head_dim] in the query's
 // dtype or FP8 (read as value * k_scale / v_scale); block_tables [B, width] int64; seq_lens [B]
-// int64 (context incl. the query); sliding_window <= 0: none.
+// int64 (context incl. the query); sliding_window <= 0: none; sinks: fp32 [heads] attention-sink
+// logits (gpt-oss), or none.
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                  int64_t sliding_window, double k_scale, double v_scale) {
+                                  int64_t sliding_window, double k_scale, double v_scale,
+                                  const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(query.device().is_cpu() && k_cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK((query.scalar_type() == k_cache.scalar_type() || is_fp8_type(k_cache.scalar_type())) &&
@@ -315,6 +324,9 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
           query.stride(0), query.stride(1), 0, 0};
   TORCH_CHECK(s.kv_heads > 0 && s.block_size > 0, "empty cache layout");
   TORCH_CHECK(query.size(2) == s.head_dim && s.heads % s.kv_heads == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(!sinks || (sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->numel() == s.heads),
+              "sinks: fp32, contiguous, one per query head");
+  const float* sink_logits = sinks ? sinks->data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({batch, s.heads, s.head_dim}, query.options());
   s.o_stride_b = out.stride(0);
   s.o_stride_h = out.stride(1);
@@ -346,7 +358,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
           const int64_t b = item / spans, h = item % spans * span, end = lens[b];
           const int64_t begin = sliding_window > 0 ? std::max<int64_t>(0, end - sliding_window) : 0;
           attend_span(q + b * s.q_stride_b, kc, vc, tables + b * table_stride, begin, end, static_cast<float>(scale),
-                      cs, s, HeadSpan{h, std::min(h + span, s.kv_heads)}, o + b * s.o_stride_b, scratch);
+                      cs, sink_logits, s, HeadSpan{h, std::min(h + span, s.kv_heads)}, o + b * s.o_stride_b, scratch);
         }
       });
     });
@@ -358,7 +370,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
 
 TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor seq_lens, float scale, int sliding_window, float k_scale, float v_scale) -> Tensor");
+        "Tensor seq_lens, float scale, int sliding_window, float k_scale, float v_scale, Tensor? sinks) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
