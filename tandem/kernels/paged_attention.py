@@ -10,8 +10,8 @@ FP8 caches (``kv_quant``): this step's K/V are quantized with the layer's ``k_sc
 on write, and gathered pages are dequantized to the query's dtype on read.
 
 Attention sinks (gpt-oss): ``sinks`` [heads] is one more logit per head in every softmax's
-denominator, attached to no value: a query can put weight on "nothing". Each reference softmaxes
-explicitly then (in fp32), as transformers does.
+denominator, attached to no value: a query can put weight on "nothing". The references run SDPA
+over one more key, all zeros with a zero value, whose score is the sink (an additive mask term).
 """
 
 from __future__ import annotations
@@ -89,15 +89,18 @@ def _gather_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: tor
 
 def attention_with_sinks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                          scale: float, sinks: torch.Tensor) -> torch.Tensor:
-    """query [B, heads, q, d], keys/values [B, kv_heads, L, d], mask bool (broadcast to [B, heads, q, L]),
-    sinks [heads] -> [B, heads, q, d]: softmax over [scores, sink] in fp32, the sink's weight dropped."""
-    group = query.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    scores = (query.float() @ keys.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return (probs @ values.float()).to(query.dtype)
+    """query [B, heads, q, d], keys/values [B, kv_heads, L, d], mask bool ([q, L] or [B or 1, 1, q, L]),
+    sinks [heads] -> [B, heads, q, d]: attention whose softmax has the sink as one more term."""
+    b, kv_heads, length, d = keys.shape
+    heads, q = query.shape[1], query.shape[2]
+    zero = keys.new_zeros(b, kv_heads, 1, d)
+    keys, values = torch.cat([keys, zero], dim=2), torch.cat([values, zero], dim=2)
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    bias = torch.zeros(mask.shape[0], heads, q, length + 1, dtype=query.dtype, device=query.device)
+    bias[..., :length].masked_fill_(~mask, float("-inf"))
+    bias[..., length] = sinks.to(query.dtype).view(1, heads, 1)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale,
+                                          enable_gqa=kv_heads != heads)
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,

@@ -43,8 +43,9 @@ def _sinks(heads: int, with_sinks: bool) -> torch.Tensor | None:
     return torch.randn(heads, generator=torch.Generator().manual_seed(9)) * 2 if with_sinks else None
 
 
+# (40, 16, 1, 16): MLA's form, every query head over one cached latent row of 32 + 8
 @pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 4, 16), (128, 8, 2, 16), (64, 8, 1, 8),
-                                                                (16, 6, 2, 32)])
+                                                                (16, 6, 2, 32), (40, 16, 1, 16)])
 @pytest.mark.parametrize("window,with_sinks", [(None, False), (5, False), (None, True), (5, True)])
 def test_paged_decode_attention_matches_reference(head_dim, heads, kv_heads, block_size, window, with_sinks):
     lens = torch.tensor([1, block_size, block_size + 1, 0, 3 * block_size - 3, 57])
@@ -66,7 +67,8 @@ def test_paged_decode_attention_empty_batch():
     assert out.shape == (0, 4, 64)
 
 
-@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 2, 16), (128, 4, 4, 16), (32, 8, 2, 8)])
+@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 2, 16), (128, 4, 4, 16), (32, 8, 2, 8),
+                                                                (40, 16, 1, 16)])
 @pytest.mark.parametrize("window,with_sinks", [(None, False), (6, False), (6, True)])
 def test_paged_prefill_attention_varlen_matches_reference(head_dim, heads, kv_heads, block_size, window, with_sinks):
     # (chunk length, context length): whole prompt, chunk after a cached prefix, one token, block edges
