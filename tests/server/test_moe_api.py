@@ -1,5 +1,6 @@
-"""`tandem serve` with a Mixture-of-Experts model (the tiny Qwen3-MoE preset): the official openai
-SDK gets transformers' greedy tokens, and /metrics reports the experts' load imbalance."""
+"""`tandem serve` with Mixture-of-Experts models (the tiny Qwen3-MoE, gpt-oss and DeepSeek-V3 presets):
+the official openai SDK gets transformers' greedy tokens, and /metrics reports the experts' load
+imbalance."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import re
 
 import httpx
 import openai
+import pytest
 from transformers import AutoTokenizer
 
 from tests.helpers import hf_greedy, prompts_for, start_server, stop_server
 
 
-def test_a_moe_model_serves_and_reports_expert_load(model_dirs):
-    model = model_dirs["qwen3-moe"]
+@pytest.mark.parametrize("preset", ["qwen3-moe", "gpt-oss", "deepseek-v3"])
+def test_a_moe_model_serves_and_reports_expert_load(model_dirs, preset):
+    model = model_dirs[preset]
     proc, base = start_server(model)
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
