@@ -57,7 +57,8 @@ class Drafter:
         self.builder: AttentionMetadataBuilder = get_backend(attention_backend).make_builder(device)
         args = model.args
         self.kv_spec = KVCacheSpec.build(CacheConfig(block_size=block_size), dtype,
-                                         len(model.attention_layers()), args.num_kv_heads, args.head_dim)
+                                         len(model.attention_layers()), args.num_kv_heads, args.head_dim,
+                                         args.values_share_keys)
         self.ready = False  # the cache exists (a profile step before it runs the target alone)
         self.computed: dict[str, int] = {}  # request id -> positions whose KV the drafter holds for it
 
@@ -68,9 +69,9 @@ class Drafter:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """``num_blocks`` as the target's cache (the block ids are shared)."""
         for i, attn in enumerate(self.model.attention_layers()):
-            attn.k_cache, attn.v_cache = (torch.zeros((num_blocks, *self.kv_spec.block_shape),
-                                                      dtype=self.kv_spec.layer_dtypes[i], device=self.device)
-                                          for _ in range(2))
+            tensors = [torch.zeros((num_blocks, *self.kv_spec.block_shape), dtype=self.kv_spec.layer_dtypes[i],
+                                   device=self.device) for _ in range(self.kv_spec.tensors_per_layer)]
+            attn.k_cache, attn.v_cache = tensors[0], tensors[-1]  # one tensor: V is K (MLA)
         self.ready = True
 
     def forget(self, request_ids: Iterable[str]) -> None:

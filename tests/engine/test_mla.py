@@ -85,3 +85,16 @@ def test_deepseek_v3s_fp8_block_checkpoint_computes_its_dequantized_weights(mode
     with torch.no_grad():
         want = hf_model(str(float_dir))(torch.tensor([prompt])).logits[0].float()
     torch.testing.assert_close(llm.llm_engine.core.score_logits(prompt), want, atol=2e-4, rtol=1e-4)
+
+
+def test_a_latent_attention_draft_model_keeps_one_cache_tensor_per_layer(make_llm, model_dirs):
+    """The model as its own draft: every proposal is accepted, the output is the model's own."""
+    path = str(model_dirs["deepseek-v3"])
+    prompt = prompts_for(512, [30])[0]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    llm = make_llm("deepseek-v3", speculative_config={"method": "draft_model", "model": path,
+                                                      "num_speculative_tokens": 3})
+    (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert out.outputs[0].token_ids == hf_greedy(path, prompt, 12)
+    drafter = llm.llm_engine.core.runner.drafter
+    assert all(a.v_cache is a.k_cache for a in drafter.model.attention_layers())
