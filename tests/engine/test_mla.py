@@ -98,3 +98,27 @@ def test_a_latent_attention_draft_model_keeps_one_cache_tensor_per_layer(make_ll
     assert out.outputs[0].token_ids == hf_greedy(path, prompt, 12)
     drafter = llm.llm_engine.core.runner.drafter
     assert all(a.v_cache is a.k_cache for a in drafter.model.attention_layers())
+
+
+def test_an_fp8_latent_cache_is_written_and_read_with_one_scale(make_llm):
+    """K and V are one FP8 tensor: every backend reads the same pages back (the greedy tokens agree),
+    the calibrated scale is the latent row's, and recomputation after preemption keeps the tokens."""
+    from tandem.kernels import cpu_kernels
+
+    prompts = prompts_for(512, [40, 21, 33], seed=5)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def greedy(llm):
+        return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                             use_tqdm=False)]
+
+    backends = ["torch", "triton"] + (["cpu"] if cpu_kernels.available() else [])
+    outs = {b: greedy(make_llm("deepseek-v3", attention_backend=b, kv_cache_dtype="fp8")) for b in backends}
+    assert all(out == outs["torch"] for out in outs.values()), outs
+    llm = make_llm("deepseek-v3", kv_cache_dtype="fp8", calculate_kv_scales=True, num_gpu_blocks_override=16,
+                   block_size=4)
+    base = greedy(llm)
+    layers = llm.llm_engine.core.runner.model.attention_layers()
+    assert all(a.k_cache is a.v_cache and a.k_cache.dtype == torch.float8_e4m3fn for a in layers)
+    assert all(float(a.k_scale) not in (0.0, 1.0) for a in layers)
+    assert greedy(llm) == base and llm.llm_engine.core.scheduler.num_preemptions > 0
