@@ -201,6 +201,8 @@ def routed_experts(x: torch.Tensor, experts: FusedExperts, weights: torch.Tensor
     rows = x[tokens]
     counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
     used = [e for e, n in enumerate(counts) if n]
+    if not used:  # no tokens
+        return torch.zeros_like(x)
     parts = rows.split([counts[e] for e in used])
     # NOTE: the activation runs once over every expert's rows (per expert it is many small calls)
     h = torch.cat([linear(p, experts.gate_up_proj[e], None if b13 is None else b13[e], routes13[e])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -75,22 +76,23 @@ class CheckpointQuantization:
         raise NotImplementedError(f"quantization_config quant_method {method!r} is not supported "
                                   "(compressed-tensors, fp8 and mxfp4 are)")
 
-    def dequantized(self, model: object) -> list[tuple[str, torch.Tensor]]:
+    def dequantized(self, model: object) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors stored quantized that the model takes in float, as (checkpoint name,
-        float tensor), once every file is read; the loader loads them as if stored so. Here: the
-        quantized modules whose weight is not a linear layer's (fused experts, MLA's kv_b_proj in
-        DeepSeek-V3's FP8 checkpoints), dequantized; ``attach`` keeps the rest quantized."""
+        float tensor), once every file is read, one module at a time (each freed once loaded); the
+        loader loads them as if stored so. Here: the quantized modules whose weight is not a linear
+        layer's (fused experts, MLA's kv_b_proj in DeepSeek-V3's FP8 checkpoints); ``attach`` keeps
+        the rest quantized. Modules the model skips (``map_checkpoint_name`` None: DeepSeek-V3's
+        multi-token-prediction layer) are dropped."""
         from tandem.model.layers import Linear, VocabEmbedding
 
         assert isinstance(model, torch.nn.Module)
         modules = dict(model.named_modules())
-        out = []
         for ckpt_module in list(self.pending):
             mapped = model.map_checkpoint_name(ckpt_module + ".weight")  # type: ignore[operator]
-            if mapped is None or isinstance(modules.get(mapped[0].removesuffix(".weight")), (Linear, VocabEmbedding)):
-                continue  # a linear layer stays quantized (attach); no layer at all is attach's error
-            out.append((ckpt_module + ".weight", self.build(ckpt_module).dequantize()))
-        return out
+            if mapped is None:
+                del self.pending[ckpt_module]
+            elif not isinstance(modules.get(mapped[0].removesuffix(".weight")), (Linear, VocabEmbedding)):
+                yield ckpt_module + ".weight", self.build(ckpt_module).dequantize()
 
     def format_of(self, module: str) -> WeightFormat | None:
         """The format of a checkpoint module (``model.layers.0.self_attn.q_proj``), None if unquantized."""
@@ -139,8 +141,7 @@ class CheckpointQuantization:
         parts: dict[str, dict[object, QuantizedWeight]] = {}
         for ckpt_module in list(self.pending):
             mapped = model.map_checkpoint_name(ckpt_module + ".weight")  # type: ignore[operator]
-            if mapped is None:
-                raise ValueError(f"checkpoint module {ckpt_module} is quantized but has no layer here")
+            assert mapped is not None, "dequantized() dropped the modules the model skips"
             parts.setdefault(mapped[0].removesuffix(".weight"), {})[mapped[1]] = self.build(ckpt_module)
         loaded: set[tuple[int, object]] = set()
         for name, by_shard in parts.items():
@@ -179,15 +180,13 @@ class Mxfp4Experts(CheckpointQuantization):
         base, part = name[:-len("_blocks")], name[-len("_blocks"):]  # both suffixes are 7 characters
         self.pending.setdefault(base, {})[part] = tensor
 
-    def dequantized(self, model: object) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        for base, parts in sorted(self.pending.items()):
+    def dequantized(self, model: object) -> Iterator[tuple[str, torch.Tensor]]:
+        for base in sorted(self.pending):
+            parts = self.pending.pop(base)
             missing = [base + p for p in MXFP4_PARTS if p not in parts]
             if missing:
                 raise ValueError(f"mxfp4 checkpoint is missing {', '.join(missing)}")
-            out.append((base, dequantize_mxfp4_experts(parts["_blocks"], parts["_scales"])))
-        self.pending.clear()
-        return out
+            yield base, dequantize_mxfp4_experts(parts["_blocks"], parts["_scales"])
 
     def attach(self, model: object) -> set[tuple[int, object]]:
         return set()  # nothing stays quantized: dequantized() handed everything to the float loader

@@ -46,10 +46,13 @@ class PDPlan:
 
 
 def kv_bytes_per_token_from_config(model_dir: str | None, dtype_bytes: int = 4) -> int:
-    """K and V of every layer for one token; the workers' tickets correct it on the first split."""
+    """K and V of every layer for one token (MLA: its one latent row per layer); the workers'
+    tickets correct it on the first split."""
     if not model_dir or not (Path(model_dir) / "config.json").exists():
         return 0
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    if cfg.get("kv_lora_rank"):  # DeepSeek-V2/V3's latent cache (tandem/model/mla.py)
+        return cfg.get("num_hidden_layers", 0) * (cfg["kv_lora_rank"] + cfg.get("qk_rope_head_dim", 0)) * dtype_bytes
     heads = cfg.get("num_attention_heads", 1)
     head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
     return 2 * cfg.get("num_hidden_layers", 0) * cfg.get("num_key_value_heads", heads) * head_dim * dtype_bytes

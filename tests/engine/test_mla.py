@@ -17,6 +17,8 @@ from tests.helpers import hf_greedy, hf_model, prompts_for
 
 
 def test_the_cache_holds_one_latent_row_per_token_and_layer(make_llm, model_dirs):
+    from tandem.router.pd import kv_bytes_per_token_from_config
+
     llm = make_llm("deepseek-v3", block_size=16)
     runner = llm.llm_engine.core.runner
     cfg = json.loads((model_dirs["deepseek-v3"] / "config.json").read_text())
@@ -26,6 +28,8 @@ def test_the_cache_holds_one_latent_row_per_token_and_layer(make_llm, model_dirs
         assert attn.v_cache is attn.k_cache and attn.k_cache.shape[1:] == (16, 1, row)
     full_kv = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
     assert full_kv / row > 3, "smaller than the expanded K/V it stands for"
+    # the router's estimate before any ticket tells it (P/D splits)
+    assert kv_bytes_per_token_from_config(str(model_dirs["deepseek-v3"])) == runner.kv_bytes_per_block // 16
 
 
 @pytest.mark.parametrize("transport", ["tcp", "auto"])  # auto: the shared-memory region on one host
@@ -65,13 +69,18 @@ MLA_LINEAR = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj
 def test_deepseek_v3s_fp8_block_checkpoint_computes_its_dequantized_weights(model_dirs, tmp_path):
     """Linear layers stay FP8; fused experts and kv_b_proj (not linear layers here) take the
     dequantized weights: the logits are transformers' on the dequantized checkpoint."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from tests.engine.test_prequantized import CASES, _write_prequantized
 
     src = model_dirs["deepseek-v3"]
     config, kind_of = CASES["fp8-block-deepseek"]
     dequantized = _write_prequantized(src, tmp_path / "fp8", config, kind_of, MLA_LINEAR)
+    # DeepSeek-V3 ships its multi-token-prediction layer, quantized too, as one layer more: skipped
+    fp8 = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    fp8.update({k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in fp8.items()
+                if k.startswith("model.layers.1.")})
+    save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"))
     float_dir = tmp_path / "dequantized"
     float_dir.mkdir()
     for f in src.iterdir():
