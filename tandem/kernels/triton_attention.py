@@ -66,8 +66,9 @@ def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, sc
                          stride_pb, stride_ph, stride_ps, num_heads, num_splits, window,
                          GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                         PRECISION: tl.constexpr, FP8: tl.constexpr):
-    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                         PRECISION: tl.constexpr, FP8: tl.constexpr, HEAD_BLOCKS: tl.constexpr):
+    b, head_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh, first_head = head_block // HEAD_BLOCKS, head_block % HEAD_BLOCKS * ROWS  # ROWS of the group's heads
     seq_len = tl.load(seq_lens + b).to(tl.int32)  # int32 throughout: a branch may not change a type
     first = 0  # the first visible position
     if window > 0:
@@ -77,9 +78,9 @@ def _decode_split_kernel(Q, K, V, block_tables, seq_lens, part_out, part_lse, sc
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), TILE) * TILE
     lo = first + split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, seq_len)
-    # the GROUP query heads of this KV head are the rows of a ROWS (>= 16) x TILE tensor-core dot
-    heads = kvh * GROUP + tl.arange(0, ROWS)
-    head_ok = tl.arange(0, ROWS) < GROUP
+    # up to ROWS (>= 16) of the GROUP query heads of this KV head are the rows of a tensor-core dot
+    heads = kvh * GROUP + first_head + tl.arange(0, ROWS)
+    head_ok = first_head + tl.arange(0, ROWS) < GROUP
     d = tl.arange(0, D_P2)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
@@ -172,17 +173,21 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     # per SM) without spills; 64 spills at 4 warps (ptxas for sm_90, checked on the CPU)
     tile = 32
     d_p2 = _pow2(head_dim, 16)
+    # NOTE: a wide head (MLA's 576 -> 1024 lanes) with many heads per KV head (128 in DeepSeek-V3)
+    # would need 256 KiB+ of shared memory for the query tile alone: its heads split over programs
+    rows = min(_pow2(group, 16), 16 if d_p2 > 256 else 128)
+    head_blocks = triton.cdiv(group, rows)
     part_out = torch.empty(b, num_heads, num_splits, d_p2, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(b, num_heads, num_splits, dtype=torch.float32, device=query.device)
     q = query.contiguous()
     fp8 = is_fp8(k_cache.dtype)
-    _decode_split_kernel[(b, num_kv_heads, num_splits)](
+    _decode_split_kernel[(b, num_kv_heads * head_blocks, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
         scale_tensor(k_scale, q.device), scale_tensor(v_scale, q.device),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), num_heads, num_splits,
-        sliding_window or 0, GROUP=group, ROWS=_pow2(group, 16), HEAD_DIM=head_dim, D_P2=d_p2,
-        BLOCK_SIZE=block_size, TILE=tile, PRECISION=_precision(query.dtype), FP8=fp8)
+        sliding_window or 0, GROUP=group, ROWS=rows, HEAD_DIM=head_dim, D_P2=d_p2,
+        BLOCK_SIZE=block_size, TILE=tile, PRECISION=_precision(query.dtype), FP8=fp8, HEAD_BLOCKS=head_blocks)
     _decode_reduce_kernel[(b, num_heads)](
         part_out, part_lse, out, sinks if sinks is not None else part_lse, num_splits, part_out.stride(0),
         part_out.stride(1), part_out.stride(2), out.stride(0), out.stride(1), num_heads, HEAD_DIM=head_dim, D_P2=d_p2,
@@ -261,6 +266,8 @@ def paged_prefill_attention_varlen(query: torch.Tensor, k_cache: torch.Tensor, v
     # NOTE: at head_dim 128 in bf16 for sm_90, 8 warps and these key tiles compile to 162-192
     # registers without spills (4 warps and 16-key tiles: 250); K/V tiles may span cache blocks
     block_n = 64 if block_m == 64 and head_dim <= 128 else 32
+    if head_dim > 256:  # MLA's 576 (1024 lanes): 16 x 32 tiles keep shared memory within sm_90's 227 KiB
+        block_m, block_n = 16, 32
     q = query.contiguous()
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefill_kernel[grid](

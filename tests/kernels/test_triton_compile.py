@@ -75,13 +75,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 failed = []
+SM90_SHARED = 232448  # bytes of shared memory one block may use on an H100/H200
 for module, name, types, consts, options in json.loads(sys.stdin.read()):
     fn = getattr(importlib.import_module(module), name)
     sig = {a: types.get(a, "constexpr") for a in fn.arg_names}
     try:
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001 - report every kernel that fails, not only the first
         failed.append(f"{name} {types} {consts}: {type(e).__name__}: {str(e)[-800:]}")
+        continue
+    if compiled.metadata.shared > SM90_SHARED:  # compiles, but would be refused at launch
+        failed.append(f"{name} {consts}: {compiled.metadata.shared} bytes of shared memory > {SM90_SHARED}")
 print("\\n".join(failed))
 sys.exit(1 if failed else 0)
 """
@@ -175,16 +179,17 @@ def test_fused_moe_kernel_compiles_for_hopper(launches, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on random bf16 inputs
 def test_attention_kernels_compile_for_hopper_at_deepseek_v3s_latent_shape(launches):
-    """MLA runs the paged kernels as multi-query attention over one cached row of 512 + 64: 128 query
-    heads per KV head in the decode kernel's tile (the prefill kernel takes one head per program, so
-    fewer heads compile the same code)."""
+    """MLA runs the paged kernels as multi-query attention over one cached row of 512 + 64, 128 query
+    heads per KV head (the prefill kernel takes one head per program, so fewer heads compile the same
+    code). Every kernel must also fit sm_90's shared memory (checked for every compile here)."""
     pytest.importorskip("triton.backends.nvidia")
     tables = torch.arange(8, dtype=torch.int64).view(2, 4)
     latent = torch.randn(8, 16, 1, 576).to(torch.bfloat16)
     tri.paged_decode_attention(torch.randn(2, 128, 576, dtype=torch.bfloat16), latent, latent, tables,
                                torch.tensor([40, 9]), 0.1)
-    tri.paged_prefill_attention_varlen(torch.randn(12, 16, 576, dtype=torch.bfloat16), latent, latent, tables,
-                                       torch.tensor([0, 5, 12], dtype=torch.int32),
-                                       torch.tensor([30, 7], dtype=torch.int32), 0.1)
+    for q_len in (7, 40):  # short and long chunks take different row tiles for narrower heads
+        tri.paged_prefill_attention_varlen(torch.randn(q_len + 5, 16, 576, dtype=torch.bfloat16), latent, latent,
+                                           tables, torch.tensor([0, 5, q_len + 5], dtype=torch.int32),
+                                           torch.tensor([30, max(q_len, 30)], dtype=torch.int32), 0.1)
     assert {sig[1] for sig in launches.values()} == {"_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel"}
     _compile_for_sm90(launches)

@@ -43,9 +43,10 @@ def _sinks(heads: int, with_sinks: bool) -> torch.Tensor | None:
     return torch.randn(heads, generator=torch.Generator().manual_seed(9)) * 2 if with_sinks else None
 
 
-# (40, 16, 1, 16): MLA's form, every query head over one cached latent row of 32 + 8
+# (40, 16, 1, 16): MLA's form, every query head over one cached latent row of 32 + 8; (288, 24, 1, 16):
+# a row wider than 256, whose 24 heads split over two programs of 16
 @pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 4, 4, 16), (128, 8, 2, 16), (64, 8, 1, 8),
-                                                                (16, 6, 2, 32), (40, 16, 1, 16)])
+                                                                (16, 6, 2, 32), (40, 16, 1, 16), (288, 24, 1, 16)])
 @pytest.mark.parametrize("window,with_sinks", [(None, False), (5, False), (None, True), (5, True)])
 def test_paged_decode_attention_matches_reference(head_dim, heads, kv_heads, block_size, window, with_sinks):
     lens = torch.tensor([1, block_size, block_size + 1, 0, 3 * block_size - 3, 57])
