@@ -29,15 +29,20 @@ def _silu_and_mul_kernel(X, Y, n, stride_x, stride_y, BLOCK: tl.constexpr):
     tl.store(Y + row * stride_y + cols, (act.to(tl.float32) * up.to(tl.float32)).to(Y.dtype.element_ty), mask=ok)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def _gated_launch(kernel: triton.JITFunction, x: torch.Tensor, *scalars: float) -> torch.Tensor:
+    """[..., 2N] -> [..., N]: one program per row and block of N columns (gate at col, up at N + col)."""
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     rows, n = x2.shape[0], x2.shape[1] // 2
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows:
         block = min(1024, triton.next_power_of_2(n))
-        _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x2, y, n, x2.stride(0), y.stride(0), BLOCK=block)
+        kernel[(rows, triton.cdiv(n, block))](x2, y, n, x2.stride(0), y.stride(0), *scalars, BLOCK=block)
     return y.view(*x.shape[:-1], n)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _gated_launch(_silu_and_mul_kernel, x)
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,4 @@ def gated_activation(x: torch.Tensor, act: GatedActivation) -> torch.Tensor:
     """The Triton kernels of ``gated_activation_ref`` (fp32 inside, the input dtype out)."""
     if act.kind == "silu":
         return silu_and_mul(x)
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    rows, n = x2.shape[0], x2.shape[1] // 2
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows:
-        block = min(1024, triton.next_power_of_2(n))
-        _swiglu_oai_kernel[(rows, triton.cdiv(n, block))](x2, y, n, x2.stride(0), y.stride(0), act.alpha, act.limit,
-                                                           BLOCK=block)
-    return y.view(*x.shape[:-1], n)
+    return _gated_launch(_swiglu_oai_kernel, x, act.alpha, act.limit)

@@ -93,12 +93,12 @@ class MLAttention(nn.Module):
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         self.calibrate_kv_scales = False
 
-    def _rope(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, rope_dim] rotated; interleaved pairs are first gathered into halves, which is
         the same rotation of the same pairs (the dot products between rotated q and k are unchanged)."""
         if self.m.rope_interleave:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-        return rotate_neox(x, self.rotary.cos[positions].unsqueeze(1), self.rotary.sin[positions].unsqueeze(1))
+        return rotate_neox(x, cos, sin)
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, L], W_UV [H, v, L]) as views of kv_b_proj."""
@@ -111,9 +111,10 @@ class MLAttention(nn.Module):
         q = self.q_proj(x) if m.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(t, self.num_heads, -1).split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
-        row = torch.cat((self.kv_a_layernorm(latent), self._rope(positions, k_pe.unsqueeze(1)).squeeze(1)), dim=-1)
+        cos, sin = self.rotary.cos[positions].unsqueeze(1), self.rotary.sin[positions].unsqueeze(1)
+        row = torch.cat((self.kv_a_layernorm(latent), self._rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)), dim=-1)
         w_uk, w_uv = self._absorbed()
-        q_abs = torch.cat((torch.einsum("thn,hnl->thl", q_nope, w_uk), self._rope(positions, q_pe)), dim=-1)
+        q_abs = torch.cat((torch.einsum("thn,hnl->thl", q_nope, w_uk), self._rope(q_pe, cos, sin)), dim=-1)
         if self.calibrate_kv_scales:
             self.k_scale.copy_(calibrated_scale(row, self.k_cache.dtype))
         row = row.unsqueeze(1)  # one KV head

@@ -63,20 +63,17 @@ class MoEArgs:
                                if i not in dense and num_experts > 0 and (i + 1) % step == 0)
             return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
                        bool(cfg.get("norm_topk_prob", False)), sparse)
-        if family == "deepseek_v2":  # softmax, greedy or group_limited_greedy, then scaled
-            groups = int(cfg.get("n_group") or 1) if cfg.get("topk_method") == "group_limited_greedy" else 1
+        if family in ("deepseek_v2", "glm4_moe", "deepseek_v3"):
+            # shared experts, the first layers dense, an fp32 router and scaled weights; V2 softmaxes,
+            # its groups only with group_limited_greedy; V3 and GLM choose by sigmoid plus bias (noaux_tc)
+            v2 = family == "deepseek_v2"
+            grouped = not v2 or cfg.get("topk_method") == "group_limited_greedy"
             return cls(int(cfg.get("n_routed_experts") or num_experts), cfg["num_experts_per_tok"],
-                       cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False)),
-                       frozenset(range(int(cfg.get("first_k_dense_replace", 0)), num_layers)), num_groups=groups,
-                       topk_groups=int(cfg.get("topk_group") or 1) if groups > 1 else 1,
-                       scaling=float(cfg.get("routed_scaling_factor", 1.0)),
-                       num_shared_experts=int(cfg.get("n_shared_experts", 0) or 0), router_fp32=True)
-        if family in ("glm4_moe", "deepseek_v3"):  # DeepSeek-V3's noaux_tc routing
-            num_experts = int(cfg.get("n_routed_experts") or num_experts)
-            return cls(num_experts, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
-                       bool(cfg.get("norm_topk_prob", True)),
-                       frozenset(range(int(cfg.get("first_k_dense_replace", 0)), num_layers)), scoring="sigmoid",
-                       num_groups=int(cfg.get("n_group", 1) or 1), topk_groups=int(cfg.get("topk_group", 1) or 1),
+                       cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", not v2)),
+                       frozenset(range(int(cfg.get("first_k_dense_replace", 0)), num_layers)),
+                       scoring="softmax" if v2 else "sigmoid",
+                       num_groups=int(cfg.get("n_group") or 1) if grouped else 1,
+                       topk_groups=int(cfg.get("topk_group") or 1) if grouped else 1,
                        scaling=float(cfg.get("routed_scaling_factor", 1.0)),
                        num_shared_experts=int(cfg.get("n_shared_experts", 0) or 0), router_fp32=True)
         if family == "gpt_oss":

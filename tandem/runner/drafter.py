@@ -69,9 +69,7 @@ class Drafter:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """``num_blocks`` as the target's cache (the block ids are shared)."""
         for i, attn in enumerate(self.model.attention_layers()):
-            tensors = [torch.zeros((num_blocks, *self.kv_spec.block_shape), dtype=self.kv_spec.layer_dtypes[i],
-                                   device=self.device) for _ in range(self.kv_spec.tensors_per_layer)]
-            attn.k_cache, attn.v_cache = tensors[0], tensors[-1]  # one tensor: V is K (MLA)
+            attn.k_cache, attn.v_cache = self.kv_spec.new_layer_cache(num_blocks, i, self.device)
         self.ready = True
 
     def forget(self, request_ids: Iterable[str]) -> None:

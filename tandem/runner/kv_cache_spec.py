@@ -57,6 +57,12 @@ class KVCacheSpec:
         """K and V of one block over every layer."""
         return sum(self.tensors_per_layer * self.layer_bytes_per_block(i) for i in range(len(self.layer_dtypes)))
 
+    def new_layer_cache(self, num_blocks: int, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of one layer, zeroed: two tensors, or one bound as both (``values_share_keys``)."""
+        tensors = [torch.zeros((num_blocks, *self.block_shape), dtype=self.layer_dtypes[layer], device=device)
+                   for _ in range(self.tensors_per_layer)]
+        return tensors[0], tensors[-1]
+
     @property
     def quantized_layers(self) -> list[int]:
         return [i for i, d in enumerate(self.layer_dtypes) if is_fp8(d)]

@@ -181,14 +181,6 @@ class ModelRunner:
         """The cache's element type(s) in words, e.g. 'float8_e4m3fn (float32 in layers 0)' (the start-up log)."""
         return self.kv_spec.describe()
 
-    def _new_cache(self, num_blocks: int, layer: int) -> torch.Tensor:
-        return torch.zeros((num_blocks, *self.kv_spec.block_shape), dtype=self.kv_spec.layer_dtypes[layer],
-                           device=self.device)
-
-    def _new_layer_cache(self, num_blocks: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of one layer: two tensors, or one bound as both (``values_share_keys``)."""
-        k = self._new_cache(num_blocks, layer)
-        return k, k if self.kv_spec.values_share_keys else self._new_cache(num_blocks, layer)
 
     def _set_calibration(self, on: bool) -> None:
         quantized = set(self.kv_spec.quantized_layers)
@@ -269,7 +261,7 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device) if cuda else 0
         try:
             for i, attn in enumerate(layers):
-                attn.k_cache, attn.v_cache = self._new_layer_cache(blocks + 1, i)
+                attn.k_cache, attn.v_cache = self.kv_spec.new_layer_cache(blocks + 1, i, self.device)
             self.execute(step)
             if not cuda:
                 return 0
@@ -300,7 +292,7 @@ class ModelRunner:
                 attn.k_cache, attn.v_cache = tensors[0], tensors[-1]  # one tensor: V is K
         else:
             for i, attn in enumerate(layers):
-                attn.k_cache, attn.v_cache = self._new_layer_cache(num, i)
+                attn.k_cache, attn.v_cache = spec.new_layer_cache(num, i, self.device)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), %s", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, self.num_blocks * self.kv_bytes_per_block / 2**20,
                     self.kv_cache_dtype)
